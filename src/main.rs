@@ -1,0 +1,100 @@
+//! The `afm-vl` command line.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use commands::{Context, NotBuilt};
+
+/// afm-vl: Apple AFM-2025-style vision-language pipeline on libtorch.
+///
+/// Describe images, generate text, evaluate benchmark folders, inspect and convert checkpoints.
+#[derive(Parser, Debug)]
+#[command(name = "afm-vl", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Where to run: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
+    /// More logging (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Describe one or more images.
+    Describe(commands::describe::Args),
+    /// Generate text from a prompt with a text model.
+    Generate(commands::generate::GenerateArgs),
+    /// Chat interactively with a text model.
+    Chat(commands::generate::ChatArgs),
+    /// Evaluate a model on MMLU / MMMLU / MGSM / JSONL benchmark folders.
+    Eval(commands::eval::Args),
+    /// Show a model's parameters, layer layout, KV-cache and weight sizes.
+    Inspect(commands::inspect::Args),
+    /// Benchmarks that print a table (text decoding, tiler).
+    Bench(commands::bench::Args),
+    /// Convert checkpoints (GGUF → safetensors + tokenizer.json).
+    Convert(commands::convert::Args),
+    /// Tile an image as the vision encoder sees it and write the tensor.
+    Tile(commands::tile::Args),
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet {
+        "error"
+    } else {
+        match verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = EnvFilter::try_from_env("AFM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let ctx = Context {
+        device: cli.device.clone(),
+        quiet: cli.quiet,
+    };
+    let result = match cli.command {
+        Command::Describe(a) => commands::describe::run(&ctx, a),
+        Command::Generate(a) => commands::generate::run_generate(&ctx, a),
+        Command::Chat(a) => commands::generate::run_chat(&ctx, a),
+        Command::Eval(a) => commands::eval::run(&ctx, a),
+        Command::Inspect(a) => commands::inspect::run(&ctx, a),
+        Command::Bench(a) => commands::bench::run(&ctx, a),
+        Command::Convert(a) => commands::convert::run(&ctx, a),
+        Command::Tile(a) => commands::tile::run(&ctx, a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(nb) = err.downcast_ref::<NotBuilt>() {
+                eprintln!("afm-vl: {nb}");
+                return ExitCode::from(2);
+            }
+            // One line: the cause chain joined by ": ".
+            let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! afm-vision: image loading, the three-mode tiler, and register-window ViT encoders.
