@@ -1,1 +1,14 @@
 //! afm-vision: image loading, the three-mode tiler, and register-window ViT encoders.
+//!
+//! - [`image_io`]: decode JPEG/PNG/WebP/GIF/BMP/TIFF to RGB8 with limits and EXIF orientation.
+//! - [`tiler`]: rapid / balanced / high-res / auto tiles as `[tiles, 3, S, S]` f32.
+//! - [`vit`]: ViT encoders (ViTDet-style window attention, global blocks, register-window tokens).
+
+pub mod error;
+pub mod image_io;
+pub mod jpeg_scan;
+pub mod tiler;
+
+pub use error::{Result, VisionError};
+pub use image_io::{load_image, load_image_from_bytes, LoadLimits};
+pub use tiler::{AspectMode, TileKind, TileMeta, TileMode, TiledImage, Tiler, TilerConfig};

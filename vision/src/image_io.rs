@@ -1,0 +1,202 @@
+//! Image loading: JPEG, PNG, WebP, GIF (first frame), BMP and TIFF through the `image` crate,
+//! with the EXIF orientation applied and every input converted to 8-bit RGB (grey expanded,
+//! alpha composited on white, 16-bit and float scaled down, CMYK converted by the decoders).
+//!
+//! Limits on the image's sides and on the decoded size are checked from the header, before any
+//! pixel is decoded, so a file that claims 100,000 × 100,000 px costs a few bytes of reading.
+//! Decoder panics are caught and reported as errors.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, VisionError};
+use crate::jpeg_scan::jpeg_is_complete;
+
+/// Limits enforced before decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadLimits {
+    /// Largest accepted width or height in pixels (default 16,384).
+    pub max_side: u32,
+    /// Largest accepted decoded buffer in bytes (default 512 MiB).
+    pub max_decoded_bytes: u64,
+}
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        Self {
+            max_side: 16_384,
+            max_decoded_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// Loads an image file as 8-bit RGB (the file is read into memory first; its size counts
+/// against `max_decoded_bytes`) with its EXIF orientation applied.
+pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<RgbImage> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => VisionError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => VisionError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    if meta.is_dir() {
+        return Err(VisionError::IsDirectory {
+            path: path.to_path_buf(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(VisionError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() == 0 {
+        return Err(VisionError::EmptyFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() > limits.max_decoded_bytes {
+        return Err(VisionError::TooManyBytes {
+            path: path.to_path_buf(),
+            bytes: meta.len(),
+            max_bytes: limits.max_decoded_bytes,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|source| VisionError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode(Cursor::new(bytes.as_slice()), path, limits)
+}
+
+/// Decodes an in-memory encoded image; `name` is used in error messages only.
+pub fn load_image_from_bytes(bytes: &[u8], name: &Path, limits: &LoadLimits) -> Result<RgbImage> {
+    if bytes.is_empty() {
+        return Err(VisionError::EmptyFile {
+            path: name.to_path_buf(),
+        });
+    }
+    decode(Cursor::new(bytes), name, limits)
+}
+
+fn decode(reader: Cursor<&[u8]>, path: &Path, limits: &LoadLimits) -> Result<RgbImage> {
+    let owned: PathBuf = path.to_path_buf();
+    let data: &[u8] = reader.get_ref();
+    let mut reader = ImageReader::new(reader)
+        .with_guessed_format()
+        .map_err(|source| VisionError::Io {
+            path: owned.clone(),
+            source,
+        })?;
+    // Only the file's contents decide the format; a `.jpg` holding text is not an image.
+    let format = reader.format().ok_or_else(|| VisionError::UnknownFormat {
+        path: owned.clone(),
+    })?;
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(limits.max_side);
+    image_limits.max_image_height = Some(limits.max_side);
+    image_limits.max_alloc = Some(limits.max_decoded_bytes);
+    reader.limits(image_limits);
+    // JPEG decoders fill a truncated scan with grey and succeed; reject such files up front.
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(data) {
+        return Err(VisionError::Decode {
+            path: owned,
+            format: format_name(format),
+            message: "truncated or corrupt JPEG (no end-of-image marker after the scan data)"
+                .into(),
+        });
+    }
+
+    let fmt_name = format_name(format);
+    let decode_err = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => VisionError::Decode {
+            path: owned.clone(),
+            format: fmt_name.clone(),
+            message: format!(
+                "exceeds the decoding limits ({} px a side, {} bytes decoded): {l}",
+                limits.max_side, limits.max_decoded_bytes
+            ),
+        },
+        other => VisionError::Decode {
+            path: owned.clone(),
+            format: fmt_name.clone(),
+            message: other.to_string(),
+        },
+    };
+
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<RgbImage> {
+        let mut decoder = reader.into_decoder().map_err(decode_err)?;
+        let (width, height) = decoder.dimensions();
+        if width == 0 || height == 0 {
+            return Err(VisionError::ZeroSized {
+                path: owned.clone(),
+                width,
+                height,
+            });
+        }
+        if width > limits.max_side || height > limits.max_side {
+            return Err(VisionError::TooLarge {
+                path: owned.clone(),
+                width,
+                height,
+                max_side: limits.max_side,
+            });
+        }
+        let bytes = decoder.total_bytes();
+        // The RGB output buffer is allocated on top of the decoded one.
+        let rgb_bytes = u64::from(width) * u64::from(height) * 3;
+        if bytes > limits.max_decoded_bytes || rgb_bytes > limits.max_decoded_bytes {
+            return Err(VisionError::TooManyBytes {
+                path: owned.clone(),
+                bytes: bytes.max(rgb_bytes),
+                max_bytes: limits.max_decoded_bytes,
+            });
+        }
+        let orientation = decoder
+            .orientation()
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let mut img = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
+        img.apply_orientation(orientation);
+        Ok(to_rgb8(img))
+    }));
+    match result {
+        Ok(r) => r,
+        Err(_) => Err(VisionError::Decode {
+            path: owned.clone(),
+            format: format_name(format),
+            message: "the decoder panicked on malformed data".into(),
+        }),
+    }
+}
+
+fn format_name(format: ImageFormat) -> String {
+    format!("{format:?}").to_uppercase()
+}
+
+/// Converts any decoded image to 8-bit RGB; alpha is composited on white.
+pub fn to_rgb8(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other if other.color().has_alpha() => composite_on_white(&other.to_rgba8()),
+        other => other.to_rgb8(),
+    }
+}
+
+fn composite_on_white(rgba: &image::RgbaImage) -> RgbImage {
+    let (w, h) = rgba.dimensions();
+    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+    for px in rgba.as_raw().chunks_exact(4) {
+        let a = u32::from(px[3]);
+        for &c in &px[..3] {
+            let v = (u32::from(c) * a + 255 * (255 - a) + 127) / 255;
+            out.push(v as u8);
+        }
+    }
+    RgbImage::from_raw(w, h, out).expect("buffer sized from the image")
+}
