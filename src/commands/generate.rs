@@ -1,20 +1,181 @@
 //! `afm-vl generate` and `afm-vl chat`.
 
-use super::{Context, NotBuilt};
+use std::io::{BufRead, Write};
+
+use afm_text::{ChatMessage, GenerateOptions, SamplingConfig};
+
+use super::{Context, ModelArgs};
+
+/// Sampling and stopping flags shared by generate and chat.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy (default); > 0 samples.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens below min_p × the top probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this string appears (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Print prefill and decode tokens/s to stderr.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+impl SamplingArgs {
+    pub fn options(&self) -> anyhow::Result<GenerateOptions> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!("--temperature must be ≥ 0, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            anyhow::bail!("--min-p must be in [0, 1], got {}", self.min_p);
+        }
+        if !(self.repetition_penalty > 0.0) {
+            anyhow::bail!(
+                "--repetition-penalty must be > 0, got {}",
+                self.repetition_penalty
+            );
+        }
+        Ok(GenerateOptions {
+            max_new_tokens: self.max_tokens,
+            sampling: SamplingConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            stop_strings: self.stop.clone(),
+            stop_on_eos: true,
+        })
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// The prompt.
+    /// The prompt (wrapped in the model's chat template unless --raw).
     pub prompt: String,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct ChatArgs {}
-
-pub fn run_generate(_ctx: &Context, _args: GenerateArgs) -> anyhow::Result<()> {
-    Err(NotBuilt("generate").into())
+pub struct ChatArgs {
+    /// System prompt (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
-pub fn run_chat(_ctx: &Context, _args: ChatArgs) -> anyhow::Result<()> {
-    Err(NotBuilt("chat").into())
+fn print_stats(s: &afm_text::generation::GenerationStats) {
+    eprintln!(
+        "prefill: {} tokens in {:.3}s ({:.1} tok/s); decode: {} tokens in {:.3}s ({:.1} tok/s)",
+        s.prompt_tokens,
+        s.prefill_secs,
+        s.prefill_tok_s(),
+        s.generated_tokens,
+        s.decode_secs,
+        s.decode_tok_s()
+    );
+}
+
+pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
+    let opts = args.sampling.options()?;
+    let model = args.model.load(ctx)?;
+    let mut stdout = std::io::stdout();
+    let out = model.generate_text(&args.prompt, args.raw, &opts, &mut |piece| {
+        // A closed stdout (e.g. `| head`) must not abort generation with a panic.
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    println!();
+    if args.sampling.stats {
+        print_stats(&out.stats);
+    }
+    Ok(())
+}
+
+pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
+    let opts = args.sampling.options()?;
+    let model = args.model.load(ctx)?;
+    let tok = model.tokenizer()?;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = &args.system {
+        history.push(ChatMessage::new("system", s));
+    }
+    eprintln!(
+        "chat with {} — /reset clears the history, /exit or Ctrl-D quits",
+        model.source.display()
+    );
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let text = tok.apply_chat_template(&history, true)?;
+        let ids = tok.encode(&text)?;
+        let out =
+            afm_text::generation::generate(&model.decoder, Some(tok), &ids, &opts, &mut |piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            });
+        println!();
+        match out {
+            Ok(g) => {
+                if args.sampling.stats {
+                    print_stats(&g.stats);
+                }
+                history.push(ChatMessage::new("assistant", &g.text));
+            }
+            Err(e) => {
+                // Keep the session: drop the turn that failed (e.g. context full).
+                history.pop();
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -10,7 +10,10 @@ pub mod generate;
 pub mod inspect;
 pub mod tile;
 
-use afm_text::DeviceSpec;
+use std::path::{Path, PathBuf};
+
+use afm_text::{DType, DeviceSpec, TextModel};
+use anyhow::Context as _;
 
 /// Options shared by every subcommand.
 #[derive(Debug, Clone)]
@@ -37,3 +40,78 @@ impl std::fmt::Display for NotBuilt {
 }
 
 impl std::error::Error for NotBuilt {}
+
+/// Where set-up puts the default text model, relative to the repository root.
+pub const DEFAULT_MODEL_REL: &str = "assets/models/smollm2-135m-instruct";
+
+/// The default text model directory: `$AFM_VL_MODEL`, else `assets/models/...` next to the
+/// repository this binary was built in (found from the executable's path), else relative to
+/// the working directory.
+pub fn default_model_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("AFM_VL_MODEL") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1) {
+            let cand = dir.join(DEFAULT_MODEL_REL);
+            if cand.join("config.json").exists() {
+                return cand;
+            }
+        }
+    }
+    PathBuf::from(DEFAULT_MODEL_REL)
+}
+
+/// How a command picks its text model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json). Default: the
+    /// converted SmolLM2-135M-Instruct in assets/models/ (or $AFM_VL_MODEL).
+    #[arg(long, value_name = "DIR", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// A named preset with random weights instead of a checkpoint (see `inspect --list-presets`).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Inference dtype: auto (bf16 where the CPU/GPU does bf16 natively, else fp32), fp32, bf16, fp16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+impl ModelArgs {
+    pub fn model_dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(default_model_dir)
+    }
+
+    pub fn load(&self, ctx: &Context) -> anyhow::Result<TextModel> {
+        let device = ctx.device()?;
+        let dtype = DType::parse(&self.dtype, device)?;
+        if let Some(p) = &self.preset {
+            return Ok(TextModel::from_preset(p, 0, device, dtype)?);
+        }
+        let dir = self.model_dir();
+        load_model_dir(&dir, device, dtype)
+    }
+}
+
+/// Load a model directory with a hint when it is the missing default.
+pub fn load_model_dir(dir: &Path, device: tch::Device, dtype: DType) -> anyhow::Result<TextModel> {
+    let t0 = std::time::Instant::now();
+    let m = TextModel::load(dir, device, dtype).with_context(|| {
+        if dir.ends_with(DEFAULT_MODEL_REL) && !dir.exists() {
+            format!(
+                "loading the default model (run `make setup` to create {})",
+                dir.display()
+            )
+        } else {
+            format!("loading model {}", dir.display())
+        }
+    })?;
+    tracing::info!(
+        "loaded {} ({}, {:?}) in {:.2}s",
+        dir.display(),
+        dtype.name(),
+        device,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}

@@ -4,8 +4,34 @@
 //! layers is a Llama-style decoder), its KV cache, checkpoint loading (safetensors, GGUF),
 //! and generation.
 
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod convert;
+pub mod decoder;
 pub mod device;
+pub mod embedding;
 pub mod error;
+pub mod generation;
+pub mod gguf;
+pub mod kv_cache;
+pub mod layer;
+pub mod linear;
+pub mod mlp;
+pub mod model;
+pub mod norm;
+pub mod presets;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
 
+pub use config::TextConfig;
+pub use decoder::{Decoder, Logits};
 pub use device::DeviceSpec;
 pub use error::{Result, TextError};
+pub use generation::{GenerateOptions, Generation, StopReason};
+pub use kv_cache::KvCache;
+pub use model::{DType, TextModel};
+pub use sampling::SamplingConfig;
+pub use tokenizer::{ChatMessage, Tokenizer};

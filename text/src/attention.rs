@@ -1,0 +1,217 @@
+//! Multi-head attention with grouped K/V heads (GQA), optional QK-norm and RoPE.
+//!
+//! A segment-1 layer (AFM 2025) has only the Q and O projections: it attends with the K/V that
+//! its source layer cached ([`crate::kv_cache::LayerCache::Shared`]).
+
+use tch::Tensor;
+
+use crate::config::TextConfig;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+use crate::weights::WeightMap;
+
+/// Which keys each query may see in this step.
+#[derive(Debug)]
+pub struct StepMask {
+    /// `[batch | 1, 1, q, k]` boolean (true = attend); `None` = no mask needed.
+    pub mask: Option<Tensor>,
+    /// Plain causal attention over a fresh sequence (lets SDPA pick its fast path).
+    pub is_causal: bool,
+}
+
+impl StepMask {
+    /// Causal + key-padding mask for `q` new tokens after `past` cached ones.
+    pub fn build(
+        q: i64,
+        past: i64,
+        key_mask: Option<&Tensor>,
+        device: tch::Device,
+    ) -> Result<Self> {
+        let total = past + q;
+        if key_mask.is_none() {
+            if q == 1 {
+                return Ok(Self {
+                    mask: None,
+                    is_causal: false,
+                });
+            }
+            if past == 0 {
+                return Ok(Self {
+                    mask: None,
+                    is_causal: true,
+                });
+            }
+        }
+        let opts = (tch::Kind::Int64, device);
+        let qi = Tensor::f_arange_start(past, total, opts)?.f_unsqueeze(1)?; // [q, 1]
+        let kj = Tensor::f_arange(total, opts)?.f_unsqueeze(0)?; // [1, total]
+        let causal = kj.f_le_tensor(&qi)?.f_unsqueeze(0)?.f_unsqueeze(0)?; // [1, 1, q, total]
+        let mask = match key_mask {
+            None => causal,
+            Some(km) => {
+                let km = km.f_unsqueeze(1)?.f_unsqueeze(1)?; // [b, 1, 1, total]
+                                                             // A padded query would see no key at all (NaN); let every query see itself.
+                let diag = kj.f_eq_tensor(&qi)?.f_unsqueeze(0)?.f_unsqueeze(0)?;
+                causal.f_logical_and(&km)?.f_logical_or(&diag)?
+            }
+        };
+        Ok(Self {
+            mask: Some(mask),
+            is_causal: false,
+        })
+    }
+
+    /// Only the last query row (segment 1 during prefill).
+    pub fn last_row(&self) -> Result<Self> {
+        Ok(Self {
+            mask: match &self.mask {
+                Some(m) => {
+                    let q = m.size()[2];
+                    Some(m.f_narrow(2, q - 1, 1)?)
+                }
+                None => None,
+            },
+            is_causal: false,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    /// `None` in segment-1 layers.
+    pub k_proj: Option<Linear>,
+    pub v_proj: Option<Linear>,
+    pub o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    layer: usize,
+}
+
+impl Attention {
+    pub fn new(cfg: &TextConfig, w: &WeightMap, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}.self_attn");
+        let hidden = cfg.hidden_size as i64;
+        let heads = cfg.num_attention_heads as i64;
+        let kv_heads = cfg.num_kv_heads() as i64;
+        let head_dim = cfg.head_dim() as i64;
+        let bias = cfg.attention_bias;
+        let owns_kv = !cfg.is_segment1(layer);
+        let k_proj = owns_kv
+            .then(|| Linear::new(w, &format!("{p}.k_proj"), hidden, kv_heads * head_dim, bias))
+            .transpose()?;
+        let v_proj = owns_kv
+            .then(|| Linear::new(w, &format!("{p}.v_proj"), hidden, kv_heads * head_dim, bias))
+            .transpose()?;
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(RmsNorm::new(
+                    w,
+                    &format!("{p}.q_norm.weight"),
+                    head_dim,
+                    cfg.rms_norm_eps,
+                )?),
+                owns_kv
+                    .then(|| {
+                        RmsNorm::new(w, &format!("{p}.k_norm.weight"), head_dim, cfg.rms_norm_eps)
+                    })
+                    .transpose()?,
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            q_proj: Linear::new(w, &format!("{p}.q_proj"), hidden, heads * head_dim, bias)?,
+            k_proj,
+            v_proj,
+            o_proj: Linear::new(w, &format!("{p}.o_proj"), heads * head_dim, hidden, bias)?,
+            q_norm,
+            k_norm,
+            heads,
+            kv_heads,
+            head_dim,
+            layer,
+        })
+    }
+
+    pub fn num_params(&self) -> i64 {
+        let lin = [
+            Some(&self.q_proj),
+            self.k_proj.as_ref(),
+            self.v_proj.as_ref(),
+            Some(&self.o_proj),
+        ]
+        .into_iter()
+        .flatten()
+        .map(Linear::num_params)
+        .sum::<i64>();
+        let norms = [&self.q_norm, &self.k_norm]
+            .into_iter()
+            .flatten()
+            .map(RmsNorm::num_params)
+            .sum::<i64>();
+        lin + norms
+    }
+
+    // x: [batch, seq, hidden]; cos/sin: [batch, 1, seq, head_dim] → [batch, seq, hidden]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &StepMask,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, s) = (x.size()[0], x.size()[1]);
+        // [batch, heads, seq, head_dim]
+        let mut q = self
+            .q_proj
+            .forward(x)?
+            .f_view([b, s, self.heads, self.head_dim])?
+            .f_transpose(1, 2)?;
+        if let Some(n) = &self.q_norm {
+            q = n.forward(&q)?;
+        }
+        let q = Rope::apply(&q, cos, sin)?;
+        let (k_all, v_all) = match (&self.k_proj, &self.v_proj) {
+            (Some(kp), Some(vp)) => {
+                // [batch, kv_heads, seq, head_dim]
+                let mut k = kp
+                    .forward(x)?
+                    .f_view([b, s, self.kv_heads, self.head_dim])?
+                    .f_transpose(1, 2)?;
+                if let Some(n) = &self.k_norm {
+                    k = n.forward(&k)?;
+                }
+                let k = Rope::apply(&k, cos, sin)?;
+                let v = vp
+                    .forward(x)?
+                    .f_view([b, s, self.kv_heads, self.head_dim])?
+                    .f_transpose(1, 2)?;
+                cache.append(self.layer, &k, &v)?
+            }
+            // Segment 1: the source layer's keys (already rotated) and values.
+            _ => cache.read(self.layer)?,
+        };
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k_all,
+            &v_all,
+            mask.mask.as_ref(),
+            0.0,
+            mask.is_causal,
+            None,
+            self.heads != self.kv_heads,
+        )?; // [batch, heads, seq, head_dim]
+        let out = out
+            .f_transpose(1, 2)?
+            .f_reshape([b, s, self.heads * self.head_dim])?;
+        self.o_proj.forward(&out)
+    }
+}

@@ -1,0 +1,208 @@
+//! Safetensors checkpoints: memory-mapped reading (single file or sharded with
+//! `model.safetensors.index.json`) and writing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TextError};
+use crate::weights::WeightMap;
+
+/// The safetensors files of a model directory, in load order.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.is_file() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    if !dir.exists() {
+        return Err(TextError::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| TextError::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TextError::checkpoint(&index, format!("bad JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| TextError::checkpoint(&index, "no \"weight_map\" object"))?;
+        let mut files = BTreeSet::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                TextError::checkpoint(&index, format!("weight_map entry '{name}' is not a string"))
+            })?;
+            files.insert(file.to_string());
+        }
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(TextError::checkpoint(
+        dir,
+        "no model.safetensors or model.safetensors.index.json in this directory",
+    ))
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+/// Read one safetensors file into `map` (tensors stay in their stored dtype on the CPU).
+pub fn read_safetensors_into(path: &Path, map: &mut WeightMap) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| TextError::io(path, e))?;
+    // SAFETY: the file is opened read-only; we copy every tensor out before dropping the map.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TextError::io(path, e))?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+        TextError::checkpoint(
+            path,
+            format!("not a valid safetensors file ({e}); truncated or corrupt?"),
+        )
+    })?;
+    let idx = map.add_file(path);
+    for (name, view) in st.tensors() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            TextError::checkpoint(
+                path,
+                format!("tensor '{name}' has unsupported dtype {:?}", view.dtype()),
+            )
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        map.insert(name, t, idx);
+    }
+    Ok(())
+}
+
+/// Load every safetensors file of a model directory (or one file).
+pub fn load_weights(dir: &Path, device: Device, kind: Kind) -> Result<WeightMap> {
+    let mut map = WeightMap::new(device, kind);
+    for f in safetensors_files(dir)? {
+        read_safetensors_into(&f, &mut map)?;
+    }
+    Ok(map)
+}
+
+/// Write named tensors to one safetensors file (contiguous CPU copies), with metadata.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let mut owned: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for (name, t) in tensors {
+        let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let dtype = dtype_of(t.kind()).ok_or_else(|| {
+            TextError::checkpoint(
+                path,
+                format!("cannot store dtype {:?} of '{name}'", t.kind()),
+            )
+        })?;
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        owned.insert(name.clone(), (dtype, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, (d, s, b))| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| TextError::checkpoint(path, format!("tensor '{n}': {e}")))
+        })
+        .collect::<Result<_>>()?;
+    // Write to a temporary name, then rename: a crash never leaves a half-written checkpoint.
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, metadata, &tmp)
+        .map_err(|e| TextError::checkpoint(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| TextError::io(path, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_truncation_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape([2, 3]);
+        let b = Tensor::from_slice(&[7i64, 8]);
+        write_safetensors(
+            &path,
+            &[("a".into(), a.copy()), ("b".into(), b.copy())],
+            None,
+        )
+        .unwrap();
+        let map = load_weights(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(map.len(), 2);
+        let got = map.get("a", &[2, 3]).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(got.flatten(0, -1)).unwrap(),
+            vec![1., 2., 3., 4., 5., 6.]
+        );
+        let err = map.get("a", &[3, 2]).unwrap_err().to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("shape [2, 3]"),
+            "{err}"
+        );
+        let err = map.get("zzz", &[1]).unwrap_err().to_string();
+        assert!(err.contains("missing tensor 'zzz'"), "{err}");
+
+        // Truncate the file: a clear error naming it.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
+        let err = load_weights(dir.path(), Device::Cpu, Kind::Float)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("truncated"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_dir_is_an_error() {
+        let err = load_weights(Path::new("/nonexistent/model"), Device::Cpu, Kind::Float)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("/nonexistent/model"), "{err}");
+    }
+}

@@ -1,0 +1,262 @@
+//! Generation: prefill, then decode token by token through the KV cache, with sampling,
+//! stopping (EOS, stop strings, max tokens, context) and streaming of text as it is decided.
+//!
+//! Apart from the model (it only calls `Decoder::forward`) and from preprocessing.
+
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+
+use crate::decoder::{Decoder, Logits};
+use crate::error::{Result, TextError};
+use crate::kv_cache::KvCache;
+use crate::sampling::{Sampler, SamplingConfig};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Stop when the text contains one of these (it is cut before the stop string).
+    pub stop_strings: Vec<String>,
+    /// Stop on the model's EOS ids.
+    pub stop_on_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            sampling: SamplingConfig::greedy(),
+            stop_strings: Vec::new(),
+            stop_on_eos: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    ContextFull,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl GenerationStats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+    /// Decode speed: tokens after the first, over the time spent decoding them.
+    pub fn decode_tok_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids (EOS excluded).
+    pub tokens: Vec<u32>,
+    /// Decoded text, cut before any stop string.
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub stats: GenerationStats,
+}
+
+/// Incremental detokenisation that emits only text that can no longer change: it holds back
+/// an incomplete UTF-8 sequence and anything that could still become a stop string.
+struct TextStream<'a> {
+    tokenizer: Option<&'a Tokenizer>,
+    stop: &'a [String],
+    emitted: usize,
+}
+
+impl TextStream<'_> {
+    /// Full text so far and, if a stop string occurred, where it starts.
+    fn text(&self, ids: &[u32]) -> Result<(String, Option<usize>)> {
+        let Some(tok) = self.tokenizer else {
+            return Ok((String::new(), None));
+        };
+        let text = tok.decode(ids, true)?;
+        let cut = self.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        Ok((text, cut))
+    }
+
+    /// New safe text to emit.
+    fn advance(&mut self, text: &str, cut: Option<usize>, finished: bool) -> String {
+        let mut end = match cut {
+            Some(c) => c,
+            None if finished => text.len(),
+            None => {
+                let hold = self
+                    .stop
+                    .iter()
+                    .map(|s| s.len().saturating_sub(1))
+                    .max()
+                    .unwrap_or(0);
+                let mut e = text.len().saturating_sub(hold);
+                // A trailing U+FFFD is an incomplete multi-byte character: wait for the rest.
+                if text.ends_with('\u{FFFD}') {
+                    e = e.min(text.len() - '\u{FFFD}'.len_utf8());
+                }
+                e
+            }
+        };
+        while end > 0 && !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end <= self.emitted {
+            return String::new();
+        }
+        let out = text[self.emitted..end].to_string();
+        self.emitted = end;
+        out
+    }
+}
+
+/// Greedy/sampled generation from a prompt of token ids (fresh cache, batch 1).
+pub fn generate(
+    decoder: &Decoder,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let _guard = tch::no_grad_guard();
+    if prompt.is_empty() {
+        return Err(TextError::InvalidArgument("the prompt is empty".into()));
+    }
+    let ctx = decoder.cfg.max_position_embeddings;
+    if prompt.len() >= ctx {
+        return Err(TextError::ContextOverflow {
+            tokens: prompt.len(),
+            requested: opts.max_new_tokens,
+            context: ctx,
+        });
+    }
+    let mut cache = decoder.new_cache(1);
+    let t0 = Instant::now();
+    let ids = ids_tensor(prompt)?;
+    let logits = decoder.forward(&ids, None, &mut cache, Logits::Last)?;
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let mut out = generate_from_logits(
+        decoder, tokenizer, &mut cache, &logits, prompt, opts, on_text,
+    )?;
+    out.stats.prompt_tokens = prompt.len();
+    out.stats.prefill_secs = prefill_secs;
+    Ok(out)
+}
+
+/// `[1, n]` int64 tensor of ids.
+pub fn ids_tensor(ids: &[u32]) -> Result<Tensor> {
+    let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    Ok(Tensor::f_from_slice(&v)?.f_view([1, v.len() as i64])?)
+}
+
+fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
+    // [1, seq, vocab] → the last position's [vocab]
+    let s = logits.size();
+    let row = logits
+        .f_select(0, 0)?
+        .f_select(0, s[1] - 1)?
+        .f_to_kind(Kind::Float)?
+        .f_to_device(tch::Device::Cpu)?;
+    Ok(Vec::<f32>::try_from(row)?)
+}
+
+/// The decode loop, after a prefill the caller did (prefix reuse, image embeddings...):
+/// `logits` are the prefill's last-position logits, `context` the tokens so far (for the
+/// repetition penalty), `cache` holds them.
+pub fn generate_from_logits(
+    decoder: &Decoder,
+    tokenizer: Option<&Tokenizer>,
+    cache: &mut KvCache,
+    logits: &Tensor,
+    context: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let _guard = tch::no_grad_guard();
+    if !opts.stop_strings.is_empty() && tokenizer.is_none() {
+        return Err(TextError::InvalidArgument(
+            "stop strings need a tokenizer".into(),
+        ));
+    }
+    let eos = if opts.stop_on_eos {
+        decoder.cfg.eos_ids()
+    } else {
+        Vec::new()
+    };
+    let ctx = decoder.cfg.max_position_embeddings as i64;
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut stream = TextStream {
+        tokenizer,
+        stop: &opts.stop_strings,
+        emitted: 0,
+    };
+    let mut all: Vec<u32> = context.to_vec();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut row = last_logits(logits)?;
+    let mut first_token_at = None;
+    let mut text = String::new();
+    let reason = loop {
+        if generated.len() >= opts.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        let next = sampler.sample(&row, &all);
+        if eos.contains(&next) {
+            break StopReason::Eos;
+        }
+        generated.push(next);
+        all.push(next);
+        if first_token_at.is_none() {
+            first_token_at = Some(Instant::now());
+        }
+        let (t, cut) = stream.text(&generated)?;
+        if cut.is_some() {
+            on_text(&stream.advance(&t, cut, true));
+            text = t[..cut.unwrap_or(t.len())].to_string();
+            break StopReason::StopString;
+        }
+        let piece = stream.advance(&t, None, false);
+        if !piece.is_empty() {
+            on_text(&piece);
+        }
+        text = t;
+        if generated.len() >= opts.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.len() + 1 > ctx {
+            break StopReason::ContextFull;
+        }
+        let logits = decoder.forward(&ids_tensor(&[next])?, None, cache, Logits::Last)?;
+        row = last_logits(&logits)?;
+    };
+    if reason != StopReason::StopString {
+        let (t, _) = stream.text(&generated)?;
+        let rest = stream.advance(&t, None, true);
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        text = t;
+    }
+    let decode_secs = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    Ok(Generation {
+        tokens: generated.clone(),
+        text,
+        stop_reason: reason,
+        stats: GenerationStats {
+            prompt_tokens: context.len(),
+            generated_tokens: generated.len(),
+            prefill_secs: 0.0,
+            decode_secs,
+        },
+    })
+}

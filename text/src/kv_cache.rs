@@ -1,0 +1,421 @@
+//! The KV cache: one type, with a variant per layer kind.
+//!
+//! - `Normal`: preallocated `[batch, kv_heads, capacity, head_dim]` buffers that grow by chunks.
+//! - `Shared`: the layer owns nothing and reads another layer's buffer (AFM 2025 segment 1).
+//!
+//! The cache also carries what every layer needs to build masks and positions: the key padding
+//! mask (left padding in batches) and each row's next position. It can snapshot and roll back
+//! (speculative decoding), fork (copy-on-extend: reuse a few-shot prefix for many questions)
+//! and broadcast a batch-1 prefix to a batch.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TextError};
+
+/// Growth step of the preallocated buffers, in tokens.
+pub const DEFAULT_CHUNK: i64 = 256;
+
+/// One layer's own K/V storage.
+#[derive(Debug)]
+pub struct KvBuffer {
+    k: Option<Tensor>, // [batch, kv_heads, capacity, head_dim]
+    v: Option<Tensor>,
+    len: i64,
+    chunk: i64,
+}
+
+impl KvBuffer {
+    pub fn new(chunk: i64) -> Self {
+        Self {
+            k: None,
+            v: None,
+            len: 0,
+            chunk: chunk.max(1),
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> i64 {
+        self.k.as_ref().map_or(0, |k| k.size()[2])
+    }
+
+    /// Bytes allocated (capacity, not length).
+    pub fn allocated_bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+
+    fn grow(&mut self, needed: i64, like: &Tensor) -> Result<()> {
+        let cap = self.capacity();
+        if needed <= cap {
+            return Ok(());
+        }
+        let new_cap = (needed + self.chunk - 1) / self.chunk * self.chunk;
+        let s = like.size(); // [batch, heads, n, dim]
+        let opts = (like.kind(), like.device());
+        let nk = Tensor::f_zeros([s[0], s[1], new_cap, s[3]], opts)?;
+        let nv = Tensor::f_zeros([s[0], s[1], new_cap, s[3]], opts)?;
+        if let (Some(k), Some(v)) = (&self.k, &self.v) {
+            if self.len > 0 {
+                nk.f_narrow(2, 0, self.len)?
+                    .f_copy_(&k.f_narrow(2, 0, self.len)?)?;
+                nv.f_narrow(2, 0, self.len)?
+                    .f_copy_(&v.f_narrow(2, 0, self.len)?)?;
+            }
+        }
+        self.k = Some(nk);
+        self.v = Some(nv);
+        Ok(())
+    }
+
+    /// Append `k`, `v` ([batch, kv_heads, n, head_dim]) and return views of everything cached.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.size()[2];
+        self.grow(self.len + n, k)?;
+        let (bk, bv) = match (&self.k, &self.v) {
+            (Some(bk), Some(bv)) => (bk, bv),
+            _ => return Err(TextError::InvalidArgument("KV buffer not allocated".into())),
+        };
+        if bk.size()[0] != k.size()[0] {
+            return Err(TextError::InvalidArgument(format!(
+                "KV cache holds batch {} but the input has batch {}",
+                bk.size()[0],
+                k.size()[0]
+            )));
+        }
+        bk.f_narrow(2, self.len, n)?.f_copy_(k)?;
+        bv.f_narrow(2, self.len, n)?.f_copy_(v)?;
+        self.len += n;
+        self.view()
+    }
+
+    /// Views `[batch, kv_heads, len, head_dim]` of the cached keys and values.
+    pub fn view(&self) -> Result<(Tensor, Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Ok((k.f_narrow(2, 0, self.len)?, v.f_narrow(2, 0, self.len)?)),
+            _ => Err(TextError::InvalidArgument(
+                "KV cache is empty: a shared layer ran before its source layer".into(),
+            )),
+        }
+    }
+
+    pub fn truncate(&mut self, len: i64) {
+        self.len = self.len.min(len.max(0));
+    }
+
+    /// A deep copy holding only the cached length (plus one chunk of headroom).
+    pub fn fork(&self) -> Result<Self> {
+        let mut out = Self::new(self.chunk);
+        if self.len > 0 {
+            let (k, v) = self.view()?;
+            let _ = out.append(&k, &v)?;
+        }
+        Ok(out)
+    }
+
+    /// Repeat a batch-1 buffer `n` times along the batch.
+    pub fn repeat_batch(&self, n: i64) -> Result<Self> {
+        let mut out = Self::new(self.chunk);
+        if self.len > 0 {
+            let (k, v) = self.view()?;
+            let _ = out.append(&k.f_repeat([n, 1, 1, 1])?, &v.f_repeat([n, 1, 1, 1])?)?;
+        }
+        Ok(out)
+    }
+}
+
+/// What one layer keeps.
+#[derive(Debug)]
+pub enum LayerCache {
+    /// The layer's own keys and values.
+    Normal(KvBuffer),
+    /// Reads the cache of layer `source` (which must be `Normal`).
+    Shared { source: usize },
+}
+
+/// A position in the cache to roll back to.
+#[derive(Debug, Clone)]
+pub struct CacheSnapshot {
+    len: i64,
+    next_pos: Vec<i64>,
+}
+
+/// The whole model's cache.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// `[batch, len]`, true where the key is a real token; `None` when nothing is padded.
+    key_mask: Option<Tensor>,
+    /// Next position id per batch row (number of real tokens seen).
+    next_pos: Vec<i64>,
+    len: i64,
+    batch: i64,
+    device: Device,
+}
+
+impl KvCache {
+    /// `kinds[i]` is `None` for a layer with its own K/V, `Some(src)` for one reading `src`.
+    pub fn new(kinds: &[Option<usize>], batch: i64, device: Device) -> Self {
+        let layers = kinds
+            .iter()
+            .map(|k| match k {
+                None => LayerCache::Normal(KvBuffer::new(DEFAULT_CHUNK)),
+                Some(src) => LayerCache::Shared { source: *src },
+            })
+            .collect();
+        Self {
+            layers,
+            key_mask: None,
+            next_pos: vec![0; batch as usize],
+            len: 0,
+            batch,
+            device,
+        }
+    }
+
+    pub fn batch(&self) -> i64 {
+        self.batch
+    }
+    /// Tokens cached (including left padding).
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn next_positions(&self) -> &[i64] {
+        &self.next_pos
+    }
+    pub fn key_mask(&self) -> Option<&Tensor> {
+        self.key_mask.as_ref()
+    }
+
+    /// Bytes held by all K/V buffers (allocated capacity).
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerCache::Normal(b) => b.allocated_bytes(),
+                LayerCache::Shared { .. } => 0,
+            })
+            .sum()
+    }
+
+    /// Record `n` new tokens for every row; `mask` ([batch, n], 1 = real) marks padding.
+    /// Returns the position ids `[batch, n]` of the new tokens.
+    pub fn begin_step(&mut self, n: i64, mask: Option<&Tensor>) -> Result<Tensor> {
+        let b = self.batch;
+        let positions = match mask {
+            None => {
+                let mut rows = Vec::with_capacity((b * n) as usize);
+                for p in &mut self.next_pos {
+                    rows.extend(*p..*p + n);
+                    *p += n;
+                }
+                if let Some(km) = &self.key_mask {
+                    let ones = Tensor::f_ones([b, n], (Kind::Bool, self.device))?;
+                    self.key_mask = Some(Tensor::f_cat(&[km, &ones], 1)?);
+                }
+                Tensor::from_slice(&rows)
+                    .f_view([b, n])?
+                    .f_to_device(self.device)?
+            }
+            Some(m) => {
+                if m.size() != [b, n] {
+                    return Err(TextError::InvalidArgument(format!(
+                        "attention mask has shape {:?}, expected [{b}, {n}]",
+                        m.size()
+                    )));
+                }
+                let m = m.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
+                let flat: Vec<i64> = Vec::<i64>::try_from(m.f_flatten(0, -1)?)?;
+                let mut rows = Vec::with_capacity((b * n) as usize);
+                for (r, p) in self.next_pos.iter_mut().enumerate() {
+                    for j in 0..n {
+                        let real = flat[(r as i64 * n + j) as usize] != 0;
+                        // Pads take the position of the next real token (they are masked anyway).
+                        rows.push(*p);
+                        if real {
+                            *p += 1;
+                        }
+                    }
+                }
+                let new_mask = m.f_ne(0)?.f_to_device(self.device)?;
+                let prev = match &self.key_mask {
+                    Some(km) => km.shallow_clone(),
+                    None => Tensor::f_ones([b, self.len], (Kind::Bool, self.device))?,
+                };
+                self.key_mask = Some(Tensor::f_cat(&[&prev, &new_mask], 1)?);
+                Tensor::from_slice(&rows)
+                    .f_view([b, n])?
+                    .f_to_device(self.device)?
+            }
+        };
+        self.len += n;
+        Ok(positions)
+    }
+
+    /// Append this step's K/V for `layer` and return all cached K/V.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self.layers.get_mut(layer) {
+            Some(LayerCache::Normal(buf)) => buf.append(k, v),
+            Some(LayerCache::Shared { source }) => Err(TextError::InvalidArgument(format!(
+                "layer {layer} shares layer {source}'s cache and cannot append to it"
+            ))),
+            None => Err(TextError::InvalidArgument(format!(
+                "no cache for layer {layer}"
+            ))),
+        }
+    }
+
+    /// The K/V a layer attends to: its own, or its source's for a shared layer.
+    pub fn read(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        match self.layers.get(layer) {
+            Some(LayerCache::Normal(buf)) => buf.view(),
+            Some(LayerCache::Shared { source }) => match self.layers.get(*source) {
+                Some(LayerCache::Normal(buf)) => buf.view(),
+                _ => Err(TextError::InvalidArgument(format!(
+                    "layer {layer} reads layer {source}, which has no cache of its own"
+                ))),
+            },
+            None => Err(TextError::InvalidArgument(format!(
+                "no cache for layer {layer}"
+            ))),
+        }
+    }
+
+    pub fn snapshot(&self) -> CacheSnapshot {
+        CacheSnapshot {
+            len: self.len,
+            next_pos: self.next_pos.clone(),
+        }
+    }
+
+    /// Forget everything appended after `snap`.
+    pub fn rollback(&mut self, snap: &CacheSnapshot) -> Result<()> {
+        if snap.len > self.len || snap.next_pos.len() != self.next_pos.len() {
+            return Err(TextError::InvalidArgument(
+                "snapshot does not belong to this cache state".into(),
+            ));
+        }
+        for l in &mut self.layers {
+            if let LayerCache::Normal(b) = l {
+                b.truncate(snap.len);
+            }
+        }
+        if let Some(km) = &self.key_mask {
+            self.key_mask = Some(km.f_narrow(1, 0, snap.len)?);
+        }
+        self.len = snap.len;
+        self.next_pos = snap.next_pos.clone();
+        Ok(())
+    }
+
+    fn map_buffers(&self, f: impl Fn(&KvBuffer) -> Result<KvBuffer>) -> Result<Vec<LayerCache>> {
+        self.layers
+            .iter()
+            .map(|l| {
+                Ok(match l {
+                    LayerCache::Normal(b) => LayerCache::Normal(f(b)?),
+                    LayerCache::Shared { source } => LayerCache::Shared { source: *source },
+                })
+            })
+            .collect()
+    }
+
+    /// An independent copy: extending it leaves `self` untouched (copy-on-extend).
+    pub fn fork(&self) -> Result<Self> {
+        Ok(Self {
+            layers: self.map_buffers(KvBuffer::fork)?,
+            key_mask: match &self.key_mask {
+                Some(m) => Some(m.copy()),
+                None => None,
+            },
+            next_pos: self.next_pos.clone(),
+            len: self.len,
+            batch: self.batch,
+            device: self.device,
+        })
+    }
+
+    /// Broadcast a batch-1 cache to `n` rows (a shared prefix for a batch of questions).
+    pub fn repeat_batch(&self, n: i64) -> Result<Self> {
+        if self.batch != 1 {
+            return Err(TextError::InvalidArgument(format!(
+                "repeat_batch needs a batch-1 cache, this one has batch {}",
+                self.batch
+            )));
+        }
+        Ok(Self {
+            layers: self.map_buffers(|b| b.repeat_batch(n))?,
+            key_mask: match &self.key_mask {
+                Some(m) => Some(m.f_repeat([n, 1])?),
+                None => None,
+            },
+            next_pos: vec![self.next_pos[0]; n as usize],
+            len: self.len,
+            batch: n,
+            device: self.device,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(b: i64, n: i64, fill: f64) -> Tensor {
+        Tensor::full([b, 2, n, 4], fill, (Kind::Float, Device::Cpu))
+    }
+
+    #[test]
+    fn grows_by_chunks_and_rolls_back() {
+        let mut c = KvCache::new(&[None, Some(0)], 1, Device::Cpu);
+        c.begin_step(3, None).unwrap();
+        let (k, _) = c.append(0, &kv(1, 3, 1.0), &kv(1, 3, 1.0)).unwrap();
+        assert_eq!(k.size(), [1, 2, 3, 4]);
+        let snap = c.snapshot();
+        for i in 0..300 {
+            c.begin_step(1, None).unwrap();
+            c.append(0, &kv(1, 1, i as f64), &kv(1, 1, 0.0)).unwrap();
+        }
+        assert_eq!(c.read(1).unwrap().0.size(), [1, 2, 303, 4]);
+        match &c.layers[0] {
+            LayerCache::Normal(b) => assert_eq!(b.capacity(), 512),
+            _ => unreachable!(),
+        }
+        c.rollback(&snap).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.next_positions(), &[3]);
+        assert_eq!(c.read(1).unwrap().0.size(), [1, 2, 3, 4]);
+        assert!(c.append(1, &kv(1, 1, 0.0), &kv(1, 1, 0.0)).is_err());
+    }
+
+    #[test]
+    fn left_padding_positions_and_fork() {
+        let mut c = KvCache::new(&[None], 2, Device::Cpu);
+        let mask = Tensor::from_slice(&[0i64, 1, 1, 1, 1, 1]).view([2, 3]);
+        let pos = c.begin_step(3, Some(&mask)).unwrap();
+        assert_eq!(
+            Vec::<i64>::try_from(pos.flatten(0, -1)).unwrap(),
+            vec![0, 0, 1, 0, 1, 2]
+        );
+        assert_eq!(c.next_positions(), &[2, 3]);
+        c.append(0, &kv(2, 3, 1.0), &kv(2, 3, 1.0)).unwrap();
+        let mut f = c.fork().unwrap();
+        f.begin_step(1, None).unwrap();
+        f.append(0, &kv(2, 1, 5.0), &kv(2, 1, 5.0)).unwrap();
+        assert_eq!(f.len(), 4);
+        assert_eq!(c.len(), 3);
+        assert_eq!(f.key_mask().unwrap().size(), [2, 4]);
+        assert_eq!(c.key_mask().unwrap().size(), [2, 3]);
+    }
+}

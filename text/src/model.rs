@@ -1,0 +1,184 @@
+//! A text model as users see it: a checkpoint directory (config.json, safetensors,
+//! tokenizer.json) or a preset with random weights, on a device in a dtype.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind};
+
+use crate::checkpoint::load_weights;
+use crate::config::TextConfig;
+use crate::decoder::Decoder;
+use crate::error::{Result, TextError};
+use crate::generation::{generate, GenerateOptions, Generation};
+use crate::presets::preset;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+/// Inference dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn kind(self) -> Kind {
+        match self {
+            DType::F32 => Kind::Float,
+            DType::BF16 => Kind::BFloat16,
+            DType::F16 => Kind::Half,
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            _ => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "fp32",
+            DType::BF16 => "bf16",
+            DType::F16 => "fp16",
+        }
+    }
+
+    /// bf16 on GPUs and on CPUs with native bf16 arithmetic (AVX512-BF16 / AMX), else fp32.
+    pub fn auto(device: Device) -> Self {
+        match device {
+            Device::Cpu => {
+                if cpu_has_bf16() {
+                    DType::BF16
+                } else {
+                    DType::F32
+                }
+            }
+            _ => DType::BF16,
+        }
+    }
+
+    /// `auto`, `fp32`/`f32`, `bf16`, `fp16`/`f16`.
+    pub fn parse(s: &str, device: Device) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::auto(device),
+            "fp32" | "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "fp16" | "f16" | "float16" => DType::F16,
+            other => {
+                return Err(TextError::InvalidArgument(format!(
+                    "unknown dtype '{other}' (expected auto, fp32, bf16 or fp16)"
+                )))
+            }
+        })
+    }
+}
+
+/// Whether this CPU does bf16 arithmetic natively.
+pub fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .map(|s| s.contains("avx512_bf16") || s.contains("amx_bf16"))
+            .unwrap_or(false)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // Apple silicon and recent Arm cores have BF16 instructions.
+        cfg!(target_arch = "aarch64")
+    }
+}
+
+pub struct TextModel {
+    pub decoder: Decoder,
+    pub tokenizer: Option<Tokenizer>,
+    pub dtype: DType,
+    pub source: PathBuf,
+}
+
+impl TextModel {
+    /// Load a model directory.
+    pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        if !dir.is_dir() {
+            return Err(TextError::checkpoint(
+                dir,
+                "model directory not found (expected config.json, model.safetensors, tokenizer.json)",
+            ));
+        }
+        let cfg = TextConfig::from_file(&cfg_path)?;
+        let weights = load_weights(dir, device, dtype.kind())?;
+        let decoder = Decoder::new(&cfg, &weights).map_err(|e| match e {
+            // Name the directory for shape/missing-tensor errors from a map of several files.
+            TextError::Checkpoint { path, msg } if path.as_os_str() == "<weights>" => {
+                TextError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    msg,
+                }
+            }
+            e => e,
+        })?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(Tokenizer::from_dir(dir)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            decoder,
+            tokenizer,
+            dtype,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    /// A preset with seeded random weights (no tokenizer).
+    pub fn from_preset(name: &str, seed: i64, device: Device, dtype: DType) -> Result<Self> {
+        let cfg = preset(name)?;
+        Ok(Self {
+            decoder: Decoder::random(&cfg, seed, device, dtype.kind())?,
+            tokenizer: None,
+            dtype,
+            source: PathBuf::from(format!("preset:{name}")),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.decoder.cfg
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            TextError::InvalidArgument(format!("{} has no tokenizer.json", self.source.display()))
+        })
+    }
+
+    /// The prompt's token ids: through the chat template (one user turn) unless `raw`.
+    pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+        let tok = self.tokenizer()?;
+        let text = if raw {
+            prompt.to_string()
+        } else {
+            tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?
+        };
+        tok.encode(&text)
+    }
+
+    /// Generate from a text prompt, streaming text pieces to `on_text`.
+    pub fn generate_text(
+        &self,
+        prompt: &str,
+        raw: bool,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let ids = self.prompt_ids(prompt, raw)?;
+        let ctx = self.config().max_position_embeddings;
+        if ids.len() >= ctx {
+            return Err(TextError::ContextOverflow {
+                tokens: ids.len(),
+                requested: opts.max_new_tokens,
+                context: ctx,
+            });
+        }
+        generate(&self.decoder, self.tokenizer.as_ref(), &ids, opts, on_text)
+    }
+}

@@ -1,0 +1,38 @@
+//! RMSNorm: `x / sqrt(mean(x²) + ε) · g`, computed in fp32 as HF Llama does.
+
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+use crate::weights::WeightMap;
+
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+    dim: i64,
+}
+
+impl RmsNorm {
+    pub fn new(w: &WeightMap, name: &str, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(name, &[dim])?,
+            eps,
+            dim,
+        })
+    }
+
+    pub fn num_params(&self) -> i64 {
+        self.dim
+    }
+
+    // x: [..., dim] → [..., dim]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let xf = x.f_to_kind(Kind::Float)?;
+        let var = xf
+            .f_pow_tensor_scalar(2)?
+            .f_mean_dim(-1, true, Kind::Float)?;
+        let normed = xf.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
+    }
+}
