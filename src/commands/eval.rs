@@ -1,14 +1,203 @@
-//! `afm-vl eval`.
+//! `afm-vl eval FOLDER...` and `afm-vl eval merge SHARD_DIR...`.
 
-use super::{Context, NotBuilt};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use afm_eval::discovery::{self, Filters, LoadOptions};
+use afm_eval::item::Task;
+use afm_eval::prompt::PromptConfig;
+use afm_eval::runner::{self, RunConfig};
+use afm_eval::shard::Shard;
+use afm_eval::EvalBackend;
+use anyhow::Context as _;
+
+use super::Context;
+
+const DEFAULT_MODEL: &str = "assets/models/smollm2-135m-instruct";
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
-    /// Arguments (accepted and ignored until this subcommand lands).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    #[command(subcommand)]
+    pub command: Option<EvalCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
-pub fn run(_ctx: &Context, _args: Args) -> anyhow::Result<()> {
-    Err(NotBuilt("eval").into())
+#[derive(clap::Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Combine the output folders of `--shard K/N` runs into one report.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// Output folders of the shards (each with run.json and journal.jsonl).
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Where to write results.json and results.md.
+    #[arg(long, default_value = "eval-merged")]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Benchmark folders or files: MMLU (dev/ + test/), mmlu_XX-YY.csv (MMMLU), mgsm_xx.tsv
+    /// (MGSM, with exemplars.json beside), *.jsonl.
+    #[arg(required = true)]
+    pub folders: Vec<PathBuf>,
+    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Tasks to run, comma-separated: mmlu, mmmlu, mgsm, jsonl (default: all found).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// MMLU subjects / MMMLU Subject values, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub subjects: Vec<String>,
+    /// MMMLU / MGSM languages, comma-separated; `fr` matches `fr` and `FR-FR` (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub languages: Vec<String>,
+    /// At most N items per subject / language / file (the first ones).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Few-shot examples: N for every task, or task=N[,task=N] (defaults mmlu=5, mmmlu=0, mgsm=8).
+    #[arg(long)]
+    pub shots: Option<String>,
+    /// Wrap prompts in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Generation length limit (MGSM, JSONL generation).
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// MMLU split to evaluate.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// English MMLU folder (or its dev/) for few-shot MMMLU prompts (default: an MMLU folder given).
+    #[arg(long)]
+    pub dev_dir: Option<PathBuf>,
+    /// Questions per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Recompute the few-shot prefix for every question (for speed comparisons).
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
+    /// Output folder: journal.jsonl, run.json, results.json, results.md.
+    #[arg(long, default_value = "eval-out")]
+    pub out: PathBuf,
+    /// Continue an interrupted run in --out (items already journaled are not scored again).
+    #[arg(long)]
+    pub resume: bool,
+    /// Run only shard K of N (0-based K; contiguous ranges in a fixed order).
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Record and skip malformed rows and files instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Backend: `model` (the text model) or `hash` (a deterministic test double, no model).
+    #[arg(long, default_value = "model", hide = true)]
+    pub backend: String,
+    /// With `--backend hash`: sleep this long per item (tests kill a run midway).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub fake_delay_ms: u64,
+}
+
+fn parse_tasks(names: &[String]) -> anyhow::Result<Vec<Task>> {
+    names
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.parse::<Task>().map_err(anyhow::Error::msg))
+        .collect()
+}
+
+fn resolve_model(path: &std::path::Path) -> PathBuf {
+    if path.exists() || path != std::path::Path::new(DEFAULT_MODEL) {
+        return path.to_path_buf();
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)
+}
+
+fn open_backend(ctx: &Context, a: &RunArgs) -> anyhow::Result<Box<dyn EvalBackend>> {
+    match a.backend.as_str() {
+        "hash" => Ok(Box::new(afm_eval::fake_backend::HashBackend {
+            delay: Duration::from_millis(a.fake_delay_ms),
+            ..Default::default()
+        })),
+        "model" => {
+            let _device = ctx.device()?;
+            let _model = resolve_model(&a.model);
+            anyhow::bail!(
+                "the text-model backend is not wired yet (afm-text generation has not landed)"
+            )
+        }
+        other => anyhow::bail!("unknown --backend {other:?} (model or hash)"),
+    }
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    if let Some(EvalCommand::Merge(m)) = args.command {
+        let results = afm_eval::merge::merge(&m.dirs, &m.out)?;
+        if !ctx.quiet {
+            println!("{}", results.markdown());
+            eprintln!("wrote {}/results.json and results.md", m.out.display());
+        }
+        return Ok(());
+    }
+    let a = args.run;
+    let mut prompt = PromptConfig {
+        chat: a.chat,
+        max_new_tokens: a.max_new_tokens,
+        ..PromptConfig::default()
+    };
+    if let Some(spec) = &a.shots {
+        prompt.set_shots(spec)?;
+    }
+    let filters = Filters {
+        tasks: parse_tasks(&a.tasks)?,
+        subjects: a.subjects.clone(),
+        languages: a.languages.clone(),
+        limit: a.limit,
+    };
+    let shard: Shard = match &a.shard {
+        Some(s) => s.parse()?,
+        None => Shard::default(),
+    };
+    let cfg = RunConfig {
+        prompt: prompt.clone(),
+        filters: filters.clone(),
+        split: a.split.clone(),
+        skip_bad: a.skip_bad,
+        shard,
+        batch_size: a.batch_size,
+        reuse_prefix: !a.no_prefix_reuse,
+        out: a.out.clone(),
+        resume: a.resume,
+        progress: !ctx.quiet,
+    };
+    let load = LoadOptions {
+        filters,
+        split: a.split.clone(),
+        mmlu_dev: prompt.mmlu_shots > 0,
+        mmmlu_dev: prompt.mmmlu_shots > 0,
+        dev_dir: a.dev_dir.clone(),
+        skip_bad: a.skip_bad,
+    };
+    let suite = discovery::load(&a.folders, &load)?;
+    for s in &suite.skipped {
+        tracing::warn!("skipped {}:{}: {}", s.path, s.line, s.problem);
+    }
+    let mut backend = open_backend(ctx, &a)?;
+    let results = runner::run(&suite, backend.as_mut(), &cfg)
+        .with_context(|| format!("evaluation into {}", a.out.display()))?;
+    if !ctx.quiet {
+        println!("{}", results.markdown());
+        eprintln!(
+            "{} items scored in {:.1} s ({:.2} items/s); wrote {}/results.json and results.md",
+            results.timings.scored,
+            results.timings.wall_s,
+            results.timings.items_per_s,
+            a.out.display()
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,344 @@
+//! The evaluation loop: prompts grouped by shared prefix, batches scored by the backend, every
+//! verdict journaled before the next batch, a progress bar, and the reports at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{ChoiceRequest, EvalBackend, GenerateRequest};
+use crate::discovery::{Filters, Suite};
+use crate::error::{EvalError, Result};
+use crate::item::Item;
+use crate::journal::{ItemResult, Journal, Manifest, JOURNAL, MANIFEST};
+use crate::prompt::{self, ChatFrame, Completion, Prompt, PromptConfig};
+use crate::report::{Results, TaskTiming, Timings};
+use crate::scoring::{score_choice, score_generation};
+use crate::shard::Shard;
+use crate::source::DataFile;
+
+/// How to run an evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub prompt: PromptConfig,
+    pub filters: Filters,
+    /// MMLU split (`test`).
+    pub split: String,
+    pub skip_bad: bool,
+    pub shard: Shard,
+    /// Questions per backend call.
+    pub batch_size: usize,
+    /// Compute each few-shot prefix's KV cache once and extend copies of it.
+    pub reuse_prefix: bool,
+    /// Journal and reports go here.
+    pub out: PathBuf,
+    /// Continue the journal in `out` instead of refusing to overwrite it.
+    pub resume: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            prompt: PromptConfig::default(),
+            filters: Filters::default(),
+            split: "test".into(),
+            skip_bad: false,
+            shard: Shard::default(),
+            batch_size: 8,
+            reuse_prefix: true,
+            out: PathBuf::from("eval-out"),
+            resume: false,
+            progress: true,
+        }
+    }
+}
+
+impl RunConfig {
+    /// The options that decide results (recorded in the manifest and the fingerprint).
+    pub fn results_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prompt": self.prompt,
+            "filters": self.filters,
+            "split": self.split,
+            "skip_bad": self.skip_bad,
+        })
+    }
+
+    /// The options that only decide speed.
+    pub fn runtime_config(&self) -> serde_json::Value {
+        serde_json::json!({ "batch_size": self.batch_size, "reuse_prefix": self.reuse_prefix })
+    }
+}
+
+/// Build the manifest of a run over `suite` with `model`.
+pub fn manifest(suite: &Suite, model: &str, cfg: &RunConfig) -> Manifest {
+    let keys: Vec<String> = suite.items.iter().map(Item::key).collect();
+    let config = cfg.results_config();
+    // Checksums with file names only, so shards on machines with other paths still merge.
+    let data_ids: Vec<DataFile> = suite
+        .files
+        .iter()
+        .map(|f| DataFile {
+            path: std::path::Path::new(&f.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: f.sha256.clone(),
+        })
+        .collect();
+    Manifest {
+        model: model.to_string(),
+        fingerprint: Manifest::compute_fingerprint(model, &config, &data_ids, &keys),
+        config,
+        runtime: cfg.runtime_config(),
+        data: suite.files.clone(),
+        skipped: suite.skipped.clone(),
+        items_all: keys.len(),
+        shard: cfg.shard,
+        items_shard: cfg.shard.range(keys.len()).len(),
+    }
+}
+
+/// Prompts grouped by shared prefix, in first-seen order.
+fn group_prompts<'a>(
+    items: &[&'a Item],
+    suite: &Suite,
+    cfg: &PromptConfig,
+    chat: Option<&ChatFrame>,
+) -> Result<Vec<(Prompt, Vec<(&'a Item, Prompt)>)>> {
+    let mut groups: Vec<(Prompt, Vec<(&Item, Prompt)>)> = Vec::new();
+    let mut pos: HashMap<String, usize> = HashMap::new();
+    for &item in items {
+        let mut p = prompt::build(item, suite, cfg)?;
+        if let Some(frame) = chat {
+            frame.apply(&mut p);
+        }
+        let g = *pos.entry(p.group.clone()).or_insert_with(|| {
+            groups.push((p.clone(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push((item, p));
+    }
+    Ok(groups)
+}
+
+/// Token ids of `body` as it continues `prefix`: the joint encoding's tail when the prefix
+/// tokens are a prefix of it (so tokens match encoding the whole prompt), else `encode(body)`.
+fn body_tokens(
+    backend: &dyn EvalBackend,
+    prefix: &str,
+    prefix_ids: &[u32],
+    body: &str,
+) -> Result<Vec<u32>> {
+    if !prefix.is_empty() {
+        let joint = backend.encode(&format!("{prefix}{body}"))?;
+        if joint.starts_with(prefix_ids) {
+            return Ok(joint[prefix_ids.len()..].to_vec());
+        }
+    }
+    backend.encode(body)
+}
+
+fn progress_bar(cfg: &RunConfig, len: usize, done: usize) -> ProgressBar {
+    let target = if cfg.progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(len as u64), target);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] {pos}/{len} items  {per_sec}  ETA {eta}  {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_position(done as u64);
+    bar.reset_eta();
+    bar
+}
+
+/// Run (or resume) an evaluation of `suite` with `backend`; writes the journal and reports
+/// into `cfg.out` and returns the results.
+pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Result<Results> {
+    let started = Instant::now();
+    let out = &cfg.out;
+    std::fs::create_dir_all(out).map_err(|e| EvalError::io(out, e))?;
+    let manifest = manifest(suite, &backend.model_name(), cfg);
+    let manifest_path = out.join(MANIFEST);
+    if manifest_path.exists() {
+        if cfg.resume {
+            let old = Manifest::read(out)?;
+            if old.fingerprint != manifest.fingerprint || old.shard != manifest.shard {
+                return Err(EvalError::journal(
+                    &manifest_path,
+                    "the journal belongs to a different run (model, options, data or shard differ); \
+                     use another --out",
+                ));
+            }
+        } else {
+            let (records, _) = crate::journal::read_records(&out.join(JOURNAL))?;
+            if !records.is_empty() {
+                return Err(EvalError::journal(
+                    &out.join(JOURNAL),
+                    format!(
+                        "holds {} results of an earlier run: add --resume, or use another --out",
+                        records.len()
+                    ),
+                ));
+            }
+        }
+    } else if cfg.resume {
+        tracing::warn!("{}: nothing to resume, starting afresh", out.display());
+    }
+    if !cfg.resume {
+        let _ = std::fs::remove_file(out.join(JOURNAL));
+    }
+    manifest.write(out)?;
+    let (mut journal, done) = Journal::open(out)?;
+
+    let mine = &suite.items[cfg.shard.range(suite.items.len())];
+    let mut records: BTreeMap<String, ItemResult> = BTreeMap::new();
+    let mut pending: Vec<&Item> = Vec::new();
+    for item in mine {
+        match done.get(&item.key()) {
+            Some(r) => {
+                records.insert(r.key.clone(), r.clone());
+            }
+            None => pending.push(item),
+        }
+    }
+    tracing::info!(
+        shard = %cfg.shard,
+        items = mine.len(),
+        resumed = records.len(),
+        pending = pending.len(),
+        "evaluation"
+    );
+
+    let chat = if cfg.prompt.chat {
+        Some(ChatFrame::new(|u| backend.chat_wrap(u))?)
+    } else {
+        None
+    };
+    let groups = group_prompts(&pending, suite, &cfg.prompt, chat.as_ref())?;
+
+    let bar = progress_bar(cfg, mine.len(), records.len());
+    let mut correct = records.values().filter(|r| r.correct).count();
+    let mut timings = Timings::default();
+    let batch_size = cfg.batch_size.max(1);
+    for (head, members) in &groups {
+        let prefix_ids = backend.encode(&head.prefix)?;
+        let mut cont_ids: HashMap<String, Vec<u32>> = HashMap::new();
+        for batch in members.chunks(batch_size) {
+            let t0 = Instant::now();
+            let mut bodies = Vec::with_capacity(batch.len());
+            for (_, p) in batch {
+                bodies.push(body_tokens(&*backend, &head.prefix, &prefix_ids, &p.body)?);
+            }
+            let results: Vec<ItemResult> = match &head.completion {
+                Completion::Choice { .. } => {
+                    let mut reqs = Vec::with_capacity(batch.len());
+                    for ((_, p), body) in batch.iter().zip(bodies) {
+                        let Completion::Choice { continuations } = &p.completion else {
+                            return Err(EvalError::Config(format!(
+                                "group {} mixes scoring kinds",
+                                p.group
+                            )));
+                        };
+                        let mut conts = Vec::with_capacity(continuations.len());
+                        for c in continuations {
+                            if !cont_ids.contains_key(c) {
+                                cont_ids.insert(c.clone(), backend.encode(c)?);
+                            }
+                            conts.push(cont_ids[c].clone());
+                        }
+                        reqs.push(ChoiceRequest {
+                            body,
+                            continuations: conts,
+                        });
+                    }
+                    let lls =
+                        backend.choice_loglikelihoods(&prefix_ids, &reqs, cfg.reuse_prefix)?;
+                    if lls.len() != batch.len() {
+                        return Err(EvalError::Backend(format!(
+                            "{} results for {} questions",
+                            lls.len(),
+                            batch.len()
+                        )));
+                    }
+                    batch
+                        .iter()
+                        .zip(lls)
+                        .map(|((item, _), ll)| score_choice(item, ll))
+                        .collect()
+                }
+                Completion::Generate { .. } => {
+                    let mut reqs = Vec::with_capacity(batch.len());
+                    for ((_, p), body) in batch.iter().zip(bodies) {
+                        let Completion::Generate { stop } = &p.completion else {
+                            return Err(EvalError::Config(format!(
+                                "group {} mixes scoring kinds",
+                                p.group
+                            )));
+                        };
+                        reqs.push(GenerateRequest {
+                            body,
+                            max_new_tokens: cfg.prompt.max_new_tokens,
+                            stop: stop.clone(),
+                        });
+                    }
+                    let texts = backend.generate_greedy(&prefix_ids, &reqs, cfg.reuse_prefix)?;
+                    if texts.len() != batch.len() {
+                        return Err(EvalError::Backend(format!(
+                            "{} results for {} questions",
+                            texts.len(),
+                            batch.len()
+                        )));
+                    }
+                    batch
+                        .iter()
+                        .zip(texts)
+                        .map(|((item, _), t)| score_generation(item, t))
+                        .collect()
+                }
+            };
+            journal.append(&results)?;
+            let dt = t0.elapsed().as_secs_f64();
+            for r in results {
+                correct += usize::from(r.correct);
+                let tt = timings
+                    .by_task
+                    .entry(r.task.name().to_string())
+                    .or_insert_with(TaskTiming::default);
+                tt.scored += 1;
+                tt.seconds += dt / batch.len() as f64;
+                records.insert(r.key.clone(), r);
+            }
+            timings.scored += batch.len();
+            bar.inc(batch.len() as u64);
+            bar.set_message(format!(
+                "acc {:.2}%  [{}]",
+                100.0 * correct as f64 / records.len().max(1) as f64,
+                head.group
+            ));
+        }
+    }
+    bar.finish_and_clear();
+    timings.wall_s = started.elapsed().as_secs_f64();
+    for tt in timings.by_task.values_mut() {
+        tt.items_per_s = tt.scored as f64 / tt.seconds.max(1e-9);
+    }
+    let scoring_s: f64 = timings.by_task.values().map(|t| t.seconds).sum();
+    timings.items_per_s = timings.scored as f64 / scoring_s.max(1e-9);
+    let results = Results::build(
+        &manifest,
+        vec![cfg.shard],
+        records.into_values().collect(),
+        timings,
+    );
+    results.write(out)?;
+    Ok(results)
+}
