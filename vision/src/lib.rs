@@ -2,13 +2,28 @@
 //!
 //! - [`image_io`]: decode JPEG/PNG/WebP/GIF/BMP/TIFF to RGB8 with limits and EXIF orientation.
 //! - [`tiler`]: rapid / balanced / high-res / auto tiles as `[tiles, 3, S, S]` f32.
-//! - [`vit`]: ViT encoders (ViTDet-style window attention, global blocks, register-window tokens).
+//! - [`vit`]: ViT encoders (ViTDet-style window attention, global blocks, register-window
+//!   tokens), built from [`vit_config::VitConfig`] or a [`presets`] name, weights from
+//!   safetensors through [`weights`].
 
+pub mod attention;
+pub mod block;
 pub mod error;
 pub mod image_io;
 pub mod jpeg_scan;
+pub mod mlp;
+pub mod patch_embed;
+pub mod position;
+pub mod presets;
+pub mod register_window;
 pub mod tiler;
+pub mod vit;
+pub mod vit_config;
+pub mod weights;
+pub mod window;
 
 pub use error::{Result, VisionError};
 pub use image_io::{load_image, load_image_from_bytes, LoadLimits};
 pub use tiler::{AspectMode, TileKind, TileMeta, TileMode, TiledImage, Tiler, TilerConfig};
+pub use vit::{EncoderOutput, VisionEncoder, VisionModel};
+pub use vit_config::VitConfig;
