@@ -24,6 +24,7 @@ pub mod runner;
 pub mod scoring;
 pub mod shard;
 pub mod source;
+pub mod text_backend;
 
 pub use backend::EvalBackend;
 pub use error::{EvalError, Result};

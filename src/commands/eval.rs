@@ -49,6 +49,9 @@ pub struct RunArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
+    /// Inference dtype: fp32 (default; matches the HF reference), bf16, fp16 or auto.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
     /// Tasks to run, comma-separated: mmlu, mmmlu, mgsm, jsonl (default: all found).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
@@ -124,11 +127,12 @@ fn open_backend(ctx: &Context, a: &RunArgs) -> anyhow::Result<Box<dyn EvalBacken
             ..Default::default()
         })),
         "model" => {
-            let _device = ctx.device()?;
-            let _model = resolve_model(&a.model);
-            anyhow::bail!(
-                "the text-model backend is not wired yet (afm-text generation has not landed)"
-            )
+            let device = ctx.device()?;
+            let dtype = afm_eval::text_backend::parse_dtype(&a.dtype, device)?;
+            let dir = resolve_model(&a.model);
+            let backend = afm_eval::text_backend::TextBackend::load(&dir, device, dtype)
+                .with_context(|| format!("loading the model {}", dir.display()))?;
+            Ok(Box::new(backend))
         }
         other => anyhow::bail!("unknown --backend {other:?} (model or hash)"),
     }
