@@ -20,6 +20,9 @@ struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     /// Only errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
@@ -70,6 +73,9 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n.max(1) as i32);
+    }
     let ctx = Context {
         device: cli.device.clone(),
         quiet: cli.quiet,

