@@ -146,12 +146,14 @@ pub fn read_exemplars(path: &Path) -> Result<(BTreeMap<String, MgsmStyle>, RawFi
             for (seen, this, what) in [(&mut qp, this_qp, "question"), (&mut ap, this_ap, "answer")]
             {
                 match seen {
-                    Some(s) if *s != this => return Err(EvalError::source(
-                        path,
-                        format!(
+                    Some(s) if *s != this => {
+                        return Err(EvalError::source(
+                            path,
+                            format!(
                             "MGSM_EXEMPLARS.{lang}.{n}: {what} prefix {this:?} differs from {s:?}"
                         ),
-                    )),
+                        ))
+                    }
                     Some(_) => {}
                     None => *seen = Some(this),
                 }

@@ -14,7 +14,7 @@ use crate::error::{EvalError, Result};
 use crate::item::Item;
 use crate::journal::{ItemResult, Journal, Manifest, JOURNAL, MANIFEST};
 use crate::prompt::{self, ChatFrame, Completion, Prompt, PromptConfig};
-use crate::report::{Results, TaskTiming, Timings};
+use crate::report::{Results, Timings};
 use crate::scoring::{score_choice, score_generation};
 use crate::shard::Shard;
 use crate::source::DataFile;
@@ -160,6 +160,166 @@ fn progress_bar(cfg: &RunConfig, len: usize, done: usize) -> ProgressBar {
     bar
 }
 
+/// One item's request to the backend.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Choice(ChoiceRequest),
+    Generate(GenerateRequest),
+}
+
+impl Request {
+    fn body_len(&self) -> usize {
+        match self {
+            Request::Choice(r) => r.body.len(),
+            Request::Generate(r) => r.body.len(),
+        }
+    }
+}
+
+/// A prompt group in tokens: the shared prefix and each item's request.
+pub struct TokenGroup<'a> {
+    pub name: String,
+    pub prefix: Vec<u32>,
+    pub requests: Vec<(&'a Item, Request)>,
+}
+
+fn chat_frame(backend: &dyn EvalBackend, cfg: &RunConfig) -> Result<Option<ChatFrame>> {
+    if cfg.prompt.chat {
+        Ok(Some(ChatFrame::new(|u| backend.chat_wrap(u))?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Tokenize a group of prompts.
+pub fn tokenize_group<'a>(
+    backend: &dyn EvalBackend,
+    head: &Prompt,
+    members: &[(&'a Item, Prompt)],
+    max_new_tokens: usize,
+) -> Result<TokenGroup<'a>> {
+    let prefix = backend.encode(&head.prefix)?;
+    let mut cont_ids: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut requests = Vec::with_capacity(members.len());
+    for (item, p) in members {
+        let body = body_tokens(backend, &head.prefix, &prefix, &p.body)?;
+        let req = match &p.completion {
+            Completion::Choice { continuations } => {
+                let mut conts = Vec::with_capacity(continuations.len());
+                for c in continuations {
+                    if !cont_ids.contains_key(c) {
+                        cont_ids.insert(c.clone(), backend.encode(c)?);
+                    }
+                    conts.push(cont_ids[c].clone());
+                }
+                Request::Choice(ChoiceRequest {
+                    body,
+                    continuations: conts,
+                })
+            }
+            Completion::Generate { stop } => Request::Generate(GenerateRequest {
+                body,
+                max_new_tokens,
+                stop: stop.clone(),
+            }),
+        };
+        requests.push((*item, req));
+    }
+    Ok(TokenGroup {
+        name: head.group.clone(),
+        prefix,
+        requests,
+    })
+}
+
+/// Score one batch of a group (all requests of one kind, as a group's are).
+fn score_batch(
+    backend: &mut dyn EvalBackend,
+    prefix: &[u32],
+    batch: &[(&Item, Request)],
+    reuse: bool,
+) -> Result<Vec<ItemResult>> {
+    let mismatch =
+        |n: usize| EvalError::Backend(format!("{n} results for {} questions", batch.len()));
+    let choices: Vec<ChoiceRequest> = batch
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Request::Choice(c) => Some(c.clone()),
+            Request::Generate(_) => None,
+        })
+        .collect();
+    if choices.len() == batch.len() {
+        let lls = backend.choice_loglikelihoods(prefix, &choices, reuse)?;
+        if lls.len() != batch.len() {
+            return Err(mismatch(lls.len()));
+        }
+        return Ok(batch
+            .iter()
+            .zip(lls)
+            .map(|((item, _), ll)| score_choice(item, ll))
+            .collect());
+    }
+    let gens: Vec<GenerateRequest> = batch
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Request::Generate(g) => Some(g.clone()),
+            Request::Choice(_) => None,
+        })
+        .collect();
+    if gens.len() != batch.len() {
+        return Err(EvalError::Config(
+            "a prompt group mixes scoring kinds".into(),
+        ));
+    }
+    let texts = backend.generate_greedy(prefix, &gens, reuse)?;
+    if texts.len() != batch.len() {
+        return Err(mismatch(texts.len()));
+    }
+    Ok(batch
+        .iter()
+        .zip(texts)
+        .map(|((item, _), t)| score_generation(item, t))
+        .collect())
+}
+
+/// The exact token ids of every prompt of `suite` (this shard), for reference
+/// implementations (`--dump-requests`): `{"model", "groups": {name: prefix ids},
+/// "items": [{"key", "group", "body", "continuations" | "stop" + "max_new_tokens"}]}`.
+pub fn dump_requests(
+    suite: &Suite,
+    backend: &dyn EvalBackend,
+    cfg: &RunConfig,
+) -> Result<serde_json::Value> {
+    let mine: Vec<&Item> = suite.items[cfg.shard.range(suite.items.len())]
+        .iter()
+        .collect();
+    let chat = chat_frame(backend, cfg)?;
+    let groups = group_prompts(&mine, suite, &cfg.prompt, chat.as_ref())?;
+    let mut prefixes = serde_json::Map::new();
+    let mut items = Vec::new();
+    for (head, members) in &groups {
+        let g = tokenize_group(backend, head, members, cfg.prompt.max_new_tokens)?;
+        prefixes.insert(g.name.clone(), serde_json::json!(g.prefix));
+        for (item, r) in g.requests {
+            items.push(match r {
+                Request::Choice(c) => serde_json::json!({
+                    "key": item.key(), "group": g.name, "target": item.target(),
+                    "body": c.body, "continuations": c.continuations,
+                }),
+                Request::Generate(q) => serde_json::json!({
+                    "key": item.key(), "group": g.name, "target": item.target(),
+                    "body": q.body, "stop": q.stop, "max_new_tokens": q.max_new_tokens,
+                }),
+            });
+        }
+    }
+    Ok(serde_json::json!({
+        "model": backend.model_name(),
+        "groups": prefixes,
+        "items": items,
+    }))
+}
+
 /// Run (or resume) an evaluation of `suite` with `backend`; writes the journal and reports
 /// into `cfg.out` and returns the results.
 pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Result<Results> {
@@ -218,11 +378,7 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
         "evaluation"
     );
 
-    let chat = if cfg.prompt.chat {
-        Some(ChatFrame::new(|u| backend.chat_wrap(u))?)
-    } else {
-        None
-    };
+    let chat = chat_frame(backend, cfg)?;
     let groups = group_prompts(&pending, suite, &cfg.prompt, chat.as_ref())?;
 
     let bar = progress_bar(cfg, mine.len(), records.len());
@@ -230,81 +386,12 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
     let mut timings = Timings::default();
     let batch_size = cfg.batch_size.max(1);
     for (head, members) in &groups {
-        let prefix_ids = backend.encode(&head.prefix)?;
-        let mut cont_ids: HashMap<String, Vec<u32>> = HashMap::new();
-        for batch in members.chunks(batch_size) {
+        let mut group = tokenize_group(&*backend, head, members, cfg.prompt.max_new_tokens)?;
+        // Similar lengths together: less padding in a batch. Order does not change results.
+        group.requests.sort_by_key(|(_, r)| r.body_len());
+        for batch in group.requests.chunks(batch_size) {
             let t0 = Instant::now();
-            let mut bodies = Vec::with_capacity(batch.len());
-            for (_, p) in batch {
-                bodies.push(body_tokens(&*backend, &head.prefix, &prefix_ids, &p.body)?);
-            }
-            let results: Vec<ItemResult> = match &head.completion {
-                Completion::Choice { .. } => {
-                    let mut reqs = Vec::with_capacity(batch.len());
-                    for ((_, p), body) in batch.iter().zip(bodies) {
-                        let Completion::Choice { continuations } = &p.completion else {
-                            return Err(EvalError::Config(format!(
-                                "group {} mixes scoring kinds",
-                                p.group
-                            )));
-                        };
-                        let mut conts = Vec::with_capacity(continuations.len());
-                        for c in continuations {
-                            if !cont_ids.contains_key(c) {
-                                cont_ids.insert(c.clone(), backend.encode(c)?);
-                            }
-                            conts.push(cont_ids[c].clone());
-                        }
-                        reqs.push(ChoiceRequest {
-                            body,
-                            continuations: conts,
-                        });
-                    }
-                    let lls =
-                        backend.choice_loglikelihoods(&prefix_ids, &reqs, cfg.reuse_prefix)?;
-                    if lls.len() != batch.len() {
-                        return Err(EvalError::Backend(format!(
-                            "{} results for {} questions",
-                            lls.len(),
-                            batch.len()
-                        )));
-                    }
-                    batch
-                        .iter()
-                        .zip(lls)
-                        .map(|((item, _), ll)| score_choice(item, ll))
-                        .collect()
-                }
-                Completion::Generate { .. } => {
-                    let mut reqs = Vec::with_capacity(batch.len());
-                    for ((_, p), body) in batch.iter().zip(bodies) {
-                        let Completion::Generate { stop } = &p.completion else {
-                            return Err(EvalError::Config(format!(
-                                "group {} mixes scoring kinds",
-                                p.group
-                            )));
-                        };
-                        reqs.push(GenerateRequest {
-                            body,
-                            max_new_tokens: cfg.prompt.max_new_tokens,
-                            stop: stop.clone(),
-                        });
-                    }
-                    let texts = backend.generate_greedy(&prefix_ids, &reqs, cfg.reuse_prefix)?;
-                    if texts.len() != batch.len() {
-                        return Err(EvalError::Backend(format!(
-                            "{} results for {} questions",
-                            texts.len(),
-                            batch.len()
-                        )));
-                    }
-                    batch
-                        .iter()
-                        .zip(texts)
-                        .map(|((item, _), t)| score_generation(item, t))
-                        .collect()
-                }
-            };
+            let results = score_batch(backend, &group.prefix, batch, cfg.reuse_prefix)?;
             journal.append(&results)?;
             let dt = t0.elapsed().as_secs_f64();
             for r in results {
@@ -312,7 +399,7 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
                 let tt = timings
                     .by_task
                     .entry(r.task.name().to_string())
-                    .or_insert_with(TaskTiming::default);
+                    .or_default();
                 tt.scored += 1;
                 tt.seconds += dt / batch.len() as f64;
                 records.insert(r.key.clone(), r);

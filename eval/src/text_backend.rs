@@ -78,10 +78,18 @@ impl TextBackend {
         let reuse = reuse && !prefix.is_empty() && rows.iter().all(|r| !r.is_empty());
         let (mut cache, seqs): (KvCache, Vec<Vec<u32>>) = if reuse {
             let (pc, _) = self.prefix_state(prefix)?;
-            let cache = if b == 1 { pc.fork() } else { pc.repeat_batch(b) }.map_err(be)?;
+            let cache = if b == 1 {
+                pc.fork()
+            } else {
+                pc.repeat_batch(b)
+            }
+            .map_err(be)?;
             (cache, rows.to_vec())
         } else {
-            let seqs = rows.iter().map(|r| [prefix, r.as_slice()].concat()).collect();
+            let seqs = rows
+                .iter()
+                .map(|r| [prefix, r.as_slice()].concat())
+                .collect();
             (self.decoder().new_cache(b), seqs)
         };
         let (ids, mask) = left_pad(&seqs)?;
@@ -96,20 +104,34 @@ impl TextBackend {
     }
 
     /// Summed log-likelihood of `cont` after `prefix ++ body` (multi-token continuations).
-    fn continuation_ll(&mut self, prefix: &[u32], body: &[u32], cont: &[u32], reuse: bool) -> Result<f64> {
-        let (mut cache, ctx_last, rest): (KvCache, Tensor, Vec<u32>) = if reuse && !prefix.is_empty() {
-            let (pc, pl) = self.prefix_state(prefix)?;
-            (pc.fork().map_err(be)?, pl.shallow_clone(), [body, cont].concat())
-        } else {
-            let all = [prefix, body, cont].concat();
-            let first = all.first().copied().ok_or_else(|| EvalError::Backend("empty prompt".into()))?;
-            let mut cache = self.decoder().new_cache(1);
-            let l = self
-                .decoder()
-                .forward(&ids_2d(&[vec![first]])?, None, &mut cache, Logits::Last)
-                .map_err(be)?;
-            (cache, l, all[1..].to_vec())
-        };
+    fn continuation_ll(
+        &mut self,
+        prefix: &[u32],
+        body: &[u32],
+        cont: &[u32],
+        reuse: bool,
+    ) -> Result<f64> {
+        let (mut cache, ctx_last, rest): (KvCache, Tensor, Vec<u32>) =
+            if reuse && !prefix.is_empty() {
+                let (pc, pl) = self.prefix_state(prefix)?;
+                (
+                    pc.fork().map_err(be)?,
+                    pl.shallow_clone(),
+                    [body, cont].concat(),
+                )
+            } else {
+                let all = [prefix, body, cont].concat();
+                let first = all
+                    .first()
+                    .copied()
+                    .ok_or_else(|| EvalError::Backend("empty prompt".into()))?;
+                let mut cache = self.decoder().new_cache(1);
+                let l = self
+                    .decoder()
+                    .forward(&ids_2d(&[vec![first]])?, None, &mut cache, Logits::Last)
+                    .map_err(be)?;
+                (cache, l, all[1..].to_vec())
+            };
         // Logits for every position of `rest`; position i predicts rest[i + 1].
         let logits = self
             .decoder()
@@ -149,9 +171,15 @@ fn left_pad(rows: &[Vec<u32>]) -> Result<(Tensor, Option<Tensor>)> {
         mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1i64, r.len())));
     }
     let shape = [rows.len() as i64, n as i64];
-    let ids = Tensor::f_from_slice(&ids).and_then(|t| t.f_view(shape)).map_err(be)?;
+    let ids = Tensor::f_from_slice(&ids)
+        .and_then(|t| t.f_view(shape))
+        .map_err(be)?;
     let mask = if padded {
-        Some(Tensor::f_from_slice(&mask).and_then(|t| t.f_view(shape)).map_err(be)?)
+        Some(
+            Tensor::f_from_slice(&mask)
+                .and_then(|t| t.f_view(shape))
+                .map_err(be)?,
+        )
     } else {
         None
     };
@@ -164,7 +192,10 @@ impl EvalBackend for TextBackend {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.model.tokenizer().and_then(|t| t.encode(text)).map_err(be)
+        self.model
+            .tokenizer()
+            .and_then(|t| t.encode(text))
+            .map_err(be)
     }
 
     fn chat_wrap(&self, user_text: &str) -> Result<String> {
@@ -181,10 +212,15 @@ impl EvalBackend for TextBackend {
         reuse_prefix: bool,
     ) -> Result<Vec<Vec<f64>>> {
         let _guard = tch::no_grad_guard();
-        let single = requests.iter().all(|r| r.continuations.iter().all(|c| c.len() == 1));
+        let single = requests
+            .iter()
+            .all(|r| r.continuations.iter().all(|c| c.len() == 1));
         if single && !requests.is_empty() {
             let bodies: Vec<Vec<u32>> = requests.iter().map(|r| r.body.clone()).collect();
-            let lp = self.last_logprobs(prefix, &bodies, reuse_prefix)?.f_to_device(Device::Cpu).map_err(be)?;
+            let lp = self
+                .last_logprobs(prefix, &bodies, reuse_prefix)?
+                .f_to_device(Device::Cpu)
+                .map_err(be)?;
             return requests
                 .iter()
                 .enumerate()

@@ -97,6 +97,10 @@ pub struct RunArgs {
     /// Record and skip malformed rows and files instead of stopping at the first.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Write the exact token ids of every prompt (JSON) to FILE and exit without scoring
+    /// (feeds reference implementations such as eval/reference/hf_reference.py).
+    #[arg(long, value_name = "FILE")]
+    pub dump_requests: Option<PathBuf>,
     /// Backend: `model` (the text model) or `hash` (a deterministic test double, no model).
     #[arg(long, default_value = "model", hide = true)]
     pub backend: String,
@@ -191,6 +195,17 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         tracing::warn!("skipped {}:{}: {}", s.path, s.line, s.problem);
     }
     let mut backend = open_backend(ctx, &a)?;
+    if let Some(path) = &a.dump_requests {
+        let dump = runner::dump_requests(&suite, backend.as_ref(), &cfg)?;
+        std::fs::write(path, serde_json::to_vec(&dump)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "wrote the requests of {} items to {}",
+            suite.items.len(),
+            path.display()
+        );
+        return Ok(());
+    }
     let results = runner::run(&suite, backend.as_mut(), &cfg)
         .with_context(|| format!("evaluation into {}", a.out.display()))?;
     if !ctx.quiet {
