@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod error;
 pub mod generation;
 pub mod gguf;
+pub mod inspect;
 pub mod kv_cache;
 pub mod layer;
 pub mod linear;
