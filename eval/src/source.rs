@@ -123,11 +123,27 @@ pub fn csv_rows(raw: &RawFile) -> Vec<Result<CsvRow>> {
         .has_headers(false)
         .flexible(true)
         .from_reader(raw.bytes.as_slice());
+    // The reader's own line numbers lag by one after a record terminator, so the line of a
+    // record is computed from its byte offset: skip terminator bytes, count newlines before.
+    let bytes = &raw.bytes;
+    let mut counted = (0usize, 1usize); // (offset, line at offset)
+    let mut line_at = |offset: u64| {
+        let mut b = (offset as usize).min(bytes.len());
+        while b < bytes.len() && (bytes[b] == b'\n' || bytes[b] == b'\r') {
+            b += 1;
+        }
+        if b < counted.0 {
+            counted = (0, 1);
+        }
+        counted.1 += bytes[counted.0..b].iter().filter(|&&c| c == b'\n').count();
+        counted.0 = b;
+        counted.1
+    };
     let mut out = Vec::new();
     for rec in reader.byte_records() {
         match rec {
             Ok(rec) => {
-                let line = rec.position().map_or(0, |p| p.line() as usize);
+                let line = rec.position().map_or(0, |p| line_at(p.byte()));
                 let fields: Result<Vec<String>> = rec
                     .iter()
                     .map(|f| utf8(&raw.path, line, f).map(str::to_owned))
@@ -135,11 +151,32 @@ pub fn csv_rows(raw: &RawFile) -> Vec<Result<CsvRow>> {
                 out.push(fields.map(|f| (line, f)));
             }
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line() as usize);
+                let line = e.position().map_or(0, |p| line_at(p.byte()));
                 out.push(Err(EvalError::data(&raw.path, line, format!("CSV: {e}"))));
                 break;
             }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(text: &str) -> Vec<usize> {
+        let raw = RawFile {
+            path: PathBuf::from("t.csv"),
+            bytes: text.as_bytes().to_vec(),
+            sha256: String::new(),
+        };
+        csv_rows(&raw).into_iter().map(|r| r.unwrap().0).collect()
+    }
+
+    #[test]
+    fn csv_lines_lf_and_crlf() {
+        assert_eq!(rows("a,b\nc,d\n\"e\nf\",g\nh,i\n"), [1, 2, 3, 5]);
+        assert_eq!(rows("a,b\r\nc,d\r\n\"e\nf\",g\r\nh,i\r\n"), [1, 2, 3, 5]);
+        assert_eq!(rows("a,b\n\nc,d\n\n\ne"), [1, 3, 6]);
+    }
 }
