@@ -1,0 +1,227 @@
+//! `afm-vl bench text`: decode and prefill speed of the default model (afm-vl bf16 and fp32
+//! vs HF transformers fp32 with its own `generate`, same run), the memory-bandwidth floor,
+//! and the two-segment vs same-depth dense time-to-first-token comparison.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use afm_text::generation::{generate, ids_tensor};
+use afm_text::inspect::human_bytes;
+use afm_text::{DType, GenerateOptions, Logits, TextModel};
+use anyhow::Context as _;
+use tch::{Device, Kind, Tensor};
+
+use super::{default_model_dir, load_model_dir, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory (default: the converted SmolLM2-135M-Instruct).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// New tokens per decode run.
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Prompt length for the two-segment vs dense time-to-first-token comparison.
+    #[arg(long, default_value_t = 1024)]
+    pub ttft_prompt: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Skip the HF transformers reference.
+    #[arg(long)]
+    pub no_hf: bool,
+    /// Only the two-segment vs dense comparison.
+    #[arg(long)]
+    pub ttft_only: bool,
+}
+
+const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when \
+Johannes Gutenberg combined movable metal type, oil-based ink and a wooden press adapted from \
+wine-making. Within fifty years presses operated in more than two hundred European cities. \
+Summarise the consequences of this invention for science, religion and politics.";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Read+write bandwidth of a large in-memory copy, bytes/s.
+fn memory_bandwidth() -> anyhow::Result<f64> {
+    let n = 64 * 1024 * 1024; // 256 MiB of f32
+    let a = Tensor::f_ones([n], (Kind::Float, Device::Cpu))?;
+    let mut b = Tensor::f_zeros([n], (Kind::Float, Device::Cpu))?;
+    b.f_copy_(&a)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        b.f_copy_(&a)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * 4) as f64 / median(times))
+}
+
+struct DecodeRun {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+}
+
+fn run_decode(
+    model: &TextModel,
+    ids: &[u32],
+    tokens: usize,
+    repeats: usize,
+) -> anyhow::Result<DecodeRun> {
+    let opts = GenerateOptions {
+        max_new_tokens: tokens,
+        stop_on_eos: false,
+        ..GenerateOptions::default()
+    };
+    let warm = GenerateOptions {
+        max_new_tokens: 4,
+        ..opts.clone()
+    };
+    generate(&model.decoder, None, ids, &warm, &mut |_| {})?;
+    let (mut p, mut d) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let g = generate(&model.decoder, None, ids, &opts, &mut |_| {})?;
+        p.push(g.stats.prefill_tok_s());
+        d.push(g.stats.decode_tok_s());
+    }
+    Ok(DecodeRun {
+        prefill_tok_s: median(p),
+        decode_tok_s: median(d),
+    })
+}
+
+fn hf_reference(
+    dir: &std::path::Path,
+    ids: &[u32],
+    tokens: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let py = root.join(".venv/bin/python");
+    let script = root.join("text/bench/hf_generate.py");
+    anyhow::ensure!(py.exists(), "{} not found (run `make setup`)", py.display());
+    let tmp = std::env::temp_dir().join(format!("afm-bench-ids-{}.json", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_string(ids)?)?;
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(dir)
+        .arg(&tmp)
+        .arg(tokens.to_string())
+        .arg(tch::get_num_threads().to_string())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    anyhow::ensure!(
+        out.status.success(),
+        "HF reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let last = line.lines().last().unwrap_or("{}");
+    Ok(serde_json::from_str(last)?)
+}
+
+/// Median prefill (time to first token's logits) of a random-weight preset.
+fn ttft(preset: &str, prompt: usize, dtype: DType, repeats: usize) -> anyhow::Result<f64> {
+    let m = TextModel::from_preset(preset, 0, Device::Cpu, dtype)?;
+    let ids: Vec<u32> = (0..prompt as u32)
+        .map(|i| (i * 7 + 3) % m.config().vocab_size as u32)
+        .collect();
+    let x = ids_tensor(&ids)?;
+    let _g = tch::no_grad_guard();
+    let mut times = Vec::new();
+    for i in 0..=repeats {
+        let mut cache = m.decoder.new_cache(1);
+        let t0 = Instant::now();
+        let _ = m.decoder.forward(&x, None, &mut cache, Logits::Last)?;
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64()); // the first run is a warm-up
+        }
+    }
+    Ok(median(times))
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let repeats = args.repeats.max(1);
+    println!("threads: {}", tch::get_num_threads());
+    if !args.ttft_only {
+        let dir = args.model.clone().unwrap_or_else(default_model_dir);
+        let device = ctx.device()?;
+        let bw = memory_bandwidth()?;
+        let mut rows = Vec::new();
+        let mut weight_bytes_bf16 = 0u64;
+        for dtype in [DType::BF16, DType::F32] {
+            let m = load_model_dir(&dir, device, dtype)?;
+            let ids = m.tokenizer()?.encode(PROMPT)?;
+            let r = run_decode(&m, &ids, args.tokens, repeats)?;
+            let bytes = afm_text::inspect::ModelReport::new(m.config(), dtype.bytes()).weight_bytes;
+            if dtype == DType::BF16 {
+                weight_bytes_bf16 = bytes;
+            }
+            rows.push((
+                format!("afm-vl {}", dtype.name()),
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                bytes,
+            ));
+            if dtype == DType::F32 && !args.no_hf {
+                match hf_reference(&dir, &ids, args.tokens) {
+                    Ok(v) => rows.push((
+                        "HF transformers fp32 (generate)".into(),
+                        v["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                        v["decode_tok_s"].as_f64().unwrap_or(0.0),
+                        bytes,
+                    )),
+                    Err(e) => eprintln!("HF reference skipped: {e:#}"),
+                }
+            }
+        }
+        println!(
+            "\nSmolLM2-135M-Instruct ({}), greedy, {} new tokens, median of {repeats}",
+            dir.display(),
+            args.tokens
+        );
+        println!("\n| engine | prefill tok/s | decode tok/s | weights | bandwidth floor tok/s |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (name, p, d, bytes) in &rows {
+            println!(
+                "| {name} | {p:.1} | {d:.1} | {} | {:.1} |",
+                human_bytes(*bytes),
+                bw / *bytes as f64
+            );
+        }
+        let hf = rows.iter().find(|r| r.0.starts_with("HF")).map(|r| r.2);
+        if let Some(hf) = hf {
+            println!("\nafm-vl bf16 / HF fp32 decode: {:.2}×", rows[0].2 / hf);
+        }
+        println!(
+            "memory bandwidth (copy): {:.1} GB/s → floor {:.2} ms/token for {} of bf16 weights",
+            bw / 1e9,
+            weight_bytes_bf16 as f64 / bw * 1e3,
+            human_bytes(weight_bytes_bf16)
+        );
+    }
+    // Two-segment vs the same 16 layers all dense.
+    let dtype = DType::auto(Device::Cpu);
+    let two = ttft("bench-two-segment-16", args.ttft_prompt, dtype, repeats)?;
+    let dense = ttft("bench-dense-16", args.ttft_prompt, dtype, repeats)?;
+    println!(
+        "\nTime to first token, {}-token prompt, {} (random weights, width 512):",
+        args.ttft_prompt,
+        dtype.name()
+    );
+    println!("\n| stack | layers | TTFT ms |");
+    println!("| --- | --- | ---: |");
+    println!("| dense | 16 | {:.1} |", dense * 1e3);
+    println!("| two-segment | 10 + 6 (KV reuse) | {:.1} |", two * 1e3);
+    println!(
+        "\nTTFT ratio two-segment / dense: {:.3} (KV-cache ratio 0.625)",
+        two / dense
+    );
+    Ok(())
+}
