@@ -142,7 +142,7 @@ pub fn build(item: &Item, suite: &Suite, cfg: &PromptConfig) -> Result<Prompt> {
                     format!("mmmlu/{}/{}", item.subset, subject.unwrap_or("")),
                     cfg.mmmlu_shots,
                 ),
-                _ => (format!("{}/{}", item.task, item.subset), 0),
+                _ => (format!("{}/{}/choice", item.task, item.subset), 0),
             };
             let mut prefix = mc_header(if task == Task::Jsonl { None } else { subject });
             if shots > 0 {
@@ -220,7 +220,7 @@ pub fn build(item: &Item, suite: &Suite, cfg: &PromptConfig) -> Result<Prompt> {
             })
         }
         _ => Ok(Prompt {
-            group: format!("{}/{}", item.task, item.subset),
+            group: format!("{}/{}/generate", item.task, item.subset),
             prefix: String::new(),
             body: format!("Question: {}\nAnswer:", item.question),
             completion: Completion::Generate {

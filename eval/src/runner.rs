@@ -121,6 +121,12 @@ fn group_prompts<'a>(
             groups.push((p.clone(), Vec::new()));
             groups.len() - 1
         });
+        if groups[g].0.prefix != p.prefix {
+            return Err(EvalError::Config(format!(
+                "prompt group {} has two different prefixes",
+                p.group
+            )));
+        }
         groups[g].1.push((item, p));
     }
     Ok(groups)

@@ -30,7 +30,11 @@ fn whole_bench_folder_is_discovered_with_the_documented_counts() {
     assert!(suite.files.iter().all(|f| f.sha256.len() == 64));
     assert!(suite.skipped.is_empty());
     // Canonical order: task, subset, index.
-    let keys: Vec<_> = suite.items.iter().map(|i| (i.task, i.subset.clone(), i.index)).collect();
+    let keys: Vec<_> = suite
+        .items
+        .iter()
+        .map(|i| (i.task, i.subset.clone(), i.index))
+        .collect();
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(keys, sorted);
@@ -65,7 +69,13 @@ fn mmlu_rows_with_quotes_commas_and_newlines_parse_exactly() {
     for it in &suite.items {
         let l = lines[it.line - 1];
         let start: String = it.question.chars().take(10).collect();
-        assert!(l.trim_start_matches('"').starts_with(&start), "line {} of {} ({l:?}) does not start item {}", it.line, first.path.display(), it.key());
+        assert!(
+            l.trim_start_matches('"').starts_with(&start),
+            "line {} of {} ({l:?}) does not start item {}",
+            it.line,
+            first.path.display(),
+            it.key()
+        );
     }
 }
 
@@ -74,8 +84,15 @@ fn mmlu_multiline_fields_survive() {
     let Some(bench) = common::bench() else { return };
     // Some subject has a question with a newline inside a quoted field.
     let suite = load(&[bench.join("mmlu")], &opts(Filters::default())).unwrap();
-    let multi = suite.items.iter().filter(|i| i.question.contains('\n')).count();
-    assert!(multi > 100, "expected many multi-line questions, found {multi}");
+    let multi = suite
+        .items
+        .iter()
+        .filter(|i| i.question.contains('\n'))
+        .count();
+    assert!(
+        multi > 100,
+        "expected many multi-line questions, found {multi}"
+    );
 }
 
 #[test]
@@ -99,7 +116,12 @@ fn mgsm_answers_drop_thousands_commas_and_exemplars_give_language_prefixes() {
     assert_eq!(by_row(1), "18");
 
     let (styles, _) = read_exemplars(&bench.join("mgsm/exemplars.json")).unwrap();
-    let s = |l: &str| (styles[l].question_prefix.as_str(), styles[l].answer_prefix.as_str());
+    let s = |l: &str| {
+        (
+            styles[l].question_prefix.as_str(),
+            styles[l].answer_prefix.as_str(),
+        )
+    };
     assert_eq!(s("en"), ("Question: ", "Step-by-Step Answer:"));
     assert_eq!(s("fr"), ("Question : ", "Réponse étape par étape :"));
     assert_eq!(s("ja"), ("問題：", "ステップごとの答え："));
@@ -117,7 +139,10 @@ fn mgsm_spanish_quotes_are_not_csv_quoting() {
     };
     let suite = load(&[bench], &opts(f)).unwrap();
     assert_eq!(suite.items.len(), 250);
-    assert!(suite.items[213].question.contains('"'), "row 214 keeps its quotes");
+    assert!(
+        suite.items[213].question.contains('"'),
+        "row 214 keeps its quotes"
+    );
 }
 
 #[test]
@@ -127,14 +152,25 @@ fn mmmlu_fixtures_parse_with_header_language_and_subject() {
     assert_eq!(suite.items.len(), 8);
     let fr: Vec<_> = suite.items.iter().filter(|i| i.subset == "FR-FR").collect();
     assert_eq!(fr.len(), 5);
-    assert_eq!(fr[3].question, "Laquelle de ces affirmations est vraie, selon la loi d'Ohm ?");
-    assert_eq!(fr[4].question, "Un texte sur\ndeux lignes : quelle est la réponse ?");
+    assert_eq!(
+        fr[3].question,
+        "Laquelle de ces affirmations est vraie, selon la loi d'Ohm ?"
+    );
+    assert_eq!(
+        fr[4].question,
+        "Un texte sur\ndeux lignes : quelle est la réponse ?"
+    );
     assert_eq!(fr[4].line, 6);
     assert_eq!(fr[4].subject.as_deref(), Some("elementary_mathematics"));
     assert_eq!(
         fr[4].answer,
         Answer::Choice {
-            choices: vec!["oui".into(), "non".into(), "peut-être, parfois".into(), "jamais".into()],
+            choices: vec![
+                "oui".into(),
+                "non".into(),
+                "peut-être, parfois".into(),
+                "jamais".into()
+            ],
             correct: 3
         }
     );
@@ -151,15 +187,27 @@ fn mmmlu_fixtures_parse_with_header_language_and_subject() {
 
 #[test]
 fn jsonl_choice_and_generation_items() {
-    let suite = load(&[common::fixtures().join("jsonl")], &opts(Filters::default())).unwrap();
+    let suite = load(
+        &[common::fixtures().join("jsonl")],
+        &opts(Filters::default()),
+    )
+    .unwrap();
     let answers: Vec<&Answer> = suite.items.iter().map(|i| &i.answer).collect();
     assert_eq!(suite.items.len(), 5);
     assert!(matches!(answers[0], Answer::Choice { correct: 1, .. }));
     assert!(matches!(answers[1], Answer::Choice { correct: 1, .. }));
     assert!(matches!(answers[2], Answer::Choice { correct: 1, .. }));
     assert_eq!(answers[3], &Answer::Number { value: "8".into() });
-    assert_eq!(answers[4], &Answer::Text { value: "Paris".into() });
-    assert_eq!(suite.items[2].line, 4, "blank line 3 is skipped, numbering is kept");
+    assert_eq!(
+        answers[4],
+        &Answer::Text {
+            value: "Paris".into()
+        }
+    );
+    assert_eq!(
+        suite.items[2].line, 4,
+        "blank line 3 is skipped, numbering is kept"
+    );
 }
 
 #[test]
@@ -176,10 +224,18 @@ fn filters_and_limit() {
     assert_eq!(
         keys,
         [
-            "mmlu/anatomy/0", "mmlu/anatomy/1", "mmlu/anatomy/2",
-            "mmlu/virology/0", "mmlu/virology/1", "mmlu/virology/2",
-            "mgsm/de/0", "mgsm/de/1", "mgsm/de/2",
-            "mgsm/ja/0", "mgsm/ja/1", "mgsm/ja/2",
+            "mmlu/anatomy/0",
+            "mmlu/anatomy/1",
+            "mmlu/anatomy/2",
+            "mmlu/virology/0",
+            "mmlu/virology/1",
+            "mmlu/virology/2",
+            "mgsm/de/0",
+            "mgsm/de/1",
+            "mgsm/de/2",
+            "mgsm/ja/0",
+            "mgsm/ja/1",
+            "mgsm/ja/2",
         ]
     );
 }

@@ -49,7 +49,10 @@ fn assert_skipped(dir: &Path, path: &Path, line: usize, keys: &[&str]) {
     assert_eq!(suite.skipped[0].path, path.display().to_string());
     assert_eq!(suite.skipped[0].line, line);
     let got: Vec<String> = suite.items.iter().map(|i| i.key()).collect();
-    assert_eq!(got, keys, "the bad row keeps its slot: later keys do not shift");
+    assert_eq!(
+        got, keys,
+        "the bad row keeps its slot: later keys do not shift"
+    );
 }
 
 #[test]
@@ -57,23 +60,47 @@ fn csv_row_with_five_columns() {
     let (dir, p) = mmlu_with(b"Q,1,2,3,C\n");
     assert_error(
         dir.path(),
-        format!("{}:4: expected 6 columns (question,A,B,C,D,answer), found 5", p.display()),
+        format!(
+            "{}:4: expected 6 columns (question,A,B,C,D,answer), found 5",
+            p.display()
+        ),
     );
-    assert_skipped(dir.path(), &p, 4, &["mmlu/toy/0", "mmlu/toy/1", "mmlu/toy/3"]);
+    assert_skipped(
+        dir.path(),
+        &p,
+        4,
+        &["mmlu/toy/0", "mmlu/toy/1", "mmlu/toy/3"],
+    );
 }
 
 #[test]
 fn answer_e() {
     let (dir, p) = mmlu_with(b"Q,1,2,3,4,E\n");
-    assert_error(dir.path(), format!("{}:4: answer \"E\" is not one of A, B, C, D", p.display()));
-    assert_skipped(dir.path(), &p, 4, &["mmlu/toy/0", "mmlu/toy/1", "mmlu/toy/3"]);
+    assert_error(
+        dir.path(),
+        format!("{}:4: answer \"E\" is not one of A, B, C, D", p.display()),
+    );
+    assert_skipped(
+        dir.path(),
+        &p,
+        4,
+        &["mmlu/toy/0", "mmlu/toy/1", "mmlu/toy/3"],
+    );
 }
 
 #[test]
 fn non_utf8_row() {
     let (dir, p) = mmlu_with(b"Caf\xe9 au lait?,1,2,3,4,A\n");
-    assert_error(dir.path(), format!("{}:4: invalid UTF-8 (byte 4 of the field)", p.display()));
-    assert_skipped(dir.path(), &p, 4, &["mmlu/toy/0", "mmlu/toy/1", "mmlu/toy/3"]);
+    assert_error(
+        dir.path(),
+        format!("{}:4: invalid UTF-8 (byte 4 of the field)", p.display()),
+    );
+    assert_skipped(
+        dir.path(),
+        &p,
+        4,
+        &["mmlu/toy/0", "mmlu/toy/1", "mmlu/toy/3"],
+    );
 }
 
 #[test]
@@ -104,8 +131,15 @@ fn empty_folder() {
 #[test]
 fn tsv_with_non_numeric_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(dir.path(), "mgsm_en.tsv", b"One?\t1\nTwo?\ttwelve\nThree?\t3,000\n");
-    assert_error(dir.path(), format!("{}:2: answer \"twelve\" is not a number", p.display()));
+    let p = write(
+        dir.path(),
+        "mgsm_en.tsv",
+        b"One?\t1\nTwo?\ttwelve\nThree?\t3,000\n",
+    );
+    assert_error(
+        dir.path(),
+        format!("{}:2: answer \"twelve\" is not a number", p.display()),
+    );
     assert_skipped(dir.path(), &p, 2, &["mgsm/en/0", "mgsm/en/2"]);
     let suite = try_load(dir.path(), true).unwrap();
     assert_eq!(suite.items[1].target(), "3000");
@@ -114,10 +148,17 @@ fn tsv_with_non_numeric_answer() {
 #[test]
 fn tsv_with_three_columns_and_non_utf8() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(dir.path(), "mgsm_de.tsv", b"Eins?\t1\nZwei?\t2\textra\n\xff\xfe?\t3\n");
+    let p = write(
+        dir.path(),
+        "mgsm_de.tsv",
+        b"Eins?\t1\nZwei?\t2\textra\n\xff\xfe?\t3\n",
+    );
     assert_error(
         dir.path(),
-        format!("{}:2: expected 2 tab-separated columns (question, answer), found 3", p.display()),
+        format!(
+            "{}:2: expected 2 tab-separated columns (question, answer), found 3",
+            p.display()
+        ),
     );
     let suite = try_load(dir.path(), true).unwrap();
     let lines: Vec<usize> = suite.skipped.iter().map(|s| s.line).collect();
@@ -128,7 +169,11 @@ fn tsv_with_three_columns_and_non_utf8() {
 #[test]
 fn mmmlu_bad_header_and_row() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(dir.path(), "mmlu_FR-FR.csv", b",Question,A,B,C,D,Subject\n0,Q,1,2,3,4,x\n");
+    let p = write(
+        dir.path(),
+        "mmlu_FR-FR.csv",
+        b",Question,A,B,C,D,Subject\n0,Q,1,2,3,4,x\n",
+    );
     assert_error(
         dir.path(),
         format!(
@@ -141,7 +186,13 @@ fn mmmlu_bad_header_and_row() {
         "mmlu_FR-FR.csv",
         b",Question,A,B,C,D,Answer,Subject\n0,Q,1,2,3,4,A,x\n1,Q,1,2,3,4,x\n",
     );
-    assert_error(dir.path(), format!("{}:3: expected 8 columns like the header, found 7", p.display()));
+    assert_error(
+        dir.path(),
+        format!(
+            "{}:3: expected 8 columns like the header, found 7",
+            p.display()
+        ),
+    );
 }
 
 #[test]
@@ -154,7 +205,10 @@ fn jsonl_bad_lines() {
     );
     assert_error(
         dir.path(),
-        format!("{}:2: answer \"E\" is not a choice index, letter A..B or choice text", p.display()),
+        format!(
+            "{}:2: answer \"E\" is not a choice index, letter A..B or choice text",
+            p.display()
+        ),
     );
     let suite = try_load(dir.path(), true).unwrap();
     assert_eq!(suite.skipped.len(), 2);

@@ -54,7 +54,11 @@ fn mmlu_prompt_is_the_hendrycks_format() {
         mmlu_shots: 2,
         ..Default::default()
     };
-    let item = mc_item(Task::Mmlu, "high_school_mathematics", "high_school_mathematics");
+    let item = mc_item(
+        Task::Mmlu,
+        "high_school_mathematics",
+        "high_school_mathematics",
+    );
     let p = build(&item, &suite_with_dev(), &cfg).unwrap();
     assert_eq!(
         p.prefix,
@@ -75,8 +79,13 @@ fn mmlu_prompt_is_the_hendrycks_format() {
         mmlu_shots: 5,
         ..Default::default()
     };
-    let err = build(&item, &suite_with_dev(), &cfg).unwrap_err().to_string();
-    assert_eq!(err, "x.csv:1: 5-shot prompt but subject \"high_school_mathematics\" has 3 dev examples");
+    let err = build(&item, &suite_with_dev(), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "x.csv:1: 5-shot prompt but subject \"high_school_mathematics\" has 3 dev examples"
+    );
 }
 
 #[test]
@@ -93,7 +102,9 @@ fn mmmlu_is_zero_shot_by_default_and_groups_by_language_and_subject() {
         ..Default::default()
     };
     let p = build(&item, &suite_with_dev(), &cfg).unwrap();
-    assert!(p.prefix.ends_with("Q1?\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\n"));
+    assert!(p
+        .prefix
+        .ends_with("Q1?\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\n"));
 }
 
 #[test]
@@ -121,7 +132,10 @@ fn mgsm_prompt_uses_the_language_exemplars_and_prefixes() {
     assert!(en.prefix.ends_with("\n\n"));
     assert_eq!(
         en.body,
-        format!("Question: {}\nStep-by-Step Answer:", suite.items[0].question)
+        format!(
+            "Question: {}\nStep-by-Step Answer:",
+            suite.items[0].question
+        )
     );
     assert_eq!(
         en.completion,
@@ -131,7 +145,10 @@ fn mgsm_prompt_uses_the_language_exemplars_and_prefixes() {
     );
     let ja = build(&suite.items[1], &suite, &cfg).unwrap();
     assert!(ja.prefix.starts_with("問題：ロジャーは"));
-    assert_eq!(ja.body, format!("問題：{}\nステップごとの答え：", suite.items[1].question));
+    assert_eq!(
+        ja.body,
+        format!("問題：{}\nステップごとの答え：", suite.items[1].question)
+    );
     // --shots mgsm=0 keeps the format without exemplars.
     let mut zero = PromptConfig::default();
     zero.set_shots("mgsm=0").unwrap();
@@ -151,7 +168,9 @@ fn mgsm_without_exemplars_needs_zero_shots() {
         answer: Answer::Number { value: "1".into() },
     };
     let err = build(&item, &Suite::default(), &PromptConfig::default()).unwrap_err();
-    assert!(err.to_string().starts_with("mgsm_xx.tsv:3: no exemplars for language \"xx\""));
+    assert!(err
+        .to_string()
+        .starts_with("mgsm_xx.tsv:3: no exemplars for language \"xx\""));
     let mut cfg = PromptConfig::default();
     cfg.set_shots("mgsm=0").unwrap();
     let p = build(&item, &Suite::default(), &cfg).unwrap();
@@ -172,20 +191,30 @@ fn shots_option() {
 
 #[test]
 fn chat_frame_shares_the_prefix() {
-    let wrap = |u: &str| Ok(format!("<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n"));
+    let wrap = |u: &str| {
+        Ok(format!(
+            "<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n"
+        ))
+    };
     let frame = ChatFrame::new(wrap).unwrap();
     let cfg = PromptConfig {
         mmlu_shots: 1,
         chat: true,
         ..Default::default()
     };
-    let item = mc_item(Task::Mmlu, "high_school_mathematics", "high_school_mathematics");
+    let item = mc_item(
+        Task::Mmlu,
+        "high_school_mathematics",
+        "high_school_mathematics",
+    );
     let mut p = build(&item, &suite_with_dev(), &cfg).unwrap();
     let plain = format!("{}{}", p.prefix, p.body);
     frame.apply(&mut p);
     assert_eq!(format!("{}{}", p.prefix, p.body), wrap(&plain).unwrap());
     assert!(p.prefix.starts_with("<|im_start|>user\nThe following"));
-    assert!(p.body.ends_with("Answer:<|im_end|>\n<|im_start|>assistant\n"));
+    assert!(p
+        .body
+        .ends_with("Answer:<|im_end|>\n<|im_start|>assistant\n"));
     assert_eq!(
         p.completion,
         Completion::Choice {

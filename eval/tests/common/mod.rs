@@ -11,7 +11,10 @@ pub fn bench() -> Option<PathBuf> {
     if dir.join("mmlu/test").is_dir() {
         Some(dir)
     } else {
-        eprintln!("skipped: no benchmark data at {} (set AFM_BENCH_DIR)", dir.display());
+        eprintln!(
+            "skipped: no benchmark data at {} (set AFM_BENCH_DIR)",
+            dir.display()
+        );
         None
     }
 }
