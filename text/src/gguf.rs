@@ -353,7 +353,7 @@ impl GgufFile {
         })?;
         let (bs, bb) = ty.block();
         let n = t.numel();
-        if n % bs as u64 != 0 {
+        if !n.is_multiple_of(bs as u64) {
             return Err(TextError::gguf(
                 &self.path,
                 format!(
@@ -365,7 +365,7 @@ impl GgufFile {
         }
         let nbytes = n / bs as u64 * bb as u64;
         let start = self.data_start as u64 + t.offset;
-        let end = start.checked_add(nbytes).unwrap_or(u64::MAX);
+        let end = start.saturating_add(nbytes);
         if end > self.mmap.len() as u64 {
             return Err(TextError::gguf(
                 &self.path,

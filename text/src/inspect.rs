@@ -60,20 +60,42 @@ impl ModelReport {
                 }
             }
         }
-        let tied = if cfg.tie_word_embeddings { " (tied with the output head)" } else { "" };
+        let tied = if cfg.tie_word_embeddings {
+            " (tied with the output head)"
+        } else {
+            ""
+        };
         let mut components = vec![ComponentParams {
             name: format!("embedding{tied}"),
             params: emb,
         }];
-        components.push(ComponentParams { name: "segment 0 attention".into(), params: a0 });
-        components.push(ComponentParams { name: "segment 0 FFN".into(), params: f0 });
+        components.push(ComponentParams {
+            name: "segment 0 attention".into(),
+            params: a0,
+        });
+        components.push(ComponentParams {
+            name: "segment 0 FFN".into(),
+            params: f0,
+        });
         if cfg.num_segment1_layers > 0 {
-            components.push(ComponentParams { name: "segment 1 attention (Q, O only)".into(), params: a1 });
-            components.push(ComponentParams { name: "segment 1 FFN".into(), params: f1 });
+            components.push(ComponentParams {
+                name: "segment 1 attention (Q, O only)".into(),
+                params: a1,
+            });
+            components.push(ComponentParams {
+                name: "segment 1 FFN".into(),
+                params: f1,
+            });
         }
-        components.push(ComponentParams { name: "RMSNorms".into(), params: norms });
+        components.push(ComponentParams {
+            name: "RMSNorms".into(),
+            params: norms,
+        });
         if head > 0 {
-            components.push(ComponentParams { name: "output head".into(), params: head });
+            components.push(ComponentParams {
+                name: "output head".into(),
+                params: head,
+            });
         }
         let total: u64 = components.iter().map(|c| c.params).sum();
         let kv = cfg.kv_bytes_per_token(bytes_per_weight) as u64;
@@ -136,7 +158,10 @@ mod tests {
     fn two_segment_16_kv_ratio_is_exactly_0_625() {
         let r = ModelReport::new(&preset("bench-two-segment-16").unwrap(), 2);
         assert_eq!(r.segment0_layers, 10);
-        assert_eq!(r.kv_bytes_per_token * 1000, r.kv_bytes_per_token_dense * 625);
+        assert_eq!(
+            r.kv_bytes_per_token * 1000,
+            r.kv_bytes_per_token_dense * 625
+        );
         assert_eq!(r.kv_ratio, 0.625);
     }
 

@@ -335,10 +335,7 @@ impl KvCache {
     pub fn fork(&self) -> Result<Self> {
         Ok(Self {
             layers: self.map_buffers(KvBuffer::fork)?,
-            key_mask: match &self.key_mask {
-                Some(m) => Some(m.copy()),
-                None => None,
-            },
+            key_mask: self.key_mask.as_ref().map(|m| m.copy()),
             next_pos: self.next_pos.clone(),
             len: self.len,
             batch: self.batch,

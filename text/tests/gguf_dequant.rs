@@ -40,7 +40,9 @@ fn random_blocks(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn dequantisation_matches_gguf_py() {
-    let Some(py) = venv_python_with("gguf") else { return };
+    let Some(py) = venv_python_with("gguf") else {
+        return;
+    };
     let types = [
         (GgmlType::F32, "F32"),
         (GgmlType::F16, "F16"),
@@ -71,7 +73,10 @@ fn dequantisation_matches_gguf_py() {
             inp.display(),
             out.display()
         );
-        let st = std::process::Command::new(&py).args(["-c", &script]).status().unwrap();
+        let st = std::process::Command::new(&py)
+            .args(["-c", &script])
+            .status()
+            .unwrap();
         assert!(st.success(), "{name}: reference failed");
         let theirs: Vec<f32> = std::fs::read(&out)
             .unwrap()
@@ -124,7 +129,10 @@ fn header_errors_name_the_file_and_problem() {
     // Unknown tensor type.
     std::fs::write(&p, tiny_gguf(99, &[32], &[0u8; 64])).unwrap();
     let e = GgufFile::open(&p).err().unwrap().to_string();
-    assert!(e.contains("x.gguf") && e.contains("unsupported ggml type 99"), "{e}");
+    assert!(
+        e.contains("x.gguf") && e.contains("unsupported ggml type 99"),
+        "{e}"
+    );
     // Data shorter than the tensor needs.
     std::fs::write(&p, tiny_gguf(0, &[32], &[0u8; 64])).unwrap();
     let e = GgufFile::open(&p).err().unwrap().to_string();
@@ -133,7 +141,10 @@ fn header_errors_name_the_file_and_problem() {
     let vals: Vec<u8> = (0..32).flat_map(|i| (i as f32).to_le_bytes()).collect();
     std::fs::write(&p, tiny_gguf(0, &[32], &vals)).unwrap();
     let g = GgufFile::open(&p).unwrap();
-    assert_eq!(g.get("general.architecture").unwrap().as_str(), Some("llama"));
+    assert_eq!(
+        g.get("general.architecture").unwrap().as_str(),
+        Some("llama")
+    );
     let d = g.dequantize(&g.tensors[0]).unwrap();
     assert_eq!(d[31], 31.0);
     // Truncated header, bad magic, empty file.
@@ -142,7 +153,15 @@ fn header_errors_name_the_file_and_problem() {
     let e = GgufFile::open(&p).err().unwrap().to_string();
     assert!(e.contains("truncated"), "{e}");
     std::fs::write(&p, b"PK\x03\x04 not a gguf").unwrap();
-    assert!(GgufFile::open(&p).err().unwrap().to_string().contains("bad magic"));
+    assert!(GgufFile::open(&p)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("bad magic"));
     std::fs::write(&p, b"").unwrap();
-    assert!(GgufFile::open(&p).err().unwrap().to_string().contains("too short"));
+    assert!(GgufFile::open(&p)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("too short"));
 }
