@@ -144,19 +144,28 @@ def main():
         if (n + 1) % 25 == 0:
             el = time.perf_counter() - t0
             print(f"{n + 1}/{len(items)} items, {(n + 1) / el:.3f} items/s", file=sys.stderr, flush=True)
+            write(args, results, el, prefix_s, n + 1, partial=True)
     wall = time.perf_counter() - t0
+    write(args, results, wall, prefix_s, len(items), partial=False)
+    print(f"{len(items)} items in {wall:.1f} s: {len(items) / wall:.3f} items/s ({args.mode})", file=sys.stderr)
+
+
+def write(args, results, wall, prefix_s, n, partial):
+    """Write the output (also every 25 items, marked partial, so a long run can be inspected)."""
+    tmp = args.out + ".tmp"
     json.dump(
         {
             "model": f"HF transformers {__import__('transformers').__version__}, torch {torch.__version__}, "
             f"{args.gguf_file or args.model_dir}, fp32, threads {torch.get_num_threads()}",
             "mode": args.mode,
             "items": results,
-            "timings": {"wall_s": wall, "items": len(items), "items_per_s": len(items) / wall, "prefix_s": prefix_s},
+            "partial": partial,
+            "timings": {"wall_s": wall, "items": n, "items_per_s": n / wall, "prefix_s": prefix_s},
         },
-        open(args.out, "w"),
+        open(tmp, "w"),
         indent=1,
     )
-    print(f"{len(items)} items in {wall:.1f} s: {len(items) / wall:.3f} items/s ({args.mode})", file=sys.stderr)
+    os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":
