@@ -39,12 +39,20 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         Some(p) => (format!("preset {p}"), preset(p)?),
         None => {
             let dir = args.model.clone().unwrap_or_else(default_model_dir);
-            (dir.display().to_string(), TextConfig::from_file(&dir.join("config.json"))?)
+            (
+                dir.display().to_string(),
+                TextConfig::from_file(&dir.join("config.json"))?,
+            )
         }
     };
     let r = ModelReport::new(&cfg, dtype.bytes());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": label, "config": cfg, "report": r}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": label, "config": cfg, "report": r})
+            )?
+        );
         return Ok(());
     }
     println!("model: {label} ({})", cfg.model_type);
@@ -63,7 +71,11 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         cfg.num_kv_heads(),
         cfg.intermediate_size,
         cfg.vocab_size,
-        if cfg.tie_word_embeddings { "tied embeddings, " } else { "" },
+        if cfg.tie_word_embeddings {
+            "tied embeddings, "
+        } else {
+            ""
+        },
         if cfg.qk_norm { "QK-norm, " } else { "" },
         cfg.rope_theta,
         cfg.max_position_embeddings
@@ -74,7 +86,11 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
     for c in &r.components {
         println!("| {} | {} |", c.name, human_count(c.params));
     }
-    println!("| **total** | **{}** ({}) |", human_count(r.total_params), r.total_params);
+    println!(
+        "| **total** | **{}** ({}) |",
+        human_count(r.total_params),
+        r.total_params
+    );
     println!();
     println!(
         "KV cache per token ({}): {} bytes; same depth without KV reuse: {} bytes; ratio {:.3}",
@@ -88,6 +104,10 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         cfg.max_position_embeddings,
         human_bytes(r.kv_bytes_per_token * cfg.max_position_embeddings as u64)
     );
-    println!("weights ({}): {}", dtype.name(), human_bytes(r.weight_bytes));
+    println!(
+        "weights ({}): {}",
+        dtype.name(),
+        human_bytes(r.weight_bytes)
+    );
     Ok(())
 }

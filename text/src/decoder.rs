@@ -113,7 +113,7 @@ impl Decoder {
             layers,
             norm: RmsNorm::new(w, "model.norm.weight", h, cfg.rms_norm_eps)?,
             lm_head,
-            rope: Rope::new(cfg, w.device())?,
+            rope: Rope::new(cfg, w.device(), w.kind())?,
             device: w.device(),
             kind: w.kind(),
         })

@@ -27,12 +27,15 @@ impl RmsNorm {
 
     // x: [..., dim] → [..., dim]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.kind() == Kind::Float {
+            // One fused kernel (fp32 statistics, as HF computes them).
+            return Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?);
+        }
+        // Half precision: statistics in fp32, normalised value cast back before the gain,
+        // exactly HF's LlamaRMSNorm order.
         let kind = x.kind();
         let xf = x.f_to_kind(Kind::Float)?;
-        let var = xf
-            .f_pow_tensor_scalar(2)?
-            .f_mean_dim(-1, true, Kind::Float)?;
-        let normed = xf.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        let normed = xf.f_rms_norm([self.dim], None::<Tensor>, self.eps)?;
         Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
     }
 }

@@ -7,7 +7,9 @@ use crate::error::Result;
 
 #[derive(Debug)]
 pub struct Rope {
-    inv_freq: Tensor, // [head_dim / 2], fp32
+    /// cos and sign-folded sin for every position: [max_positions, head_dim] in the model dtype.
+    cos_table: Tensor,
+    sin_table: Tensor,
     head_dim: i64,
     theta: f64,
     scaling: Option<(RopeScalingKind, f64)>,
@@ -23,8 +25,17 @@ fn inv_freq(theta: f64, head_dim: i64, device: Device) -> Result<Tensor> {
         .f_reciprocal()?)
 }
 
+/// cos and sin of `positions` ([n], fp32) with `sin`'s first half negated, so that
+/// `rotate_half(x)·sin == roll(x, d/2)·sin_signed`: [n, head_dim] each.
+fn tables(positions: &Tensor, inv: &Tensor) -> Result<(Tensor, Tensor)> {
+    let freqs = positions.f_unsqueeze(-1)?.f_mul(inv)?; // [n, d/2]
+    let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+    let sin = freqs.f_sin()?;
+    Ok((emb.f_cos()?, Tensor::f_cat(&[&sin.f_neg()?, &sin], -1)?))
+}
+
 impl Rope {
-    pub fn new(cfg: &TextConfig, device: Device) -> Result<Self> {
+    pub fn new(cfg: &TextConfig, device: Device, kind: Kind) -> Result<Self> {
         let head_dim = cfg.head_dim() as i64;
         let scaling = cfg.rope_scaling.map(|s| (s.kind, s.factor));
         let theta = match scaling {
@@ -33,8 +44,15 @@ impl Rope {
             }
             _ => cfg.rope_theta,
         };
+        let inv = inv_freq(theta, head_dim, device)?;
+        let mut pos = Tensor::f_arange(cfg.max_position_embeddings as i64, (Kind::Float, device))?;
+        if let Some((RopeScalingKind::Linear, f)) = scaling {
+            pos = pos.f_div_scalar(f)?;
+        }
+        let (cos, sin) = tables(&pos, &inv)?;
         Ok(Self {
-            inv_freq: inv_freq(theta, head_dim, device)?,
+            cos_table: cos.f_to_kind(kind)?,
+            sin_table: sin.f_to_kind(kind)?,
             head_dim,
             theta: cfg.rope_theta,
             scaling,
@@ -42,39 +60,37 @@ impl Rope {
         })
     }
 
-    /// cos and sin for `positions` [batch, seq] → each [batch, 1, seq, head_dim] in `kind`.
-    /// `seq_len_hint` is the total sequence length (for dynamic NTK).
-    pub fn cos_sin(
-        &self,
-        positions: &Tensor,
-        seq_len_hint: i64,
-        kind: Kind,
-    ) -> Result<(Tensor, Tensor)> {
-        let mut inv = self.inv_freq.shallow_clone();
-        let mut pos = positions.f_to_kind(Kind::Float)?;
-        match self.scaling {
-            Some((RopeScalingKind::Linear, f)) => pos = pos.f_div_scalar(f)?,
-            Some((RopeScalingKind::Dynamic, f)) if seq_len_hint > self.max_positions => {
+    /// cos and sign-folded sin for `positions` [batch, seq] → each [batch, 1, seq, head_dim]
+    /// in `kind`. `seq_len_hint` is the total sequence length (for dynamic NTK).
+    pub fn cos_sin(&self, positions: &Tensor, seq_len_hint: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
+        let (b, s) = (positions.size()[0], positions.size()[1]);
+        if let Some((RopeScalingKind::Dynamic, f)) = self.scaling {
+            if seq_len_hint > self.max_positions {
                 let d = self.head_dim as f64;
                 let base = self.theta
-                    * ((f * seq_len_hint as f64 / self.max_positions as f64) - (f - 1.0))
-                        .powf(d / (d - 2.0));
-                inv = inv_freq(base, self.head_dim, positions.device())?;
+                    * ((f * seq_len_hint as f64 / self.max_positions as f64) - (f - 1.0)).powf(d / (d - 2.0));
+                let inv = inv_freq(base, self.head_dim, positions.device())?;
+                let (c, sn) = tables(&positions.f_flatten(0, -1)?.f_to_kind(Kind::Float)?, &inv)?;
+                let shape = [b, 1, s, self.head_dim];
+                return Ok((c.f_view(shape)?.f_to_kind(kind)?, sn.f_view(shape)?.f_to_kind(kind)?));
             }
-            _ => {}
         }
-        // [batch, seq, 1] * [half] → [batch, seq, half]
-        let freqs = pos.f_unsqueeze(-1)?.f_mul(&inv)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(1)?; // [batch, 1, seq, d]
-        Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
+        let idx = positions.f_flatten(0, -1)?;
+        let shape = [b, 1, s, self.head_dim];
+        let cos = self.cos_table.f_index_select(0, &idx)?.f_view(shape)?;
+        let sin = self.sin_table.f_index_select(0, &idx)?.f_view(shape)?;
+        if cos.kind() != kind {
+            return Ok((cos.f_to_kind(kind)?, sin.f_to_kind(kind)?));
+        }
+        Ok((cos, sin))
     }
 
+    /// `x·cos + rotate_half(x)·sin` with rotate_half(x) = [−x₂, x₁], computed as
+    /// `x·cos + roll(x, d/2)·sin_signed`.
     // x: [batch, heads, seq, head_dim]; cos/sin: [batch, 1, seq, head_dim]
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let half = x.size()[3] / 2;
-        let x1 = x.f_narrow(-1, 0, half)?;
-        let x2 = x.f_narrow(-1, half, half)?;
-        let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
-        Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
+        let rolled = x.f_roll([half], [-1])?;
+        Ok(x.f_mul(cos)?.f_add(&rolled.f_mul(sin)?)?)
     }
 }
