@@ -13,6 +13,7 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, VisionError};
+use crate::jpeg_draft::{decode_scaled, SizeHint};
 use crate::jpeg_scan::jpeg_is_complete;
 
 /// Limits enforced before decoding.
@@ -34,9 +35,22 @@ impl Default for LoadLimits {
     }
 }
 
+/// Loads an image file as 8-bit RGB at full size; see [`load_image_hinted`].
+pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<RgbImage> {
+    Ok(load_image_hinted(path, limits, SizeHint::Full)?.0)
+}
+
 /// Loads an image file as 8-bit RGB (the file is read into memory first; its size counts
 /// against `max_decoded_bytes`) with its EXIF orientation applied.
-pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<RgbImage> {
+///
+/// `hint` tells how small the image may come out: JPEGs much larger than needed are decoded at
+/// 1/4 or 1/8 size in the DCT domain (see [`crate::jpeg_draft`]); other formats ignore it.
+/// Returns the image and the full size it stands for (equal to its size unless reduced).
+pub fn load_image_hinted(
+    path: &Path,
+    limits: &LoadLimits,
+    hint: SizeHint,
+) -> Result<(RgbImage, (u32, u32))> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => VisionError::NotFound {
             path: path.to_path_buf(),
@@ -72,7 +86,7 @@ pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<RgbImage> {
         path: path.to_path_buf(),
         source,
     })?;
-    decode(Cursor::new(bytes.as_slice()), path, limits)
+    decode(Cursor::new(bytes.as_slice()), path, limits, hint)
 }
 
 /// Decodes an in-memory encoded image; `name` is used in error messages only.
@@ -82,10 +96,15 @@ pub fn load_image_from_bytes(bytes: &[u8], name: &Path, limits: &LoadLimits) -> 
             path: name.to_path_buf(),
         });
     }
-    decode(Cursor::new(bytes), name, limits)
+    Ok(decode(Cursor::new(bytes), name, limits, SizeHint::Full)?.0)
 }
 
-fn decode(reader: Cursor<&[u8]>, path: &Path, limits: &LoadLimits) -> Result<RgbImage> {
+fn decode(
+    reader: Cursor<&[u8]>,
+    path: &Path,
+    limits: &LoadLimits,
+    hint: SizeHint,
+) -> Result<(RgbImage, (u32, u32))> {
     let owned: PathBuf = path.to_path_buf();
     let data: &[u8] = reader.get_ref();
     let mut reader = ImageReader::new(reader)
@@ -112,6 +131,19 @@ fn decode(reader: Cursor<&[u8]>, path: &Path, limits: &LoadLimits) -> Result<Rgb
                 .into(),
         });
     }
+    if format == ImageFormat::Jpeg && hint != SizeHint::Full {
+        let scaled = std::panic::catch_unwind(|| decode_scaled(data, path, limits, hint))
+            .unwrap_or_else(|_| {
+                Err(VisionError::Decode {
+                    path: owned.clone(),
+                    format: format_name(format),
+                    message: "the decoder panicked on malformed data".into(),
+                })
+            })?;
+        if let Some(found) = scaled {
+            return Ok(found);
+        }
+    }
 
     let fmt_name = format_name(format);
     let decode_err = |e: image::ImageError| match e {
@@ -131,6 +163,7 @@ fn decode(reader: Cursor<&[u8]>, path: &Path, limits: &LoadLimits) -> Result<Rgb
     };
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<RgbImage> {
+        // Full-size decode.
         let mut decoder = reader.into_decoder().map_err(decode_err)?;
         let (width, height) = decoder.dimensions();
         if width == 0 || height == 0 {
@@ -166,7 +199,10 @@ fn decode(reader: Cursor<&[u8]>, path: &Path, limits: &LoadLimits) -> Result<Rgb
         Ok(to_rgb8(img))
     }));
     match result {
-        Ok(r) => r,
+        Ok(r) => r.map(|img| {
+            let size = img.dimensions();
+            (img, size)
+        }),
         Err(_) => Err(VisionError::Decode {
             path: owned.clone(),
             format: format_name(format),

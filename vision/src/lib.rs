@@ -7,15 +7,18 @@
 //!   safetensors through [`weights`].
 
 pub mod attention;
+pub mod bench;
 pub mod block;
 pub mod error;
 pub mod image_io;
+pub mod jpeg_draft;
 pub mod jpeg_scan;
 pub mod mlp;
 pub mod patch_embed;
 pub mod position;
 pub mod presets;
 pub mod register_window;
+pub mod synth;
 pub mod tiler;
 pub mod vit;
 pub mod vit_config;
@@ -23,7 +26,8 @@ pub mod weights;
 pub mod window;
 
 pub use error::{Result, VisionError};
-pub use image_io::{load_image, load_image_from_bytes, LoadLimits};
+pub use image_io::{load_image, load_image_from_bytes, load_image_hinted, LoadLimits};
+pub use jpeg_draft::SizeHint;
 pub use tiler::{AspectMode, TileKind, TileMeta, TileMode, TiledImage, Tiler, TilerConfig};
 pub use vit::{EncoderOutput, VisionEncoder, VisionModel};
 pub use vit_config::VitConfig;

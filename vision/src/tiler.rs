@@ -25,7 +25,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, VisionError};
-use crate::image_io::{load_image, LoadLimits};
+use crate::image_io::{load_image_hinted, LoadLimits};
+use crate::jpeg_draft::SizeHint;
 
 /// Which tiles the encoder sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -106,6 +107,9 @@ pub struct TilerConfig {
     pub high_res_grid: u32,
     /// Limits applied when loading files.
     pub limits: LoadLimits,
+    /// Decode JPEGs much larger than the tiles at 1/4 or 1/8 size in the DCT domain (like
+    /// PIL's `draft`); the decoded image always stays at least as large as the resize target.
+    pub jpeg_draft: bool,
 }
 
 impl Default for TilerConfig {
@@ -114,11 +118,12 @@ impl Default for TilerConfig {
             mode: TileMode::Auto,
             aspect: AspectMode::Pad,
             image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            image_std: [0.268_629_5, 0.261_302_6, 0.275_777_1],
             rapid_size: 224,
             tile_size: 672,
             high_res_grid: 2,
             limits: LoadLimits::default(),
+            jpeg_draft: true,
         }
     }
 }
@@ -259,10 +264,27 @@ impl Tiler {
         }
     }
 
+    /// The smallest decoded size the configured mode needs (for draft JPEG decoding).
+    pub fn size_hint(&self) -> SizeHint {
+        if !self.config.jpeg_draft {
+            return SizeHint::Full;
+        }
+        let side = match self.config.mode {
+            TileMode::Rapid => self.config.rapid_size,
+            TileMode::Balanced => self.config.tile_size,
+            // Auto: images that end up balanced (≤ tile_size) are too small to reduce anyway.
+            TileMode::HighRes | TileMode::Auto => self.config.tile_size * self.config.high_res_grid,
+        };
+        match self.config.aspect {
+            AspectMode::Pad => SizeHint::LongSide(side),
+            AspectMode::Stretch => SizeHint::ShortSide(side),
+        }
+    }
+
     /// Loads and tiles one file.
     pub fn tile_path(&self, path: &Path) -> Result<TiledImage> {
-        let img = load_image(path, &self.config.limits)?;
-        self.tile_image(&img)
+        let (img, full) = load_image_hinted(path, &self.config.limits, self.size_hint())?;
+        self.tile_image_as(&img, full)
     }
 
     /// Loads and tiles many files in parallel (on the current rayon pool); results keep the
@@ -298,8 +320,14 @@ impl Tiler {
 
     /// Tiles a decoded RGB image.
     pub fn tile_image(&self, img: &RgbImage) -> Result<TiledImage> {
-        let (w, h) = img.dimensions();
-        if w == 0 || h == 0 {
+        self.tile_image_as(img, img.dimensions())
+    }
+
+    /// Tiles `img`, a possibly reduced decode of an image of `full` size: geometry (mode, fit
+    /// sizes, source boxes) follows the full size.
+    pub fn tile_image_as(&self, img: &RgbImage, full: (u32, u32)) -> Result<TiledImage> {
+        let (w, h) = full;
+        if w == 0 || h == 0 || img.width() == 0 || img.height() == 0 {
             return Err(VisionError::Config(format!(
                 "cannot tile an empty {w}×{h} image"
             )));
@@ -309,14 +337,14 @@ impl Tiler {
         let (tiles, size, pixels) = match mode {
             TileMode::Rapid => {
                 let s = self.config.rapid_size;
-                let placed = self.place(&mut resizer, img, s)?;
+                let placed = self.place(&mut resizer, img, full, s)?;
                 let mut px = vec![0f32; 3 * (s * s) as usize];
                 let meta = self.write_tile(&placed, w, h, 0, 0, s, TileKind::Whole, &mut px);
                 (vec![meta], s, px)
             }
             TileMode::Balanced | TileMode::Auto => {
                 let s = self.config.tile_size;
-                let placed = self.place(&mut resizer, img, s)?;
+                let placed = self.place(&mut resizer, img, full, s)?;
                 let mut px = vec![0f32; 3 * (s * s) as usize];
                 let meta = self.write_tile(&placed, w, h, 0, 0, s, TileKind::Thumbnail, &mut px);
                 (vec![meta], s, px)
@@ -326,8 +354,8 @@ impl Tiler {
                 let g = self.config.high_res_grid;
                 let n = (g * g + 1) as usize;
                 let per = 3 * (s * s) as usize;
-                let big = self.place(&mut resizer, img, s * g)?;
-                let thumb = self.place(&mut resizer, img, s)?;
+                let big = self.place(&mut resizer, img, full, s * g)?;
+                let thumb = self.place(&mut resizer, img, full, s)?;
                 let mut px = vec![0f32; n * per];
                 let mut metas = Vec::with_capacity(n);
                 for (i, chunk) in px.chunks_exact_mut(per).enumerate() {
@@ -354,11 +382,17 @@ impl Tiler {
     }
 
     /// Resizes `img` to fit a `side × side` canvas (or to fill it, when stretching).
-    fn place(&self, resizer: &mut Resizer, img: &RgbImage, side: u32) -> Result<Placed> {
+    fn place(
+        &self,
+        resizer: &mut Resizer,
+        img: &RgbImage,
+        full: (u32, u32),
+        side: u32,
+    ) -> Result<Placed> {
         let (w, h) = img.dimensions();
         let (nw, nh) = match self.config.aspect {
             AspectMode::Stretch => (side, side),
-            AspectMode::Pad => fit_size(w, h, side),
+            AspectMode::Pad => fit_size(full.0, full.1, side),
         };
         let rgb = resize_rgb(resizer, img.as_raw(), w, h, nw, nh)?;
         Ok(Placed {

@@ -14,6 +14,9 @@ use crate::patch_embed::PatchEmbed;
 use crate::position::PositionEmbedding;
 use crate::vit_config::VitConfig;
 
+/// Tokens `[B, gh, gw, C]` and registers `[B, R, C]` after one block.
+pub type BlockState = (Tensor, Option<Tensor>);
+
 /// What the encoder returns.
 #[derive(Debug)]
 pub struct EncoderOutput {
@@ -98,7 +101,7 @@ impl VisionEncoder {
         &self,
         pixels: &Tensor,
         keep: bool,
-    ) -> Result<(EncoderOutput, Vec<(Tensor, Option<Tensor>)>)> {
+    ) -> Result<(EncoderOutput, Vec<BlockState>)> {
         let size = pixels.size();
         let c = self.config.num_channels;
         let ps = self.config.patch_size;

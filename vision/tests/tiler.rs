@@ -175,18 +175,26 @@ fn pixels_match_pil_bicubic_reference() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
+    // PNGs test the resize exactly; the JPEG also covers draft (1/4, 1/8 DCT) decoding against
+    // PIL's full decode.
     let sizes = [
-        ("landscape", 1000, 640),
-        ("portrait", 360, 820),
-        ("tiny", 150, 90),
-        ("huge", 3000, 2000),
+        ("landscape", 1000, 640, "png"),
+        ("portrait", 360, 820, "png"),
+        ("tiny", 150, 90, "png"),
+        ("huge", 3000, 2000, "png"),
+        ("photo", 4000, 3000, "jpg"),
     ];
     let mut cases = Vec::new();
-    for (i, (name, w, h)) in sizes.into_iter().enumerate() {
-        let img_path = dir.path().join(format!("{name}.png"));
-        common::content_image(w, h, i as u32)
-            .save(&img_path)
-            .unwrap();
+    for (i, (name, w, h, ext)) in sizes.into_iter().enumerate() {
+        let img_path = dir.path().join(format!("{name}.{ext}"));
+        if ext == "jpg" {
+            let img = afm_vision::synth::synth_image(w, h, i as u64);
+            afm_vision::synth::write_jpeg(&img, &img_path, 92).unwrap();
+        } else {
+            common::content_image(w, h, i as u32)
+                .save(&img_path)
+                .unwrap();
+        }
         for (mode, stretch) in [
             (TileMode::Rapid, false),
             (TileMode::Balanced, false),
