@@ -87,6 +87,9 @@ pub fn subject_files(dir: &Path, suffix: &str) -> BTreeMap<String, PathBuf> {
     out
 }
 
+/// Dev shots by subject.
+pub type DevShots = BTreeMap<String, Vec<Shot>>;
+
 /// What an MMLU root yields: test items and dev shots per subject, and the files read.
 #[derive(Debug, Default)]
 pub struct MmluData {
@@ -159,10 +162,7 @@ pub fn load(
 }
 
 /// Dev shots for every subject of an MMLU root (used for MMMLU few-shot prompting).
-pub fn load_dev_all(
-    root: &Path,
-    bad: &mut BadRows,
-) -> Result<(BTreeMap<String, Vec<Shot>>, Vec<DataFile>)> {
+pub fn load_dev_all(root: &Path, bad: &mut BadRows) -> Result<(DevShots, Vec<DataFile>)> {
     let mut dev = BTreeMap::new();
     let mut files = Vec::new();
     for (subject, path) in subject_files(&root.join("dev"), "_dev.csv") {

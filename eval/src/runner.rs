@@ -103,14 +103,17 @@ pub fn manifest(suite: &Suite, model: &str, cfg: &RunConfig) -> Manifest {
     }
 }
 
+/// A group's first prompt (its prefix is everyone's) and its members.
+type PromptGroup<'a> = (Prompt, Vec<(&'a Item, Prompt)>);
+
 /// Prompts grouped by shared prefix, in first-seen order.
 fn group_prompts<'a>(
     items: &[&'a Item],
     suite: &Suite,
     cfg: &PromptConfig,
     chat: Option<&ChatFrame>,
-) -> Result<Vec<(Prompt, Vec<(&'a Item, Prompt)>)>> {
-    let mut groups: Vec<(Prompt, Vec<(&Item, Prompt)>)> = Vec::new();
+) -> Result<Vec<PromptGroup<'a>>> {
+    let mut groups: Vec<PromptGroup> = Vec::new();
     let mut pos: HashMap<String, usize> = HashMap::new();
     for &item in items {
         let mut p = prompt::build(item, suite, cfg)?;

@@ -135,7 +135,12 @@ impl TextBackend {
         // Logits for every position of `rest`; position i predicts rest[i + 1].
         let logits = self
             .decoder()
-            .forward(&ids_2d(&[rest.clone()])?, None, &mut cache, Logits::All)
+            .forward(
+                &ids_2d(std::slice::from_ref(&rest))?,
+                None,
+                &mut cache,
+                Logits::All,
+            )
             .map_err(be)?; // [1, n, vocab]
         let all = Tensor::f_cat(&[&ctx_last, &logits], 1).map_err(be)?; // [1, n+1, vocab]
         let lp = all.f_log_softmax(-1, Kind::Float).map_err(be)?;
@@ -258,14 +263,24 @@ impl EvalBackend for TextBackend {
                 let mut cache = pc.fork().map_err(be)?;
                 let l = self
                     .decoder()
-                    .forward(&ids_2d(&[r.body.clone()])?, None, &mut cache, Logits::Last)
+                    .forward(
+                        &ids_2d(std::slice::from_ref(&r.body))?,
+                        None,
+                        &mut cache,
+                        Logits::Last,
+                    )
                     .map_err(be)?;
                 (cache, l)
             } else {
                 let mut cache = self.decoder().new_cache(1);
                 let l = self
                     .decoder()
-                    .forward(&ids_2d(&[context.clone()])?, None, &mut cache, Logits::Last)
+                    .forward(
+                        &ids_2d(std::slice::from_ref(&context))?,
+                        None,
+                        &mut cache,
+                        Logits::Last,
+                    )
                     .map_err(be)?;
                 (cache, l)
             };

@@ -103,7 +103,7 @@ fn mgsm_answers_drop_thousands_commas_and_exemplars_give_language_prefixes() {
         languages: vec!["en".into()],
         ..Default::default()
     };
-    let suite = load(&[bench.clone()], &opts(f)).unwrap();
+    let suite = load(std::slice::from_ref(&bench), &opts(f)).unwrap();
     assert_eq!(suite.items.len(), 250);
     let by_row = |row: usize| match &suite.items[row - 1].answer {
         Answer::Number { value } => value.clone(),

@@ -108,7 +108,7 @@ fn empty_folder() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let err = load(&[empty.clone()], &opts(false)).unwrap_err();
+    let err = load(std::slice::from_ref(&empty), &opts(false)).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(

@@ -20,8 +20,9 @@ const DEFAULT_MODEL: &str = "assets/models/smollm2-135m-instruct";
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<EvalCommand>,
+    /// Boxed: keeps the CLI's command enum small.
     #[command(flatten)]
-    pub run: RunArgs,
+    pub run: Box<RunArgs>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -151,7 +152,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let a = args.run;
+    let a = *args.run;
     let mut prompt = PromptConfig {
         chat: a.chat,
         max_new_tokens: a.max_new_tokens,
