@@ -19,15 +19,13 @@ def make_processor():
         crop_size={"height": 672, "width": 672},
         image_grid_pinpoints=[[1344, 1344]],
     )
-    try:  # torchvision backend (transformers' default) when available
-        from transformers import LlavaNextImageProcessor
-
-        proc = LlavaNextImageProcessor(**kwargs)
-        return proc, "LlavaNextImageProcessor"
-    except Exception:  # noqa: BLE001 - torchvision missing: the PIL/numpy backend
-        from transformers import LlavaNextImageProcessorPil
-
-        return LlavaNextImageProcessorPil(**kwargs), "LlavaNextImageProcessorPil"
+    try:  # torchvision backend (transformers' default) when torchvision is installed
+        import torchvision  # noqa: F401
+        from transformers import LlavaNextImageProcessor as Processor
+    except ImportError:  # the PIL + numpy backend
+        from transformers import LlavaNextImageProcessorPil as Processor
+    proc = Processor(**kwargs)
+    return proc, type(proc).__name__
 
 
 def main():

@@ -404,8 +404,8 @@ impl Tiler {
         })
     }
 
-    /// Writes the `s × s` window of the canvas at `(cx, cy)` into `out` (`[3, s, s]`),
-    /// normalised; canvas padding becomes 0 (the mean).
+    /// Writes the `s × s` window of the canvas at `(cx, cy)` into `out` (`[3, s, s]`, which
+    /// must be zeroed: canvas padding stays 0, the mean), normalised.
     #[allow(clippy::too_many_arguments)]
     fn write_tile(
         &self,
@@ -419,7 +419,6 @@ impl Tiler {
         out: &mut [f32],
     ) -> TileMeta {
         let plane = (s * s) as usize;
-        out.fill(0.0);
         // Intersection of the tile window with the content rectangle, in canvas coordinates.
         let x0 = cx.max(placed.ox);
         let y0 = cy.max(placed.oy);
