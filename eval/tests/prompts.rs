@@ -244,3 +244,41 @@ fn last_number_extraction() {
     assert_eq!(argmax(&[-1.0, -0.5, -0.5, -2.0]), Some(1), "first on ties");
     assert_eq!(argmax(&[]), None);
 }
+
+#[test]
+fn mmmlu_few_shot_takes_english_dev_of_the_row_subject() {
+    let Some(bench) = common::bench() else { return };
+    let opts = LoadOptions {
+        filters: Filters {
+            tasks: vec![Task::Mmmlu],
+            languages: vec!["fr".into()],
+            ..Default::default()
+        },
+        split: "test".into(),
+        mmmlu_dev: true,
+        dev_dir: Some(bench.join("mmlu/dev")),
+        ..Default::default()
+    };
+    let suite = load(&[common::fixtures().join("mmmlu")], &opts).unwrap();
+    assert_eq!(
+        suite.items.len(),
+        5,
+        "MMLU test items are not loaded for --tasks mmmlu"
+    );
+    assert_eq!(suite.mmlu_dev.len(), 57);
+    let mut cfg = PromptConfig::default();
+    cfg.set_shots("mmmlu=5").unwrap();
+    let item = &suite.items[1];
+    assert_eq!(item.subject.as_deref(), Some("elementary_mathematics"));
+    let p = build(item, &suite, &cfg).unwrap();
+    let dev = &suite.mmlu_dev["elementary_mathematics"];
+    assert!(p.prefix.starts_with(
+        "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+    ));
+    assert!(p.prefix.contains(&dev[4].question));
+    assert_eq!(p.prefix.matches("\nAnswer: ").count(), 5);
+    assert_eq!(
+        p.body,
+        "Combien de côtés a un hexagone ?\nA. 4\nB. 5\nC. 6\nD. 8\nAnswer:"
+    );
+}
