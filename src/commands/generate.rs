@@ -78,6 +78,13 @@ pub struct GenerateArgs {
     /// Feed the prompt as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Speculative decoding: a draft model directory (same tokenizer) or `self:N` (the
+    /// target's own first N layers).
+    #[arg(long, value_name = "DIR|self:N")]
+    pub draft: Option<String>,
+    /// Tokens the draft proposes per target forward.
+    #[arg(long, default_value_t = 5)]
+    pub draft_tokens: usize,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -107,9 +114,44 @@ fn print_stats(s: &afm_text::generation::GenerationStats) {
     );
 }
 
+fn run_speculative(ctx: &Context, args: &GenerateArgs, model: &afm_text::TextModel, spec: &str) -> anyhow::Result<()> {
+    use afm_text::speculative::{generate_speculative, Draft};
+    let opts = args.sampling.options()?;
+    let draft_model;
+    let draft = match Draft::parse_self(spec) {
+        Some(n) => Draft::SelfPrefix(n?),
+        None => {
+            draft_model = super::load_model_dir(
+                std::path::Path::new(spec),
+                ctx.device()?,
+                model.dtype,
+            )?;
+            Draft::Model(&draft_model.decoder)
+        }
+    };
+    let ids = model.prompt_ids(&args.prompt, args.raw)?;
+    let (g, st) = generate_speculative(&model.decoder, draft, model.tokenizer.as_ref(), &ids, &opts, args.draft_tokens)?;
+    println!("{}", g.text);
+    if args.sampling.stats {
+        print_stats(&g.stats);
+        eprintln!(
+            "speculative: {} proposed, {} accepted ({:.1}%), {:.2} tokens per target forward ({} target forwards)",
+            st.proposed,
+            st.accepted,
+            100.0 * st.acceptance_rate(),
+            g.tokens.len() as f64 / st.target_forwards.max(1) as f64,
+            st.target_forwards
+        );
+    }
+    Ok(())
+}
+
 pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
     let opts = args.sampling.options()?;
     let model = args.model.load(ctx)?;
+    if let Some(spec) = &args.draft {
+        return run_speculative(ctx, &args, &model, spec);
+    }
     let mut stdout = std::io::stdout();
     let out = model.generate_text(&args.prompt, args.raw, &opts, &mut |piece| {
         // A closed stdout (e.g. `| head`) must not abort generation with a panic.

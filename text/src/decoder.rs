@@ -169,6 +169,47 @@ impl Decoder {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
+        self.forward_embeds_depth(x, mask, cache, logits, self.layers.len())
+    }
+
+    /// Token ids through only the first `depth` layers, then the final norm and head: the
+    /// target's own prefix as a draft model (self-speculation). `depth` must be at most the
+    /// number of segment-0 layers, or the full depth. Use a cache from [`Decoder::new_cache_depth`].
+    pub fn forward_depth(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        logits: Logits,
+        depth: usize,
+    ) -> Result<Tensor> {
+        let x = self.embed.forward(&ids.f_to_device(self.device)?)?;
+        self.forward_embeds_depth(&x, None, cache, logits, depth)
+    }
+
+    /// A cache for [`Decoder::forward_depth`] with `depth` layers.
+    pub fn new_cache_depth(&self, batch: i64, depth: usize) -> KvCache {
+        if depth >= self.layers.len() {
+            return self.new_cache(batch);
+        }
+        KvCache::new(&vec![None; depth], batch, self.device)
+    }
+
+    fn forward_embeds_depth(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: Logits,
+        depth: usize,
+    ) -> Result<Tensor> {
+        let n0 = self.cfg.num_segment0_layers();
+        let full = depth >= self.layers.len();
+        if !full && (depth == 0 || depth > n0) {
+            return Err(TextError::InvalidArgument(format!(
+                "a prefix draft needs 1..={n0} layers (segment 0), or the full {}; got {depth}",
+                self.layers.len()
+            )));
+        }
         let size = x.size();
         if size.len() != 3 || size[2] != self.cfg.hidden_size as i64 {
             return Err(TextError::InvalidArgument(format!(
@@ -197,7 +238,7 @@ impl Decoder {
         let (cos, sin) = self.rope.cos_sin(&positions, past + s, self.kind)?;
 
         let mut x = x.f_to_kind(self.kind)?;
-        let n0 = self.cfg.num_segment0_layers();
+        let n0 = if full { n0 } else { depth };
         for layer in &self.layers[..n0] {
             x = layer.forward(&x, &cos, &sin, &step_mask, cache)?;
         }
@@ -205,7 +246,7 @@ impl Decoder {
         if last_only {
             x = x.f_narrow(1, s - 1, 1)?; // [batch, 1, hidden]
         }
-        if n0 < self.layers.len() {
+        if full && n0 < self.layers.len() {
             // Segment 1: attends with the source layer's cache; during prefill only the last
             // position runs when that is all the caller needs.
             let (mask1, cos1, sin1) = if last_only {

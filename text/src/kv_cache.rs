@@ -292,6 +292,27 @@ impl KvCache {
         }
     }
 
+    /// Keep only the first `len` tokens (unpadded caches: every row advanced together).
+    /// Speculative decoding uses it to drop rejected draft tokens.
+    pub fn truncate(&mut self, len: i64) -> Result<()> {
+        if self.key_mask.is_some() {
+            return Err(TextError::InvalidArgument(
+                "truncate needs an unpadded cache; use snapshot/rollback".into(),
+            ));
+        }
+        if len < 0 || len > self.len {
+            return Err(TextError::InvalidArgument(format!(
+                "cannot truncate a cache of {} tokens to {len}",
+                self.len
+            )));
+        }
+        let drop = self.len - len;
+        self.rollback(&CacheSnapshot {
+            len,
+            next_pos: self.next_pos.iter().map(|p| p - drop).collect(),
+        })
+    }
+
     pub fn snapshot(&self) -> CacheSnapshot {
         CacheSnapshot {
             len: self.len,

@@ -24,6 +24,7 @@ pub mod norm;
 pub mod presets;
 pub mod rope;
 pub mod sampling;
+pub mod speculative;
 pub mod tokenizer;
 pub mod weights;
 

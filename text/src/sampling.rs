@@ -104,6 +104,37 @@ impl Sampler {
         }
     }
 
+    /// The distribution the next token is drawn from (after the repetition penalty and every
+    /// filter; one-hot on the argmax when greedy), most likely first. Speculative decoding
+    /// compares the draft's and the target's through this.
+    pub fn distribution(&self, logits: &[f32], context: &[u32]) -> Vec<(usize, f64)> {
+        let mut logits = logits.to_vec();
+        self.penalise(&mut logits, context);
+        if self.cfg.is_greedy() {
+            return vec![(argmax(&logits), 1.0)];
+        }
+        self.probabilities(&logits)
+    }
+
+    /// Draw from a distribution given as (index, probability) pairs.
+    pub fn draw(&mut self, dist: &[(usize, f64)]) -> u32 {
+        let total: f64 = dist.iter().map(|d| d.1).sum();
+        let r = self.rng.next_f64() * total;
+        let mut acc = 0.0;
+        for &(i, p) in dist {
+            acc += p;
+            if r < acc {
+                return i as u32;
+            }
+        }
+        dist.last().map_or(0, |d| d.0 as u32)
+    }
+
+    /// Uniform in [0, 1) from the sampler's generator.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
     /// The next token given the last position's logits and the tokens so far.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
         let mut logits = logits.to_vec();

@@ -1,0 +1,258 @@
+//! Speculative decoding: a draft proposes K tokens, the target scores them all in one
+//! forward, and rejection sampling (accept x with min(1, p(x)/q(x)), else draw from the
+//! normalised residual max(0, p − q)) keeps the target's distribution exactly. Greedy is the
+//! special case of one-hot p and q: accept on exact match. Rejected tokens are dropped from
+//! both KV caches.
+//!
+//! The draft is a second model with the same vocabulary, or the target's own first N layers
+//! (`self:N`, no second checkpoint).
+
+use std::time::Instant;
+
+use tch::Tensor;
+
+use crate::decoder::{Decoder, Logits};
+use crate::error::{Result, TextError};
+use crate::generation::{ids_tensor, GenerateOptions, Generation, GenerationStats, StopReason};
+use crate::kv_cache::KvCache;
+use crate::sampling::Sampler;
+use crate::tokenizer::Tokenizer;
+
+/// Where draft tokens come from.
+#[derive(Clone, Copy)]
+pub enum Draft<'a> {
+    /// A separate model sharing the tokenizer.
+    Model(&'a Decoder),
+    /// The target's first N layers, then its final norm and head.
+    SelfPrefix(usize),
+}
+
+impl Draft<'_> {
+    /// Parse `self:N` (anything else is a model directory for the caller to load).
+    pub fn parse_self(spec: &str) -> Option<Result<usize>> {
+        spec.strip_prefix("self:").map(|n| {
+            n.parse::<usize>()
+                .map_err(|_| TextError::InvalidArgument(format!("bad draft '{spec}': expected self:N with N a layer count")))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SpeculativeStats {
+    pub target_forwards: usize,
+    pub draft_forwards: usize,
+    pub proposed: usize,
+    pub accepted: usize,
+}
+
+impl SpeculativeStats {
+    pub fn acceptance_rate(&self) -> f64 {
+        self.accepted as f64 / self.proposed.max(1) as f64
+    }
+}
+
+fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    // [1, n, vocab] → n rows
+    let l = logits.f_select(0, 0)?.f_to_device(tch::Device::Cpu)?;
+    (0..l.size()[0])
+        .map(|i| Ok(Vec::<f32>::try_from(l.f_select(0, i)?)?))
+        .collect()
+}
+
+fn prob(dist: &[(usize, f64)], x: u32) -> f64 {
+    dist.iter().find(|d| d.0 == x as usize).map_or(0.0, |d| d.1)
+}
+
+/// max(0, p − q), normalised (falls back to p when p ≤ q everywhere).
+fn residual(p: &[(usize, f64)], q: &[(usize, f64)]) -> Vec<(usize, f64)> {
+    let r: Vec<(usize, f64)> = p
+        .iter()
+        .map(|&(i, pi)| (i, (pi - prob(q, i as u32)).max(0.0)))
+        .filter(|d| d.1 > 0.0)
+        .collect();
+    if r.is_empty() {
+        p.to_vec()
+    } else {
+        r
+    }
+}
+
+/// Generate with speculative decoding (batch 1). Output tokens follow the target's
+/// distribution exactly (identical to plain greedy when greedy).
+pub fn generate_speculative(
+    target: &Decoder,
+    draft: Draft<'_>,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    k: usize,
+) -> Result<(Generation, SpeculativeStats)> {
+    let _guard = tch::no_grad_guard();
+    if prompt.is_empty() {
+        return Err(TextError::InvalidArgument("the prompt is empty".into()));
+    }
+    if let Draft::Model(d) = draft {
+        if d.cfg.vocab_size != target.cfg.vocab_size {
+            return Err(TextError::InvalidArgument(format!(
+                "the draft's vocabulary ({}) differs from the target's ({})",
+                d.cfg.vocab_size, target.cfg.vocab_size
+            )));
+        }
+    }
+    if !opts.stop_strings.is_empty() && tokenizer.is_none() {
+        return Err(TextError::InvalidArgument("stop strings need a tokenizer".into()));
+    }
+    let ctx = target.cfg.max_position_embeddings;
+    if prompt.len() >= ctx {
+        return Err(TextError::ContextOverflow {
+            tokens: prompt.len(),
+            requested: opts.max_new_tokens,
+            context: ctx,
+        });
+    }
+    let k = k.max(1);
+    let eos = if opts.stop_on_eos { target.cfg.eos_ids() } else { Vec::new() };
+    let draft_forward = |ids: &[u32], cache: &mut KvCache| -> Result<Tensor> {
+        let x = ids_tensor(ids)?;
+        match draft {
+            Draft::Model(d) => d.forward(&x, None, cache, Logits::Last),
+            Draft::SelfPrefix(n) => target.forward_depth(&x, cache, Logits::Last, n),
+        }
+    };
+    let mut tc = target.new_cache(1);
+    let mut dc = match draft {
+        Draft::Model(d) => d.new_cache(1),
+        Draft::SelfPrefix(n) => target.new_cache_depth(1, n),
+    };
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut stats = SpeculativeStats::default();
+
+    // Prefill everything but the last prompt token, which becomes the first "pending" token.
+    let t0 = Instant::now();
+    let n = prompt.len();
+    if n > 1 {
+        let head = ids_tensor(&prompt[..n - 1])?;
+        let _ = target.forward(&head, None, &mut tc, Logits::Last)?;
+        let _ = match draft {
+            Draft::Model(d) => d.forward(&head, None, &mut dc, Logits::Last)?,
+            Draft::SelfPrefix(depth) => target.forward_depth(&head, &mut dc, Logits::Last, depth)?,
+        };
+    }
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let mut context: Vec<u32> = prompt.to_vec();
+    let mut pending = prompt[n - 1];
+    let mut draft_lag: Vec<u32> = Vec::new(); // accepted tokens the draft has not seen yet
+    let mut generated: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let reason = 'outer: loop {
+        let remaining = opts.max_new_tokens - generated.len();
+        if remaining == 0 {
+            break StopReason::MaxTokens;
+        }
+        let room = ctx.saturating_sub(tc.len() as usize + 1);
+        if tc.len() as usize + 1 > ctx {
+            break StopReason::ContextFull;
+        }
+        let kk = k.min(remaining - 1).min(room);
+        let base_t = tc.len();
+        // 1. The draft proposes kk tokens.
+        let mut drafts = Vec::with_capacity(kk);
+        let mut qs = Vec::with_capacity(kk);
+        let mut ctx_d = context.clone();
+        let mut feed: Vec<u32> = std::mem::take(&mut draft_lag);
+        feed.push(pending);
+        let base_d = dc.len() + feed.len() as i64 - 1; // draft cache length holding `pending`'s predecessors
+        for _ in 0..kk {
+            let l = draft_forward(&feed, &mut dc)?;
+            stats.draft_forwards += 1;
+            let row = rows(&l)?.pop().unwrap_or_default();
+            let q = sampler.distribution(&row, &ctx_d);
+            let x = sampler.draw(&q);
+            drafts.push(x);
+            qs.push(q);
+            ctx_d.push(x);
+            feed = vec![x];
+        }
+        // 2. The target scores pending + drafts in one forward.
+        let mut verify = vec![pending];
+        verify.extend(&drafts);
+        let l = target.forward(&ids_tensor(&verify)?, None, &mut tc, Logits::All)?;
+        stats.target_forwards += 1;
+        stats.proposed += kk;
+        let prow = rows(&l)?;
+        // 3. Accept / reject left to right.
+        let mut ctx_t = context.clone();
+        let mut new_tokens = Vec::with_capacity(kk + 1);
+        let mut all_accepted = true;
+        for (i, &x) in drafts.iter().enumerate() {
+            let p = sampler.distribution(&prow[i], &ctx_t);
+            let (px, qx) = (prob(&p, x), prob(&qs[i], x));
+            if qx > 0.0 && sampler.uniform() < (px / qx).min(1.0) {
+                new_tokens.push(x);
+                ctx_t.push(x);
+                stats.accepted += 1;
+            } else {
+                new_tokens.push(sampler.draw(&residual(&p, &qs[i])));
+                all_accepted = false;
+                break;
+            }
+        }
+        if all_accepted {
+            let p = sampler.distribution(&prow[kk], &ctx_t);
+            new_tokens.push(sampler.draw(&p));
+        }
+        let m = new_tokens.len() - 1; // accepted drafts
+        // 4. Caches keep pending + the accepted drafts; the last new token is the next pending.
+        tc.truncate(base_t + 1 + m as i64)?;
+        if kk == 0 {
+            // The draft saw nothing this round: feed it everything next round.
+            draft_lag = feed;
+        } else if all_accepted {
+            // The draft saw pending .. x_{kk-2}; x_{kk-1} is fed next round.
+            draft_lag.push(drafts[kk - 1]);
+        } else {
+            dc.truncate(base_d + 1 + m as i64)?;
+        }
+        // 5. Emit, stopping on EOS / max tokens / stop strings.
+        for &t in &new_tokens {
+            if eos.contains(&t) {
+                break 'outer StopReason::Eos;
+            }
+            generated.push(t);
+            context.push(t);
+            if let Some(tok) = tokenizer {
+                let full = tok.decode(&generated, true)?;
+                if let Some(cut) = opts.stop_strings.iter().filter_map(|s| full.find(s.as_str())).min() {
+                    text = full[..cut].to_string();
+                    break 'outer StopReason::StopString;
+                }
+                text = full;
+            }
+            if generated.len() >= opts.max_new_tokens {
+                break 'outer StopReason::MaxTokens;
+            }
+        }
+        pending = *new_tokens.last().unwrap_or(&pending);
+    };
+    if reason != StopReason::StopString {
+        if let Some(tok) = tokenizer {
+            text = tok.decode(&generated, true)?;
+        }
+    }
+    let decode_secs = t0.elapsed().as_secs_f64();
+    Ok((
+        Generation {
+            tokens: generated.clone(),
+            text,
+            stop_reason: reason,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                generated_tokens: generated.len(),
+                prefill_secs,
+                decode_secs,
+            },
+        },
+        stats,
+    ))
+}
