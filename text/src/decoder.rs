@@ -273,6 +273,28 @@ impl Decoder {
         Ok(self.lm_head.forward(&x)?.f_to_kind(Kind::Float)?)
     }
 
+    /// Every linear layer of the stack with its HF module name
+    /// (`model.layers.{i}.self_attn.q_proj`, `...mlp.down_proj`, ...), for adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            if let Some(k) = a.k_proj.as_mut() {
+                out.push((format!("{p}.self_attn.k_proj"), k));
+            }
+            if let Some(v) = a.v_proj.as_mut() {
+                out.push((format!("{p}.self_attn.v_proj"), v));
+            }
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate));
+            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up));
+            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down));
+        }
+        out
+    }
+
     /// Parameter counts: (embedding, segment-0 layers, segment-1 layers, final norm, untied head).
     pub fn param_breakdown(&self) -> ParamBreakdown {
         let n0 = self.cfg.num_segment0_layers();

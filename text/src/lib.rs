@@ -18,6 +18,7 @@ pub mod inspect;
 pub mod kv_cache;
 pub mod layer;
 pub mod linear;
+pub mod lora;
 pub mod mlp;
 pub mod model;
 pub mod norm;

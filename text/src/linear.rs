@@ -1,7 +1,8 @@
 //! The one linear-layer abstraction every projection goes through.
 //!
-//! `y = x·Wᵀ (+ b)`. The weight is an enum so that quantized storage slots in beside the
-//! dense one, and adapters (LoRA) overlay a layer without touching model code.
+//! `y = x·Wᵀ (+ b) (+ s·(x·Aᵀ)·Bᵀ)`. The weight is an enum so that quantized storage slots in
+//! beside the dense one, and a LoRA overlay (A, B, s = α/r) sits on top of any of them
+//! without touching model code.
 
 use tch::Tensor;
 
@@ -15,9 +16,32 @@ pub enum LinearWeight {
     Dense(Tensor),
 }
 
+/// A low-rank update `s·B·A` applied on the fly.
+#[derive(Debug)]
+pub struct LoraOverlay {
+    /// `[rank, in]`
+    pub a: Tensor,
+    /// `[out, rank]`
+    pub b: Tensor,
+    /// α / r
+    pub scale: f64,
+}
+
+impl LoraOverlay {
+    /// A view sharing storage (activating a cached adapter copies no weights).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            a: self.a.shallow_clone(),
+            b: self.b.shallow_clone(),
+            scale: self.scale,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Linear {
     weight: LinearWeight,
+    lora: Option<LoraOverlay>,
     bias: Option<Tensor>,
     in_features: i64,
     out_features: i64,
@@ -48,6 +72,7 @@ impl Linear {
             in_features: size[1],
             out_features: size[0],
             weight: LinearWeight::Dense(weight),
+            lora: None,
             bias,
         }
     }
@@ -77,10 +102,58 @@ impl Linear {
                 .map_or(0, |b| b.numel() * b.kind().elt_size_in_bytes())
     }
 
+    /// The dtype computations run in.
+    pub fn weight_kind(&self) -> tch::Kind {
+        let LinearWeight::Dense(w) = &self.weight;
+        w.kind()
+    }
+
+    pub fn device(&self) -> tch::Device {
+        let LinearWeight::Dense(w) = &self.weight;
+        w.device()
+    }
+
+    pub fn lora(&self) -> Option<&LoraOverlay> {
+        self.lora.as_ref()
+    }
+
+    /// Put a LoRA overlay on (or take it off with `None`); returns the previous one.
+    pub fn set_lora(&mut self, lora: Option<LoraOverlay>) -> Result<Option<LoraOverlay>> {
+        if let Some(l) = &lora {
+            let (a, b) = (l.a.size(), l.b.size());
+            if a.len() != 2 || b.len() != 2 || a[1] != self.in_features || b[0] != self.out_features || a[0] != b[1] {
+                return Err(crate::error::TextError::InvalidArgument(format!(
+                    "LoRA A {a:?} / B {b:?} do not fit a {}→{} linear layer",
+                    self.in_features, self.out_features
+                )));
+            }
+        }
+        Ok(std::mem::replace(&mut self.lora, lora))
+    }
+
+    /// Fold the overlay into the dense weight (`W += s·B·A`) and drop it.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        if let Some(l) = self.lora.take() {
+            let LinearWeight::Dense(w) = &self.weight;
+            let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scale)?.f_to_kind(w.kind())?;
+            self.weight = LinearWeight::Dense(w.f_add(&delta)?);
+        }
+        Ok(())
+    }
+
     // x: [..., in] → [..., out]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            LinearWeight::Dense(w) => Ok(x.f_linear(w, self.bias.as_ref())?),
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+        };
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                // [..., in] → [..., rank] → [..., out]
+                let xa = x.f_to_kind(l.a.kind())?.f_linear::<Tensor>(&l.a, None)?;
+                let delta = xa.f_linear::<Tensor>(&l.b, None)?.f_mul_scalar(l.scale)?;
+                Ok(y.f_add(&delta.f_to_kind(y.kind())?)?)
+            }
         }
     }
 }

@@ -65,6 +65,14 @@ impl WeightMap {
             .unwrap_or_else(|| PathBuf::from("<weights>"))
     }
 
+    /// The tensor `name` whatever its shape, on the map's device in the map's dtype.
+    pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        let (t, _) = self.tensors.get(name).ok_or_else(|| {
+            TextError::checkpoint(self.origin(None), format!("missing tensor '{name}'"))
+        })?;
+        Ok(t.f_to_device(self.device)?.f_to_kind(self.kind)?)
+    }
+
     /// The tensor `name` with exactly `shape`, on the map's device in the map's dtype.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         self.get_kind(name, shape, self.kind)

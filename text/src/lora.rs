@@ -1,0 +1,224 @@
+//! LoRA adapters: loaded from safetensors (PEFT layout: `adapter_config.json` +
+//! `adapter_model.safetensors`), cached, activated on a decoder (an overlay on each targeted
+//! [`crate::linear::Linear`]; no base weight is copied), deactivated, or merged into the base.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::read_safetensors_into;
+use crate::decoder::Decoder;
+use crate::error::{Result, TextError};
+use crate::linear::LoraOverlay;
+use crate::weights::WeightMap;
+
+/// The linear layers LoRA targets by default (attention and FFN; segment-1 layers have only
+/// q and o).
+pub const DEFAULT_TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+pub struct LoraAdapter {
+    pub name: String,
+    pub rank: usize,
+    /// The overlay's multiplier (α/r for PEFT's default).
+    pub scale: f64,
+    pub source: PathBuf,
+    /// HF module name (`model.layers.0.self_attn.q_proj`) → (A [r, in], B [out, r]).
+    modules: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+impl LoraAdapter {
+    pub fn modules(&self) -> impl Iterator<Item = &String> {
+        self.modules.keys()
+    }
+    /// (A [r, in], B [out, r]) of one module.
+    pub fn module(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
+        self.modules.get(name).map(|(a, b)| (a, b))
+    }
+    pub fn num_params(&self) -> usize {
+        self.modules.values().map(|(a, b)| a.numel() + b.numel()).sum()
+    }
+    pub fn bytes(&self) -> usize {
+        self.modules
+            .values()
+            .map(|(a, b)| (a.numel() + b.numel()) * a.kind().elt_size_in_bytes())
+            .sum()
+    }
+
+    /// Load a PEFT-style adapter directory (or a bare `.safetensors` with `rank`/`alpha`
+    /// given in its metadata-free form via `adapter_config.json` beside it).
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let (dir, file) = if path.is_dir() {
+            (path.to_path_buf(), path.join("adapter_model.safetensors"))
+        } else {
+            (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
+        };
+        let cfg_path = dir.join("adapter_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| TextError::checkpoint(&cfg_path, format!("bad JSON: {e}")))?,
+            Err(e) => return Err(TextError::io(&cfg_path, e)),
+        };
+        let rank = cfg.get("r").and_then(|v| v.as_u64()).ok_or_else(|| {
+            TextError::checkpoint(&cfg_path, "missing integer \"r\" (the LoRA rank)")
+        })? as usize;
+        let alpha = cfg.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(rank as f64);
+        let rslora = cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        let mut map = WeightMap::new(device, kind);
+        read_safetensors_into(&file, &mut map)?;
+        let mut a_of = BTreeMap::new();
+        let mut b_of = BTreeMap::new();
+        let names: Vec<String> = map.names().cloned().collect();
+        for name in names {
+            let stripped = name.strip_prefix("base_model.model.").unwrap_or(&name).replace(".default", "");
+            let (module, which) = if let Some(m) = stripped.strip_suffix(".lora_A.weight") {
+                (m.to_string(), 'a')
+            } else if let Some(m) = stripped.strip_suffix(".lora_B.weight") {
+                (m.to_string(), 'b')
+            } else {
+                return Err(TextError::checkpoint(&file, format!("unexpected tensor '{name}' in a LoRA adapter")));
+            };
+            let t = map.get_any(&name)?;
+            if which == 'a' {
+                a_of.insert(module, t);
+            } else {
+                b_of.insert(module, t);
+            }
+        }
+        let mut modules = BTreeMap::new();
+        for (m, a) in a_of {
+            let b = b_of
+                .remove(&m)
+                .ok_or_else(|| TextError::checkpoint(&file, format!("'{m}' has lora_A but no lora_B")))?;
+            if a.size()[0] as usize != rank || b.size()[1] as usize != rank {
+                return Err(TextError::checkpoint(
+                    &file,
+                    format!("'{m}': A {:?} / B {:?} do not have rank {rank}", a.size(), b.size()),
+                ));
+            }
+            modules.insert(m, (a, b));
+        }
+        if let Some(m) = b_of.keys().next() {
+            return Err(TextError::checkpoint(&file, format!("'{m}' has lora_B but no lora_A")));
+        }
+        // PEFT: s = α/r, or α/√r with rank-stabilised LoRA.
+        let scale = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        Ok(Self {
+            name: dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            rank,
+            scale,
+            source: file,
+            modules,
+        })
+    }
+
+    /// A random adapter over `targets` of `decoder` (tests, benchmarks), seeded.
+    pub fn random(decoder: &mut Decoder, rank: usize, alpha: f64, targets: &[&str], seed: i64) -> Result<Self> {
+        tch::manual_seed(seed);
+        let mut modules = BTreeMap::new();
+        for (name, lin) in decoder.linears_mut() {
+            if !targets.iter().any(|t| name.ends_with(t)) {
+                continue;
+            }
+            let opts = (lin.weight_kind(), lin.device());
+            let a = Tensor::f_randn([rank as i64, lin.in_features()], opts)?.f_mul_scalar(0.05)?;
+            let b = Tensor::f_randn([lin.out_features(), rank as i64], opts)?.f_mul_scalar(0.05)?;
+            modules.insert(name, (a, b));
+        }
+        Ok(Self {
+            name: format!("random-r{rank}-seed{seed}"),
+            rank,
+            scale: alpha / rank as f64,
+            source: PathBuf::from("<random>"),
+            modules,
+        })
+    }
+
+    /// Put this adapter's overlays on `decoder` (replacing any active adapter).
+    pub fn activate(&self, decoder: &mut Decoder) -> Result<()> {
+        let scale = self.scale;
+        let mut linears: BTreeMap<String, _> = decoder.linears_mut().into_iter().collect();
+        for m in self.modules.keys() {
+            if !linears.contains_key(m) {
+                return Err(TextError::checkpoint(
+                    &self.source,
+                    format!("adapter targets '{m}', which this model does not have"),
+                ));
+            }
+        }
+        for (name, lin) in linears.iter_mut() {
+            let overlay = self.modules.get(name).map(|(a, b)| LoraOverlay {
+                a: a.shallow_clone(),
+                b: b.shallow_clone(),
+                scale,
+            });
+            lin.set_lora(overlay)
+                .map_err(|e| TextError::checkpoint(&self.source, format!("'{name}': {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Take every overlay off `decoder`.
+pub fn deactivate(decoder: &mut Decoder) -> Result<()> {
+    for (_, lin) in decoder.linears_mut() {
+        lin.set_lora(None)?;
+    }
+    Ok(())
+}
+
+/// Fold the active overlays into the base weights (the adapter is then permanent).
+pub fn merge_active(decoder: &mut Decoder) -> Result<()> {
+    for (_, lin) in decoder.linears_mut() {
+        lin.merge_lora()?;
+    }
+    Ok(())
+}
+
+/// Loaded adapters by name, at most one active: load once, swap in microseconds, unload to
+/// free the memory.
+#[derive(Default)]
+pub struct AdapterCache {
+    adapters: BTreeMap<String, LoraAdapter>,
+    active: Option<String>,
+}
+
+impl AdapterCache {
+    pub fn insert(&mut self, adapter: LoraAdapter) -> String {
+        let name = adapter.name.clone();
+        self.adapters.insert(name.clone(), adapter);
+        name
+    }
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.adapters.keys()
+    }
+    pub fn active(&self) -> Option<&str> {
+        self.active.as_deref()
+    }
+    pub fn bytes(&self) -> usize {
+        self.adapters.values().map(LoraAdapter::bytes).sum()
+    }
+    /// Activate a cached adapter (or none) on `decoder`.
+    pub fn activate(&mut self, decoder: &mut Decoder, name: Option<&str>) -> Result<()> {
+        match name {
+            None => deactivate(decoder)?,
+            Some(n) => self
+                .adapters
+                .get(n)
+                .ok_or_else(|| TextError::InvalidArgument(format!("no cached adapter '{n}'")))?
+                .activate(decoder)?,
+        }
+        self.active = name.map(str::to_string);
+        Ok(())
+    }
+    /// Drop a cached adapter (deactivating it first when active).
+    pub fn unload(&mut self, decoder: &mut Decoder, name: &str) -> Result<()> {
+        if self.active.as_deref() == Some(name) {
+            self.activate(decoder, None)?;
+        }
+        self.adapters
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| TextError::InvalidArgument(format!("no cached adapter '{name}'")))
+    }
+}

@@ -1,0 +1,106 @@
+//! LoRA: the overlay equals the hand-merged weight W + (α/r)·B·A; activating, swapping,
+//! deactivating and merging behave; and a PEFT adapter on a Llama-style model gives HF PEFT's
+//! logits (the test builds the reference with tests/reference/peft_lora.py).
+
+mod common;
+
+use afm_text::generation::ids_tensor;
+use afm_text::linear::Linear;
+use afm_text::lora::{deactivate, merge_active, AdapterCache, LoraAdapter, DEFAULT_TARGETS};
+use afm_text::{DType, Decoder, Logits, TextModel};
+use common::*;
+use tch::{Device, Tensor};
+
+fn tiny(seed: i64) -> Decoder {
+    TextModel::from_preset("tiny-two-segment", seed, Device::Cpu, DType::F32).unwrap().decoder
+}
+
+fn logits(d: &Decoder) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let mut c = d.new_cache(1);
+    d.forward(&ids_tensor(&[3, 1, 4, 1, 5, 9, 2, 6]).unwrap(), None, &mut c, Logits::All).unwrap()
+}
+
+#[test]
+fn overlay_equals_hand_merged_weights() {
+    let mut with = tiny(5);
+    let base_logits = logits(&with);
+    let adapter = LoraAdapter::random(&mut with, 4, 8.0, DEFAULT_TARGETS, 9).unwrap();
+    // Segment-1 attention has only q and o (no k, v): 4 layers × 7 + 2 layers × 5.
+    assert_eq!(adapter.modules().count(), 4 * 7 + 2 * 5);
+    adapter.activate(&mut with).unwrap();
+    let ours = logits(&with);
+    assert!(max_abs_diff(&ours, &base_logits) > 1e-2, "the adapter must change the output");
+
+    // W + (α/r)·B·A by hand on an identical base.
+    let mut merged = tiny(5);
+    for (name, lin) in merged.linears_mut() {
+        let (a, b) = adapter.module(&name).unwrap();
+        let w = match lin.weight() {
+            afm_text::linear::LinearWeight::Dense(w) => w.shallow_clone(),
+        };
+        *lin = Linear::from_dense(&w + b.matmul(a) * (8.0 / 4.0), None);
+    }
+    let d = max_abs_diff(&ours, &logits(&merged));
+    assert!(d <= 1e-4, "overlay vs hand-merged: {d}");
+
+    // merge_active folds the overlay in: same logits, no overlay left.
+    let before = logits(&with);
+    merge_active(&mut with).unwrap();
+    assert!(max_abs_diff(&before, &logits(&with)) <= 1e-4);
+    assert!(with.linears_mut().iter().all(|(_, l)| l.lora().is_none()));
+}
+
+#[test]
+fn cache_swaps_and_unloads() {
+    let mut d = tiny(6);
+    let base = logits(&d);
+    let a1 = LoraAdapter::random(&mut d, 4, 8.0, DEFAULT_TARGETS, 1).unwrap();
+    let mut a2 = LoraAdapter::random(&mut d, 8, 16.0, &["q_proj", "v_proj"], 2).unwrap();
+    a2.name = "second".into();
+    let mut cache = AdapterCache::default();
+    let n1 = cache.insert(a1);
+    let n2 = cache.insert(a2);
+    cache.activate(&mut d, Some(&n1)).unwrap();
+    let l1 = logits(&d);
+    cache.activate(&mut d, Some(&n2)).unwrap();
+    let l2 = logits(&d);
+    assert!(max_abs_diff(&l1, &l2) > 1e-3);
+    cache.activate(&mut d, Some(&n1)).unwrap();
+    assert_eq!(max_abs_diff(&l1, &logits(&d)), 0.0, "swapping back is exact");
+    cache.unload(&mut d, &n1).unwrap();
+    assert_eq!(cache.active(), None);
+    assert_eq!(max_abs_diff(&base, &logits(&d)), 0.0, "unloading restores the base");
+    assert!(cache.activate(&mut d, Some(&n1)).is_err());
+    deactivate(&mut d).unwrap();
+}
+
+#[test]
+fn peft_adapter_matches_hf_peft() {
+    let Some(py) = venv_python_with("peft") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new(&py)
+        .arg(repo_root().join("text/tests/reference/peft_lora.py"))
+        .arg(tmp.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "reference failed");
+    let _g = tch::no_grad_guard();
+    let mut m = TextModel::load(&tmp.path().join("base"), Device::Cpu, DType::F32).unwrap();
+    let adapter = LoraAdapter::load(&tmp.path().join("adapter"), Device::Cpu, tch::Kind::Float).unwrap();
+    assert_eq!((adapter.rank, adapter.scale), (4, 2.0));
+    let reference: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(tmp.path().join("ref.safetensors")).unwrap().into_iter().collect();
+    let ids: Vec<u32> = Vec::<i64>::try_from(&reference["ids"]).unwrap().iter().map(|&i| i as u32).collect();
+    let run = |d: &Decoder| {
+        let mut c = d.new_cache(1);
+        d.forward(&ids_tensor(&ids).unwrap(), None, &mut c, Logits::All).unwrap().squeeze_dim(0)
+    };
+    let base = run(&m.decoder);
+    adapter.activate(&mut m.decoder).unwrap();
+    let ours = run(&m.decoder);
+    let d = max_abs_diff(&ours, &reference["logits"]);
+    println!("PEFT parity: max |Δ| = {d:.2e} (base vs adapted differ by {:.2e})", max_abs_diff(&base, &ours));
+    assert!(d <= 1e-4, "max |Δ| {d}");
+    assert!(max_abs_diff(&base, &ours) > 1e-3);
+}
