@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{bench_text, bench_tiler, Context};
+use super::{bench_lora, bench_text, bench_tiler, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -14,6 +14,8 @@ pub struct Args {
 pub enum Which {
     /// Text decoding: prefill and decode tokens/s, two-segment vs dense, vs HF transformers.
     Text(bench_text::Args),
+    /// LoRA adapters: swap latency between cached adapters, memory returned on unload.
+    Adapters(bench_lora::Args),
     /// The image tiler: images/s per mode, single-thread and all threads.
     Tiler(bench_tiler::Args),
 }
@@ -22,5 +24,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     match args.which {
         Which::Text(a) => bench_text::run(ctx, a),
         Which::Tiler(a) => bench_tiler::run(ctx, a),
+        Which::Adapters(a) => bench_lora::run(ctx, a),
     }
 }

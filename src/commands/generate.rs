@@ -82,6 +82,12 @@ pub struct GenerateArgs {
     /// target's own first N layers).
     #[arg(long, value_name = "DIR|self:N")]
     pub draft: Option<String>,
+    /// A LoRA adapter directory (PEFT layout: adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Fold the adapter into the base weights instead of running it as an overlay.
+    #[arg(long, requires = "adapter")]
+    pub merge_adapter: bool,
     /// Tokens the draft proposes per target forward.
     #[arg(long, default_value_t = 5)]
     pub draft_tokens: usize,
@@ -148,7 +154,16 @@ fn run_speculative(ctx: &Context, args: &GenerateArgs, model: &afm_text::TextMod
 
 pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
     let opts = args.sampling.options()?;
-    let model = args.model.load(ctx)?;
+    let mut model = args.model.load(ctx)?;
+    if let Some(dir) = &args.adapter {
+        let device = model.decoder.device();
+        let adapter = afm_text::lora::LoraAdapter::load(dir, device, model.dtype.kind())?;
+        adapter.activate(&mut model.decoder)?;
+        if args.merge_adapter {
+            afm_text::lora::merge_active(&mut model.decoder)?;
+        }
+        tracing::info!("adapter {} (rank {}) on {} modules", dir.display(), adapter.rank, adapter.modules().count());
+    }
     if let Some(spec) = &args.draft {
         return run_speculative(ctx, &args, &model, spec);
     }

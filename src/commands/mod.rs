@@ -2,6 +2,7 @@
 //! one-line cause chain and exit code 1 (2 for a subcommand that is not built yet).
 
 pub mod bench;
+pub mod bench_lora;
 pub mod bench_text;
 pub mod bench_tiler;
 pub mod convert;

@@ -211,14 +211,26 @@ impl AdapterCache {
         self.active = name.map(str::to_string);
         Ok(())
     }
-    /// Drop a cached adapter (deactivating it first when active).
+    /// Drop a cached adapter (deactivating it first when active) and hand the freed memory
+    /// back to the operating system.
     pub fn unload(&mut self, decoder: &mut Decoder, name: &str) -> Result<()> {
         if self.active.as_deref() == Some(name) {
             self.activate(decoder, None)?;
         }
         self.adapters
             .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| TextError::InvalidArgument(format!("no cached adapter '{name}'")))
+            .ok_or_else(|| TextError::InvalidArgument(format!("no cached adapter '{name}'")))?;
+        release_freed_memory();
+        Ok(())
+    }
+}
+
+/// Return freed heap pages to the OS. An adapter is many small tensors that the allocator
+/// keeps in its arenas after they are dropped; glibc's `malloc_trim` releases them.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of/inside glibc's heaps.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
