@@ -2,12 +2,16 @@
 //!
 //! A segment-1 layer (AFM 2025) has only the Q and O projections: it attends with the K/V that
 //! its source layer cached ([`crate::kv_cache::LayerCache::Shared`]).
+//!
+//! PT-MoE (server) layers add two options: no positional encoding (NoPE, the global layers)
+//! and a sliding window, whose keys come from a ring buffer
+//! ([`crate::kv_cache::LayerCache::Rotating`]) and whose band mask [`StepMask::sliding`] builds.
 
 use tch::Tensor;
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{ring_key_positions, KvCache};
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
@@ -64,6 +68,71 @@ impl StepMask {
         })
     }
 
+    /// Sliding-window attention for `q` new tokens after `past` cached ones, over the keys a
+    /// ring of `capacity` slots returns ([`ring_key_positions`]): query `i` (absolute cache
+    /// index) sees key `j` iff `i − window < j ≤ i` (and `j` is a real token).
+    pub fn sliding(
+        q: i64,
+        past: i64,
+        window: i64,
+        capacity: i64,
+        key_mask: Option<&Tensor>,
+        device: tch::Device,
+    ) -> Result<Self> {
+        let keys = ring_key_positions(past, q, capacity);
+        if key_mask.is_none() {
+            if q == 1 && keys.iter().all(|&j| past - j < window) {
+                return Ok(Self {
+                    mask: None,
+                    is_causal: false,
+                });
+            }
+            if past == 0 && q <= window {
+                return Ok(Self {
+                    mask: None,
+                    is_causal: true,
+                });
+            }
+        }
+        let opts = (tch::Kind::Int64, device);
+        let qi = Tensor::f_arange_start(past, past + q, opts)?.f_unsqueeze(1)?; // [q, 1]
+        let kj = Tensor::f_from_slice(&keys)?
+            .f_to_device(device)?
+            .f_unsqueeze(0)?; // [1, keys]
+        let band = kj
+            .f_le_tensor(&qi)?
+            .f_logical_and(&kj.f_gt_tensor(&qi.f_sub_scalar(window)?)?)?
+            .f_unsqueeze(0)?
+            .f_unsqueeze(0)?; // [1, 1, q, keys]
+        let mask = match key_mask {
+            None => band,
+            Some(km) => {
+                // [b, keys] → [b, 1, 1, keys]
+                let km = km
+                    .f_index_select(1, &kj.f_squeeze_dim(0)?)?
+                    .f_unsqueeze(1)?
+                    .f_unsqueeze(1)?;
+                let diag = kj.f_eq_tensor(&qi)?.f_unsqueeze(0)?.f_unsqueeze(0)?;
+                band.f_logical_and(&km)?.f_logical_or(&diag)?
+            }
+        };
+        Ok(Self {
+            mask: Some(mask),
+            is_causal: false,
+        })
+    }
+
+    /// A copy on `device` (tracks on other devices).
+    pub fn to_device(&self, device: tch::Device) -> Result<Self> {
+        Ok(Self {
+            mask: match &self.mask {
+                Some(m) => Some(m.f_to_device(device)?),
+                None => None,
+            },
+            is_causal: self.is_causal,
+        })
+    }
+
     /// Only the last query row (segment 1 during prefill).
     pub fn last_row(&self) -> Result<Self> {
         Ok(Self {
@@ -92,17 +161,33 @@ pub struct Attention {
     kv_heads: i64,
     head_dim: i64,
     layer: usize,
+    /// Rotate Q and K (false: no positional encoding, NoPE).
+    rope: bool,
 }
 
 impl Attention {
     pub fn new(cfg: &TextConfig, w: &WeightMap, layer: usize) -> Result<Self> {
         let p = format!("model.layers.{layer}.self_attn");
+        Self::new_at(cfg, w, &p, layer, !cfg.is_segment1(layer), true)
+    }
+
+    /// Weights under `prefix` (`….self_attn`), K/V in layer `cache_layer` of the cache; without
+    /// `owns_kv` it reads that layer's cache; without `rope` it has no positional encoding.
+    pub fn new_at(
+        cfg: &TextConfig,
+        w: &WeightMap,
+        prefix: &str,
+        cache_layer: usize,
+        owns_kv: bool,
+        rope: bool,
+    ) -> Result<Self> {
+        let p = prefix;
+        let layer = cache_layer;
         let hidden = cfg.hidden_size as i64;
         let heads = cfg.num_attention_heads as i64;
         let kv_heads = cfg.num_kv_heads() as i64;
         let head_dim = cfg.head_dim() as i64;
         let bias = cfg.attention_bias;
-        let owns_kv = !cfg.is_segment1(layer);
         let k_proj = owns_kv
             .then(|| Linear::new(w, &format!("{p}.k_proj"), hidden, kv_heads * head_dim, bias))
             .transpose()?;
@@ -137,7 +222,13 @@ impl Attention {
             kv_heads,
             head_dim,
             layer,
+            rope,
         })
+    }
+
+    /// Whether Q and K are rotated (false: NoPE).
+    pub fn uses_rope(&self) -> bool {
+        self.rope
     }
 
     pub fn num_params(&self) -> i64 {
@@ -178,7 +269,11 @@ impl Attention {
         if let Some(n) = &self.q_norm {
             q = n.forward(&q)?;
         }
-        let q = Rope::apply(&q, cos, sin)?;
+        let q = if self.rope {
+            Rope::apply(&q, cos, sin)?
+        } else {
+            q
+        };
         let (k_all, v_all) = match (&self.k_proj, &self.v_proj) {
             (Some(kp), Some(vp)) => {
                 // [batch, kv_heads, seq, head_dim]
@@ -189,7 +284,11 @@ impl Attention {
                 if let Some(n) = &self.k_norm {
                     k = n.forward(&k)?;
                 }
-                let k = Rope::apply(&k, cos, sin)?;
+                let k = if self.rope {
+                    Rope::apply(&k, cos, sin)?
+                } else {
+                    k
+                };
                 let v = vp
                     .forward(x)?
                     .f_view([b, s, self.kv_heads, self.head_dim])?

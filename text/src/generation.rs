@@ -1,7 +1,8 @@
 //! Generation: prefill, then decode token by token through the KV cache, with sampling,
 //! stopping (EOS, stop strings, max tokens, context) and streaming of text as it is decided.
 //!
-//! Apart from the model (it only calls `Decoder::forward`) and from preprocessing.
+//! Apart from the model (it only calls [`CausalLm::forward_lm`], which the on-device
+//! [`Decoder`] and the server [`PtMoe`] implement) and from preprocessing.
 
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use tch::{Kind, Tensor};
 use crate::decoder::{Decoder, Logits};
 use crate::error::{Result, TextError};
 use crate::kv_cache::KvCache;
+use crate::ptmoe::{PtMoe, PtMoeCache};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -121,9 +123,90 @@ impl TextStream<'_> {
     }
 }
 
+/// What generation needs of a causal language model.
+pub trait CausalLm {
+    type Cache;
+    /// Run `ids` ([batch, seq]) extending `cache`; fp32 logits.
+    fn forward_lm(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Self::Cache,
+        logits: Logits,
+    ) -> Result<Tensor>;
+    /// A fresh cache for `batch` rows.
+    fn new_lm_cache(&self, batch: i64) -> Self::Cache;
+    /// Tokens the cache holds.
+    fn cache_len(cache: &Self::Cache) -> i64;
+    fn eos_ids(&self) -> Vec<u32>;
+    /// The context length in tokens.
+    fn context_len(&self) -> usize;
+}
+
+impl CausalLm for Decoder {
+    type Cache = KvCache;
+    fn forward_lm(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        self.forward(ids, mask, cache, logits)
+    }
+    fn new_lm_cache(&self, batch: i64) -> KvCache {
+        self.new_cache(batch)
+    }
+    fn cache_len(cache: &KvCache) -> i64 {
+        cache.len()
+    }
+    fn eos_ids(&self) -> Vec<u32> {
+        self.cfg.eos_ids()
+    }
+    fn context_len(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
+
+impl CausalLm for PtMoe {
+    type Cache = PtMoeCache;
+    fn forward_lm(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        self.forward(ids, mask, cache, logits)
+    }
+    fn new_lm_cache(&self, batch: i64) -> PtMoeCache {
+        self.new_cache(batch)
+    }
+    fn cache_len(cache: &PtMoeCache) -> i64 {
+        cache.len()
+    }
+    fn eos_ids(&self) -> Vec<u32> {
+        self.cfg.eos_ids()
+    }
+    fn context_len(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
+
 /// Greedy/sampled generation from a prompt of token ids (fresh cache, batch 1).
 pub fn generate(
     decoder: &Decoder,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    generate_lm(decoder, tokenizer, prompt, opts, on_text)
+}
+
+/// [`generate`] for any [`CausalLm`] (the on-device decoder, PT-MoE).
+pub fn generate_lm<M: CausalLm>(
+    decoder: &M,
     tokenizer: Option<&Tokenizer>,
     prompt: &[u32],
     opts: &GenerateOptions,
@@ -133,7 +216,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(TextError::InvalidArgument("the prompt is empty".into()));
     }
-    let ctx = decoder.cfg.max_position_embeddings;
+    let ctx = decoder.context_len();
     if prompt.len() >= ctx {
         return Err(TextError::ContextOverflow {
             tokens: prompt.len(),
@@ -141,12 +224,12 @@ pub fn generate(
             context: ctx,
         });
     }
-    let mut cache = decoder.new_cache(1);
+    let mut cache = decoder.new_lm_cache(1);
     let t0 = Instant::now();
     let ids = ids_tensor(prompt)?;
-    let logits = decoder.forward(&ids, None, &mut cache, Logits::Last)?;
+    let logits = decoder.forward_lm(&ids, None, &mut cache, Logits::Last)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
-    let mut out = generate_from_logits(
+    let mut out = generate_from_logits_lm(
         decoder, tokenizer, &mut cache, &logits, prompt, opts, on_text,
     )?;
     out.stats.prompt_tokens = prompt.len();
@@ -183,6 +266,19 @@ pub fn generate_from_logits(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
+    generate_from_logits_lm(decoder, tokenizer, cache, logits, context, opts, on_text)
+}
+
+/// [`generate_from_logits`] for any [`CausalLm`].
+pub fn generate_from_logits_lm<M: CausalLm>(
+    decoder: &M,
+    tokenizer: Option<&Tokenizer>,
+    cache: &mut M::Cache,
+    logits: &Tensor,
+    context: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
     let _guard = tch::no_grad_guard();
     if !opts.stop_strings.is_empty() && tokenizer.is_none() {
         return Err(TextError::InvalidArgument(
@@ -190,11 +286,11 @@ pub fn generate_from_logits(
         ));
     }
     let eos = if opts.stop_on_eos {
-        decoder.cfg.eos_ids()
+        decoder.eos_ids()
     } else {
         Vec::new()
     };
-    let ctx = decoder.cfg.max_position_embeddings as i64;
+    let ctx = decoder.context_len() as i64;
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut stream = TextStream {
         tokenizer,
@@ -233,10 +329,10 @@ pub fn generate_from_logits(
         if generated.len() >= opts.max_new_tokens {
             break StopReason::MaxTokens;
         }
-        if cache.len() + 1 > ctx {
+        if M::cache_len(cache) + 1 > ctx {
             break StopReason::ContextFull;
         }
-        let logits = decoder.forward(&ids_tensor(&[next])?, None, cache, Logits::Last)?;
+        let logits = decoder.forward_lm(&ids_tensor(&[next])?, None, cache, Logits::Last)?;
         row = last_logits(&logits)?;
     };
     if reason != StopReason::StopString {

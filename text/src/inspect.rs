@@ -5,6 +5,8 @@ use serde::Serialize;
 
 use crate::config::TextConfig;
 use crate::decoder::weight_shapes;
+use crate::ptmoe::ptmoe_weight_shapes;
+use crate::ptmoe_config::PtMoeConfig;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ComponentParams {
@@ -121,6 +123,138 @@ impl ModelReport {
     }
 }
 
+/// What `afm-vl inspect` reports for a PT-MoE (server) configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct PtMoeReport {
+    pub model_type: String,
+    pub tracks: usize,
+    pub track_blocks: usize,
+    pub track_block_depth: usize,
+    /// Layers on one track's path (blocks × depth) and in the whole model (× tracks).
+    pub track_depth: usize,
+    pub total_layers: usize,
+    pub local_layers_per_track: usize,
+    pub global_layers_per_track: usize,
+    pub moe_layers_per_track: usize,
+    pub components: Vec<ComponentParams>,
+    pub total_params: u64,
+    /// Parameters one token goes through: every track's attention and dense FFN, the routers
+    /// and top-k of E experts per MoE layer, embedding and head.
+    pub active_params_per_token: u64,
+    pub bytes_per_weight: usize,
+    pub weight_bytes: u64,
+    /// Track merges per forward (= track blocks).
+    pub sync_points_per_forward: usize,
+    /// Tensor parallelism over the same depth: two all-reduces per layer.
+    pub sync_points_tensor_parallel: usize,
+    /// K/V bytes per token over all tracks, sliding-window layers and global layers.
+    pub kv_bytes_per_token_local: u64,
+    pub kv_bytes_per_token_global: u64,
+    pub sliding_window: usize,
+    /// (tokens, local-layer bytes, global-layer bytes) at 1×, 4× and 16× the window.
+    pub kv_bytes_at_window_multiples: Vec<(usize, u64, u64)>,
+}
+
+impl PtMoeReport {
+    pub fn new(cfg: &PtMoeConfig, bytes_per_weight: usize) -> Self {
+        let (mut emb, mut head, mut norms, mut attn, mut dense, mut experts, mut routers) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        for (name, shape) in ptmoe_weight_shapes(cfg) {
+            let n: u64 = shape.iter().map(|&d| d as u64).product();
+            if name == "model.embed_tokens.weight" {
+                emb += n;
+            } else if name == "lm_head.weight" {
+                head += n;
+            } else if name.contains("self_attn") {
+                attn += n;
+            } else if name.ends_with("norm.weight") {
+                norms += n;
+            } else if name.contains(".mlp.experts.") {
+                experts += n;
+            } else if name.ends_with(".mlp.gate.weight") {
+                routers += n;
+            } else {
+                dense += n;
+            }
+        }
+        let tied = if cfg.tie_word_embeddings {
+            " (tied with the output head)"
+        } else {
+            ""
+        };
+        let mut components = vec![
+            ComponentParams {
+                name: format!("embedding{tied}"),
+                params: emb,
+            },
+            ComponentParams {
+                name: "attention (all tracks)".into(),
+                params: attn,
+            },
+            ComponentParams {
+                name: "dense FFN".into(),
+                params: dense,
+            },
+            ComponentParams {
+                name: format!(
+                    "MoE experts ({} × top-{})",
+                    cfg.num_local_experts, cfg.num_experts_per_tok
+                ),
+                params: experts,
+            },
+            ComponentParams {
+                name: "MoE routers".into(),
+                params: routers,
+            },
+            ComponentParams {
+                name: "RMSNorms".into(),
+                params: norms,
+            },
+        ];
+        if head > 0 {
+            components.push(ComponentParams {
+                name: "output head".into(),
+                params: head,
+            });
+        }
+        let total: u64 = components.iter().map(|c| c.params).sum();
+        let active_experts =
+            experts / cfg.num_local_experts as u64 * cfg.num_experts_per_tok as u64;
+        let active = total - experts + active_experts;
+        let (local, global) = cfg.local_global_layers();
+        let (kl, kg) = cfg.kv_bytes_per_token(bytes_per_weight);
+        let w = cfg.sliding_window;
+        Self {
+            model_type: cfg.model_type.clone(),
+            tracks: cfg.num_tracks,
+            track_blocks: cfg.num_track_blocks,
+            track_block_depth: cfg.track_block_depth,
+            track_depth: cfg.track_depth(),
+            total_layers: cfg.total_layers(),
+            local_layers_per_track: local,
+            global_layers_per_track: global,
+            moe_layers_per_track: (0..cfg.track_depth()).filter(|&j| cfg.is_moe(j)).count(),
+            components,
+            total_params: total,
+            active_params_per_token: active,
+            bytes_per_weight,
+            weight_bytes: total * bytes_per_weight as u64,
+            sync_points_per_forward: cfg.num_track_blocks,
+            sync_points_tensor_parallel: 2 * cfg.track_depth(),
+            kv_bytes_per_token_local: kl as u64,
+            kv_bytes_per_token_global: kg as u64,
+            sliding_window: w,
+            kv_bytes_at_window_multiples: [1, 4, 16]
+                .iter()
+                .map(|m| {
+                    let (l, g) = cfg.kv_bytes_at(m * w, bytes_per_weight);
+                    (m * w, l, g)
+                })
+                .collect(),
+        }
+    }
+}
+
 /// 1234567 → "1.23M".
 pub fn human_count(n: u64) -> String {
     let f = n as f64;
@@ -163,6 +297,25 @@ mod tests {
             r.kv_bytes_per_token_dense * 625
         );
         assert_eq!(r.kv_ratio, 0.625);
+    }
+
+    #[test]
+    fn ptmoe_report_counts_active_params_and_sync_points() {
+        let cfg = crate::ptmoe_config::ptmoe_preset("tiny-ptmoe").unwrap();
+        let r = PtMoeReport::new(&cfg, 4);
+        let m =
+            crate::ptmoe::PtMoe::random(&cfg, 0, tch::Device::Cpu, tch::Kind::Float, &[]).unwrap();
+        assert_eq!(r.total_params, m.num_params() as u64);
+        let expert = 3 * 64 * 64u64;
+        let moe_layers = (r.moe_layers_per_track * r.tracks) as u64;
+        assert_eq!(
+            r.total_params - r.active_params_per_token,
+            moe_layers * 2 * expert
+        );
+        assert_eq!(r.sync_points_per_forward, 2);
+        assert_eq!(r.sync_points_tensor_parallel, 16);
+        let at = &r.kv_bytes_at_window_multiples;
+        assert_eq!((at[0].1, at[1].1), (at[1].1, at[2].1));
     }
 
     #[test]

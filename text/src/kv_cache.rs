@@ -2,6 +2,8 @@
 //!
 //! - `Normal`: preallocated `[batch, kv_heads, capacity, head_dim]` buffers that grow by chunks.
 //! - `Shared`: the layer owns nothing and reads another layer's buffer (AFM 2025 segment 1).
+//! - `Rotating`: a ring buffer bounded by a sliding window (PT-MoE local-attention layers):
+//!   memory stays flat however long the sequence grows.
 //!
 //! The cache also carries what every layer needs to build masks and positions: the key padding
 //! mask (left padding in batches) and each row's next position. It can snapshot and roll back
@@ -132,6 +134,185 @@ impl KvBuffer {
     }
 }
 
+/// Absolute cache indices of the keys [`RingBuffer::append`] returns when `n` tokens are
+/// appended after `past` cached ones, in the order it returns them. A ring of `capacity` slots
+/// holds, in slot `s`, the latest position `p ≡ s (mod capacity)`. One new token (`n = 1`) is
+/// written first and the ring is returned as it lies; a chunk (`n > 1`) is returned as the
+/// ring's past keys followed by the chunk, then its last `capacity` tokens are written.
+pub fn ring_key_positions(past: i64, n: i64, capacity: i64) -> Vec<i64> {
+    let cap = capacity.max(1);
+    if n == 1 {
+        (0..(past + 1).min(cap))
+            .map(|s| past - (past - s).rem_euclid(cap))
+            .collect()
+    } else {
+        let last = past - 1;
+        (0..past.min(cap))
+            .map(|s| last - (last - s).rem_euclid(cap))
+            .chain(past..past + n)
+            .collect()
+    }
+}
+
+/// One sliding-window layer's K/V: a ring of `window + slack` slots. `slack` extra slots let
+/// [`KvCache::rollback`] undo up to `slack` tokens once the ring has wrapped (speculative
+/// decoding); a deeper rollback is rejected with an error.
+#[derive(Debug)]
+pub struct RingBuffer {
+    k: Option<Tensor>, // [batch, kv_heads, capacity, head_dim]
+    v: Option<Tensor>,
+    window: i64,
+    capacity: i64,
+    /// Tokens ever appended (absolute length).
+    len: i64,
+}
+
+impl RingBuffer {
+    pub fn new(window: i64, slack: i64) -> Self {
+        let window = window.max(1);
+        Self {
+            k: None,
+            v: None,
+            window,
+            capacity: window + slack.max(0),
+            len: 0,
+        }
+    }
+
+    pub fn window(&self) -> i64 {
+        self.window
+    }
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes allocated: at most `capacity` tokens, whatever the sequence length.
+    pub fn allocated_bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+
+    fn buffers(&mut self, like: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.k.is_none() {
+            let s = like.size();
+            let opts = (like.kind(), like.device());
+            self.k = Some(Tensor::f_zeros([s[0], s[1], self.capacity, s[3]], opts)?);
+            self.v = Some(Tensor::f_zeros([s[0], s[1], self.capacity, s[3]], opts)?);
+        }
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => {
+                if k.size()[0] != like.size()[0] {
+                    return Err(TextError::InvalidArgument(format!(
+                        "KV cache holds batch {} but the input has batch {}",
+                        k.size()[0],
+                        like.size()[0]
+                    )));
+                }
+                Ok((k.shallow_clone(), v.shallow_clone()))
+            }
+            _ => Err(TextError::InvalidArgument("KV ring not allocated".into())),
+        }
+    }
+
+    /// Append `k`, `v` ([batch, kv_heads, n, head_dim]); returns the keys and values the new
+    /// queries attend to, laid out as [`ring_key_positions`] says (the caller masks them).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.size()[2];
+        let past = self.len;
+        let cap = self.capacity;
+        let (mut bk, mut bv) = self.buffers(k)?;
+        if n == 1 {
+            let slot = past % cap;
+            bk.f_narrow(2, slot, 1)?.f_copy_(k)?;
+            bv.f_narrow(2, slot, 1)?.f_copy_(v)?;
+            self.len += 1;
+            let filled = self.len.min(cap);
+            return Ok((bk.f_narrow(2, 0, filled)?, bv.f_narrow(2, 0, filled)?));
+        }
+        let kept = past.min(cap);
+        let k_all = Tensor::f_cat(&[&bk.f_narrow(2, 0, kept)?, k], 2)?;
+        let v_all = Tensor::f_cat(&[&bv.f_narrow(2, 0, kept)?, v], 2)?;
+        let m = n.min(cap);
+        if m > 0 {
+            let slots: Vec<i64> = (past + n - m..past + n).map(|p| p % cap).collect();
+            let idx = Tensor::f_from_slice(&slots)?.f_to_device(k.device())?;
+            let _ = bk.f_index_copy_(2, &idx, &k.f_narrow(2, n - m, m)?)?;
+            let _ = bv.f_index_copy_(2, &idx, &v.f_narrow(2, n - m, m)?)?;
+        }
+        self.len += n;
+        Ok((k_all, v_all))
+    }
+
+    /// The ring as it lies (`min(len, capacity)` slots).
+    pub fn view(&self) -> Result<(Tensor, Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => {
+                let filled = self.len.min(self.capacity);
+                Ok((k.f_narrow(2, 0, filled)?, v.f_narrow(2, 0, filled)?))
+            }
+            _ => Err(TextError::InvalidArgument("KV ring is empty".into())),
+        }
+    }
+
+    /// Whether rolling back to `len` tokens loses nothing the window still needs: the tokens
+    /// appended since overwrote slots whose keys are older than `len − window`.
+    pub fn can_truncate(&self, len: i64) -> bool {
+        if len >= self.len {
+            return true;
+        }
+        let newest_overwritten = self.len - 1 - self.capacity;
+        newest_overwritten < 0 || newest_overwritten < len - self.window
+    }
+
+    fn truncate(&mut self, len: i64) {
+        self.len = self.len.min(len.max(0));
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            k: self.k.as_ref().map(&f).transpose()?,
+            v: self.v.as_ref().map(&f).transpose()?,
+            window: self.window,
+            capacity: self.capacity,
+            len: self.len,
+        })
+    }
+
+    /// A deep copy.
+    pub fn fork(&self) -> Result<Self> {
+        self.map(|t| {
+            let mut c = t.f_zeros_like()?;
+            c.f_copy_(t)?;
+            Ok(c)
+        })
+    }
+
+    /// Repeat a batch-1 ring `n` times along the batch.
+    pub fn repeat_batch(&self, n: i64) -> Result<Self> {
+        self.map(|t| Ok(t.f_repeat([n, 1, 1, 1])?))
+    }
+}
+
+/// How a layer caches, for [`KvCache::with_kinds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    /// Its own growing K/V.
+    Normal,
+    /// Reads layer `source`'s K/V.
+    Shared(usize),
+    /// A ring of `window + slack` tokens (sliding-window attention).
+    Rotating { window: i64, slack: i64 },
+}
+
 /// What one layer keeps.
 #[derive(Debug)]
 pub enum LayerCache {
@@ -139,6 +320,8 @@ pub enum LayerCache {
     Normal(KvBuffer),
     /// Reads the cache of layer `source` (which must be `Normal`).
     Shared { source: usize },
+    /// A ring buffer bounded by the sliding window.
+    Rotating(RingBuffer),
 }
 
 /// A position in the cache to roll back to.
@@ -164,11 +347,26 @@ pub struct KvCache {
 impl KvCache {
     /// `kinds[i]` is `None` for a layer with its own K/V, `Some(src)` for one reading `src`.
     pub fn new(kinds: &[Option<usize>], batch: i64, device: Device) -> Self {
+        let kinds: Vec<CacheKind> = kinds
+            .iter()
+            .map(|k| match k {
+                None => CacheKind::Normal,
+                Some(src) => CacheKind::Shared(*src),
+            })
+            .collect();
+        Self::with_kinds(&kinds, batch, device)
+    }
+
+    /// One layer per entry of `kinds` (normal, shared or rotating).
+    pub fn with_kinds(kinds: &[CacheKind], batch: i64, device: Device) -> Self {
         let layers = kinds
             .iter()
             .map(|k| match k {
-                None => LayerCache::Normal(KvBuffer::new(DEFAULT_CHUNK)),
-                Some(src) => LayerCache::Shared { source: *src },
+                CacheKind::Normal => LayerCache::Normal(KvBuffer::new(DEFAULT_CHUNK)),
+                CacheKind::Shared(src) => LayerCache::Shared { source: *src },
+                CacheKind::Rotating { window, slack } => {
+                    LayerCache::Rotating(RingBuffer::new(*window, *slack))
+                }
             })
             .collect();
         Self {
@@ -200,13 +398,20 @@ impl KvCache {
 
     /// Bytes held by all K/V buffers (allocated capacity).
     pub fn allocated_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerCache::Normal(b) => b.allocated_bytes(),
-                LayerCache::Shared { .. } => 0,
-            })
-            .sum()
+        (0..self.layers.len()).map(|l| self.layer_bytes(l)).sum()
+    }
+
+    /// Bytes held by one layer's K/V (0 for a shared layer or an unknown index).
+    pub fn layer_bytes(&self, layer: usize) -> usize {
+        match self.layers.get(layer) {
+            Some(LayerCache::Normal(b)) => b.allocated_bytes(),
+            Some(LayerCache::Rotating(r)) => r.allocated_bytes(),
+            _ => 0,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// Record `n` new tokens for every row; `mask` ([batch, n], 1 = real) marks padding.
@@ -267,6 +472,7 @@ impl KvCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         match self.layers.get_mut(layer) {
             Some(LayerCache::Normal(buf)) => buf.append(k, v),
+            Some(LayerCache::Rotating(ring)) => ring.append(k, v),
             Some(LayerCache::Shared { source }) => Err(TextError::InvalidArgument(format!(
                 "layer {layer} shares layer {source}'s cache and cannot append to it"
             ))),
@@ -280,6 +486,7 @@ impl KvCache {
     pub fn read(&self, layer: usize) -> Result<(Tensor, Tensor)> {
         match self.layers.get(layer) {
             Some(LayerCache::Normal(buf)) => buf.view(),
+            Some(LayerCache::Rotating(ring)) => ring.view(),
             Some(LayerCache::Shared { source }) => match self.layers.get(*source) {
                 Some(LayerCache::Normal(buf)) => buf.view(),
                 _ => Err(TextError::InvalidArgument(format!(
@@ -327,9 +534,25 @@ impl KvCache {
                 "snapshot does not belong to this cache state".into(),
             ));
         }
+        // A ring that has overwritten keys the window still needs cannot go back.
+        for (i, l) in self.layers.iter().enumerate() {
+            if let LayerCache::Rotating(r) = l {
+                if !r.can_truncate(snap.len) {
+                    return Err(TextError::InvalidArgument(format!(
+                        "cannot roll back {} tokens: layer {i}'s sliding-window ring ({} slots, \
+                         window {}) has overwritten keys it would need",
+                        self.len - snap.len,
+                        r.capacity(),
+                        r.window()
+                    )));
+                }
+            }
+        }
         for l in &mut self.layers {
-            if let LayerCache::Normal(b) = l {
-                b.truncate(snap.len);
+            match l {
+                LayerCache::Normal(b) => b.truncate(snap.len),
+                LayerCache::Rotating(r) => r.truncate(snap.len),
+                LayerCache::Shared { .. } => {}
             }
         }
         if let Some(km) = &self.key_mask {
@@ -340,12 +563,17 @@ impl KvCache {
         Ok(())
     }
 
-    fn map_buffers(&self, f: impl Fn(&KvBuffer) -> Result<KvBuffer>) -> Result<Vec<LayerCache>> {
+    fn map_buffers(
+        &self,
+        f: impl Fn(&KvBuffer) -> Result<KvBuffer>,
+        g: impl Fn(&RingBuffer) -> Result<RingBuffer>,
+    ) -> Result<Vec<LayerCache>> {
         self.layers
             .iter()
             .map(|l| {
                 Ok(match l {
                     LayerCache::Normal(b) => LayerCache::Normal(f(b)?),
+                    LayerCache::Rotating(r) => LayerCache::Rotating(g(r)?),
                     LayerCache::Shared { source } => LayerCache::Shared { source: *source },
                 })
             })
@@ -355,7 +583,7 @@ impl KvCache {
     /// An independent copy: extending it leaves `self` untouched (copy-on-extend).
     pub fn fork(&self) -> Result<Self> {
         Ok(Self {
-            layers: self.map_buffers(KvBuffer::fork)?,
+            layers: self.map_buffers(KvBuffer::fork, RingBuffer::fork)?,
             key_mask: self.key_mask.as_ref().map(|m| m.copy()),
             next_pos: self.next_pos.clone(),
             len: self.len,
@@ -373,7 +601,7 @@ impl KvCache {
             )));
         }
         Ok(Self {
-            layers: self.map_buffers(|b| b.repeat_batch(n))?,
+            layers: self.map_buffers(|b| b.repeat_batch(n), |r| r.repeat_batch(n))?,
             key_mask: match &self.key_mask {
                 Some(m) => Some(m.f_repeat([n, 1])?),
                 None => None,
@@ -397,13 +625,13 @@ mod tests {
     #[test]
     fn grows_by_chunks_and_rolls_back() {
         let mut c = KvCache::new(&[None, Some(0)], 1, Device::Cpu);
-        c.begin_step(3, None).unwrap();
+        let _ = c.begin_step(3, None).unwrap();
         let (k, _) = c.append(0, &kv(1, 3, 1.0), &kv(1, 3, 1.0)).unwrap();
         assert_eq!(k.size(), [1, 2, 3, 4]);
         let snap = c.snapshot();
         for i in 0..300 {
-            c.begin_step(1, None).unwrap();
-            c.append(0, &kv(1, 1, i as f64), &kv(1, 1, 0.0)).unwrap();
+            let _ = c.begin_step(1, None).unwrap();
+            let _ = c.append(0, &kv(1, 1, i as f64), &kv(1, 1, 0.0)).unwrap();
         }
         assert_eq!(c.read(1).unwrap().0.size(), [1, 2, 303, 4]);
         match &c.layers[0] {
@@ -427,10 +655,10 @@ mod tests {
             vec![0, 0, 1, 0, 1, 2]
         );
         assert_eq!(c.next_positions(), &[2, 3]);
-        c.append(0, &kv(2, 3, 1.0), &kv(2, 3, 1.0)).unwrap();
+        let _ = c.append(0, &kv(2, 3, 1.0), &kv(2, 3, 1.0)).unwrap();
         let mut f = c.fork().unwrap();
-        f.begin_step(1, None).unwrap();
-        f.append(0, &kv(2, 1, 5.0), &kv(2, 1, 5.0)).unwrap();
+        let _ = f.begin_step(1, None).unwrap();
+        let _ = f.append(0, &kv(2, 1, 5.0), &kv(2, 1, 5.0)).unwrap();
         assert_eq!(f.len(), 4);
         assert_eq!(c.len(), 3);
         assert_eq!(f.key_mask().unwrap().size(), [2, 4]);

@@ -1,8 +1,8 @@
 //! afm-text: the text side of afm-vl.
 //!
 //! Tokenizer, the dense two-segment decoder of AFM 2025 on-device (which with zero segment-1
-//! layers is a Llama-style decoder), its KV cache, checkpoint loading (safetensors, GGUF),
-//! and generation.
+//! layers is a Llama-style decoder), the server PT-MoE decoder, their KV cache, checkpoint
+//! loading (safetensors, GGUF), and generation.
 
 pub mod attention;
 pub mod checkpoint;
@@ -21,12 +21,16 @@ pub mod linear;
 pub mod lora;
 pub mod mlp;
 pub mod model;
+pub mod moe;
 pub mod norm;
 pub mod presets;
+pub mod ptmoe;
+pub mod ptmoe_config;
 pub mod rope;
 pub mod sampling;
 pub mod speculative;
 pub mod tokenizer;
+pub mod train_lora;
 pub mod weights;
 
 pub use config::TextConfig;
@@ -36,5 +40,7 @@ pub use error::{Result, TextError};
 pub use generation::{GenerateOptions, Generation, StopReason};
 pub use kv_cache::KvCache;
 pub use model::{DType, TextModel};
+pub use ptmoe::{PtMoe, PtMoeCache, TrackExec};
+pub use ptmoe_config::PtMoeConfig;
 pub use sampling::SamplingConfig;
 pub use tokenizer::{ChatMessage, Tokenizer};

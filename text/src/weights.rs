@@ -48,6 +48,21 @@ impl WeightMap {
         self.tensors.keys()
     }
 
+    /// The same tensors (shared storage) handed out on `device` instead: a PT-MoE track whose
+    /// weights live on another device loads through this.
+    pub fn on_device(&self, device: Device) -> Self {
+        Self {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(k, (t, f))| (k.clone(), (t.shallow_clone(), *f)))
+                .collect(),
+            files: self.files.clone(),
+            device,
+            kind: self.kind,
+        }
+    }
+
     /// Register a source file; returns its index for [`WeightMap::insert`].
     pub fn add_file(&mut self, path: &Path) -> usize {
         self.files.push(path.to_path_buf());

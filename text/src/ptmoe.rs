@@ -1,0 +1,705 @@
+//! The server decoder (PT-MoE): a stack of track blocks, each running T independent tracks of
+//! D layers on the same input and merging them (mean, option sum) only at the block boundary.
+//!
+//! Built from the on-device decoder's modules: [`Attention`] (with NoPE for the global layers
+//! and a sliding window over a ring-buffer cache for the local ones), [`RmsNorm`], [`Rope`],
+//! [`SwiGlu`] and [`MoeFfn`] (SwiGLU experts, all projections through [`Linear`]),
+//! [`KvCache`] (one per track, `Rotating` layers for the sliding window) and [`StepMask`].
+//!
+//! Tracks run concurrently (one scoped thread per track, intra-op threads split between them)
+//! or sequentially; a track's weights and cache may live on their own device (`--track-devices`).
+//! One forward synchronises once per track block (the merge), against two all-reduces per layer
+//! for tensor parallelism.
+//!
+//! Weight names (ours; documented in README.md):
+//! `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight` (untied only) and, for
+//! block `b`, track `t`, layer `l` under `P = model.blocks.{b}.tracks.{t}.layers.{l}`:
+//! `P.input_layernorm.weight`, `P.self_attn.{q,k,v,o}_proj.weight` (`q_norm`/`k_norm` with
+//! QK-norm), `P.post_attention_layernorm.weight`, then either `P.mlp.{gate,up,down}_proj.weight`
+//! (dense) or `P.mlp.gate.weight` and `P.mlp.experts.{e}.{gate,up,down}_proj.weight` (MoE).
+
+use tch::{Device, Kind, Tensor};
+
+use crate::attention::{Attention, StepMask};
+use crate::decoder::Logits;
+use crate::embedding::Embedding;
+use crate::error::{Result, TextError};
+use crate::kv_cache::{CacheKind, CacheSnapshot, KvCache};
+use crate::linear::Linear;
+use crate::mlp::SwiGlu;
+use crate::moe::{moe_weight_shapes, MoeFfn};
+use crate::norm::RmsNorm;
+use crate::ptmoe_config::{PtMoeConfig, TrackMerge};
+use crate::rope::Rope;
+use crate::weights::WeightMap;
+
+/// How the tracks of a block are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackExec {
+    /// One thread per track (CPU intra-op threads split between them); tracks on different
+    /// devices overlap.
+    Concurrent,
+    /// One track after the other on the calling thread.
+    Sequential,
+}
+
+/// Every tensor name of a PT-MoE configuration with its shape.
+pub fn ptmoe_weight_shapes(cfg: &PtMoeConfig) -> Vec<(String, Vec<i64>)> {
+    let h = cfg.hidden_size as i64;
+    let hd = cfg.head_dim() as i64;
+    let q = cfg.num_attention_heads as i64 * hd;
+    let kv = cfg.num_kv_heads() as i64 * hd;
+    let f = cfg.intermediate_size as i64;
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size as i64, h],
+    )];
+    for b in 0..cfg.num_track_blocks {
+        for t in 0..cfg.num_tracks {
+            for l in 0..cfg.track_block_depth {
+                let j = b * cfg.track_block_depth + l;
+                let p = format!("model.blocks.{b}.tracks.{t}.layers.{l}");
+                out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+                out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+                out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+                out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+                out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+                out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+                if cfg.qk_norm {
+                    out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+                    out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+                }
+                if cfg.is_moe(j) {
+                    out.extend(moe_weight_shapes(
+                        &format!("{p}.mlp"),
+                        h,
+                        cfg.moe_intermediate_size as i64,
+                        cfg.num_local_experts,
+                    ));
+                } else {
+                    out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
+                    out.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
+                    out.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+                }
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size as i64, h]));
+    }
+    out
+}
+
+/// A layer's FFN: dense SwiGLU or mixture of experts.
+#[derive(Debug)]
+pub enum Ffn {
+    Dense(SwiGlu),
+    Moe(MoeFfn),
+}
+
+impl Ffn {
+    pub fn num_params(&self) -> i64 {
+        match self {
+            Ffn::Dense(m) => m.num_params(),
+            Ffn::Moe(m) => m.num_params(),
+        }
+    }
+    pub fn active_params(&self) -> i64 {
+        match self {
+            Ffn::Dense(m) => m.num_params(),
+            Ffn::Moe(m) => m.active_params(),
+        }
+    }
+}
+
+/// One pre-norm layer of a track: `h = x + attn(norm(x)); y = h + ffn(norm(h))`.
+#[derive(Debug)]
+pub struct TrackLayer {
+    pub input_norm: RmsNorm,
+    pub attn: Attention,
+    pub post_norm: RmsNorm,
+    pub ffn: Ffn,
+    /// Sliding-window (RoPE) rather than global (NoPE).
+    pub local: bool,
+}
+
+impl TrackLayer {
+    pub fn num_params(&self) -> i64 {
+        self.input_norm.num_params()
+            + self.attn.num_params()
+            + self.post_norm.num_params()
+            + self.ffn.num_params()
+    }
+    pub fn active_params(&self) -> i64 {
+        self.num_params() - self.ffn.num_params() + self.ffn.active_params()
+    }
+}
+
+/// What every layer of a track needs for one step, on the track's device.
+struct StepInputs {
+    cos: Tensor,
+    sin: Tensor,
+    global: StepMask,
+    local: StepMask,
+}
+
+fn shallow_mask(m: &StepMask) -> StepMask {
+    StepMask {
+        mask: m.mask.as_ref().map(Tensor::shallow_clone),
+        is_causal: m.is_causal,
+    }
+}
+
+impl StepInputs {
+    /// Another handle on the same tensors (for a worker thread).
+    fn shallow(&self) -> Self {
+        Self {
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+            global: shallow_mask(&self.global),
+            local: shallow_mask(&self.local),
+        }
+    }
+
+    fn to_device(&self, device: Device) -> Result<Self> {
+        Ok(Self {
+            cos: self.cos.f_to_device(device)?,
+            sin: self.sin.f_to_device(device)?,
+            global: self.global.to_device(device)?,
+            local: self.local.to_device(device)?,
+        })
+    }
+}
+
+/// One track of one block: D layers with their own weights, on their own device.
+#[derive(Debug)]
+pub struct Track {
+    pub layers: Vec<TrackLayer>,
+    device: Device,
+}
+
+impl Track {
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Run the track's layers; returns the output and the MoE layers' auxiliary losses.
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &StepInputs,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut x = x.f_to_device(self.device)?;
+        let mut aux = Vec::new();
+        for layer in &self.layers {
+            let mask = if layer.local {
+                &step.local
+            } else {
+                &step.global
+            };
+            let a = layer.attn.forward(
+                &layer.input_norm.forward(&x)?,
+                &step.cos,
+                &step.sin,
+                mask,
+                cache,
+            )?;
+            let h = x.f_add(&a)?;
+            let n = layer.post_norm.forward(&h)?;
+            let f = match &layer.ffn {
+                Ffn::Dense(m) => m.forward(&n)?,
+                Ffn::Moe(m) => {
+                    let o = m.forward_full(&n)?;
+                    aux.push(o.aux_loss);
+                    o.hidden
+                }
+            };
+            x = h.f_add(&f)?;
+        }
+        Ok((x, aux))
+    }
+}
+
+/// A reference to a track that a worker thread may hold.
+struct TrackRef<'a>(&'a Track);
+
+// SAFETY: during `std::thread::scope` in `PtMoe::run_block` each track is used by exactly one
+// worker thread, and only read (its tensors are weights no op mutates); libtorch tensors may be
+// read from any thread. `Tensor` is `Send` but not `Sync`, hence the wrapper.
+unsafe impl Send for TrackRef<'_> {}
+
+impl<'a> TrackRef<'a> {
+    fn get(&self) -> &'a Track {
+        self.0
+    }
+}
+
+/// The PT-MoE cache: one [`KvCache`] per track index (its layers `b·D + l` across blocks;
+/// `Rotating` rings for the sliding-window layers), all advancing together.
+#[derive(Debug)]
+pub struct PtMoeCache {
+    pub tracks: Vec<KvCache>,
+}
+
+impl PtMoeCache {
+    pub fn len(&self) -> i64 {
+        self.tracks.first().map_or(0, KvCache::len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn batch(&self) -> i64 {
+        self.tracks.first().map_or(0, KvCache::batch)
+    }
+    pub fn allocated_bytes(&self) -> usize {
+        self.tracks.iter().map(KvCache::allocated_bytes).sum()
+    }
+    pub fn snapshot(&self) -> Vec<CacheSnapshot> {
+        self.tracks.iter().map(KvCache::snapshot).collect()
+    }
+    /// Roll every track back; an error (nothing changed) if a sliding-window ring has already
+    /// overwritten keys it would need.
+    pub fn rollback(&mut self, snap: &[CacheSnapshot]) -> Result<()> {
+        if snap.len() != self.tracks.len() {
+            return Err(TextError::InvalidArgument(
+                "snapshot does not belong to this cache".into(),
+            ));
+        }
+        // Check every track first so that a refusal leaves the cache untouched.
+        let mut forks = Vec::with_capacity(self.tracks.len());
+        for (c, s) in self.tracks.iter().zip(snap) {
+            let mut f = c.fork()?;
+            f.rollback(s)?;
+            forks.push(f);
+        }
+        self.tracks = forks;
+        Ok(())
+    }
+    pub fn fork(&self) -> Result<Self> {
+        Ok(Self {
+            tracks: self
+                .tracks
+                .iter()
+                .map(KvCache::fork)
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct PtMoe {
+    pub cfg: PtMoeConfig,
+    pub embed: Embedding,
+    /// `blocks[b][t]`.
+    pub blocks: Vec<Vec<Track>>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    rope: Rope,
+    device: Device,
+    kind: Kind,
+    exec: TrackExec,
+    /// Extra ring slots per sliding-window layer (how far a wrapped ring can roll back).
+    ring_slack: i64,
+}
+
+impl PtMoe {
+    /// Build from a weight map; track `t`'s weights go to `track_devices[t % len]` (empty: the
+    /// map's device).
+    pub fn new(cfg: &PtMoeConfig, w: &WeightMap, track_devices: &[Device]) -> Result<Self> {
+        cfg.validate().map_err(TextError::InvalidArgument)?;
+        let acfg = cfg.attn_config();
+        let h = cfg.hidden_size as i64;
+        let vocab = cfg.vocab_size as i64;
+        let d = cfg.track_block_depth;
+        let dev_of = |t: usize| {
+            if track_devices.is_empty() {
+                w.device()
+            } else {
+                track_devices[t % track_devices.len()]
+            }
+        };
+        let maps: Vec<WeightMap> = (0..cfg.num_tracks)
+            .map(|t| w.on_device(dev_of(t)))
+            .collect();
+        let mut blocks = Vec::with_capacity(cfg.num_track_blocks);
+        for b in 0..cfg.num_track_blocks {
+            let mut tracks = Vec::with_capacity(cfg.num_tracks);
+            for (t, tw) in maps.iter().enumerate() {
+                let mut layers = Vec::with_capacity(d);
+                for l in 0..d {
+                    let j = b * d + l;
+                    let p = format!("model.blocks.{b}.tracks.{t}.layers.{l}");
+                    let local = !cfg.is_global(j);
+                    let ffn = if cfg.is_moe(j) {
+                        Ffn::Moe(MoeFfn::new(
+                            tw,
+                            &format!("{p}.mlp"),
+                            h,
+                            cfg.moe_intermediate_size as i64,
+                            cfg.num_local_experts,
+                            cfg.num_experts_per_tok,
+                            cfg.norm_topk_prob,
+                        )?)
+                    } else {
+                        Ffn::Dense(SwiGlu::new(
+                            tw,
+                            &format!("{p}.mlp"),
+                            h,
+                            cfg.intermediate_size as i64,
+                        )?)
+                    };
+                    layers.push(TrackLayer {
+                        input_norm: RmsNorm::new(
+                            tw,
+                            &format!("{p}.input_layernorm.weight"),
+                            h,
+                            cfg.rms_norm_eps,
+                        )?,
+                        attn: Attention::new_at(
+                            &acfg,
+                            tw,
+                            &format!("{p}.self_attn"),
+                            j,
+                            true,
+                            local,
+                        )?,
+                        post_norm: RmsNorm::new(
+                            tw,
+                            &format!("{p}.post_attention_layernorm.weight"),
+                            h,
+                            cfg.rms_norm_eps,
+                        )?,
+                        ffn,
+                        local,
+                    });
+                }
+                tracks.push(Track {
+                    layers,
+                    device: tw.device(),
+                });
+            }
+            blocks.push(tracks);
+        }
+        let embed = Embedding::new(w, "model.embed_tokens.weight", vocab, h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.tied_head()
+        } else {
+            Linear::new(w, "lm_head", h, vocab, false)?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm: RmsNorm::new(w, "model.norm.weight", h, cfg.rms_norm_eps)?,
+            lm_head,
+            rope: Rope::new(&acfg, w.device(), w.kind())?,
+            device: w.device(),
+            kind: w.kind(),
+            exec: TrackExec::Concurrent,
+            ring_slack: 0,
+        })
+    }
+
+    /// Random weights (N(0, 0.02²)), seeded.
+    pub fn random(
+        cfg: &PtMoeConfig,
+        seed: i64,
+        device: Device,
+        kind: Kind,
+        track_devices: &[Device],
+    ) -> Result<Self> {
+        let w = WeightMap::random(&ptmoe_weight_shapes(cfg), seed, 0.02, device, kind)?;
+        Self::new(cfg, &w, track_devices)
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    pub fn exec(&self) -> TrackExec {
+        self.exec
+    }
+    pub fn set_exec(&mut self, exec: TrackExec) {
+        self.exec = exec;
+    }
+    /// Extra slots per sliding-window ring for later caches (roll back up to `slack` tokens).
+    pub fn set_ring_slack(&mut self, slack: i64) {
+        self.ring_slack = slack.max(0);
+    }
+
+    /// A fresh cache: per track, a ring of `window + slack` for local layers, a growing
+    /// buffer for global ones, on the track's device.
+    pub fn new_cache(&self, batch: i64) -> PtMoeCache {
+        let window = self.cfg.sliding_window as i64;
+        let kinds: Vec<CacheKind> = (0..self.cfg.track_depth())
+            .map(|j| {
+                if self.cfg.is_global(j) {
+                    CacheKind::Normal
+                } else {
+                    CacheKind::Rotating {
+                        window,
+                        slack: self.ring_slack,
+                    }
+                }
+            })
+            .collect();
+        let tracks = (0..self.cfg.num_tracks)
+            .map(|t| {
+                let dev = self.blocks.first().map_or(self.device, |b| b[t].device);
+                KvCache::with_kinds(&kinds, batch, dev)
+            })
+            .collect();
+        PtMoeCache { tracks }
+    }
+
+    /// Number of synchronisation points (track merges) per forward.
+    pub fn sync_points_per_forward(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn num_params(&self) -> i64 {
+        let layers: i64 = self
+            .blocks
+            .iter()
+            .flatten()
+            .flat_map(|t| &t.layers)
+            .map(TrackLayer::num_params)
+            .sum();
+        let head = if self.cfg.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.num_params()
+        };
+        self.embed.num_params() + layers + self.norm.num_params() + head
+    }
+
+    /// Run `ids` ([batch, seq], int64), extending `cache`; fp32 logits.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        Ok(self.forward_with_aux(ids, mask, cache, logits)?.0)
+    }
+
+    /// Like [`PtMoe::forward`], also returning the load-balancing auxiliary loss: the mean over
+    /// every MoE layer of every track of `E · Σₑ fₑ·Pₑ` (scale by `router_aux_loss_coef`).
+    pub fn forward_with_aux(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+    ) -> Result<(Tensor, Tensor)> {
+        let size = ids.size();
+        if size.len() != 2 {
+            return Err(TextError::InvalidArgument(format!(
+                "token ids must be [batch, seq], got {size:?}"
+            )));
+        }
+        let (b, s) = (size[0], size[1]);
+        if cache.tracks.len() != self.cfg.num_tracks {
+            return Err(TextError::InvalidArgument(format!(
+                "cache has {} tracks, the model {}",
+                cache.tracks.len(),
+                self.cfg.num_tracks
+            )));
+        }
+        if b != cache.batch() {
+            return Err(TextError::InvalidArgument(format!(
+                "input batch {b} differs from the cache's batch {}",
+                cache.batch()
+            )));
+        }
+        let past = cache.len();
+        let ctx = self.cfg.max_position_embeddings as i64;
+        if past + s > ctx {
+            return Err(TextError::ContextOverflow {
+                tokens: (past + s) as usize,
+                requested: 0,
+                context: ctx as usize,
+            });
+        }
+        let mut x = self
+            .embed
+            .forward(&ids.f_to_device(self.device)?)?
+            .f_to_kind(self.kind)?;
+        let mut positions = None;
+        for c in &mut cache.tracks {
+            let p = c.begin_step(s, mask)?;
+            positions.get_or_insert(p);
+        }
+        let positions = positions.ok_or_else(|| {
+            TextError::InvalidArgument("a PT-MoE model needs at least one track".into())
+        })?;
+        let key_mask = cache.tracks[0].key_mask().map(|m| m.shallow_clone());
+        let key_mask = match key_mask {
+            Some(m) => Some(m.f_to_device(self.device)?),
+            None => None,
+        };
+        let window = self.cfg.sliding_window as i64;
+        let (cos, sin) = self.rope.cos_sin(&positions, past + s, self.kind)?;
+        let step = StepInputs {
+            cos,
+            sin,
+            global: StepMask::build(s, past, key_mask.as_ref(), self.device)?,
+            local: StepMask::sliding(
+                s,
+                past,
+                window,
+                window + self.ring_slack,
+                key_mask.as_ref(),
+                self.device,
+            )?,
+        };
+        // The step inputs on each track's device (shared when it is the main one).
+        let steps: Vec<StepInputs> = (0..self.cfg.num_tracks)
+            .map(|t| step.to_device(self.blocks[0][t].device))
+            .collect::<Result<_>>()?;
+
+        let mut aux_all = Vec::new();
+        for block in &self.blocks {
+            let outs = self.run_block(block, &x, &steps, &mut cache.tracks)?;
+            let mut merged: Option<Tensor> = None;
+            for (o, aux) in outs {
+                let o = o.f_to_device(self.device)?;
+                merged = Some(match merged {
+                    None => o,
+                    Some(m) => m.f_add(&o)?,
+                });
+                for a in aux {
+                    aux_all.push(a.f_to_device(self.device)?);
+                }
+            }
+            x = merged.ok_or_else(|| TextError::InvalidArgument("empty track block".into()))?;
+            if self.cfg.track_merge == TrackMerge::Mean {
+                x = x.f_div_scalar(block.len() as f64)?;
+            }
+        }
+        if logits == Logits::Last && s > 1 {
+            x = x.f_narrow(1, s - 1, 1)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let out = self.lm_head.forward(&x)?.f_to_kind(Kind::Float)?;
+        let aux = if aux_all.is_empty() {
+            Tensor::f_zeros([], (Kind::Float, self.device))?
+        } else {
+            Tensor::f_stack(&aux_all, 0)?.f_mean(Kind::Float)?
+        };
+        Ok((out, aux))
+    }
+
+    /// Run one block's tracks on `x`, concurrently or one after the other.
+    fn run_block(
+        &self,
+        block: &[Track],
+        x: &Tensor,
+        steps: &[StepInputs],
+        caches: &mut [KvCache],
+    ) -> Result<Vec<(Tensor, Vec<Tensor>)>> {
+        if self.exec == TrackExec::Sequential || block.len() == 1 {
+            return block
+                .iter()
+                .zip(steps)
+                .zip(caches.iter_mut())
+                .map(|((t, st), c)| t.forward(x, st, c))
+                .collect();
+        }
+        let grad = grad_enabled()?;
+        let threads = tch::get_num_threads().max(1);
+        let cpu_tracks = block.iter().filter(|t| t.device == Device::Cpu).count();
+        let per_track = (threads / cpu_tracks.max(1) as i32).max(1);
+        let results: Vec<Result<(Tensor, Vec<Tensor>)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = block
+                .iter()
+                .zip(steps)
+                .zip(caches.iter_mut())
+                .map(|((track, st), cache)| {
+                    let track = TrackRef(track);
+                    let x = x.shallow_clone();
+                    let st = st.shallow();
+                    scope.spawn(move || {
+                        let track = track.get();
+                        tch::set_num_threads(per_track);
+                        let _guard = (!grad).then(tch::no_grad_guard);
+                        track.forward(&x, &st, cache)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TextError::InvalidArgument("a track thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        // Worker threads changed the process-wide MKL / OpenMP setting: restore it.
+        tch::set_num_threads(threads);
+        results.into_iter().collect()
+    }
+}
+
+/// Whether autograd records on this thread (grad mode is thread-local in libtorch, so worker
+/// threads copy it from the caller).
+fn grad_enabled() -> Result<bool> {
+    let probe = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?.set_requires_grad(true);
+    Ok(probe.f_mul_scalar(2.0)?.requires_grad())
+}
+
+/// Parse `--track-devices`: a comma list of `cpu`, `cuda`, `cuda:N`, `mps`.
+pub fn parse_track_devices(spec: &str) -> Result<Vec<Device>> {
+    spec.split(',')
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let bad = || TextError::InvalidArgument(format!("bad track device '{s}'"));
+            let dev = match s {
+                "cpu" => Device::Cpu,
+                "mps" => Device::Mps,
+                "cuda" => Device::Cuda(0),
+                _ => match s.strip_prefix("cuda:") {
+                    Some(n) => Device::Cuda(n.parse().map_err(|_| bad())?),
+                    None => return Err(bad()),
+                },
+            };
+            if let Device::Cuda(n) = dev {
+                if n >= tch::Cuda::device_count() as usize {
+                    return Err(TextError::InvalidArgument(format!(
+                        "track device {s}: only {} CUDA device(s) present",
+                        tch::Cuda::device_count()
+                    )));
+                }
+            }
+            Ok(dev)
+        })
+        .collect()
+}
+
+/// Local-layer K/V bytes actually allocated after `tokens` tokens, all tracks: one real
+/// sliding-window ring of the configuration's geometry is filled (window-sized chunks of
+/// zeros, in `kind`) and its allocation multiplied by the number of local layers. No weights
+/// are needed, so this measures even the server preset.
+pub fn measure_local_kv_bytes(cfg: &PtMoeConfig, tokens: usize, kind: Kind) -> Result<u64> {
+    let window = cfg.sliding_window as i64;
+    let mut cache =
+        KvCache::with_kinds(&[CacheKind::Rotating { window, slack: 0 }], 1, Device::Cpu);
+    let (kv, hd) = (cfg.num_kv_heads() as i64, cfg.head_dim() as i64);
+    let mut left = tokens as i64;
+    while left > 0 {
+        let n = left.min(window);
+        let _ = cache.begin_step(n, None)?;
+        let z = Tensor::f_zeros([1, kv, n, hd], (kind, Device::Cpu))?;
+        let _ = cache.append(0, &z, &z)?;
+        left -= n;
+    }
+    let (local, _) = cfg.local_global_layers();
+    Ok(cache.layer_bytes(0) as u64 * (local * cfg.num_tracks) as u64)
+}
