@@ -9,9 +9,14 @@ pub fn jpeg_is_complete(data: &[u8]) -> bool {
     }
     let mut i = 2;
     loop {
-        // Find the next marker (skip fill bytes 0xFF).
-        if i >= data.len() || data[i] != 0xFF {
-            return false;
+        // Find the next marker. Stray bytes between segments are skipped as libjpeg does
+        // ("extraneous bytes before marker"); fill bytes 0xFF are skipped too.
+        match data
+            .get(i..)
+            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+        {
+            Some(pos) => i += pos,
+            None => return false,
         }
         while i < data.len() && data[i] == 0xFF {
             i += 1;
@@ -71,6 +76,11 @@ mod tests {
         ]);
         let complete = [j.as_slice(), &[0xFF, 0xD9, 7, 7]].concat();
         assert!(jpeg_is_complete(&complete));
+        // Stray bytes between segments are tolerated.
+        let mut padded = j[..8].to_vec();
+        padded.extend_from_slice(&[0, 0, 0]);
+        padded.extend_from_slice(&complete[8..]);
+        assert!(jpeg_is_complete(&padded));
         for cut in 0..complete.len() - 2 {
             assert!(!jpeg_is_complete(&complete[..cut]), "cut at {cut}");
         }
