@@ -48,6 +48,8 @@ enum Command {
     Convert(commands::convert::Args),
     /// Tile an image as the vision encoder sees it and write the tensor.
     Tile(commands::tile::Args),
+    /// Training: LoRA adapters on a frozen text model.
+    Train(commands::train::Args),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::run(&ctx, a),
         Command::Convert(a) => commands::convert::run(&ctx, a),
         Command::Tile(a) => commands::tile::run(&ctx, a),
+        Command::Train(a) => commands::train::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod tile;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

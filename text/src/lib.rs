@@ -31,6 +31,7 @@ pub mod sampling;
 pub mod speculative;
 pub mod tokenizer;
 pub mod train_lora;
+pub mod train_lora;
 pub mod weights;
 
 pub use config::TextConfig;

@@ -1,0 +1,116 @@
+//! `afm-vl train lora`: LoRA fine-tuning of a frozen text model on prompt/response pairs.
+
+use std::path::PathBuf;
+
+use afm_text::train_lora::{load_jsonl, train, LoraTrainConfig};
+use afm_text::DType;
+use anyhow::Context as _;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{default_model_dir, load_model_dir, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum What {
+    /// Train a LoRA adapter (PEFT layout) on JSONL lines {"prompt": ..., "response": ...};
+    /// loss on the response tokens only; the base stays frozen.
+    Lora(LoraArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LoraArgs {
+    /// Training data: JSONL with "prompt" and "response" fields.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Output directory: adapter_config.json, adapter_model.safetensors, optimizer and trainer state.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Base model directory (default: the converted SmolLM2-135M-Instruct).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Tokens per example (longer ones are cut).
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Use the pairs as raw text instead of through the chat template.
+    #[arg(long)]
+    pub no_chat: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    match args.what {
+        What::Lora(a) => run_lora(ctx, a),
+    }
+}
+
+fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
+    let dir = a.model.clone().unwrap_or_else(default_model_dir);
+    let mut model = load_model_dir(&dir, ctx.device()?, DType::F32)?;
+    let tok = model.tokenizer()?;
+    let data = load_jsonl(&a.data, tok, !a.no_chat, a.max_len)?;
+    let cfg = LoraTrainConfig {
+        rank: a.rank,
+        alpha: a.alpha,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        steps: a.steps,
+        batch_size: a.batch_size.max(1),
+        grad_accum: a.grad_accum.max(1),
+        max_len: a.max_len,
+        save_every: a.save_every,
+        seed: a.seed,
+        ..LoraTrainConfig::default()
+    };
+    let bar = if ctx.quiet { ProgressBar::hidden() } else { ProgressBar::new(a.steps as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("train lora [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (out, losses) = train(&mut model.decoder, &data, cfg, &a.out, a.resume, |step, loss| {
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss:.4}"));
+    })
+    .with_context(|| format!("training a LoRA adapter into {}", a.out.display()))?;
+    bar.finish_and_clear();
+    if !ctx.quiet {
+        let tail = &losses[losses.len().saturating_sub(10)..];
+        eprintln!(
+            "wrote {} ({} examples, {} steps; mean loss of the last {}: {:.4})",
+            out.display(),
+            data.len(),
+            losses.len(),
+            tail.len(),
+            tail.iter().sum::<f64>() / tail.len().max(1) as f64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! LoRA training on a frozen base: prompt/response pairs (JSONL), loss on the response tokens
+//! only, AdamW with decoupled weight decay, gradient accumulation, periodic checkpoints in the
+//! PEFT layout (so `LoraAdapter::load` and HF PEFT read them) and exact resume (adapter weights,
+//! AdamW moments and the step counter are all saved).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Reduction, Tensor};
+
+use crate::checkpoint::{load_weights, write_safetensors};
+use crate::decoder::{Decoder, Logits};
+use crate::error::{Result, TextError};
+use crate::linear::LoraOverlay;
+use crate::lora::deactivate;
+use crate::sampling::Rng;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraTrainConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_len: usize,
+    pub save_every: usize,
+    pub seed: u64,
+}
+
+impl Default for LoraTrainConfig {
+    fn default() -> Self {
+        Self {
+            rank: 32,
+            alpha: 16.0,
+            targets: crate::lora::DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            lr: 2e-4,
+            weight_decay: 0.0,
+            steps: 100,
+            batch_size: 4,
+            grad_accum: 1,
+            max_len: 256,
+            save_every: 50,
+            seed: 0,
+        }
+    }
+}
+
+/// One training pair, tokenised: `ids` = prompt ++ response, loss on `ids[prompt_len..]`.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+}
+
+#[derive(Deserialize)]
+struct Pair {
+    prompt: String,
+    response: String,
+}
+
+/// Read `{"prompt", "response"}` lines; with `chat` the pair is rendered through the chat
+/// template (user turn, then the assistant's answer ending with the template's end marker).
+pub fn load_jsonl(path: &Path, tok: &Tokenizer, chat: bool, max_len: usize) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TextError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: Pair = serde_json::from_str(line).map_err(|e| {
+            TextError::InvalidArgument(format!("{}:{}: expected {{\"prompt\", \"response\"}}: {e}", path.display(), i + 1))
+        })?;
+        let (prompt, full) = if chat {
+            let user = [ChatMessage::new("user", &p.prompt)];
+            let prompt = tok.apply_chat_template(&user, true)?;
+            let both = [ChatMessage::new("user", &p.prompt), ChatMessage::new("assistant", &p.response)];
+            (prompt, tok.apply_chat_template(&both, false)?)
+        } else {
+            (p.prompt.clone(), format!("{}{}", p.prompt, p.response))
+        };
+        let prompt_ids = tok.encode(&prompt)?;
+        let mut ids = tok.encode(&full)?;
+        if !ids.starts_with(&prompt_ids) || ids.len() <= prompt_ids.len() {
+            return Err(TextError::InvalidArgument(format!(
+                "{}:{}: the response adds no tokens after the prompt",
+                path.display(),
+                i + 1
+            )));
+        }
+        ids.truncate(max_len);
+        if ids.len() > prompt_ids.len() {
+            out.push(Example { prompt_len: prompt_ids.len(), ids });
+        }
+    }
+    if out.is_empty() {
+        return Err(TextError::InvalidArgument(format!("{}: no training pairs", path.display())));
+    }
+    Ok(out)
+}
+
+/// Trainable LoRA parameters and their AdamW state, by module name.
+pub struct LoraTrainer {
+    pub cfg: LoraTrainConfig,
+    names: Vec<String>,
+    params: Vec<(Tensor, Tensor)>,  // (A [r, in], B [out, r]), fp32, requires grad
+    moments: Vec<[Tensor; 4]>,      // m_A, v_A, m_B, v_B
+    pub step: usize,
+    rng: Rng,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: usize,
+    pub config: LoraTrainConfig,
+    pub losses: Vec<f64>,
+}
+
+impl LoraTrainer {
+    /// Fresh adapter on `decoder`'s targeted linears: A ~ U(±1/√in) (Kaiming, as PEFT), B = 0.
+    pub fn new(decoder: &mut Decoder, cfg: LoraTrainConfig) -> Result<Self> {
+        // Our own generator, not libtorch's global one: runs repeat whatever else draws.
+        let mut init_rng = Rng::new(cfg.seed.wrapping_add(0x5eed));
+        let mut names = Vec::new();
+        let mut params = Vec::new();
+        let mut moments = Vec::new();
+        for (name, lin) in decoder.linears_mut() {
+            if !cfg.targets.iter().any(|t| name.ends_with(t.as_str())) {
+                continue;
+            }
+            let dev = lin.device();
+            let (r, i, o) = (cfg.rank as i64, lin.in_features(), lin.out_features());
+            let bound = 1.0 / (i as f64).sqrt();
+            let vals: Vec<f32> = (0..r * i).map(|_| ((init_rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+            let a = Tensor::f_from_slice(&vals)?.f_view([r, i])?.f_to_device(dev)?;
+            let b = Tensor::f_zeros([o, r], (Kind::Float, dev))?;
+            moments.push([a.zeros_like(), a.zeros_like(), b.zeros_like(), b.zeros_like()]);
+            params.push((a.set_requires_grad(true), b.set_requires_grad(true)));
+            names.push(name);
+        }
+        if names.is_empty() {
+            return Err(TextError::InvalidArgument(format!("no linear layer matches the targets {:?}", cfg.targets)));
+        }
+        let rng = Rng::new(cfg.seed);
+        Ok(Self { cfg, names, params, moments, step: 0, rng })
+    }
+
+    fn scale(&self) -> f64 {
+        self.cfg.alpha / self.cfg.rank as f64
+    }
+
+    /// Put the trainable tensors on the decoder as overlays (sharing storage).
+    pub fn attach(&self, decoder: &mut Decoder) -> Result<()> {
+        let scale = self.scale();
+        let mut lin: std::collections::BTreeMap<String, _> = decoder.linears_mut().into_iter().collect();
+        for (name, (a, b)) in self.names.iter().zip(&self.params) {
+            if let Some(l) = lin.get_mut(name) {
+                l.set_lora(Some(LoraOverlay { a: a.shallow_clone(), b: b.shallow_clone(), scale }))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean response-token cross-entropy of a batch (right-padded; the loss ignores padding).
+    pub fn loss(&self, decoder: &Decoder, batch: &[&Example]) -> Result<Tensor> {
+        let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+        let (mut ids, mut labels) = (Vec::new(), Vec::new());
+        for e in batch {
+            for t in 0..len {
+                ids.push(*e.ids.get(t).unwrap_or(&0) as i64);
+                // labels[t] is the token predicted at position t, i.e. ids[t + 1].
+                let target = if t + 1 < e.ids.len() && t + 1 >= e.prompt_len { e.ids[t + 1] as i64 } else { -100 };
+                labels.push(target);
+            }
+        }
+        let b = batch.len() as i64;
+        let ids = Tensor::f_from_slice(&ids)?.f_view([b, len as i64])?;
+        let labels = Tensor::f_from_slice(&labels)?.f_to_device(decoder.device())?;
+        // Right padding never affects earlier positions under a causal mask: no mask needed.
+        let mut cache = decoder.new_cache(b);
+        let logits = decoder.forward(&ids, None, &mut cache, Logits::All)?; // [b, len, vocab]
+        let vocab = logits.size()[2];
+        Ok(logits.f_view([-1, vocab])?.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)?)
+    }
+
+    fn next_batch<'a>(&mut self, data: &'a [Example]) -> Vec<&'a Example> {
+        (0..self.cfg.batch_size)
+            .map(|_| &data[(self.rng.next_u64() % data.len() as u64) as usize])
+            .collect()
+    }
+
+    /// One optimiser step over `grad_accum` micro-batches; returns the mean loss.
+    pub fn train_step(&mut self, decoder: &Decoder, data: &[Example]) -> Result<f64> {
+        let mut total = 0.0;
+        for _ in 0..self.cfg.grad_accum.max(1) {
+            let batch = self.next_batch(data);
+            let loss = self.loss(decoder, &batch)?.f_div_scalar(self.cfg.grad_accum.max(1) as f64)?;
+            loss.f_backward()?;
+            total += loss.double_value(&[]);
+        }
+        self.step += 1;
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+        let lr = self.cfg.lr;
+        let (c1, c2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
+        tch::no_grad(|| -> Result<()> {
+            for ((a, b), m) in self.params.iter_mut().zip(self.moments.iter_mut()) {
+                for (p, (mi, vi)) in [(a, (0, 1)), (b, (2, 3))] {
+                    let g = p.grad();
+                    if !g.defined() {
+                        continue;
+                    }
+                    m[mi] = m[mi].f_mul_scalar(b1)?.f_add(&g.f_mul_scalar(1.0 - b1)?)?;
+                    m[vi] = m[vi].f_mul_scalar(b2)?.f_add(&g.f_square()?.f_mul_scalar(1.0 - b2)?)?;
+                    let upd = m[mi].f_div_scalar(c1)?.f_div(&m[vi].f_div_scalar(c2)?.f_sqrt()?.f_add_scalar(eps)?)?;
+                    // Decoupled weight decay, then the Adam step.
+                    let _ = p.f_mul_scalar_(1.0 - lr * self.cfg.weight_decay)?;
+                    let _ = p.f_sub_(&upd.f_mul_scalar(lr)?)?;
+                    p.zero_grad();
+                }
+            }
+            Ok(())
+        })?;
+        Ok(total)
+    }
+
+    /// Write the adapter (PEFT layout) and, for resume, the optimiser state.
+    pub fn save(&self, dir: &Path, losses: &[f64]) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| TextError::io(dir, e))?;
+        let mut adapter = Vec::new();
+        let mut state = Vec::new();
+        for (i, (name, (a, b))) in self.names.iter().zip(&self.params).enumerate() {
+            adapter.push((format!("base_model.model.{name}.lora_A.weight"), a.detach()));
+            adapter.push((format!("base_model.model.{name}.lora_B.weight"), b.detach()));
+            for (j, t) in self.moments[i].iter().enumerate() {
+                state.push((format!("{name}.m{j}"), t.shallow_clone()));
+            }
+        }
+        write_safetensors(&dir.join("adapter_model.safetensors"), &adapter, None)?;
+        write_safetensors(&dir.join("optimizer.safetensors"), &state, None)?;
+        let cfg = serde_json::json!({
+            "peft_type": "LORA", "r": self.cfg.rank, "lora_alpha": self.cfg.alpha,
+            "target_modules": self.cfg.targets, "lora_dropout": 0.0, "bias": "none",
+            "task_type": "CAUSAL_LM", "use_rslora": false,
+        });
+        let write = |name: &str, v: serde_json::Value| -> Result<()> {
+            let p = dir.join(name);
+            let tmp = p.with_extension("json.partial");
+            std::fs::write(&tmp, serde_json::to_string_pretty(&v).unwrap_or_default()).map_err(|e| TextError::io(&tmp, e))?;
+            std::fs::rename(&tmp, &p).map_err(|e| TextError::io(&p, e))
+        };
+        write("adapter_config.json", cfg)?;
+        let st = TrainState {
+            step: self.step,
+            config: self.cfg.clone(),
+            losses: losses.to_vec(),
+        };
+        write("trainer_state.json", serde_json::to_value(&st).unwrap_or_default())?;
+        Ok(())
+    }
+
+    /// Resume from a directory written by [`LoraTrainer::save`].
+    pub fn resume(decoder: &mut Decoder, dir: &Path) -> Result<(Self, Vec<f64>)> {
+        let sp = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| TextError::io(&sp, e))?;
+        let st: TrainState = serde_json::from_str(&text).map_err(|e| TextError::checkpoint(&sp, format!("bad JSON: {e}")))?;
+        let mut me = Self::new(decoder, st.config.clone())?;
+        let dev = decoder.device();
+        let adapter = load_weights(&dir.join("adapter_model.safetensors"), dev, Kind::Float)?;
+        let state = load_weights(&dir.join("optimizer.safetensors"), dev, Kind::Float)?;
+        tch::no_grad(|| -> Result<()> {
+            for (i, name) in me.names.clone().iter().enumerate() {
+                let (a, b) = &mut me.params[i];
+                let ta = adapter.get(&format!("base_model.model.{name}.lora_A.weight"), &a.size())?;
+                let tb = adapter.get(&format!("base_model.model.{name}.lora_B.weight"), &b.size())?;
+                let _ = a.f_copy_(&ta)?;
+                let _ = b.f_copy_(&tb)?;
+                for j in 0..4 {
+                    let shape = me.moments[i][j].size();
+                    me.moments[i][j] = state.get(&format!("{name}.m{j}"), &shape)?;
+                }
+            }
+            Ok(())
+        })?;
+        me.step = st.step;
+        // Replay the data sampler to where it was.
+        for _ in 0..st.step * me.cfg.grad_accum.max(1) * me.cfg.batch_size {
+            me.rng.next_u64();
+        }
+        Ok((me, st.losses))
+    }
+}
+
+/// Train (or resume) and checkpoint into `out`. `progress(step, loss)` after each step.
+pub fn train(
+    decoder: &mut Decoder,
+    data: &[Example],
+    cfg: LoraTrainConfig,
+    out: &Path,
+    resume: bool,
+    mut progress: impl FnMut(usize, f64),
+) -> Result<(PathBuf, Vec<f64>)> {
+    if decoder.kind() != Kind::Float {
+        return Err(TextError::InvalidArgument("LoRA training needs the base model in fp32 (--dtype fp32)".into()));
+    }
+    let (mut trainer, mut losses) = if resume && out.join("trainer_state.json").exists() {
+        LoraTrainer::resume(decoder, out)?
+    } else {
+        (LoraTrainer::new(decoder, cfg.clone())?, Vec::new())
+    };
+    trainer.cfg.steps = cfg.steps;
+    trainer.attach(decoder)?;
+    while trainer.step < trainer.cfg.steps {
+        let loss = trainer.train_step(decoder, data)?;
+        losses.push(loss);
+        progress(trainer.step, loss);
+        if trainer.cfg.save_every > 0 && trainer.step % trainer.cfg.save_every == 0 {
+            trainer.save(out, &losses)?;
+        }
+    }
+    trainer.save(out, &losses)?;
+    deactivate(decoder)?;
+    Ok((out.to_path_buf(), losses))
+}

@@ -1,0 +1,103 @@
+//! LoRA training on a frozen base: the response loss falls, the base weights do not move,
+//! a killed-and-resumed run ends bit-identical to an uninterrupted one, and the saved adapter
+//! loads back with the same effect.
+
+mod common;
+
+use afm_text::generation::ids_tensor;
+use afm_text::lora::LoraAdapter;
+use afm_text::train_lora::{train, Example, LoraTrainConfig};
+use afm_text::{Decoder, Logits};
+use common::max_abs_diff;
+use tch::{Device, Kind};
+
+/// tiny-dense with weights of std 0.3: unlike the default 0.02, its head can express a
+/// confident prediction (with std 0.02 the logits span about ±1 whatever the adapter does).
+fn tiny() -> Decoder {
+    let cfg = afm_text::presets::preset("tiny-dense").unwrap();
+    let shapes = afm_text::decoder::weight_shapes(&cfg);
+    let w = afm_text::weights::WeightMap::random(&shapes, 7, 0.3, Device::Cpu, Kind::Float).unwrap();
+    Decoder::new(&cfg, &w).unwrap()
+}
+
+/// Prompts of varying tokens, always answered with the fixed "format" [200, 201, 202].
+fn data() -> Vec<Example> {
+    (0..12u32)
+        .map(|i| {
+            let mut ids: Vec<u32> = (0..6).map(|j| (i * 13 + j * 7) % 190).collect();
+            let prompt_len = ids.len();
+            ids.extend([200, 201, 202]);
+            Example { ids, prompt_len }
+        })
+        .collect()
+}
+
+fn cfg(steps: usize) -> LoraTrainConfig {
+    LoraTrainConfig {
+        rank: 4,
+        alpha: 8.0,
+        lr: 3e-2,
+        steps,
+        batch_size: 4,
+        grad_accum: 2,
+        save_every: 3,
+        seed: 1,
+        ..LoraTrainConfig::default()
+    }
+}
+
+fn logits(d: &Decoder, ids: &[u32]) -> tch::Tensor {
+    let _g = tch::no_grad_guard();
+    let mut c = d.new_cache(1);
+    d.forward(&ids_tensor(ids).unwrap(), None, &mut c, Logits::All).unwrap()
+}
+
+#[test]
+fn loss_falls_and_base_is_frozen() {
+    tch::set_num_threads(1);
+    let mut d = tiny();
+    let probe = [5u32, 17, 33, 2, 9, 11];
+    let before = logits(&d, &probe);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, losses) = train(&mut d, &data(), cfg(60), tmp.path(), false, |_, _| {}).unwrap();
+    let first: f64 = losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
+    println!("loss {first:.3} → {last:.3}");
+    assert!(last < 0.3 * first, "loss {first} → {last}");
+    // Training leaves no overlay behind and never touched the base weights.
+    assert_eq!(max_abs_diff(&before, &logits(&d, &probe)), 0.0);
+
+    // The saved adapter moves a held-out prompt's next-token mass onto the learned answer.
+    let held_out = [150u32, 3, 77, 120, 64, 8];
+    let mass = |d: &Decoder| {
+        let p = logits(d, &held_out).get(0).get(5).softmax(0, Kind::Float);
+        [200i64, 201, 202].iter().map(|&t| p.double_value(&[t])).sum::<f64>()
+    };
+    let base_mass = mass(&d);
+    let adapter = LoraAdapter::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
+    adapter.activate(&mut d).unwrap();
+    let tuned_mass = mass(&d);
+    println!("answer-token mass on a held-out prompt: base {base_mass:.3}, adapted {tuned_mass:.3}");
+    assert!(base_mass < 0.1 && tuned_mass > 0.5, "{base_mass} → {tuned_mass}");
+}
+
+#[test]
+fn resume_is_identical_to_an_uninterrupted_run() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut d = tiny();
+    let (_, straight) = train(&mut d, &data(), cfg(6), &a, false, |_, _| {}).unwrap();
+    // "Killed" after step 3 (the checkpoint of save_every = 3), then resumed to 6.
+    let _ = train(&mut d, &data(), cfg(3), &b, false, |_, _| {}).unwrap();
+    let (_, resumed) = train(&mut d, &data(), cfg(6), &b, true, |_, _| {}).unwrap();
+    assert_eq!(straight, resumed, "losses of every step");
+    let wa = afm_text::checkpoint::load_weights(&a.join("adapter_model.safetensors"), Device::Cpu, Kind::Float).unwrap();
+    let wb = afm_text::checkpoint::load_weights(&b.join("adapter_model.safetensors"), Device::Cpu, Kind::Float).unwrap();
+    let names: Vec<String> = wa.names().cloned().collect();
+    assert!(!names.is_empty());
+    for n in names {
+        let (x, y) = (wa.get_any(&n).unwrap(), wb.get_any(&n).unwrap());
+        assert_eq!(max_abs_diff(&x, &y), 0.0, "{n}");
+    }
+}
