@@ -31,7 +31,6 @@ pub mod sampling;
 pub mod speculative;
 pub mod tokenizer;
 pub mod train_lora;
-pub mod train_lora;
 pub mod weights;
 
 pub use config::TextConfig;
