@@ -33,6 +33,15 @@ pub struct Args {
     /// Only the two-segment vs dense comparison.
     #[arg(long)]
     pub ttft_only: bool,
+    /// A PT-MoE preset: tokens/s with its tracks concurrent vs sequential, same run (only that).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// PT-MoE only: devices for the tracks, comma-separated (cpu, cuda:0, cuda:1, …).
+    #[arg(long, value_name = "LIST", requires = "preset")]
+    pub track_devices: Option<String>,
+    /// PT-MoE only: prompt length.
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
 }
 
 const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when \
@@ -149,6 +158,16 @@ fn ttft(preset: &str, prompt: usize, dtype: DType, repeats: usize) -> anyhow::Re
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repeats = args.repeats.max(1);
     println!("threads: {}", tch::get_num_threads());
+    if let Some(name) = &args.preset {
+        return super::bench_ptmoe::run(
+            ctx,
+            name,
+            args.track_devices.as_deref(),
+            args.prompt,
+            args.tokens,
+            repeats,
+        );
+    }
     if !args.ttft_only {
         let dir = args.model.clone().unwrap_or_else(default_model_dir);
         let device = ctx.device()?;

@@ -2,8 +2,11 @@
 //! weight bytes, for a checkpoint directory or a preset (computed from the configuration).
 
 use afm_text::config::TextConfig;
+use afm_text::inspect::PtMoeReport;
 use afm_text::inspect::{human_bytes, human_count, ModelReport};
 use afm_text::presets::{preset, PRESETS};
+use afm_text::ptmoe::measure_local_kv_bytes;
+use afm_text::ptmoe_config::{is_ptmoe_preset, ptmoe_preset, PtMoeConfig, PTMOE_PRESETS};
 use afm_text::DType;
 
 use super::{default_model_dir, Context};
@@ -29,12 +32,24 @@ pub struct Args {
 
 pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
     if args.list_presets {
-        for (name, what) in PRESETS {
+        for (name, what) in PRESETS.iter().chain(PTMOE_PRESETS) {
             println!("{name:<24} {what}");
         }
         return Ok(());
     }
     let dtype = DType::parse(&args.dtype, tch::Device::Cpu)?;
+    if let Some(p) = args.preset.as_deref().filter(|p| is_ptmoe_preset(p)) {
+        return inspect_ptmoe(p, &ptmoe_preset(p)?, dtype, args.json);
+    }
+    if let Some(dir) = &args.model {
+        // A PT-MoE checkpoint directory (model_type afm_ptmoe).
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
+        if text.contains("\"afm_ptmoe\"") {
+            let cfg = PtMoeConfig::from_json_str(&text)
+                .map_err(|msg| anyhow::anyhow!("{}: bad config: {msg}", dir.display()))?;
+            return inspect_ptmoe(&dir.display().to_string(), &cfg, dtype, args.json);
+        }
+    }
     let (label, cfg) = match &args.preset {
         Some(p) => (format!("preset {p}"), preset(p)?),
         None => {
@@ -104,6 +119,94 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         cfg.max_position_embeddings,
         human_bytes(r.kv_bytes_per_token * cfg.max_position_embeddings as u64)
     );
+    println!(
+        "weights ({}): {}",
+        dtype.name(),
+        human_bytes(r.weight_bytes)
+    );
+    Ok(())
+}
+
+/// The server decoder (PT-MoE): total vs active parameters, sync points per forward, KV bytes
+/// per token of local vs global layers and local-layer KV at 1×, 4×, 16× the window.
+fn inspect_ptmoe(label: &str, cfg: &PtMoeConfig, dtype: DType, json: bool) -> anyhow::Result<()> {
+    let r = PtMoeReport::new(cfg, dtype.bytes());
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": label, "config": cfg, "report": r})
+            )?
+        );
+        return Ok(());
+    }
+    println!("model: {label} ({})", cfg.model_type);
+    println!(
+        "PT-MoE: {} track blocks × {} tracks × {} layers ({} layers per track path, {} in all), merge {:?}",
+        r.track_blocks, r.tracks, r.track_block_depth, r.track_depth, r.total_layers, cfg.track_merge
+    );
+    println!(
+        "per track path: {} sliding-window layers (window {}, RoPE) + {} global (NoPE); {} MoE layers ({} experts, top-{}) + {} dense",
+        r.local_layers_per_track,
+        cfg.sliding_window,
+        r.global_layers_per_track,
+        r.moe_layers_per_track,
+        cfg.num_local_experts,
+        cfg.num_experts_per_tok,
+        r.track_depth - r.moe_layers_per_track
+    );
+    println!(
+        "width {}, {} query heads × {}, {} KV heads, dense FFN {}, expert FFN {}, vocab {}, context {}",
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.head_dim(),
+        cfg.num_kv_heads(),
+        cfg.intermediate_size,
+        cfg.moe_intermediate_size,
+        cfg.vocab_size,
+        cfg.max_position_embeddings
+    );
+    println!();
+    println!("| component | parameters |");
+    println!("| --- | ---: |");
+    for c in &r.components {
+        println!("| {} | {} |", c.name, human_count(c.params));
+    }
+    println!(
+        "| **total** | **{}** ({}) |",
+        human_count(r.total_params),
+        r.total_params
+    );
+    println!(
+        "| **active per token** | **{}** ({}) |",
+        human_count(r.active_params_per_token),
+        r.active_params_per_token
+    );
+    println!();
+    println!(
+        "sync points per forward: {} (one per track block) vs {} for tensor parallelism (2 per layer × {} layers)",
+        r.sync_points_per_forward, r.sync_points_tensor_parallel, r.track_depth
+    );
+    println!(
+        "KV cache per token ({}): local (sliding-window) layers {} bytes, global layers {} bytes",
+        dtype.name(),
+        r.kv_bytes_per_token_local,
+        r.kv_bytes_per_token_global
+    );
+    println!();
+    println!("| tokens | local-layer KV | local-layer KV, measured | global-layer KV |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for (i, (tokens, l, g)) in r.kv_bytes_at_window_multiples.iter().enumerate() {
+        // A real ring of this geometry, filled to `tokens`, times the local layers.
+        let measured = measure_local_kv_bytes(cfg, *tokens, dtype.kind())?;
+        println!(
+            "| {tokens} ({}× window) | {} | {} | {} |",
+            [1, 4, 16][i.min(2)],
+            human_bytes(*l),
+            human_bytes(measured),
+            human_bytes(*g)
+        );
+    }
     println!(
         "weights ({}): {}",
         dtype.name(),

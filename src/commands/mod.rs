@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_lora;
+pub mod bench_ptmoe;
 pub mod bench_text;
 pub mod bench_tiler;
 pub mod convert;
