@@ -703,3 +703,44 @@ pub fn measure_local_kv_bytes(cfg: &PtMoeConfig, tokens: usize, kind: Kind) -> R
     let (local, _) = cfg.local_global_layers();
     Ok(cache.layer_bytes(0) as u64 * (local * cfg.num_tracks) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn track_devices_parse_and_reject() {
+        assert_eq!(
+            parse_track_devices("cpu, cpu").unwrap(),
+            vec![Device::Cpu, Device::Cpu]
+        );
+        assert!(parse_track_devices("gpu0").is_err());
+        assert!(parse_track_devices("cuda:x").is_err());
+        if !tch::Cuda::is_available() {
+            let err = parse_track_devices("cuda:0").unwrap_err().to_string();
+            assert!(err.contains("CUDA"), "{err}");
+        }
+    }
+
+    #[test]
+    fn explicit_track_devices_give_the_same_logits() {
+        let _g = tch::no_grad_guard();
+        let cfg = crate::ptmoe_config::ptmoe_preset("tiny-ptmoe-3track").unwrap();
+        let a = PtMoe::random(&cfg, 1, Device::Cpu, Kind::Float, &[]).unwrap();
+        let b = PtMoe::random(&cfg, 1, Device::Cpu, Kind::Float, &[Device::Cpu; 3]).unwrap();
+        let ids = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]).view([1, 11]);
+        let la = a
+            .forward(&ids, None, &mut a.new_cache(1), Logits::All)
+            .unwrap();
+        let lb = b
+            .forward(&ids, None, &mut b.new_cache(1), Logits::All)
+            .unwrap();
+        assert_eq!((la - lb).abs().max().double_value(&[]), 0.0);
+        // The sum merge with 3 tracks, and the aux loss is a finite positive scalar.
+        let (_, aux) = a
+            .forward_with_aux(&ids, None, &mut a.new_cache(1), Logits::Last)
+            .unwrap();
+        let aux = aux.double_value(&[]);
+        assert!(aux.is_finite() && aux > 0.0, "{aux}");
+    }
+}
