@@ -298,16 +298,36 @@ impl Attention {
             // Segment 1: the source layer's keys (already rotated) and values.
             _ => cache.read(self.layer)?,
         };
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k_all,
-            &v_all,
-            mask.mask.as_ref(),
-            0.0,
-            mask.is_causal,
-            None,
-            self.heads != self.kv_heads,
-        )?; // [batch, heads, seq, head_dim]
+        let groups = self.heads / self.kv_heads;
+        let out = if s == 1 && groups > 1 && !mask.is_causal {
+            // Decoding one token: fold the query heads that share a K/V head into the query
+            // axis, [batch, heads, 1, d] → [batch, kv_heads, groups, d], so attention runs on
+            // the cache as stored (SDPA's GQA path on CPU repeats K/V for every step). A
+            // [batch | 1, 1, 1, keys] mask broadcasts over the groups.
+            let qg = q.f_reshape([b, self.kv_heads, groups, self.head_dim])?;
+            Tensor::f_scaled_dot_product_attention(
+                &qg,
+                &k_all,
+                &v_all,
+                mask.mask.as_ref(),
+                0.0,
+                false,
+                None,
+                false,
+            )?
+            .f_reshape([b, self.heads, 1, self.head_dim])?
+        } else {
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k_all,
+                &v_all,
+                mask.mask.as_ref(),
+                0.0,
+                mask.is_causal,
+                None,
+                groups > 1,
+            )?
+        }; // [batch, heads, seq, head_dim]
         let out = out
             .f_transpose(1, 2)?
             .f_reshape([b, s, self.heads * self.head_dim])?;
