@@ -18,7 +18,7 @@ use afm_text::generation::{generate_lm, CausalLm};
 use afm_text::kv_cache::{CacheKind, KvCache};
 use afm_text::moe::MoeFfn;
 use afm_text::presets::preset;
-use afm_text::ptmoe::measure_local_kv_bytes;
+use afm_text::ptmoe::{measure_local_kv_bytes, ptmoe_weight_shapes};
 use afm_text::ptmoe_config::ptmoe_preset;
 use afm_text::rope::Rope;
 use afm_text::weights::WeightMap;
@@ -66,7 +66,16 @@ fn chunked(m: &PtMoe, seq: &[i64], chunks: &[usize]) -> Tensor {
 fn incremental_equals_full_forward_with_wrapped_rings() {
     let _g = tch::no_grad_guard();
     for name in ["tiny-ptmoe", "tiny-ptmoe-3track"] {
-        let m = model(name);
+        let cfg = ptmoe_preset(name).unwrap();
+        let weights = WeightMap::random(
+            &ptmoe_weight_shapes(&cfg),
+            7,
+            0.02,
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
+        let m = PtMoe::new(&cfg, &weights, &[]).unwrap();
         let w = m.cfg.sliding_window;
         let vocab = m.cfg.vocab_size as i64;
         let seq = sequence(3 * w + 5, 1, vocab);
@@ -86,7 +95,8 @@ fn incremental_equals_full_forward_with_wrapped_rings() {
         // The window matters: with a longer window the logits past it differ.
         let mut wide_cfg = m.cfg.clone();
         wide_cfg.sliding_window = 4 * w;
-        let wide = PtMoe::random(&wide_cfg, 7, Device::Cpu, Kind::Float, &[]).unwrap();
+        // Same weights as `m` (one map: the global RNG is shared with parallel tests).
+        let wide = PtMoe::new(&wide_cfg, &weights, &[]).unwrap();
         let mut c = wide.new_cache(1);
         let wl = wide.forward(&ids(&seq), None, &mut c, Logits::All).unwrap();
         let n = seq.len() as i64;
