@@ -186,12 +186,7 @@ impl Track {
     }
 
     /// Run the track's layers; returns the output and the MoE layers' auxiliary losses.
-    fn forward(
-        &self,
-        x: &Tensor,
-        step: &StepInputs,
-        cache: &mut KvCache,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    fn forward(&self, x: &Tensor, step: &StepInputs, cache: &mut KvCache) -> Result<TrackOutput> {
         let mut x = x.f_to_device(self.device)?;
         let mut aux = Vec::new();
         for layer in &self.layers {
@@ -222,6 +217,9 @@ impl Track {
         Ok((x, aux))
     }
 }
+
+/// A track's output and its MoE layers' auxiliary losses.
+type TrackOutput = (Tensor, Vec<Tensor>);
 
 /// A reference to a track that a worker thread may hold.
 struct TrackRef<'a>(&'a Track);
@@ -606,7 +604,7 @@ impl PtMoe {
         x: &Tensor,
         steps: &[StepInputs],
         caches: &mut [KvCache],
-    ) -> Result<Vec<(Tensor, Vec<Tensor>)>> {
+    ) -> Result<Vec<TrackOutput>> {
         if self.exec == TrackExec::Sequential || block.len() == 1 {
             return block
                 .iter()
@@ -617,7 +615,7 @@ impl PtMoe {
         }
         let grad = grad_enabled()?;
         let pool = self.track_pool(block)?;
-        let mut results: Vec<Option<Result<(Tensor, Vec<Tensor>)>>> =
+        let mut results: Vec<Option<Result<TrackOutput>>> =
             (0..block.len()).map(|_| None).collect();
         // Everything a worker needs, prepared here so the scope only captures `Send` data.
         let jobs: Vec<_> = block
