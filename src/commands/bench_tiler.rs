@@ -187,17 +187,27 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
     }
     println!();
+    let nw = rows
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!(
-        "| {:<48} | {:>7} | {:>6} | {:>8} | {:>8} |",
+        "| {:<nw$} | {:>7} | {:>6} | {:>8} | {:>8} |",
         "tiler", "threads", "images", "seconds", "images/s"
     );
     println!(
-        "|{:-<50}|{:->9}|{:->8}|{:->10}|{:->10}|",
-        "", "", "", "", ""
+        "|{}|{:->9}|{:->8}|{:->10}|{:->10}|",
+        "-".repeat(nw + 2),
+        "",
+        "",
+        "",
+        ""
     );
     for r in &rows {
         println!(
-            "| {:<48} | {:>7} | {:>6} | {:>8.2} | {:>8.2} |",
+            "| {:<nw$} | {:>7} | {:>6} | {:>8.2} | {:>8.2} |",
             r.name, r.threads, r.images, r.seconds, r.images_per_s
         );
     }
