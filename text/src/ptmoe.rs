@@ -19,9 +19,12 @@
 //! QK-norm), `P.post_attention_layernorm.weight`, then either `P.mlp.{gate,up,down}_proj.weight`
 //! (dense) or `P.mlp.gate.weight` and `P.mlp.experts.{e}.{gate,up,down}_proj.weight` (MoE).
 
+use std::path::Path;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::attention::{Attention, StepMask};
+use crate::checkpoint::load_weights;
 use crate::decoder::Logits;
 use crate::embedding::Embedding;
 use crate::error::{Result, TextError};
@@ -404,6 +407,20 @@ impl PtMoe {
         })
     }
 
+    /// Load a checkpoint directory: `config.json` (a [`PtMoeConfig`], `model_type`
+    /// `afm_ptmoe`) and `model.safetensors` (or shards) under the names of
+    /// [`ptmoe_weight_shapes`].
+    pub fn load(dir: &Path, device: Device, kind: Kind, track_devices: &[Device]) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TextError::io(&path, e))?;
+        let cfg = PtMoeConfig::from_json_str(&text).map_err(|msg| TextError::Config {
+            path: path.clone(),
+            msg,
+        })?;
+        let w = load_weights(dir, device, kind)?;
+        Self::new(&cfg, &w, track_devices)
+    }
+
     /// Random weights (N(0, 0.02²)), seeded.
     pub fn random(
         cfg: &PtMoeConfig,
@@ -732,6 +749,41 @@ pub fn measure_local_kv_bytes(cfg: &PtMoeConfig, tokens: usize, kind: Kind) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loads_a_saved_checkpoint() {
+        let _g = tch::no_grad_guard();
+        let cfg = crate::ptmoe_config::ptmoe_preset("tiny-ptmoe").unwrap();
+        let shapes = ptmoe_weight_shapes(&cfg);
+        let w = WeightMap::random(&shapes, 5, 0.02, Device::Cpu, Kind::Float).unwrap();
+        let named: Vec<(String, Tensor)> = shapes
+            .iter()
+            .map(|(n, s)| (n.clone(), w.get(n, s).unwrap()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        Tensor::write_safetensors(&named, dir.path().join("model.safetensors")).unwrap();
+        std::fs::write(dir.path().join("config.json"), cfg.to_json_pretty()).unwrap();
+        let a = PtMoe::new(&cfg, &w, &[]).unwrap();
+        let b = PtMoe::load(dir.path(), Device::Cpu, Kind::Float, &[]).unwrap();
+        let ids = Tensor::from_slice(&[7i64, 8, 9, 10, 11]).view([1, 5]);
+        let la = a
+            .forward(&ids, None, &mut a.new_cache(1), Logits::All)
+            .unwrap();
+        let lb = b
+            .forward(&ids, None, &mut b.new_cache(1), Logits::All)
+            .unwrap();
+        assert!((la - lb).abs().max().double_value(&[]) <= 1e-6);
+        // A missing expert names the tensor.
+        let partial: Vec<_> = named
+            .into_iter()
+            .filter(|(n, _)| !n.ends_with("experts.3.down_proj.weight"))
+            .collect();
+        Tensor::write_safetensors(&partial, dir.path().join("model.safetensors")).unwrap();
+        let err = PtMoe::load(dir.path(), Device::Cpu, Kind::Float, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("experts.3.down_proj"), "{err}");
+    }
 
     #[test]
     fn track_devices_parse_and_reject() {
