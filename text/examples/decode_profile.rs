@@ -8,8 +8,15 @@ use tch::{Device, Kind, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = args.get(1).cloned().unwrap_or("assets/models/smollm2-135m-instruct".into());
-    let dtype = if args.get(2).map(String::as_str) == Some("fp32") { DType::F32 } else { DType::BF16 };
+    let dir = args
+        .get(1)
+        .cloned()
+        .unwrap_or("assets/models/smollm2-135m-instruct".into());
+    let dtype = if args.get(2).map(String::as_str) == Some("fp32") {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     if let Some(t) = args.get(3) {
         tch::set_num_threads(t.parse()?);
     }
@@ -18,7 +25,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let d = &m.decoder;
     let n = 48;
     let mut cache = d.new_cache(1);
-    let _ = d.forward(&ids_tensor(&[1, 2, 3, 4, 5, 6, 7, 8])?, None, &mut cache, Logits::Last)?;
+    let _ = d.forward(
+        &ids_tensor(&[1, 2, 3, 4, 5, 6, 7, 8])?,
+        None,
+        &mut cache,
+        Logits::Last,
+    )?;
     let t0 = Instant::now();
     for i in 0..n {
         let _ = d.forward(&ids_tensor(&[100 + i])?, None, &mut cache, Logits::Last)?;

@@ -22,9 +22,20 @@ fn question(i: u32) -> (String, u32) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = PathBuf::from(args.get(1).cloned().unwrap_or("assets/models/smollm2-135m-instruct".into()));
+    let dir = PathBuf::from(
+        args.get(1)
+            .cloned()
+            .unwrap_or("assets/models/smollm2-135m-instruct".into()),
+    );
     let steps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(60);
-    let out = PathBuf::from(args.get(3).cloned().unwrap_or(std::env::temp_dir().join("afm-lora-format").display().to_string()));
+    let out = PathBuf::from(
+        args.get(3).cloned().unwrap_or(
+            std::env::temp_dir()
+                .join("afm-lora-format")
+                .display()
+                .to_string(),
+        ),
+    );
     let mut m = TextModel::load(&dir, Device::Cpu, DType::F32)?;
     let tok = m.tokenizer.take().ok_or("the model has no tokenizer")?;
     let encode = |q: &str, a: Option<&str>| -> Result<Vec<u32>, Box<dyn std::error::Error>> {
@@ -38,10 +49,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..120 {
         let (q, ans) = question(i);
         let prompt_len = encode(&q, None)?.len();
-        data.push(Example { ids: encode(&q, Some(&format!("#### {ans}")))?, prompt_len });
+        data.push(Example {
+            ids: encode(&q, Some(&format!("#### {ans}")))?,
+            prompt_len,
+        });
     }
     let held_out: Vec<(String, u32)> = (1000..1030).map(question).collect();
-    let opts = GenerateOptions { max_new_tokens: 8, ..GenerateOptions::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..GenerateOptions::default()
+    };
     let score = |m: &TextModel| -> Result<(usize, usize, Vec<String>), Box<dyn std::error::Error>> {
         let (mut fmt, mut right, mut samples) = (0, 0, Vec::new());
         for (q, ans) in &held_out {
@@ -61,7 +78,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok((fmt, right, samples))
     };
     let base = score(&m)?;
-    let cfg = LoraTrainConfig { rank: 16, alpha: 32.0, lr: 1e-3, steps, batch_size: 4, save_every: 0, ..LoraTrainConfig::default() };
+    let cfg = LoraTrainConfig {
+        rank: 16,
+        alpha: 32.0,
+        lr: 1e-3,
+        steps,
+        batch_size: 4,
+        save_every: 0,
+        ..LoraTrainConfig::default()
+    };
     let t0 = std::time::Instant::now();
     let (_, losses) = train(&mut m.decoder, &data, cfg, &out, false, |s, l| {
         if s % 10 == 0 {
@@ -74,11 +99,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tuned = score(&m)?;
     deactivate(&mut m.decoder)?;
     let n = held_out.len();
-    println!("LoRA format task: 120 training pairs, {steps} steps ({secs:.0}s), final loss {:.3}", losses.last().unwrap_or(&0.0));
+    println!(
+        "LoRA format task: 120 training pairs, {steps} steps ({secs:.0}s), final loss {:.3}",
+        losses.last().unwrap_or(&0.0)
+    );
     println!("\n| model | answers in the '#### N' format | exact '#### N' answers |");
     println!("| --- | ---: | ---: |");
     println!("| base | {}/{n} | {}/{n} |", base.0, base.1);
     println!("| base + LoRA | {}/{n} | {}/{n} |", tuned.0, tuned.1);
-    println!("\nbase samples: {:?}\nadapted samples: {:?}", base.2, tuned.2);
+    println!(
+        "\nbase samples: {:?}\nadapted samples: {:?}",
+        base.2, tuned.2
+    );
     Ok(())
 }

@@ -121,7 +121,12 @@ impl Linear {
     pub fn set_lora(&mut self, lora: Option<LoraOverlay>) -> Result<Option<LoraOverlay>> {
         if let Some(l) = &lora {
             let (a, b) = (l.a.size(), l.b.size());
-            if a.len() != 2 || b.len() != 2 || a[1] != self.in_features || b[0] != self.out_features || a[0] != b[1] {
+            if a.len() != 2
+                || b.len() != 2
+                || a[1] != self.in_features
+                || b[0] != self.out_features
+                || a[0] != b[1]
+            {
                 return Err(crate::error::TextError::InvalidArgument(format!(
                     "LoRA A {a:?} / B {b:?} do not fit a {}→{} linear layer",
                     self.in_features, self.out_features
@@ -135,7 +140,10 @@ impl Linear {
     pub fn merge_lora(&mut self) -> Result<()> {
         if let Some(l) = self.lora.take() {
             let LinearWeight::Dense(w) = &self.weight;
-            let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scale)?.f_to_kind(w.kind())?;
+            let delta =
+                l.b.f_matmul(&l.a)?
+                    .f_mul_scalar(l.scale)?
+                    .f_to_kind(w.kind())?;
             self.weight = LinearWeight::Dense(w.f_add(&delta)?);
         }
         Ok(())

@@ -15,7 +15,15 @@ use crate::weights::WeightMap;
 
 /// The linear layers LoRA targets by default (attention and FFN; segment-1 layers have only
 /// q and o).
-pub const DEFAULT_TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const DEFAULT_TARGETS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 pub struct LoraAdapter {
     pub name: String,
@@ -36,7 +44,10 @@ impl LoraAdapter {
         self.modules.get(name).map(|(a, b)| (a, b))
     }
     pub fn num_params(&self) -> usize {
-        self.modules.values().map(|(a, b)| a.numel() + b.numel()).sum()
+        self.modules
+            .values()
+            .map(|(a, b)| a.numel() + b.numel())
+            .sum()
     }
     pub fn bytes(&self) -> usize {
         self.modules
@@ -51,7 +62,10 @@ impl LoraAdapter {
         let (dir, file) = if path.is_dir() {
             (path.to_path_buf(), path.join("adapter_model.safetensors"))
         } else {
-            (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
+            (
+                path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                path.to_path_buf(),
+            )
         };
         let cfg_path = dir.join("adapter_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
@@ -62,21 +76,33 @@ impl LoraAdapter {
         let rank = cfg.get("r").and_then(|v| v.as_u64()).ok_or_else(|| {
             TextError::checkpoint(&cfg_path, "missing integer \"r\" (the LoRA rank)")
         })? as usize;
-        let alpha = cfg.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(rank as f64);
-        let rslora = cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        let alpha = cfg
+            .get("lora_alpha")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(rank as f64);
+        let rslora = cfg
+            .get("use_rslora")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         let mut map = WeightMap::new(device, kind);
         read_safetensors_into(&file, &mut map)?;
         let mut a_of = BTreeMap::new();
         let mut b_of = BTreeMap::new();
         let names: Vec<String> = map.names().cloned().collect();
         for name in names {
-            let stripped = name.strip_prefix("base_model.model.").unwrap_or(&name).replace(".default", "");
+            let stripped = name
+                .strip_prefix("base_model.model.")
+                .unwrap_or(&name)
+                .replace(".default", "");
             let (module, which) = if let Some(m) = stripped.strip_suffix(".lora_A.weight") {
                 (m.to_string(), 'a')
             } else if let Some(m) = stripped.strip_suffix(".lora_B.weight") {
                 (m.to_string(), 'b')
             } else {
-                return Err(TextError::checkpoint(&file, format!("unexpected tensor '{name}' in a LoRA adapter")));
+                return Err(TextError::checkpoint(
+                    &file,
+                    format!("unexpected tensor '{name}' in a LoRA adapter"),
+                ));
             };
             let t = map.get_any(&name)?;
             if which == 'a' {
@@ -87,24 +113,38 @@ impl LoraAdapter {
         }
         let mut modules = BTreeMap::new();
         for (m, a) in a_of {
-            let b = b_of
-                .remove(&m)
-                .ok_or_else(|| TextError::checkpoint(&file, format!("'{m}' has lora_A but no lora_B")))?;
+            let b = b_of.remove(&m).ok_or_else(|| {
+                TextError::checkpoint(&file, format!("'{m}' has lora_A but no lora_B"))
+            })?;
             if a.size()[0] as usize != rank || b.size()[1] as usize != rank {
                 return Err(TextError::checkpoint(
                     &file,
-                    format!("'{m}': A {:?} / B {:?} do not have rank {rank}", a.size(), b.size()),
+                    format!(
+                        "'{m}': A {:?} / B {:?} do not have rank {rank}",
+                        a.size(),
+                        b.size()
+                    ),
                 ));
             }
             modules.insert(m, (a, b));
         }
         if let Some(m) = b_of.keys().next() {
-            return Err(TextError::checkpoint(&file, format!("'{m}' has lora_B but no lora_A")));
+            return Err(TextError::checkpoint(
+                &file,
+                format!("'{m}' has lora_B but no lora_A"),
+            ));
         }
         // PEFT: s = α/r, or α/√r with rank-stabilised LoRA.
-        let scale = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        let scale = if rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        };
         Ok(Self {
-            name: dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
             rank,
             scale,
             source: file,
@@ -113,7 +153,13 @@ impl LoraAdapter {
     }
 
     /// A random adapter over `targets` of `decoder` (tests, benchmarks), seeded.
-    pub fn random(decoder: &mut Decoder, rank: usize, alpha: f64, targets: &[&str], seed: i64) -> Result<Self> {
+    pub fn random(
+        decoder: &mut Decoder,
+        rank: usize,
+        alpha: f64,
+        targets: &[&str],
+        seed: i64,
+    ) -> Result<Self> {
         tch::manual_seed(seed);
         let mut modules = BTreeMap::new();
         for (name, lin) in decoder.linears_mut() {

@@ -62,17 +62,26 @@ impl Rope {
 
     /// cos and sign-folded sin for `positions` [batch, seq] → each [batch, 1, seq, head_dim]
     /// in `kind`. `seq_len_hint` is the total sequence length (for dynamic NTK).
-    pub fn cos_sin(&self, positions: &Tensor, seq_len_hint: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &Tensor,
+        seq_len_hint: i64,
+        kind: Kind,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, s) = (positions.size()[0], positions.size()[1]);
         if let Some((RopeScalingKind::Dynamic, f)) = self.scaling {
             if seq_len_hint > self.max_positions {
                 let d = self.head_dim as f64;
                 let base = self.theta
-                    * ((f * seq_len_hint as f64 / self.max_positions as f64) - (f - 1.0)).powf(d / (d - 2.0));
+                    * ((f * seq_len_hint as f64 / self.max_positions as f64) - (f - 1.0))
+                        .powf(d / (d - 2.0));
                 let inv = inv_freq(base, self.head_dim, positions.device())?;
                 let (c, sn) = tables(&positions.f_flatten(0, -1)?.f_to_kind(Kind::Float)?, &inv)?;
                 let shape = [b, 1, s, self.head_dim];
-                return Ok((c.f_view(shape)?.f_to_kind(kind)?, sn.f_view(shape)?.f_to_kind(kind)?));
+                return Ok((
+                    c.f_view(shape)?.f_to_kind(kind)?,
+                    sn.f_view(shape)?.f_to_kind(kind)?,
+                ));
             }
         }
         let idx = positions.f_flatten(0, -1)?;

@@ -31,8 +31,11 @@ impl Draft<'_> {
     /// Parse `self:N` (anything else is a model directory for the caller to load).
     pub fn parse_self(spec: &str) -> Option<Result<usize>> {
         spec.strip_prefix("self:").map(|n| {
-            n.parse::<usize>()
-                .map_err(|_| TextError::InvalidArgument(format!("bad draft '{spec}': expected self:N with N a layer count")))
+            n.parse::<usize>().map_err(|_| {
+                TextError::InvalidArgument(format!(
+                    "bad draft '{spec}': expected self:N with N a layer count"
+                ))
+            })
         })
     }
 }
@@ -100,7 +103,9 @@ pub fn generate_speculative(
         }
     }
     if !opts.stop_strings.is_empty() && tokenizer.is_none() {
-        return Err(TextError::InvalidArgument("stop strings need a tokenizer".into()));
+        return Err(TextError::InvalidArgument(
+            "stop strings need a tokenizer".into(),
+        ));
     }
     let ctx = target.cfg.max_position_embeddings;
     if prompt.len() >= ctx {
@@ -111,7 +116,11 @@ pub fn generate_speculative(
         });
     }
     let k = k.max(1);
-    let eos = if opts.stop_on_eos { target.cfg.eos_ids() } else { Vec::new() };
+    let eos = if opts.stop_on_eos {
+        target.cfg.eos_ids()
+    } else {
+        Vec::new()
+    };
     let draft_forward = |ids: &[u32], cache: &mut KvCache| -> Result<Tensor> {
         let x = ids_tensor(ids)?;
         match draft {
@@ -135,7 +144,9 @@ pub fn generate_speculative(
         let _ = target.forward(&head, None, &mut tc, Logits::Last)?;
         let _ = match draft {
             Draft::Model(d) => d.forward(&head, None, &mut dc, Logits::Last)?,
-            Draft::SelfPrefix(depth) => target.forward_depth(&head, &mut dc, Logits::Last, depth)?,
+            Draft::SelfPrefix(depth) => {
+                target.forward_depth(&head, &mut dc, Logits::Last, depth)?
+            }
         };
     }
     let prefill_secs = t0.elapsed().as_secs_f64();
@@ -203,7 +214,7 @@ pub fn generate_speculative(
             new_tokens.push(sampler.draw(&p));
         }
         let m = new_tokens.len() - 1; // accepted drafts
-        // 4. Caches keep pending + the accepted drafts; the last new token is the next pending.
+                                      // 4. Caches keep pending + the accepted drafts; the last new token is the next pending.
         tc.truncate(base_t + 1 + m as i64)?;
         if kk == 0 {
             // The draft saw nothing this round: feed it everything next round.
@@ -223,7 +234,12 @@ pub fn generate_speculative(
             context.push(t);
             if let Some(tok) = tokenizer {
                 let full = tok.decode(&generated, true)?;
-                if let Some(cut) = opts.stop_strings.iter().filter_map(|s| full.find(s.as_str())).min() {
+                if let Some(cut) = opts
+                    .stop_strings
+                    .iter()
+                    .filter_map(|s| full.find(s.as_str()))
+                    .min()
+                {
                     text = full[..cut].to_string();
                     break 'outer StopReason::StopString;
                 }

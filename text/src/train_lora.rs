@@ -36,7 +36,10 @@ impl Default for LoraTrainConfig {
         Self {
             rank: 32,
             alpha: 16.0,
-            targets: crate::lora::DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            targets: crate::lora::DEFAULT_TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             lr: 2e-4,
             weight_decay: 0.0,
             steps: 100,
@@ -64,7 +67,12 @@ struct Pair {
 
 /// Read `{"prompt", "response"}` lines; with `chat` the pair is rendered through the chat
 /// template (user turn, then the assistant's answer ending with the template's end marker).
-pub fn load_jsonl(path: &Path, tok: &Tokenizer, chat: bool, max_len: usize) -> Result<Vec<Example>> {
+pub fn load_jsonl(
+    path: &Path,
+    tok: &Tokenizer,
+    chat: bool,
+    max_len: usize,
+) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).map_err(|e| TextError::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -72,12 +80,19 @@ pub fn load_jsonl(path: &Path, tok: &Tokenizer, chat: bool, max_len: usize) -> R
             continue;
         }
         let p: Pair = serde_json::from_str(line).map_err(|e| {
-            TextError::InvalidArgument(format!("{}:{}: expected {{\"prompt\", \"response\"}}: {e}", path.display(), i + 1))
+            TextError::InvalidArgument(format!(
+                "{}:{}: expected {{\"prompt\", \"response\"}}: {e}",
+                path.display(),
+                i + 1
+            ))
         })?;
         let (prompt, full) = if chat {
             let user = [ChatMessage::new("user", &p.prompt)];
             let prompt = tok.apply_chat_template(&user, true)?;
-            let both = [ChatMessage::new("user", &p.prompt), ChatMessage::new("assistant", &p.response)];
+            let both = [
+                ChatMessage::new("user", &p.prompt),
+                ChatMessage::new("assistant", &p.response),
+            ];
             (prompt, tok.apply_chat_template(&both, false)?)
         } else {
             (p.prompt.clone(), format!("{}{}", p.prompt, p.response))
@@ -93,11 +108,17 @@ pub fn load_jsonl(path: &Path, tok: &Tokenizer, chat: bool, max_len: usize) -> R
         }
         ids.truncate(max_len);
         if ids.len() > prompt_ids.len() {
-            out.push(Example { prompt_len: prompt_ids.len(), ids });
+            out.push(Example {
+                prompt_len: prompt_ids.len(),
+                ids,
+            });
         }
     }
     if out.is_empty() {
-        return Err(TextError::InvalidArgument(format!("{}: no training pairs", path.display())));
+        return Err(TextError::InvalidArgument(format!(
+            "{}: no training pairs",
+            path.display()
+        )));
     }
     Ok(out)
 }
@@ -106,8 +127,8 @@ pub fn load_jsonl(path: &Path, tok: &Tokenizer, chat: bool, max_len: usize) -> R
 pub struct LoraTrainer {
     pub cfg: LoraTrainConfig,
     names: Vec<String>,
-    params: Vec<(Tensor, Tensor)>,  // (A [r, in], B [out, r]), fp32, requires grad
-    moments: Vec<[Tensor; 4]>,      // m_A, v_A, m_B, v_B
+    params: Vec<(Tensor, Tensor)>, // (A [r, in], B [out, r]), fp32, requires grad
+    moments: Vec<[Tensor; 4]>,     // m_A, v_A, m_B, v_B
     pub step: usize,
     rng: Rng,
 }
@@ -134,18 +155,37 @@ impl LoraTrainer {
             let dev = lin.device();
             let (r, i, o) = (cfg.rank as i64, lin.in_features(), lin.out_features());
             let bound = 1.0 / (i as f64).sqrt();
-            let vals: Vec<f32> = (0..r * i).map(|_| ((init_rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
-            let a = Tensor::f_from_slice(&vals)?.f_view([r, i])?.f_to_device(dev)?;
+            let vals: Vec<f32> = (0..r * i)
+                .map(|_| ((init_rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            let a = Tensor::f_from_slice(&vals)?
+                .f_view([r, i])?
+                .f_to_device(dev)?;
             let b = Tensor::f_zeros([o, r], (Kind::Float, dev))?;
-            moments.push([a.zeros_like(), a.zeros_like(), b.zeros_like(), b.zeros_like()]);
+            moments.push([
+                a.zeros_like(),
+                a.zeros_like(),
+                b.zeros_like(),
+                b.zeros_like(),
+            ]);
             params.push((a.set_requires_grad(true), b.set_requires_grad(true)));
             names.push(name);
         }
         if names.is_empty() {
-            return Err(TextError::InvalidArgument(format!("no linear layer matches the targets {:?}", cfg.targets)));
+            return Err(TextError::InvalidArgument(format!(
+                "no linear layer matches the targets {:?}",
+                cfg.targets
+            )));
         }
         let rng = Rng::new(cfg.seed);
-        Ok(Self { cfg, names, params, moments, step: 0, rng })
+        Ok(Self {
+            cfg,
+            names,
+            params,
+            moments,
+            step: 0,
+            rng,
+        })
     }
 
     fn scale(&self) -> f64 {
@@ -155,10 +195,15 @@ impl LoraTrainer {
     /// Put the trainable tensors on the decoder as overlays (sharing storage).
     pub fn attach(&self, decoder: &mut Decoder) -> Result<()> {
         let scale = self.scale();
-        let mut lin: std::collections::BTreeMap<String, _> = decoder.linears_mut().into_iter().collect();
+        let mut lin: std::collections::BTreeMap<String, _> =
+            decoder.linears_mut().into_iter().collect();
         for (name, (a, b)) in self.names.iter().zip(&self.params) {
             if let Some(l) = lin.get_mut(name) {
-                l.set_lora(Some(LoraOverlay { a: a.shallow_clone(), b: b.shallow_clone(), scale }))?;
+                l.set_lora(Some(LoraOverlay {
+                    a: a.shallow_clone(),
+                    b: b.shallow_clone(),
+                    scale,
+                }))?;
             }
         }
         Ok(())
@@ -172,7 +217,11 @@ impl LoraTrainer {
             for t in 0..len {
                 ids.push(*e.ids.get(t).unwrap_or(&0) as i64);
                 // labels[t] is the token predicted at position t, i.e. ids[t + 1].
-                let target = if t + 1 < e.ids.len() && t + 1 >= e.prompt_len { e.ids[t + 1] as i64 } else { -100 };
+                let target = if t + 1 < e.ids.len() && t + 1 >= e.prompt_len {
+                    e.ids[t + 1] as i64
+                } else {
+                    -100
+                };
                 labels.push(target);
             }
         }
@@ -183,7 +232,13 @@ impl LoraTrainer {
         let mut cache = decoder.new_cache(b);
         let logits = decoder.forward(&ids, None, &mut cache, Logits::All)?; // [b, len, vocab]
         let vocab = logits.size()[2];
-        Ok(logits.f_view([-1, vocab])?.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)?)
+        Ok(logits.f_view([-1, vocab])?.f_cross_entropy_loss::<Tensor>(
+            &labels,
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        )?)
     }
 
     fn next_batch<'a>(&mut self, data: &'a [Example]) -> Vec<&'a Example> {
@@ -197,14 +252,19 @@ impl LoraTrainer {
         let mut total = 0.0;
         for _ in 0..self.cfg.grad_accum.max(1) {
             let batch = self.next_batch(data);
-            let loss = self.loss(decoder, &batch)?.f_div_scalar(self.cfg.grad_accum.max(1) as f64)?;
+            let loss = self
+                .loss(decoder, &batch)?
+                .f_div_scalar(self.cfg.grad_accum.max(1) as f64)?;
             loss.f_backward()?;
             total += loss.double_value(&[]);
         }
         self.step += 1;
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
         let lr = self.cfg.lr;
-        let (c1, c2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
+        let (c1, c2) = (
+            1.0 - b1.powi(self.step as i32),
+            1.0 - b2.powi(self.step as i32),
+        );
         tch::no_grad(|| -> Result<()> {
             for ((a, b), m) in self.params.iter_mut().zip(self.moments.iter_mut()) {
                 for (p, (mi, vi)) in [(a, (0, 1)), (b, (2, 3))] {
@@ -213,8 +273,12 @@ impl LoraTrainer {
                         continue;
                     }
                     m[mi] = m[mi].f_mul_scalar(b1)?.f_add(&g.f_mul_scalar(1.0 - b1)?)?;
-                    m[vi] = m[vi].f_mul_scalar(b2)?.f_add(&g.f_square()?.f_mul_scalar(1.0 - b2)?)?;
-                    let upd = m[mi].f_div_scalar(c1)?.f_div(&m[vi].f_div_scalar(c2)?.f_sqrt()?.f_add_scalar(eps)?)?;
+                    m[vi] = m[vi]
+                        .f_mul_scalar(b2)?
+                        .f_add(&g.f_square()?.f_mul_scalar(1.0 - b2)?)?;
+                    let upd = m[mi]
+                        .f_div_scalar(c1)?
+                        .f_div(&m[vi].f_div_scalar(c2)?.f_sqrt()?.f_add_scalar(eps)?)?;
                     // Decoupled weight decay, then the Adam step.
                     let _ = p.f_mul_scalar_(1.0 - lr * self.cfg.weight_decay)?;
                     let _ = p.f_sub_(&upd.f_mul_scalar(lr)?)?;
@@ -248,7 +312,8 @@ impl LoraTrainer {
         let write = |name: &str, v: serde_json::Value| -> Result<()> {
             let p = dir.join(name);
             let tmp = p.with_extension("json.partial");
-            std::fs::write(&tmp, serde_json::to_string_pretty(&v).unwrap_or_default()).map_err(|e| TextError::io(&tmp, e))?;
+            std::fs::write(&tmp, serde_json::to_string_pretty(&v).unwrap_or_default())
+                .map_err(|e| TextError::io(&tmp, e))?;
             std::fs::rename(&tmp, &p).map_err(|e| TextError::io(&p, e))
         };
         write("adapter_config.json", cfg)?;
@@ -257,7 +322,10 @@ impl LoraTrainer {
             config: self.cfg.clone(),
             losses: losses.to_vec(),
         };
-        write("trainer_state.json", serde_json::to_value(&st).unwrap_or_default())?;
+        write(
+            "trainer_state.json",
+            serde_json::to_value(&st).unwrap_or_default(),
+        )?;
         Ok(())
     }
 
@@ -265,7 +333,8 @@ impl LoraTrainer {
     pub fn resume(decoder: &mut Decoder, dir: &Path) -> Result<(Self, Vec<f64>)> {
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| TextError::io(&sp, e))?;
-        let st: TrainState = serde_json::from_str(&text).map_err(|e| TextError::checkpoint(&sp, format!("bad JSON: {e}")))?;
+        let st: TrainState = serde_json::from_str(&text)
+            .map_err(|e| TextError::checkpoint(&sp, format!("bad JSON: {e}")))?;
         let mut me = Self::new(decoder, st.config.clone())?;
         let dev = decoder.device();
         let adapter = load_weights(&dir.join("adapter_model.safetensors"), dev, Kind::Float)?;
@@ -273,8 +342,10 @@ impl LoraTrainer {
         tch::no_grad(|| -> Result<()> {
             for (i, name) in me.names.clone().iter().enumerate() {
                 let (a, b) = &mut me.params[i];
-                let ta = adapter.get(&format!("base_model.model.{name}.lora_A.weight"), &a.size())?;
-                let tb = adapter.get(&format!("base_model.model.{name}.lora_B.weight"), &b.size())?;
+                let ta =
+                    adapter.get(&format!("base_model.model.{name}.lora_A.weight"), &a.size())?;
+                let tb =
+                    adapter.get(&format!("base_model.model.{name}.lora_B.weight"), &b.size())?;
                 let _ = a.f_copy_(&ta)?;
                 let _ = b.f_copy_(&tb)?;
                 for j in 0..4 {
@@ -303,7 +374,9 @@ pub fn train(
     mut progress: impl FnMut(usize, f64),
 ) -> Result<(PathBuf, Vec<f64>)> {
     if decoder.kind() != Kind::Float {
-        return Err(TextError::InvalidArgument("LoRA training needs the base model in fp32 (--dtype fp32)".into()));
+        return Err(TextError::InvalidArgument(
+            "LoRA training needs the base model in fp32 (--dtype fp32)".into(),
+        ));
     }
     let (mut trainer, mut losses) = if resume && out.join("trainer_state.json").exists() {
         LoraTrainer::resume(decoder, out)?

@@ -12,13 +12,21 @@ use common::*;
 use tch::{Device, Tensor};
 
 fn tiny(seed: i64) -> Decoder {
-    TextModel::from_preset("tiny-two-segment", seed, Device::Cpu, DType::F32).unwrap().decoder
+    TextModel::from_preset("tiny-two-segment", seed, Device::Cpu, DType::F32)
+        .unwrap()
+        .decoder
 }
 
 fn logits(d: &Decoder) -> Tensor {
     let _g = tch::no_grad_guard();
     let mut c = d.new_cache(1);
-    d.forward(&ids_tensor(&[3, 1, 4, 1, 5, 9, 2, 6]).unwrap(), None, &mut c, Logits::All).unwrap()
+    d.forward(
+        &ids_tensor(&[3, 1, 4, 1, 5, 9, 2, 6]).unwrap(),
+        None,
+        &mut c,
+        Logits::All,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -30,7 +38,10 @@ fn overlay_equals_hand_merged_weights() {
     assert_eq!(adapter.modules().count(), 4 * 7 + 2 * 5);
     adapter.activate(&mut with).unwrap();
     let ours = logits(&with);
-    assert!(max_abs_diff(&ours, &base_logits) > 1e-2, "the adapter must change the output");
+    assert!(
+        max_abs_diff(&ours, &base_logits) > 1e-2,
+        "the adapter must change the output"
+    );
 
     // W + (α/r)·B·A by hand on an identical base.
     let mut merged = tiny(5);
@@ -67,17 +78,27 @@ fn cache_swaps_and_unloads() {
     let l2 = logits(&d);
     assert!(max_abs_diff(&l1, &l2) > 1e-3);
     cache.activate(&mut d, Some(&n1)).unwrap();
-    assert_eq!(max_abs_diff(&l1, &logits(&d)), 0.0, "swapping back is exact");
+    assert_eq!(
+        max_abs_diff(&l1, &logits(&d)),
+        0.0,
+        "swapping back is exact"
+    );
     cache.unload(&mut d, &n1).unwrap();
     assert_eq!(cache.active(), None);
-    assert_eq!(max_abs_diff(&base, &logits(&d)), 0.0, "unloading restores the base");
+    assert_eq!(
+        max_abs_diff(&base, &logits(&d)),
+        0.0,
+        "unloading restores the base"
+    );
     assert!(cache.activate(&mut d, Some(&n1)).is_err());
     deactivate(&mut d).unwrap();
 }
 
 #[test]
 fn peft_adapter_matches_hf_peft() {
-    let Some(py) = venv_python_with("peft") else { return };
+    let Some(py) = venv_python_with("peft") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let st = std::process::Command::new(&py)
         .arg(repo_root().join("text/tests/reference/peft_lora.py"))
@@ -87,20 +108,33 @@ fn peft_adapter_matches_hf_peft() {
     assert!(st.success(), "reference failed");
     let _g = tch::no_grad_guard();
     let mut m = TextModel::load(&tmp.path().join("base"), Device::Cpu, DType::F32).unwrap();
-    let adapter = LoraAdapter::load(&tmp.path().join("adapter"), Device::Cpu, tch::Kind::Float).unwrap();
+    let adapter =
+        LoraAdapter::load(&tmp.path().join("adapter"), Device::Cpu, tch::Kind::Float).unwrap();
     assert_eq!((adapter.rank, adapter.scale), (4, 2.0));
     let reference: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(tmp.path().join("ref.safetensors")).unwrap().into_iter().collect();
-    let ids: Vec<u32> = Vec::<i64>::try_from(&reference["ids"]).unwrap().iter().map(|&i| i as u32).collect();
+        Tensor::read_safetensors(tmp.path().join("ref.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let ids: Vec<u32> = Vec::<i64>::try_from(&reference["ids"])
+        .unwrap()
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
     let run = |d: &Decoder| {
         let mut c = d.new_cache(1);
-        d.forward(&ids_tensor(&ids).unwrap(), None, &mut c, Logits::All).unwrap().squeeze_dim(0)
+        d.forward(&ids_tensor(&ids).unwrap(), None, &mut c, Logits::All)
+            .unwrap()
+            .squeeze_dim(0)
     };
     let base = run(&m.decoder);
     adapter.activate(&mut m.decoder).unwrap();
     let ours = run(&m.decoder);
     let d = max_abs_diff(&ours, &reference["logits"]);
-    println!("PEFT parity: max |Δ| = {d:.2e} (base vs adapted differ by {:.2e})", max_abs_diff(&base, &ours));
+    println!(
+        "PEFT parity: max |Δ| = {d:.2e} (base vs adapted differ by {:.2e})",
+        max_abs_diff(&base, &ours)
+    );
     assert!(d <= 1e-4, "max |Δ| {d}");
     assert!(max_abs_diff(&base, &ours) > 1e-3);
 }

@@ -9,7 +9,9 @@ use afm_text::{DType, Decoder, GenerateOptions, Logits, SamplingConfig, TextMode
 use tch::Device;
 
 fn model(preset: &str, seed: i64) -> Decoder {
-    TextModel::from_preset(preset, seed, Device::Cpu, DType::F32).unwrap().decoder
+    TextModel::from_preset(preset, seed, Device::Cpu, DType::F32)
+        .unwrap()
+        .decoder
 }
 
 #[test]
@@ -21,11 +23,21 @@ fn greedy_speculative_equals_plain_greedy() {
         stop_on_eos: false,
         ..GenerateOptions::default()
     };
-    for prompt in [vec![5u32, 9, 200, 3], vec![7u32], (0..30).collect::<Vec<u32>>()] {
+    for prompt in [
+        vec![5u32, 9, 200, 3],
+        vec![7u32],
+        (0..30).collect::<Vec<u32>>(),
+    ] {
         let plain = generate(&target, None, &prompt, &opts, &mut |_| {}).unwrap();
-        for draft in [Draft::SelfPrefix(1), Draft::SelfPrefix(3), Draft::Model(&other), Draft::Model(&target)] {
+        for draft in [
+            Draft::SelfPrefix(1),
+            Draft::SelfPrefix(3),
+            Draft::Model(&other),
+            Draft::Model(&target),
+        ] {
             for k in [1, 3, 5] {
-                let (spec, st) = generate_speculative(&target, draft, None, &prompt, &opts, k).unwrap();
+                let (spec, st) =
+                    generate_speculative(&target, draft, None, &prompt, &opts, k).unwrap();
                 assert_eq!(spec.tokens, plain.tokens, "k={k}");
                 assert!(st.target_forwards <= plain.tokens.len());
                 if let Draft::Model(d) = draft {
@@ -40,7 +52,8 @@ fn greedy_speculative_equals_plain_greedy() {
     // Two-segment targets too (draft = part of segment 0).
     let two = model("tiny-two-segment", 3);
     let plain = generate(&two, None, &[1, 2, 3], &opts, &mut |_| {}).unwrap();
-    let (spec, _) = generate_speculative(&two, Draft::SelfPrefix(2), None, &[1, 2, 3], &opts, 4).unwrap();
+    let (spec, _) =
+        generate_speculative(&two, Draft::SelfPrefix(2), None, &[1, 2, 3], &opts, 4).unwrap();
     assert_eq!(spec.tokens, plain.tokens);
     assert!(generate_speculative(&two, Draft::SelfPrefix(5), None, &[1], &opts, 4).is_err());
 }
@@ -51,7 +64,9 @@ fn exact_joint(target: &Decoder, prompt: &[u32], cfg: &SamplingConfig) -> Vec<((
     let _g = tch::no_grad_guard();
     let row = |ids: &[u32]| -> Vec<f32> {
         let mut c = target.new_cache(1);
-        let l = target.forward(&ids_tensor(ids).unwrap(), None, &mut c, Logits::Last).unwrap();
+        let l = target
+            .forward(&ids_tensor(ids).unwrap(), None, &mut c, Logits::Last)
+            .unwrap();
         Vec::<f32>::try_from(l.squeeze()).unwrap()
     };
     let mut out = Vec::new();
@@ -86,10 +101,14 @@ fn sampled_speculative_follows_the_target_distribution() {
         let opts = GenerateOptions {
             max_new_tokens: 2,
             stop_on_eos: false,
-            sampling: SamplingConfig { seed, ..base.clone() },
+            sampling: SamplingConfig {
+                seed,
+                ..base.clone()
+            },
             ..GenerateOptions::default()
         };
-        let (g, st) = generate_speculative(&target, Draft::Model(&draft), None, &prompt, &opts, 3).unwrap();
+        let (g, st) =
+            generate_speculative(&target, Draft::Model(&draft), None, &prompt, &opts, 3).unwrap();
         accepted += st.accepted;
         proposed += st.proposed;
         *counts.entry((g.tokens[0], g.tokens[1])).or_insert(0usize) += 1;
@@ -118,7 +137,10 @@ fn sampled_speculative_follows_the_target_distribution() {
     // 99.9% quantile of chi-square with up to 16 degrees of freedom is 39.25.
     let dof = cells - 1;
     assert!(dof <= 16 && dof >= 3, "dof {dof}");
-    println!("chi2 = {chi2:.2} on {dof} dof; acceptance {:.2}", accepted as f64 / proposed as f64);
+    println!(
+        "chi2 = {chi2:.2} on {dof} dof; acceptance {:.2}",
+        accepted as f64 / proposed as f64
+    );
     assert!(chi2 < 39.25, "chi2 {chi2} on {dof} dof");
     // And the draft is a different model: some proposals were rejected.
     assert!(accepted < proposed);

@@ -16,7 +16,8 @@ use tch::{Device, Kind};
 fn tiny() -> Decoder {
     let cfg = afm_text::presets::preset("tiny-dense").unwrap();
     let shapes = afm_text::decoder::weight_shapes(&cfg);
-    let w = afm_text::weights::WeightMap::random(&shapes, 7, 0.3, Device::Cpu, Kind::Float).unwrap();
+    let w =
+        afm_text::weights::WeightMap::random(&shapes, 7, 0.3, Device::Cpu, Kind::Float).unwrap();
     Decoder::new(&cfg, &w).unwrap()
 }
 
@@ -49,7 +50,8 @@ fn cfg(steps: usize) -> LoraTrainConfig {
 fn logits(d: &Decoder, ids: &[u32]) -> tch::Tensor {
     let _g = tch::no_grad_guard();
     let mut c = d.new_cache(1);
-    d.forward(&ids_tensor(ids).unwrap(), None, &mut c, Logits::All).unwrap()
+    d.forward(&ids_tensor(ids).unwrap(), None, &mut c, Logits::All)
+        .unwrap()
 }
 
 #[test]
@@ -71,14 +73,22 @@ fn loss_falls_and_base_is_frozen() {
     let held_out = [150u32, 3, 77, 120, 64, 8];
     let mass = |d: &Decoder| {
         let p = logits(d, &held_out).get(0).get(5).softmax(0, Kind::Float);
-        [200i64, 201, 202].iter().map(|&t| p.double_value(&[t])).sum::<f64>()
+        [200i64, 201, 202]
+            .iter()
+            .map(|&t| p.double_value(&[t]))
+            .sum::<f64>()
     };
     let base_mass = mass(&d);
     let adapter = LoraAdapter::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
     adapter.activate(&mut d).unwrap();
     let tuned_mass = mass(&d);
-    println!("answer-token mass on a held-out prompt: base {base_mass:.3}, adapted {tuned_mass:.3}");
-    assert!(base_mass < 0.1 && tuned_mass > 0.5, "{base_mass} → {tuned_mass}");
+    println!(
+        "answer-token mass on a held-out prompt: base {base_mass:.3}, adapted {tuned_mass:.3}"
+    );
+    assert!(
+        base_mass < 0.1 && tuned_mass > 0.5,
+        "{base_mass} → {tuned_mass}"
+    );
 }
 
 #[test]
@@ -92,8 +102,18 @@ fn resume_is_identical_to_an_uninterrupted_run() {
     let _ = train(&mut d, &data(), cfg(3), &b, false, |_, _| {}).unwrap();
     let (_, resumed) = train(&mut d, &data(), cfg(6), &b, true, |_, _| {}).unwrap();
     assert_eq!(straight, resumed, "losses of every step");
-    let wa = afm_text::checkpoint::load_weights(&a.join("adapter_model.safetensors"), Device::Cpu, Kind::Float).unwrap();
-    let wb = afm_text::checkpoint::load_weights(&b.join("adapter_model.safetensors"), Device::Cpu, Kind::Float).unwrap();
+    let wa = afm_text::checkpoint::load_weights(
+        &a.join("adapter_model.safetensors"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let wb = afm_text::checkpoint::load_weights(
+        &b.join("adapter_model.safetensors"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     let names: Vec<String> = wa.names().cloned().collect();
     assert!(!names.is_empty());
     for n in names {
