@@ -49,7 +49,7 @@ impl SamplingArgs {
         if !(0.0..=1.0).contains(&self.min_p) {
             anyhow::bail!("--min-p must be in [0, 1], got {}", self.min_p);
         }
-        if !(self.repetition_penalty > 0.0) {
+        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
             anyhow::bail!(
                 "--repetition-penalty must be > 0, got {}",
                 self.repetition_penalty

@@ -346,8 +346,8 @@ impl LoraTrainer {
                     adapter.get(&format!("base_model.model.{name}.lora_A.weight"), &a.size())?;
                 let tb =
                     adapter.get(&format!("base_model.model.{name}.lora_B.weight"), &b.size())?;
-                let _ = a.f_copy_(&ta)?;
-                let _ = b.f_copy_(&tb)?;
+                a.f_copy_(&ta)?;
+                b.f_copy_(&tb)?;
                 for j in 0..4 {
                     let shape = me.moments[i][j].size();
                     me.moments[i][j] = state.get(&format!("{name}.m{j}"), &shape)?;

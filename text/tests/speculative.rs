@@ -136,7 +136,7 @@ fn sampled_speculative_follows_the_target_distribution() {
     assert!(counts.keys().all(|k| joint.iter().any(|(p, _)| p == k)));
     // 99.9% quantile of chi-square with up to 16 degrees of freedom is 39.25.
     let dof = cells - 1;
-    assert!(dof <= 16 && dof >= 3, "dof {dof}");
+    assert!((3..=16).contains(&dof), "dof {dof}");
     println!(
         "chi2 = {chi2:.2} on {dof} dof; acceptance {:.2}",
         accepted as f64 / proposed as f64
