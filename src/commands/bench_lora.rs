@@ -24,7 +24,11 @@ pub struct Args {
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -39,7 +43,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let mut cache = AdapterCache::default();
     let mut names = Vec::new();
     for seed in 0..2 {
-        let mut a = LoraAdapter::random(&mut model.decoder, args.rank, 2.0 * args.rank as f64, DEFAULT_TARGETS, seed)?;
+        let mut a = LoraAdapter::random(
+            &mut model.decoder,
+            args.rank,
+            2.0 * args.rank as f64,
+            DEFAULT_TARGETS,
+            seed,
+        )?;
         a.name = format!("adapter-{seed}");
         names.push(cache.insert(a));
     }
@@ -56,14 +66,27 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         cache.unload(&mut model.decoder, n)?;
     }
     let rss_unloaded = rss_bytes();
-    println!("model: {} ({}), adapters: rank {}, every attention and FFN linear", model.source.display(), dtype.name(), args.rank);
+    println!(
+        "model: {} ({}), adapters: rank {}, every attention and FFN linear",
+        model.source.display(),
+        dtype.name(),
+        args.rank
+    );
     println!("\n| measure | value |");
     println!("| --- | ---: |");
     println!("| adapter size | {:.1} MiB |", mib(adapter_bytes));
-    println!("| swap (activate the other cached adapter), median of {} | {:.3} ms |", times.len(), times[times.len() / 2] * 1e3);
+    println!(
+        "| swap (activate the other cached adapter), median of {} | {:.3} ms |",
+        times.len(),
+        times[times.len() / 2] * 1e3
+    );
     println!("| swap, worst | {:.3} ms |", times[times.len() - 1] * 1e3);
     println!("| RSS with the model | {:.1} MiB |", mib(rss_base));
-    println!("| RSS with 2 adapters cached | {:.1} MiB (+{:.1}) |", mib(rss_loaded), mib(rss_loaded.saturating_sub(rss_base)));
+    println!(
+        "| RSS with 2 adapters cached | {:.1} MiB (+{:.1}) |",
+        mib(rss_loaded),
+        mib(rss_loaded.saturating_sub(rss_base))
+    );
     println!(
         "| RSS after unloading both | {:.1} MiB ({:.1} MiB returned) |",
         mib(rss_unloaded),

@@ -39,6 +39,13 @@ pub struct Args {
     /// PT-MoE only: devices for the tracks, comma-separated (cpu, cuda:0, cuda:1, …).
     #[arg(long, value_name = "LIST", requires = "preset")]
     pub track_devices: Option<String>,
+    /// Self-speculation drafts to compare with plain decoding (bf16): the target's first N
+    /// layers, comma-separated layer counts (empty = skip).
+    #[arg(long, value_name = "N,N", default_value = "20,26")]
+    pub spec_layers: String,
+    /// Tokens the draft proposes per target forward.
+    #[arg(long, default_value_t = 4)]
+    pub draft_tokens: usize,
     /// PT-MoE only: prompt length.
     #[arg(long, default_value_t = 128)]
     pub prompt: usize,
@@ -135,6 +142,63 @@ fn hf_reference(
     Ok(serde_json::from_str(last)?)
 }
 
+/// Self-speculation with the target's first N layers as the draft, for each N asked: table
+/// rows, with how many leading tokens equal plain greedy decoding's.
+fn run_speculative(
+    m: &TextModel,
+    ids: &[u32],
+    args: &Args,
+    plain_tok_s: f64,
+) -> anyhow::Result<Vec<String>> {
+    use afm_text::speculative::{generate_speculative, Draft};
+    let opts = GenerateOptions {
+        max_new_tokens: args.tokens,
+        stop_on_eos: false,
+        ..GenerateOptions::default()
+    };
+    let plain = generate(&m.decoder, None, ids, &opts, &mut |_| {})?;
+    let mut rows = Vec::new();
+    for n in args.spec_layers.split(',').filter(|s| !s.trim().is_empty()) {
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("bad --spec-layers entry '{n}'"))?;
+        let mut speeds = Vec::new();
+        let mut last = None;
+        for _ in 0..args.repeats.max(1) {
+            let (g, st) = generate_speculative(
+                &m.decoder,
+                Draft::SelfPrefix(n),
+                None,
+                ids,
+                &opts,
+                args.draft_tokens,
+            )?;
+            speeds.push(g.tokens.len() as f64 / g.stats.decode_secs.max(1e-9));
+            last = Some((g, st));
+        }
+        if let Some((g, st)) = last {
+            let tok_s = median(speeds);
+            // In bf16 a (k+1)-token verification and a 1-token step round differently, so a
+            // near-tie can flip; in fp32 the outputs are identical (text/tests/speculative.rs).
+            let same = g
+                .tokens
+                .iter()
+                .zip(&plain.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            rows.push(format!(
+                "| self:{n} | {tok_s:.1} | {:.2}× | {:.1}% | {:.2} | {same}/{} |",
+                tok_s / plain_tok_s,
+                100.0 * st.acceptance_rate(),
+                g.tokens.len() as f64 / st.target_forwards.max(1) as f64,
+                plain.tokens.len()
+            ));
+        }
+    }
+    Ok(rows)
+}
+
 /// Median prefill (time to first token's logits) of a random-weight preset.
 fn ttft(preset: &str, prompt: usize, dtype: DType, repeats: usize) -> anyhow::Result<f64> {
     let m = TextModel::from_preset(preset, 0, Device::Cpu, dtype)?;
@@ -174,6 +238,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         let bw = memory_bandwidth()?;
         let mut rows = Vec::new();
         let mut weight_bytes_bf16 = 0u64;
+        let mut spec_rows = Vec::new();
         for dtype in [DType::BF16, DType::F32] {
             let m = load_model_dir(&dir, device, dtype)?;
             let ids = m.tokenizer()?.encode(PROMPT)?;
@@ -181,6 +246,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             let bytes = afm_text::inspect::ModelReport::new(m.config(), dtype.bytes()).weight_bytes;
             if dtype == DType::BF16 {
                 weight_bytes_bf16 = bytes;
+                spec_rows = run_speculative(&m, &ids, &args, r.decode_tok_s)?;
             }
             rows.push((
                 format!("afm-vl {}", dtype.name()),
@@ -217,6 +283,17 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         let hf = rows.iter().find(|r| r.0.starts_with("HF")).map(|r| r.2);
         if let Some(hf) = hf {
             println!("\nafm-vl bf16 / HF fp32 decode: {:.2}×", rows[0].2 / hf);
+        }
+        if !spec_rows.is_empty() {
+            println!(
+                "\nSelf-speculative decoding (bf16, greedy, {} draft tokens per target forward; tokens equal to plain greedy in the last column):",
+                args.draft_tokens
+            );
+            println!("\n| draft | decode tok/s | speed-up vs plain | acceptance | tokens per target forward | tokens equal to plain greedy |");
+            println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+            for r in &spec_rows {
+                println!("{r}");
+            }
         }
         println!(
             "memory bandwidth (copy): {:.1} GB/s → floor {:.2} ms/token for {} of bf16 weights",

@@ -120,23 +120,32 @@ fn print_stats(s: &afm_text::generation::GenerationStats) {
     );
 }
 
-fn run_speculative(ctx: &Context, args: &GenerateArgs, model: &afm_text::TextModel, spec: &str) -> anyhow::Result<()> {
+fn run_speculative(
+    ctx: &Context,
+    args: &GenerateArgs,
+    model: &afm_text::TextModel,
+    spec: &str,
+) -> anyhow::Result<()> {
     use afm_text::speculative::{generate_speculative, Draft};
     let opts = args.sampling.options()?;
     let draft_model;
     let draft = match Draft::parse_self(spec) {
         Some(n) => Draft::SelfPrefix(n?),
         None => {
-            draft_model = super::load_model_dir(
-                std::path::Path::new(spec),
-                ctx.device()?,
-                model.dtype,
-            )?;
+            draft_model =
+                super::load_model_dir(std::path::Path::new(spec), ctx.device()?, model.dtype)?;
             Draft::Model(&draft_model.decoder)
         }
     };
     let ids = model.prompt_ids(&args.prompt, args.raw)?;
-    let (g, st) = generate_speculative(&model.decoder, draft, model.tokenizer.as_ref(), &ids, &opts, args.draft_tokens)?;
+    let (g, st) = generate_speculative(
+        &model.decoder,
+        draft,
+        model.tokenizer.as_ref(),
+        &ids,
+        &opts,
+        args.draft_tokens,
+    )?;
     println!("{}", g.text);
     if args.sampling.stats {
         print_stats(&g.stats);
@@ -162,7 +171,12 @@ pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
         if args.merge_adapter {
             afm_text::lora::merge_active(&mut model.decoder)?;
         }
-        tracing::info!("adapter {} (rank {}) on {} modules", dir.display(), adapter.rank, adapter.modules().count());
+        tracing::info!(
+            "adapter {} (rank {}) on {} modules",
+            dir.display(),
+            adapter.rank,
+            adapter.modules().count()
+        );
     }
     if let Some(spec) = &args.draft {
         return run_speculative(ctx, &args, &model, spec);

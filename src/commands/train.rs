@@ -90,15 +90,28 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..LoraTrainConfig::default()
     };
-    let bar = if ctx.quiet { ProgressBar::hidden() } else { ProgressBar::new(a.steps as u64) };
+    let bar = if ctx.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(a.steps as u64)
+    };
     bar.set_style(
-        ProgressStyle::with_template("train lora [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, ETA {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "train lora [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, ETA {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (out, losses) = train(&mut model.decoder, &data, cfg, &a.out, a.resume, |step, loss| {
-        bar.set_position(step as u64);
-        bar.set_message(format!("loss {loss:.4}"));
-    })
+    let (out, losses) = train(
+        &mut model.decoder,
+        &data,
+        cfg,
+        &a.out,
+        a.resume,
+        |step, loss| {
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {loss:.4}"));
+        },
+    )
     .with_context(|| format!("training a LoRA adapter into {}", a.out.display()))?;
     bar.finish_and_clear();
     if !ctx.quiet {
