@@ -4,6 +4,8 @@
 #   2. MGSM-en 8-shot CoT, 50 items: extracted answers equal (greedy);
 #   3. items/s: afm-vl with / without prefix reuse vs HF (naive and prefix-cached), same run.
 # Usage: eval/reference/acceptance.sh [OUT_DIR] (from the repository root, after `make build`).
+# On a shared machine, OMP_NUM_THREADS=1 and the "items per CPU s" column make the speed
+# comparison fair; SKIP_MMLU=1 / SKIP_MGSM=1 / SKIP_SPEED=1 skip parts.
 set -euo pipefail
 OUT=${1:-eval-acceptance}
 BIN=${AFM_VL:-target/release/afm-vl}
@@ -40,21 +42,24 @@ step "3. speed, MMLU ${SPEED_SUBJECTS} x ${SPEED_LIMIT:=24} items, same run"
 rm -rf "$OUT/speed_reuse" "$OUT/speed_noreuse"
 "$BIN" -q eval "$BENCH/mmlu" --subjects "$SPEED_SUBJECTS" --limit "$SPEED_LIMIT" --out "$OUT/speed_reuse"
 "$BIN" -q eval "$BENCH/mmlu" --subjects "$SPEED_SUBJECTS" --limit "$SPEED_LIMIT" --out "$OUT/speed_noreuse" --no-prefix-reuse
-"$PY" eval/reference/hf_reference.py "$OUT/speed_requests.json" --mode naive --out "$OUT/speed_hf_naive.json"
-"$PY" eval/reference/hf_reference.py "$OUT/speed_requests.json" --mode prefix --out "$OUT/speed_hf_prefix.json"
+"$PY" eval/reference/hf_reference.py "$OUT/speed_requests.json" ${OMP_NUM_THREADS:+--threads $OMP_NUM_THREADS} --mode naive --out "$OUT/speed_hf_naive.json"
+"$PY" eval/reference/hf_reference.py "$OUT/speed_requests.json" ${OMP_NUM_THREADS:+--threads $OMP_NUM_THREADS} --mode prefix --out "$OUT/speed_hf_prefix.json"
 "$PY" - "$OUT" <<'PYEOF' | tee "$OUT/speed.md"
 import json, sys
 out = sys.argv[1]
 r = lambda p: json.load(open(f"{out}/{p}"))
+t = lambda p: r(p)["timings"]
 rows = [
-    ("afm-vl, prefix KV reuse (batch 8)", r("speed_reuse/results.json")["timings"]["items_per_s"]),
-    ("afm-vl, no prefix reuse (batch 8)", r("speed_noreuse/results.json")["timings"]["items_per_s"]),
-    ("HF transformers, one forward per item", r("speed_hf_naive.json")["timings"]["items_per_s"]),
-    ("HF transformers, prefix KV copied per item", r("speed_hf_prefix.json")["timings"]["items_per_s"]),
+    ("afm-vl, prefix KV reuse (batch 8)", t("speed_reuse/results.json")),
+    ("afm-vl, no prefix reuse (batch 8)", t("speed_noreuse/results.json")),
+    ("HF transformers, one forward per item", t("speed_hf_naive.json")),
+    ("HF transformers, prefix KV copied per item", t("speed_hf_prefix.json")),
 ]
-base = rows[2][1]
-print("| run | items/s | vs HF per-item forward |\n| --- | ---: | ---: |")
+base, base_cpu = rows[2][1]["items_per_s"], rows[2][1].get("items_per_cpu_s") or 1
+print("| run | items/s | vs HF per-item forward | items per CPU s | vs HF per-item forward |")
+print("| --- | ---: | ---: | ---: | ---: |")
 for name, v in rows:
-    print(f"| {name} | {v:.3f} | {v / base:.2f}x |")
+    c = v.get("items_per_cpu_s", 0.0)
+    print(f"| {name} | {v['items_per_s']:.3f} | {v['items_per_s'] / base:.2f}x | {c:.3f} | {c / base_cpu:.2f}x |")
 PYEOF
 fi

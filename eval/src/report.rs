@@ -54,7 +54,28 @@ pub struct Timings {
     /// Items scored by this process (resumed items excluded).
     pub scored: usize,
     pub items_per_s: f64,
+    /// CPU seconds (all threads, user + system) this process spent scoring; with
+    /// contention for the CPU, items per CPU second compares runs more fairly than items/s.
+    #[serde(default)]
+    pub cpu_s: f64,
+    #[serde(default)]
+    pub items_per_cpu_s: f64,
     pub by_task: BTreeMap<String, TaskTiming>,
+}
+
+/// CPU time of this process so far (Linux `/proc/self/stat`, clock ticks of 1/100 s);
+/// 0 where unavailable.
+pub fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

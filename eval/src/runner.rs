@@ -390,6 +390,7 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
     let chat = chat_frame(backend, cfg)?;
     let groups = group_prompts(&pending, suite, &cfg.prompt, chat.as_ref())?;
 
+    let cpu_start = crate::report::process_cpu_seconds();
     let bar = progress_bar(cfg, mine.len(), records.len());
     let mut correct = records.values().filter(|r| r.correct).count();
     let mut timings = Timings::default();
@@ -424,6 +425,8 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
     }
     bar.finish_and_clear();
     timings.wall_s = started.elapsed().as_secs_f64();
+    timings.cpu_s = crate::report::process_cpu_seconds() - cpu_start;
+    timings.items_per_cpu_s = timings.scored as f64 / timings.cpu_s.max(1e-9);
     for tt in timings.by_task.values_mut() {
         tt.items_per_s = tt.scored as f64 / tt.seconds.max(1e-9);
     }

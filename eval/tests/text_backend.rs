@@ -15,6 +15,9 @@ use afm_eval::prompt::{build, PromptConfig};
 use afm_eval::text_backend::TextBackend;
 use afm_text::DType;
 
+/// Prefix, item bodies and the " A".." D" continuations, as token ids.
+type Tokens = (Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>);
+
 fn backend() -> Option<TextBackend> {
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/models/smollm2-135m-instruct");
@@ -25,12 +28,7 @@ fn backend() -> Option<TextBackend> {
     Some(TextBackend::load(&dir, tch::Device::Cpu, DType::F32).unwrap())
 }
 
-fn requests(
-    b: &TextBackend,
-    task: Task,
-    lang_or_subject: &str,
-    n: usize,
-) -> Option<(Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+fn requests(b: &TextBackend, task: Task, lang_or_subject: &str, n: usize) -> Option<Tokens> {
     let bench = common::bench()?;
     let filters = Filters {
         tasks: vec![task],
@@ -108,7 +106,7 @@ fn prefix_reuse_and_batching_do_not_change_scores() {
         ],
     };
     let ll = b
-        .choice_loglikelihoods(&prefix, &[two.clone()], true)
+        .choice_loglikelihoods(&prefix, std::slice::from_ref(&two), true)
         .unwrap()
         .remove(0);
     let ll_plain = b
