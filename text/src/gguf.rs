@@ -341,7 +341,8 @@ impl GgufFile {
             .ok_or_else(|| TextError::gguf(&self.path, format!("missing metadata key '{key}'")))
     }
 
-    fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+    /// The tensor's type and its bytes, checked to lie inside the file.
+    fn tensor_bytes(&self, t: &TensorInfo) -> Result<(GgmlType, &[u8])> {
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| {
             TextError::gguf(
                 &self.path,
@@ -376,21 +377,12 @@ impl GgufFile {
                 ),
             ));
         }
-        Ok(&self.mmap[start as usize..end as usize])
+        Ok((ty, &self.mmap[start as usize..end as usize]))
     }
 
     /// Dequantise a tensor to f32 (row-major, PyTorch-order shape from [`TensorInfo::shape`]).
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
-        let bytes = self.tensor_bytes(t)?;
-        let ty = GgmlType::from_id(t.type_id).ok_or_else(|| {
-            TextError::gguf(
-                &self.path,
-                format!(
-                    "tensor '{}' has unsupported ggml type {}",
-                    t.name, t.type_id
-                ),
-            )
-        })?;
+        let (ty, bytes) = self.tensor_bytes(t)?;
         Ok(dequantize(ty, bytes))
     }
 }
