@@ -160,7 +160,7 @@ impl LoraAdapter {
         targets: &[&str],
         seed: i64,
     ) -> Result<Self> {
-        tch::manual_seed(seed);
+        let _rng = crate::weights::seed_global_rng(seed);
         let mut modules = BTreeMap::new();
         for (name, lin) in decoder.linears_mut() {
             if !targets.iter().any(|t| name.ends_with(t)) {

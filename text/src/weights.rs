@@ -119,7 +119,7 @@ impl WeightMap {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
-        tch::manual_seed(seed);
+        let _rng = seed_global_rng(seed);
         let mut map = Self::new(device, kind);
         let file = map.add_file(Path::new(&format!("<random seed {seed}>")));
         for (name, shape) in shapes {
@@ -135,4 +135,14 @@ impl WeightMap {
         }
         Ok(map)
     }
+}
+
+/// Serialises use of libtorch's process-global generator: holding the guard, the draws that
+/// follow `manual_seed(seed)` are not interleaved with another thread's seeded draws, so seeded
+/// initialisation repeats even when tests run concurrently.
+pub fn seed_global_rng(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(seed);
+    guard
 }
