@@ -152,6 +152,22 @@ impl LoraAdapter {
         })
     }
 
+    /// An adapter over given (A, B) tensors, shared, not copied (e.g. the ones being trained).
+    pub fn from_modules(
+        name: &str,
+        rank: usize,
+        scale: f64,
+        modules: impl IntoIterator<Item = (String, (Tensor, Tensor))>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            rank,
+            scale,
+            source: PathBuf::from(format!("<{name}>")),
+            modules: modules.into_iter().collect(),
+        }
+    }
+
     /// A random adapter over `targets` of `decoder` (tests, benchmarks), seeded.
     pub fn random(
         decoder: &mut Decoder,

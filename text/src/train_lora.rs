@@ -11,8 +11,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::checkpoint::{load_weights, write_safetensors};
 use crate::decoder::{Decoder, Logits};
 use crate::error::{Result, TextError};
-use crate::linear::LoraOverlay;
-use crate::lora::deactivate;
+use crate::lora::{deactivate, LoraAdapter};
 use crate::sampling::Rng;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
@@ -194,19 +193,13 @@ impl LoraTrainer {
 
     /// Put the trainable tensors on the decoder as overlays (sharing storage).
     pub fn attach(&self, decoder: &mut Decoder) -> Result<()> {
-        let scale = self.scale();
-        let mut lin: std::collections::BTreeMap<String, _> =
-            decoder.linears_mut().into_iter().collect();
-        for (name, (a, b)) in self.names.iter().zip(&self.params) {
-            if let Some(l) = lin.get_mut(name) {
-                l.set_lora(Some(LoraOverlay {
-                    a: a.shallow_clone(),
-                    b: b.shallow_clone(),
-                    scale,
-                }))?;
-            }
-        }
-        Ok(())
+        let modules = self
+            .names
+            .iter()
+            .zip(&self.params)
+            .map(|(n, (a, b))| (n.clone(), (a.shallow_clone(), b.shallow_clone())));
+        LoraAdapter::from_modules("training", self.cfg.rank, self.scale(), modules)
+            .activate(decoder)
     }
 
     /// Mean response-token cross-entropy of a batch (right-padded; the loss ignores padding).
