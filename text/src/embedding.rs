@@ -1,36 +1,65 @@
 //! Token embedding; with tied weights the same matrix is the output head.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::{Result, TextError};
 use crate::linear::Linear;
+use crate::quant::QuantizedWeight;
 use crate::weights::WeightMap;
 
 #[derive(Debug)]
+enum Table {
+    Dense(Tensor), // [vocab, hidden]
+    /// Packed codes ([`crate::quant`]): lookups unpack only the rows they need.
+    Quantized(QuantizedWeight, Kind),
+}
+
+#[derive(Debug)]
 pub struct Embedding {
-    weight: Tensor, // [vocab, hidden]
+    table: Table,
     vocab: i64,
+    hidden: i64,
 }
 
 impl Embedding {
     pub fn new(w: &WeightMap, name: &str, vocab: i64, hidden: i64) -> Result<Self> {
+        let table = match QuantizedWeight::from_map(w, name, vocab, hidden)? {
+            Some(q) => Table::Quantized(q, w.kind()),
+            None => Table::Dense(w.get(name, &[vocab, hidden])?),
+        };
         Ok(Self {
-            weight: w.get(name, &[vocab, hidden])?,
+            table,
             vocab,
+            hidden,
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The dense `[vocab, hidden]` matrix (`None` when stored quantized).
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.table {
+            Table::Dense(t) => Some(t),
+            Table::Quantized(..) => None,
+        }
+    }
+
+    /// The quantized matrix, if stored so.
+    pub fn quantized(&self) -> Option<&QuantizedWeight> {
+        match &self.table {
+            Table::Quantized(q, _) => Some(q),
+            Table::Dense(_) => None,
+        }
     }
 
     pub fn num_params(&self) -> i64 {
-        self.weight.numel() as i64
+        self.vocab * self.hidden
     }
 
     /// The tied output head: a linear layer sharing this matrix's storage.
     pub fn tied_head(&self) -> Linear {
-        Linear::from_dense(self.weight.shallow_clone(), None)
+        match &self.table {
+            Table::Dense(t) => Linear::from_dense(t.shallow_clone(), None),
+            Table::Quantized(q, kind) => Linear::from_quantized(q.shallow_clone(), None, *kind),
+        }
     }
 
     // ids: [batch, seq] (int64) → [batch, seq, hidden]
@@ -42,6 +71,9 @@ impl Embedding {
                 self.vocab
             )));
         }
-        Ok(Tensor::f_embedding(&self.weight, ids, -1, false, false)?)
+        match &self.table {
+            Table::Dense(t) => Ok(Tensor::f_embedding(t, ids, -1, false, false)?),
+            Table::Quantized(q, kind) => q.rows_of(ids, *kind),
+        }
     }
 }

@@ -26,6 +26,7 @@ pub mod norm;
 pub mod presets;
 pub mod ptmoe;
 pub mod ptmoe_config;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod speculative;

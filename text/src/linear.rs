@@ -4,9 +4,10 @@
 //! beside the dense one, and a LoRA overlay (A, B, s = α/r) sits on top of any of them
 //! without touching model code.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::quant::QuantizedWeight;
 use crate::weights::WeightMap;
 
 /// How a linear layer's weight is stored.
@@ -14,6 +15,9 @@ use crate::weights::WeightMap;
 pub enum LinearWeight {
     /// `[out, in]` in the model's dtype.
     Dense(Tensor),
+    /// Packed low-bit codes with look-up tables or scales ([`crate::quant`]); the matmul reads
+    /// them directly.
+    Quantized(Box<QuantizedWeight>),
 }
 
 /// A low-rank update `s·B·A` applied on the fly.
@@ -45,10 +49,13 @@ pub struct Linear {
     bias: Option<Tensor>,
     in_features: i64,
     out_features: i64,
+    /// The dtype activations run in.
+    kind: Kind,
 }
 
 impl Linear {
-    /// Load `{prefix}.weight` of shape `[out, in]` (and `{prefix}.bias` when `bias`).
+    /// Load `{prefix}.weight` of shape `[out, in]` (and `{prefix}.bias` when `bias`), or its
+    /// packed form (`{prefix}.weight.qcodes` + table, see [`crate::quant`]) when present.
     pub fn new(
         w: &WeightMap,
         prefix: &str,
@@ -56,13 +63,29 @@ impl Linear {
         out_features: i64,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_features])?)
         } else {
             None
         };
+        let name = format!("{prefix}.weight");
+        if let Some(q) = QuantizedWeight::from_map(w, &name, out_features, in_features)? {
+            return Ok(Self::from_quantized(q, bias, w.kind()));
+        }
+        let weight = w.get(&name, &[out_features, in_features])?;
         Ok(Self::from_dense(weight, bias))
+    }
+
+    /// Wrap a quantized weight; activations run in `kind`.
+    pub fn from_quantized(q: QuantizedWeight, bias: Option<Tensor>, kind: Kind) -> Self {
+        Self {
+            in_features: q.cols(),
+            out_features: q.rows(),
+            weight: LinearWeight::Quantized(Box::new(q)),
+            lora: None,
+            bias,
+            kind,
+        }
     }
 
     /// Wrap an existing `[out, in]` tensor (shared storage, e.g. tied embeddings).
@@ -71,6 +94,7 @@ impl Linear {
         Self {
             in_features: size[1],
             out_features: size[0],
+            kind: weight.kind(),
             weight: LinearWeight::Dense(weight),
             lora: None,
             bias,
@@ -94,23 +118,31 @@ impl Linear {
 
     /// Bytes the weights occupy.
     pub fn weight_bytes(&self) -> usize {
-        let LinearWeight::Dense(w) = &self.weight;
-        w.numel() * w.kind().elt_size_in_bytes()
-            + self
-                .bias
-                .as_ref()
-                .map_or(0, |b| b.numel() * b.kind().elt_size_in_bytes())
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
+            LinearWeight::Quantized(q) => q.stored_bytes(),
+        };
+        w + self
+            .bias
+            .as_ref()
+            .map_or(0, |b| b.numel() * b.kind().elt_size_in_bytes())
     }
 
     /// The dtype computations run in.
     pub fn weight_kind(&self) -> tch::Kind {
-        let LinearWeight::Dense(w) = &self.weight;
-        w.kind()
+        self.kind
     }
 
     pub fn device(&self) -> tch::Device {
-        let LinearWeight::Dense(w) = &self.weight;
-        w.device()
+        match &self.weight {
+            LinearWeight::Dense(w) => w.device(),
+            LinearWeight::Quantized(q) => q.device(),
+        }
+    }
+
+    /// Whether the weight is stored quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(_))
     }
 
     pub fn lora(&self) -> Option<&LoraOverlay> {
@@ -138,8 +170,15 @@ impl Linear {
 
     /// Fold the overlay into the dense weight (`W += s·B·A`) and drop it.
     pub fn merge_lora(&mut self) -> Result<()> {
+        if self.lora.is_some() && self.is_quantized() {
+            return Err(crate::error::TextError::InvalidArgument(
+                "cannot merge a LoRA adapter into a quantized layer (run it as an overlay)".into(),
+            ));
+        }
         if let Some(l) = self.lora.take() {
-            let LinearWeight::Dense(w) = &self.weight;
+            let LinearWeight::Dense(w) = &self.weight else {
+                unreachable!("checked above")
+            };
             let delta =
                 l.b.f_matmul(&l.a)?
                     .f_mul_scalar(l.scale)?
@@ -153,6 +192,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            LinearWeight::Quantized(q) => q.forward(x, self.bias.as_ref())?,
         };
         match &self.lora {
             None => Ok(y),

@@ -80,6 +80,16 @@ impl WeightMap {
             .unwrap_or_else(|| PathBuf::from("<weights>"))
     }
 
+    /// The tensor `name` as stored (its file's dtype, on the CPU), if present.
+    pub fn raw(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).map(|(t, _)| t)
+    }
+
+    /// The file `name` came from (the first file when unknown), for error messages.
+    pub fn file_of(&self, name: &str) -> PathBuf {
+        self.origin(self.tensors.get(name).map(|(_, f)| *f))
+    }
+
     /// The tensor `name` whatever its shape, on the map's device in the map's dtype.
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
         let (t, _) = self.tensors.get(name).ok_or_else(|| {

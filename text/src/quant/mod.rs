@@ -1,0 +1,456 @@
+//! Weight quantization: QAT fake-quantization and round-to-nearest ([`qat`]), k-means
+//! palettization ([`palette`]), packed storage with kernels that read it ([`packed`]), and the
+//! quantized weight a [`crate::linear::Linear`] (or the embedding) holds ([`QuantizedWeight`]).
+//!
+//! # Checkpoint layout (`afm-vl-packed-v1`)
+//!
+//! A quantized model directory is an ordinary model directory (config.json, tokenizer files,
+//! model.safetensors). For every quantized weight `NAME` (`model.layers.3.mlp.up_proj.weight`,
+//! `model.embed_tokens.weight`, …) of shape `[out, in]` the safetensors file holds, instead of
+//! `NAME` itself:
+//!
+//! | tensor         | dtype | shape                    | meaning                                   |
+//! |----------------|-------|--------------------------|-------------------------------------------|
+//! | `NAME.qcodes`  | U8    | `[out, in·bits/8]`       | codes packed as [`packed`] documents      |
+//! | `NAME.qlut`    | F32   | `[⌈out/16⌉, 2^bits]`     | palette: one table per 16 rows            |
+//! | `NAME.qscale`  | F32   | `[out]`                  | uniform: `w = scale·(code − c)`           |
+//!
+//! Exactly one of `qlut` (palettized, 2 or 4 bits) and `qscale` (uniform, 2, 4 or 8 bits, with
+//! `c` = 1.5, 8, 128 — see [`qat::UniformSpec`]) is present. The bit width follows from the
+//! packed row length (`8·bytes/in`). Unquantized tensors (norms, layers whose width is not a
+//! multiple of the packing block) stay dense under their own names. config.json gains a
+//! `"quantization"` object (format, method, per-tensor bits, average bits per weight) and the
+//! safetensors header metadata `afm.quant.format = afm-vl-packed-v1`; loading needs neither, it
+//! goes by tensor names and checks every shape, naming the file and tensor on a mismatch.
+//!
+//! # Inference
+//!
+//! A decode step (at most [`GEMV_MAX_ROWS`] input rows, CPU, no autograd) runs the packed
+//! matrix–vector kernel ([`packed::gemv`]: AVX-512 table look-ups, rayon over rows); longer
+//! inputs (prefill, training, GPUs) unpack the layer through libtorch into the compute dtype
+//! and run one matmul.
+
+pub mod packed;
+pub mod palette;
+pub mod qat;
+pub mod quantize;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TextError};
+use crate::weights::WeightMap;
+
+use packed::{cpu_slice, gemv, is_cpu_contiguous, unpack_tensor, Table};
+use qat::UniformSpec;
+
+/// The format tag in config.json and the safetensors metadata.
+pub const FORMAT: &str = "afm-vl-packed-v1";
+
+/// Inputs with at most this many rows use the packed kernel; more unpack once per call.
+pub const GEMV_MAX_ROWS: i64 = 8;
+
+/// How a weight was quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Uniform levels with a per-channel scale (round-to-nearest or QAT).
+    Uniform,
+    /// k-means look-up tables shared by 16 rows.
+    Palette,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Uniform => "uniform",
+            Method::Palette => "palette",
+        }
+    }
+}
+
+/// A packed low-bit `[rows, cols]` weight.
+#[derive(Debug)]
+pub struct QuantizedWeight {
+    /// uint8 `[rows, cols·bits/8]`.
+    packed: Tensor,
+    /// fp32 `[⌈rows/group_rows⌉, 2^bits]`: palettes, or uniform 2/4-bit scales expanded to a
+    /// per-row table (`group_rows = 1`).
+    lut: Option<Tensor>,
+    /// fp32 `[rows]` (uniform).
+    scale: Option<Tensor>,
+    group_rows: i64,
+    bits: u8,
+    method: Method,
+    rows: i64,
+    cols: i64,
+}
+
+impl QuantizedWeight {
+    fn check_cols(cols: i64, bits: u8) -> Result<()> {
+        if cols % packed::block_codes(bits) as i64 != 0 {
+            return Err(TextError::InvalidArgument(format!(
+                "{bits}-bit packing needs a multiple of {} input features, got {cols}",
+                packed::block_codes(bits)
+            )));
+        }
+        Ok(())
+    }
+
+    /// From uniform codes (`[rows, cols]` uint8, `q − qmin`) and per-row scales.
+    pub fn from_uniform(codes: &Tensor, scale: &Tensor, bits: u8) -> Result<Self> {
+        let (rows, cols) = (codes.size()[0], codes.size()[1]);
+        Self::check_cols(cols, bits)?;
+        let c = Vec::<u8>::try_from(codes.f_flatten(0, -1)?.f_to_kind(Kind::Uint8)?)?;
+        let p = packed::pack(&c, rows as usize, cols as usize, bits)?;
+        let packed = Tensor::f_from_slice(&p)?.f_view([rows, -1])?;
+        Self::assemble(
+            packed,
+            None,
+            Some(scale.f_to_kind(Kind::Float)?),
+            bits,
+            rows,
+            cols,
+        )
+    }
+
+    /// From a palettization.
+    pub fn from_palette(p: &palette::Palette, bits: u8) -> Result<Self> {
+        let (rows, cols) = (p.rows as i64, p.cols as i64);
+        Self::check_cols(cols, bits)?;
+        let packed = packed::pack(&p.codes, p.rows, p.cols, bits)?;
+        let packed = Tensor::f_from_slice(&packed)?.f_view([rows, -1])?;
+        let lut = Tensor::f_from_slice(&p.lut)?.f_view([p.groups() as i64, p.k as i64])?;
+        Self::assemble(packed, Some(lut), None, bits, rows, cols)
+    }
+
+    fn assemble(
+        packed: Tensor,
+        lut: Option<Tensor>,
+        scale: Option<Tensor>,
+        bits: u8,
+        rows: i64,
+        cols: i64,
+    ) -> Result<Self> {
+        let (method, lut, group_rows) = match (lut, &scale) {
+            (Some(l), None) => (Method::Palette, Some(l), palette::GROUP_ROWS as i64),
+            (None, Some(s)) if bits < 8 => {
+                // Uniform 2/4-bit: the same kernel as palettes with a table per row.
+                let spec = UniformSpec::new(bits)?;
+                let k = 1i64 << bits;
+                let codes = Tensor::f_arange(k, (Kind::Float, s.device()))?
+                    .f_sub_scalar(spec.code_offset())?;
+                (
+                    Method::Uniform,
+                    Some(s.f_unsqueeze(1)?.f_mul(&codes.f_unsqueeze(0)?)?),
+                    1,
+                )
+            }
+            (None, Some(_)) => (Method::Uniform, None, 1),
+            _ => {
+                return Err(TextError::InvalidArgument(
+                    "a quantized weight needs exactly one of a look-up table and a scale".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            packed: packed.f_contiguous()?,
+            lut: lut.map(|l| l.f_contiguous()).transpose()?,
+            scale: scale.map(|s| s.f_contiguous()).transpose()?,
+            group_rows,
+            bits,
+            method,
+            rows,
+            cols,
+        })
+    }
+
+    /// `name.qcodes` (+ `name.qlut` | `name.qscale`) from a weight map, if present. Shapes are
+    /// checked against `[rows, cols]`; errors name the file and the tensor.
+    pub fn from_map(w: &WeightMap, name: &str, rows: i64, cols: i64) -> Result<Option<Self>> {
+        let codes_name = format!("{name}.qcodes");
+        let Some(codes) = w.raw(&codes_name) else {
+            return Ok(None);
+        };
+        let err = |t: &str, msg: String| TextError::checkpoint(w.file_of(t), msg);
+        let cs = codes.size();
+        if codes.kind() != Kind::Uint8 {
+            return Err(err(
+                &codes_name,
+                format!(
+                    "tensor '{codes_name}' has dtype {:?}, expected U8 packed codes",
+                    codes.kind()
+                ),
+            ));
+        }
+        let bits = if cs.len() == 2 && cs[0] == rows && cs[1] > 0 {
+            [2u8, 4, 8].into_iter().find(|&b| {
+                cs[1] == cols * b as i64 / 8 && cols % packed::block_codes(b) as i64 == 0
+            })
+        } else {
+            None
+        };
+        let Some(bits) = bits else {
+            return Err(err(
+                &codes_name,
+                format!(
+                    "tensor '{codes_name}' has shape {cs:?}: wrong packed length for a [{rows}, \
+                     {cols}] weight (expected [{rows}, {}], [{rows}, {}] or [{rows}, {}] for 2-, 4- \
+                     or 8-bit codes)",
+                    cols / 4,
+                    cols / 2,
+                    cols
+                ),
+            ));
+        };
+        let lut_name = format!("{name}.qlut");
+        let scale_name = format!("{name}.qscale");
+        let device = w.device();
+        let (lut, scale) = match (w.raw(&lut_name), w.raw(&scale_name)) {
+            (Some(lut), None) => {
+                let groups = (rows + palette::GROUP_ROWS as i64 - 1) / palette::GROUP_ROWS as i64;
+                let want = [groups, 1i64 << bits];
+                if bits == 8 || lut.size() != want {
+                    return Err(err(
+                        &lut_name,
+                        format!(
+                            "tensor '{lut_name}' has bad LUT shape {:?}: {bits}-bit codes for {rows} \
+                             rows need {want:?} (a {}-entry table per {} rows){}",
+                            lut.size(),
+                            want[1],
+                            palette::GROUP_ROWS,
+                            if bits == 8 { "; palettes are 2- or 4-bit" } else { "" }
+                        ),
+                    ));
+                }
+                (Some(lut.f_to_kind(Kind::Float)?.f_to_device(device)?), None)
+            }
+            (None, Some(s)) => {
+                if s.size() != [rows] {
+                    return Err(err(
+                        &scale_name,
+                        format!(
+                            "tensor '{scale_name}' has shape {:?}, expected [{rows}] (one scale per row)",
+                            s.size()
+                        ),
+                    ));
+                }
+                (None, Some(s.f_to_kind(Kind::Float)?.f_to_device(device)?))
+            }
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    &codes_name,
+                    format!("'{name}' has both a '.qlut' and a '.qscale' tensor"),
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    &codes_name,
+                    format!(
+                        "'{codes_name}' has neither a '{lut_name}' nor a '{scale_name}' tensor"
+                    ),
+                ))
+            }
+        };
+        let packed = codes.f_to_device(device)?;
+        Self::assemble(packed, lut, scale, bits, rows, cols).map(Some)
+    }
+
+    /// The tensors this weight is stored as under `name` (see the module docs).
+    pub fn tensors(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(format!("{name}.qcodes"), self.packed.shallow_clone())];
+        match self.method {
+            Method::Palette => {
+                if let Some(l) = &self.lut {
+                    out.push((format!("{name}.qlut"), l.shallow_clone()));
+                }
+            }
+            Method::Uniform => {
+                if let Some(s) = &self.scale {
+                    out.push((format!("{name}.qscale"), s.shallow_clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn bits(&self) -> u8 {
+        self.bits
+    }
+    pub fn method(&self) -> Method {
+        self.method
+    }
+    pub fn rows(&self) -> i64 {
+        self.rows
+    }
+    pub fn cols(&self) -> i64 {
+        self.cols
+    }
+    pub fn device(&self) -> Device {
+        self.packed.device()
+    }
+
+    /// Bytes as stored (packed codes plus tables or scales).
+    pub fn stored_bytes(&self) -> usize {
+        let t = match self.method {
+            Method::Palette => self.lut.as_ref(),
+            Method::Uniform => self.scale.as_ref(),
+        };
+        self.packed.numel() + t.map_or(0, |t| t.numel() * 4)
+    }
+
+    /// Stored bits per weight, tables included.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.stored_bytes() as f64 * 8.0 / (self.rows * self.cols) as f64
+    }
+
+    /// A view sharing storage.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            packed: self.packed.shallow_clone(),
+            lut: self.lut.as_ref().map(|t| t.shallow_clone()),
+            scale: self.scale.as_ref().map(|t| t.shallow_clone()),
+            group_rows: self.group_rows,
+            bits: self.bits,
+            method: self.method,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// The values of rows `idx` (int64, any shape) as `[idx.., cols]` in `kind`.
+    pub fn rows_of(&self, idx: &Tensor, kind: Kind) -> Result<Tensor> {
+        let mut shape = idx.size();
+        let flat = idx.f_flatten(0, -1)?.f_to_device(self.device())?;
+        let codes = unpack_tensor(&self.packed.f_index_select(0, &flat)?, self.cols, self.bits)?;
+        let vals = match &self.lut {
+            Some(lut) => lut
+                .f_index_select(0, &flat.f_floor_divide_scalar(self.group_rows)?)?
+                .f_gather(1, &codes, false)?,
+            None => {
+                let spec = UniformSpec::new(self.bits)?;
+                let s = self.scale.as_ref().expect("uniform weight has a scale");
+                codes
+                    .f_to_kind(Kind::Float)?
+                    .f_sub_scalar(spec.code_offset())?
+                    .f_mul(&s.f_index_select(0, &flat)?.f_unsqueeze(1)?)?
+            }
+        };
+        shape.push(self.cols);
+        Ok(vals.f_to_kind(kind)?.f_reshape(shape)?)
+    }
+
+    /// The whole `[rows, cols]` matrix in `kind`.
+    pub fn dequantize(&self, kind: Kind) -> Result<Tensor> {
+        let idx = Tensor::f_arange(self.rows, (Kind::Int64, self.device()))?;
+        self.rows_of(&idx, kind)
+    }
+
+    /// `x·Wᵀ (+ b)` for `x: [..., cols]`.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let mut shape = x.size();
+        let n = x.numel() as i64 / self.cols.max(1);
+        let fast = n <= GEMV_MAX_ROWS
+            && x.device() == Device::Cpu
+            && !x.requires_grad()
+            && is_cpu_contiguous(&self.packed, Kind::Uint8)
+            && self
+                .lut
+                .as_ref()
+                .is_none_or(|l| is_cpu_contiguous(l, Kind::Float))
+            && self
+                .scale
+                .as_ref()
+                .is_none_or(|s| is_cpu_contiguous(s, Kind::Float));
+        if !fast {
+            let w = self.dequantize(x.kind())?;
+            return Ok(x.f_linear(&w, bias)?);
+        }
+        let xf = x
+            .f_reshape([n, self.cols])?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?;
+        // SAFETY: every tensor read here is contiguous fp32/uint8 on the CPU (checked above) and
+        // lives until the end of this function.
+        let (xs, packed) = unsafe { (cpu_slice::<f32>(&xf), cpu_slice::<u8>(&self.packed)) };
+        let table = match (&self.lut, &self.scale) {
+            (Some(l), _) => Table::Lut {
+                lut: unsafe { cpu_slice::<f32>(l) },
+                k: 1 << self.bits,
+                group_rows: self.group_rows as usize,
+            },
+            (None, Some(s)) => Table::Scale {
+                scale: unsafe { cpu_slice::<f32>(s) },
+                offset: UniformSpec::new(self.bits)?.code_offset() as f32,
+            },
+            (None, None) => unreachable!("assemble checks the tables"),
+        };
+        let (rows, cols) = (self.rows as usize, self.cols as usize);
+        let mut y = vec![0f32; n as usize * rows];
+        for (xr, yr) in xs.chunks_exact(cols).zip(y.chunks_exact_mut(rows)) {
+            gemv(packed, table, self.bits, cols, xr, yr);
+        }
+        shape.pop();
+        shape.push(self.rows);
+        let mut out = Tensor::f_from_slice(&y)?.f_view(shape.as_slice())?;
+        if let Some(b) = bias {
+            out = out.f_add(&b.f_to_kind(Kind::Float)?)?;
+        }
+        Ok(out.f_to_kind(x.kind())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(rows: i64, cols: i64, seed: i64) -> Tensor {
+        let _g = crate::weights::seed_global_rng(seed);
+        Tensor::randn([rows, cols], (Kind::Float, Device::Cpu))
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        f64::try_from(a.f_sub(b).unwrap().abs().max()).unwrap()
+    }
+
+    #[test]
+    fn forward_paths_agree_with_the_dequantized_matmul() {
+        let w = rand(48, 128, 5);
+        let x1 = rand(1, 128, 6).view([1, 1, 128]);
+        let x9 = rand(9, 128, 7).view([1, 9, 128]); // above GEMV_MAX_ROWS: unpack path
+        let bias = rand(1, 48, 8).view([48]);
+        let wv = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap();
+        let mut qs = vec![];
+        for bits in [2u8, 4] {
+            let p = palette::palettize(&wv, 48, 128, bits, 0);
+            qs.push(QuantizedWeight::from_palette(&p, bits).unwrap());
+        }
+        for bits in [2u8, 4, 8] {
+            let spec = UniformSpec::new(bits).unwrap();
+            let (codes, scale) = qat::rtn(&w, &spec).unwrap();
+            let q = QuantizedWeight::from_uniform(&codes, &scale, bits).unwrap();
+            // The dequantized matrix is the fake-quantized one.
+            let fq = qat::fake_quant(&w, &qat::search_f(&w, &spec).unwrap(), &spec).unwrap();
+            assert!(max_abs(&q.dequantize(Kind::Float).unwrap(), &fq) < 1e-5);
+            qs.push(q);
+        }
+        for q in &qs {
+            let dq = q.dequantize(Kind::Float).unwrap();
+            for x in [&x1, &x9] {
+                let want = x.linear(&dq, Some(&bias));
+                let got = q.forward(x, Some(&bias)).unwrap();
+                assert_eq!(got.size(), want.size());
+                assert!(max_abs(&got, &want) < 1e-4, "{:?} {}", q.method, q.bits);
+            }
+            // Embedding-style row lookup.
+            let idx = Tensor::from_slice(&[3i64, 47, 0, 16]).view([2, 2]);
+            let rows = q.rows_of(&idx, Kind::Float).unwrap();
+            assert_eq!(rows.size(), [2, 2, 128]);
+            assert!(max_abs(&rows.get(0).get(1), &dq.get(47)) == 0.0);
+            let expect_bpw = q.bits as f64
+                + match q.method {
+                    Method::Palette => 32.0 * (1 << q.bits) as f64 / (16.0 * 128.0),
+                    Method::Uniform => 32.0 / 128.0,
+                };
+            assert!((q.bits_per_weight() - expect_bpw).abs() < 1e-9);
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Quantize a model directory: every attention/FFN projection, the untied head and the
+//! embedding become packed codes ([`super::QuantizedWeight`]); norms stay dense. Uniform
+//! round-to-nearest (`rtn`) or k-means palettes; a fixed width or a mixed 2/4-bit plan that
+//! meets a target average of bits per weight by sending the layers that lose least at 2 bits
+//! to 2 bits first.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::palette::palettize;
+use super::qat::{rtn, UniformSpec};
+use super::{packed, Method, QuantizedWeight, FORMAT};
+use crate::checkpoint::{load_weights, safetensors_files, write_safetensors};
+use crate::config::TextConfig;
+use crate::error::{Result, TextError};
+
+/// Bit widths to use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BitPlan {
+    /// Every quantized linear at this width (2, 4 or 8).
+    Fixed(u8),
+    /// 4-bit, with the least sensitive linears at 2 bits until the average (tables and the
+    /// 4-bit embedding included) is at most `target_bpw`.
+    Mixed { target_bpw: f64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    pub method: Method,
+    pub plan: BitPlan,
+    /// Bits of the embedding (default: 4, or 8 with `Fixed(8)`).
+    pub embed_bits: Option<u8>,
+    pub seed: u64,
+}
+
+/// What happened to one tensor.
+#[derive(Debug, Clone)]
+pub struct TensorReport {
+    pub name: String,
+    pub rows: i64,
+    pub cols: i64,
+    pub bits: u8,
+    pub method: Method,
+    /// ‖W − Ŵ‖² / ‖W‖².
+    pub rel_error: f64,
+    /// Stored bits per weight (tables included).
+    pub bpw: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuantizeReport {
+    pub tensors: Vec<TensorReport>,
+    /// Tensors kept dense (norms, widths the packing does not fit).
+    pub dense: Vec<String>,
+    /// Average stored bits per quantized weight.
+    pub avg_bpw: f64,
+    pub quantized_params: i64,
+    pub dense_params: i64,
+    /// Bytes of the written safetensors file.
+    pub file_bytes: u64,
+}
+
+/// A tensor to quantize: name, rows, cols, and (bits, weight, relative error) per width tried.
+type Candidate = (String, i64, i64, Vec<(u8, QuantizedWeight, f64)>);
+
+fn is_candidate(name: &str, shape: &[i64]) -> bool {
+    shape.len() == 2
+        && (name.ends_with("_proj.weight")
+            || name == "lm_head.weight"
+            || name == "model.embed_tokens.weight")
+}
+
+fn quantize_one(w: &Tensor, bits: u8, method: Method, seed: u64) -> Result<(QuantizedWeight, f64)> {
+    let (rows, cols) = (w.size()[0], w.size()[1]);
+    let q = match method {
+        Method::Uniform => {
+            let (codes, scale) = rtn(w, &UniformSpec::new(bits)?)?;
+            QuantizedWeight::from_uniform(&codes, &scale, bits)?
+        }
+        Method::Palette => {
+            if bits == 8 {
+                return Err(TextError::InvalidArgument(
+                    "palettes are 2- or 4-bit (use --method rtn for 8 bits)".into(),
+                ));
+            }
+            let v = Vec::<f32>::try_from(w.f_flatten(0, -1)?.f_to_kind(Kind::Float)?)?;
+            QuantizedWeight::from_palette(
+                &palettize(&v, rows as usize, cols as usize, bits, seed),
+                bits,
+            )?
+        }
+    };
+    let err = f64::try_from(
+        w.f_sub(&q.dequantize(Kind::Float)?)?
+            .f_square()?
+            .f_sum(Kind::Double)?,
+    )?;
+    let norm = f64::try_from(w.f_square()?.f_sum(Kind::Double)?)?.max(1e-30);
+    Ok((q, err / norm))
+}
+
+/// Quantize the model in `src` into a new model directory `dst`. `progress` hears each tensor.
+pub fn quantize_dir(
+    src: &Path,
+    dst: &Path,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<QuantizeReport> {
+    let _cfg = TextConfig::from_file(&src.join("config.json"))?;
+    let weights = load_weights(src, Device::Cpu, Kind::Float)?;
+    if let Some(n) = weights.names().find(|n| n.ends_with(".qcodes")) {
+        return Err(TextError::checkpoint(
+            src,
+            format!("already quantized (has '{n}'); quantize the full-precision model"),
+        ));
+    }
+    let mut names: Vec<String> = weights.names().cloned().collect();
+    names.sort();
+    let embed_bits = opts.embed_bits.unwrap_or(match opts.plan {
+        BitPlan::Fixed(8) => 8,
+        _ => 4,
+    });
+    let embed_method = if embed_bits == 8 {
+        Method::Uniform
+    } else {
+        opts.method
+    };
+
+    let mut dense: Vec<(String, Tensor)> = Vec::new();
+    let mut dense_names = Vec::new();
+    let mut dense_params = 0i64;
+    // name → candidate quantizations (bits → (weight, error))
+    let mut cands: Vec<Candidate> = Vec::new();
+    for name in &names {
+        let t = weights.get_any(name)?;
+        let shape = t.size();
+        let fits = shape.len() == 2 && shape[1] % packed::block_codes(2) as i64 == 0;
+        if !is_candidate(name, &shape) || !fits {
+            if is_candidate(name, &shape) {
+                tracing::warn!("{name} {shape:?}: width not a multiple of 64, kept dense");
+            }
+            dense_params += t.numel() as i64;
+            dense_names.push(name.clone());
+            dense.push((name.clone(), t));
+            continue;
+        }
+        progress(name);
+        let embed = name == "model.embed_tokens.weight";
+        let widths: Vec<u8> = match (embed, opts.plan) {
+            (true, _) => vec![embed_bits],
+            (false, BitPlan::Fixed(b)) => vec![b],
+            (false, BitPlan::Mixed { .. }) => vec![4, 2],
+        };
+        let method = if embed { embed_method } else { opts.method };
+        let mut qs = Vec::new();
+        for b in widths {
+            let (q, e) = quantize_one(&t, b, method, opts.seed)?;
+            qs.push((b, q, e));
+        }
+        cands.push((name.clone(), shape[0], shape[1], qs));
+    }
+
+    // Choose a width per tensor: the first candidate, or the mixed plan.
+    let mut choice: Vec<usize> = vec![0; cands.len()];
+    if let BitPlan::Mixed { target_bpw } = opts.plan {
+        let total: f64 = cands.iter().map(|c| (c.1 * c.2) as f64).sum();
+        let mut bits_sum: f64 = cands
+            .iter()
+            .map(|c| c.3[0].1.bits_per_weight() * (c.1 * c.2) as f64)
+            .sum();
+        let mut order: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].3.len() > 1).collect();
+        // Smallest loss first: the relative error added by going to 2 bits.
+        order.sort_by(|&a, &b| {
+            let da = cands[a].3[1].2 - cands[a].3[0].2;
+            let db = cands[b].3[1].2 - cands[b].3[0].2;
+            da.total_cmp(&db)
+        });
+        for i in order {
+            if bits_sum / total <= target_bpw {
+                break;
+            }
+            let n = (cands[i].1 * cands[i].2) as f64;
+            bits_sum += (cands[i].3[1].1.bits_per_weight() - cands[i].3[0].1.bits_per_weight()) * n;
+            choice[i] = 1;
+        }
+    }
+
+    let mut out: Vec<(String, Tensor)> = dense;
+    let mut reports = Vec::new();
+    let mut plan_json = serde_json::Map::new();
+    let (mut qparams, mut qbits) = (0i64, 0f64);
+    for ((name, rows, cols, qs), &c) in cands.iter().zip(&choice) {
+        let (bits, q, err) = &qs[c];
+        out.extend(q.tensors(name)?);
+        let n = rows * cols;
+        qparams += n;
+        qbits += q.bits_per_weight() * n as f64;
+        plan_json.insert(
+            name.clone(),
+            serde_json::json!({"bits": bits, "method": q.method().name()}),
+        );
+        reports.push(TensorReport {
+            name: name.clone(),
+            rows: *rows,
+            cols: *cols,
+            bits: *bits,
+            method: q.method(),
+            rel_error: *err,
+            bpw: q.bits_per_weight(),
+        });
+    }
+    let avg_bpw = qbits / qparams.max(1) as f64;
+
+    std::fs::create_dir_all(dst).map_err(|e| TextError::io(dst, e))?;
+    let st = dst.join("model.safetensors");
+    let meta = HashMap::from([("afm.quant.format".to_string(), FORMAT.to_string())]);
+    write_safetensors(&st, &out, Some(meta))?;
+    // Tokenizer and other files as they are; config.json with a "quantization" entry.
+    let skip: Vec<_> = safetensors_files(src)?;
+    for entry in std::fs::read_dir(src).map_err(|e| TextError::io(src, e))? {
+        let path = entry.map_err(|e| TextError::io(src, e))?.path();
+        let fname = path
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if !path.is_file()
+            || skip.contains(&path)
+            || fname == "config.json"
+            || fname == "model.safetensors.index.json"
+        {
+            continue;
+        }
+        std::fs::copy(&path, dst.join(&fname)).map_err(|e| TextError::io(&path, e))?;
+    }
+    let cfg_path = src.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| TextError::io(&cfg_path, e))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TextError::checkpoint(&cfg_path, format!("bad JSON: {e}")))?;
+    if let Some(obj) = cfg.as_object_mut() {
+        obj.insert(
+            "quantization".into(),
+            serde_json::json!({
+                "format": FORMAT,
+                "method": opts.method.name(),
+                "plan": match opts.plan {
+                    BitPlan::Fixed(b) => format!("{b}-bit"),
+                    BitPlan::Mixed { target_bpw } => format!("mixed 2/4-bit, target {target_bpw} bpw"),
+                },
+                "group_rows": super::palette::GROUP_ROWS,
+                "avg_bits_per_weight": avg_bpw,
+                "tensors": plan_json,
+            }),
+        );
+    }
+    let dst_cfg = dst.join("config.json");
+    std::fs::write(
+        &dst_cfg,
+        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+    )
+    .map_err(|e| TextError::io(&dst_cfg, e))?;
+    let file_bytes = std::fs::metadata(&st)
+        .map_err(|e| TextError::io(&st, e))?
+        .len();
+    Ok(QuantizeReport {
+        tensors: reports,
+        dense: dense_names,
+        avg_bpw,
+        quantized_params: qparams,
+        dense_params,
+        file_bytes,
+    })
+}
