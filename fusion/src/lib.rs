@@ -1,1 +1,5 @@
 //! afm-fusion: the vision→language adapter, the vision-language model and `describe`.
+
+pub mod caption;
+mod font;
+pub mod scene;
