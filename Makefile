@@ -12,13 +12,14 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 BIN := target/release/afm-vl
 MODEL_DIR := assets/models/smollm2-135m-instruct
+PY_TARGET := $(CURDIR)/target/python
 
 # torch-sys finds libtorch through the virtualenv's python (LIBTORCH_USE_PYTORCH=1).
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: all setup venv build model describe test lint fmt bench clean-venv
+.PHONY: all setup venv build model describe test lint fmt bench clean-venv python
 
 all: build
 
@@ -56,9 +57,18 @@ describe: setup build
 lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --release -- -D warnings
+	cargo fmt --manifest-path python/Cargo.toml -- --check
+	CARGO_TARGET_DIR=$(PY_TARGET) cargo clippy --manifest-path python/Cargo.toml --release -- -D warnings
+
+## The Python package afm_vl (python/: pyo3 + maturin), built against the venv's torch and
+## installed into it (editable: python/afm_vl/ plus the compiled afm_vl/_native*.so).
+## Outside the root workspace: its own Cargo.lock and target folder.
+python: venv
+	cd python && CARGO_TARGET_DIR=$(PY_TARGET) $(VENV)/bin/maturin develop --release --quiet
 
 test: setup lint
 	cargo test --workspace --release
+	$(MAKE) python
 	$(PY) -m pytest -q tests/python || test $$? -eq 5
 
 bench: setup build
