@@ -38,6 +38,9 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Chat interactively with a text model.
     Chat(commands::generate::ChatArgs),
+    /// Caption accuracy of a vision-language checkpoint on held-out generated scenes.
+    #[command(name = "eval-demo")]
+    EvalDemo(commands::eval_demo::Args),
     /// Evaluate a model on MMLU / MMMLU / MGSM / JSONL benchmark folders.
     Eval(commands::eval::Args),
     /// Show a model's parameters, layer layout, KV-cache and weight sizes.
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::run_generate(&ctx, a),
         Command::Chat(a) => commands::generate::run_chat(&ctx, a),
         Command::Eval(a) => commands::eval::run(&ctx, a),
+        Command::EvalDemo(a) => commands::eval_demo::run(&ctx, a),
         Command::Inspect(a) => commands::inspect::run(&ctx, a),
         Command::Bench(a) => commands::bench::run(&ctx, a),
         Command::Convert(a) => commands::convert::run(&ctx, a),

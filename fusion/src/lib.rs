@@ -1,5 +1,24 @@
 //! afm-fusion: the vision→language adapter, the vision-language model and `describe`.
+//!
+//! - [`adapter`]: transformer layer → linear → 3×3 conv → average pooling (SPEC.md).
+//! - [`config`]: the VLM checkpoint's `config.json`.
+//! - [`prompt`]: chat-template prompt assembly with image placeholders, and the splice.
+//! - [`model`]: [`VisionLanguageModel`]: load, encode images, describe.
+//! - [`scene`], [`caption`]: the generated scenes the demo checkpoint is trained on, their
+//!   captions, and caption scoring.
 
+pub mod adapter;
 pub mod caption;
+pub mod config;
+pub mod error;
 mod font;
+pub mod model;
+pub mod prompt;
 pub mod scene;
+
+pub use adapter::{Adapter, AdapterConfig};
+pub use config::VlmConfig;
+pub use error::{FusionError, Result};
+pub use model::{Description, Timings, VisionLanguageModel};
+pub mod eval_demo;
+pub mod train_demo;

@@ -9,10 +9,12 @@ pub mod bench_tiler;
 pub mod convert;
 pub mod describe;
 pub mod eval;
+pub mod eval_demo;
 pub mod generate;
 pub mod inspect;
 pub mod tile;
 pub mod train;
+pub mod train_demo;
 
 use std::path::{Path, PathBuf};
 

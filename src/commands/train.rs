@@ -21,6 +21,9 @@ pub enum What {
     /// Train a LoRA adapter (PEFT layout) on JSONL lines {"prompt": ..., "response": ...};
     /// loss on the response tokens only; the base stays frozen.
     Lora(LoraArgs),
+    /// Train the demo vision encoder + adapter on generated scenes in front of the frozen
+    /// default text model (two stages; writes a checkpoint `describe` uses by default).
+    Demo(super::train_demo::DemoArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -69,6 +72,7 @@ pub struct LoraArgs {
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Lora(a) => run_lora(ctx, a),
+        What::Demo(a) => super::train_demo::run(ctx, a),
     }
 }
 

@@ -194,7 +194,32 @@ impl Decoder {
         KvCache::new(&vec![None; depth], batch, self.device)
     }
 
+    /// Like [`Decoder::forward_embeds`] with every position, returning the final-normed hidden
+    /// states `[batch, seq, hidden]` instead of logits: training losses that need the head at a
+    /// few positions only (captions after many visual tokens) apply `lm_head` themselves.
+    pub fn forward_embeds_hidden(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.forward_stack(x, mask, cache, Logits::All, self.layers.len())
+    }
+
     fn forward_embeds_depth(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: Logits,
+        depth: usize,
+    ) -> Result<Tensor> {
+        let x = self.forward_stack(x, mask, cache, logits, depth)?;
+        Ok(self.lm_head.forward(&x)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// The layers and the final norm (no head).
+    fn forward_stack(
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,
@@ -269,8 +294,7 @@ impl Decoder {
                 x = layer.forward(&x, &cos1, &sin1, &mask1, cache)?;
             }
         }
-        let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.f_to_kind(Kind::Float)?)
+        self.norm.forward(&x)
     }
 
     /// Every linear layer of the stack with its HF module name

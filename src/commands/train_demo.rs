@@ -1,0 +1,162 @@
+//! `afm-vl train demo`: train the demo vision encoder + adapter on generated scenes in front of
+//! the frozen default text model (see `afm_fusion::train_demo`).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use afm_fusion::train_demo::{demo_config, train_demo, DemoTrainConfig};
+use afm_fusion::VisionLanguageModel;
+use afm_text::DType;
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{default_model_dir, load_model_dir, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Output checkpoint directory (config.json, vision_adapter.safetensors, train_log.jsonl).
+    #[arg(long, value_name = "DIR", default_value = "assets/models/afm-vl-demo")]
+    pub out: PathBuf,
+    /// The frozen text model (default: the converted SmolLM2-135M-Instruct).
+    #[arg(long, value_name = "DIR")]
+    pub text_model: Option<PathBuf>,
+    /// How the checkpoint's config refers to the text model (default: a path relative to --out).
+    #[arg(long, value_name = "PATH")]
+    pub text_model_ref: Option<String>,
+    /// Text-model dtype during training: auto (bf16 on CPUs that have it), fp32, bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Encoder pre-training steps (count/word head, no language model).
+    #[arg(long, default_value_t = 400)]
+    pub stage1_steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub stage1_batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub stage1_lr: f64,
+    /// Alignment steps (caption loss through the frozen text model).
+    #[arg(long, default_value_t = 400)]
+    pub stage2_steps: usize,
+    #[arg(long, default_value_t = 8)]
+    pub stage2_batch: usize,
+    #[arg(long, default_value_t = 4e-4)]
+    pub stage2_lr: f64,
+    /// Save every N stage-2 steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: usize,
+    /// Greedy-describe 8 held-out scenes every N stage-2 steps and log their F1 (0: never).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+}
+
+pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
+    let device = ctx.device()?;
+    let text_dir = a.text_model.clone().unwrap_or_else(default_model_dir);
+    let dtype = DType::parse(&a.dtype, device)?;
+    let text = load_model_dir(&text_dir, device, dtype)?;
+    let text_ref = match &a.text_model_ref {
+        Some(r) => r.clone(),
+        None => relative_ref(&a.out, &text_dir),
+    };
+    let config = demo_config(&text, &text_ref)?;
+    let model = VisionLanguageModel::new(config, text, a.seed as i64)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let cfg = DemoTrainConfig {
+        seed: a.seed,
+        stage1_steps: a.stage1_steps,
+        stage1_batch: a.stage1_batch,
+        stage1_lr: a.stage1_lr,
+        stage2_steps: a.stage2_steps,
+        stage2_batch: a.stage2_batch,
+        stage2_lr: a.stage2_lr,
+        save_every: a.save_every,
+        eval_every: a.eval_every,
+        out: a.out.clone(),
+        ..DemoTrainConfig::default()
+    };
+    let log_path = a.out.join("train_log.jsonl");
+    let mut log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    writeln!(log, "{}", serde_json::json!({ "config": &cfg }))?;
+    let style = ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})",
+    )?;
+    let mut bar: Option<(u8, ProgressBar)> = None;
+    let t0 = std::time::Instant::now();
+    let mut log_err = None;
+    train_demo(&model, &cfg, &mut |ev| {
+        if bar.as_ref().map(|b| b.0) != Some(ev.stage) {
+            if let Some((_, b)) = bar.take() {
+                b.finish();
+            }
+            let b = if ctx.quiet {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(ev.steps as u64)
+            };
+            b.set_style(style.clone());
+            b.set_prefix(if ev.stage == 1 {
+                "stage 1 (encoder)"
+            } else {
+                "stage 2 (captions)"
+            });
+            bar = Some((ev.stage, b));
+        }
+        if let Some((_, b)) = &bar {
+            b.set_position(ev.step as u64);
+            let mut msg = format!("loss {:.3} acc {:.2}", ev.loss, ev.accuracy);
+            if let Some(f1) = ev.eval_f1 {
+                msg.push_str(&format!(" held-out F1 {f1:.2}"));
+                b.println(format!(
+                    "stage {} step {}: loss {:.3}, held-out pair F1 {:.3}",
+                    ev.stage, ev.step, ev.loss, f1
+                ));
+            }
+            b.set_message(msg);
+        }
+        if let Err(e) = writeln!(log, "{}", serde_json::to_string(ev).unwrap_or_default()) {
+            log_err = Some(e);
+        }
+    })
+    .context("training the demo checkpoint")?;
+    if let Some((_, b)) = bar.take() {
+        b.finish();
+    }
+    if let Some(e) = log_err {
+        tracing::warn!("{}: {e}", log_path.display());
+    }
+    println!(
+        "trained in {:.1} min; checkpoint written to {} ({} encoder + adapter parameters)",
+        t0.elapsed().as_secs_f64() / 60.0,
+        a.out.display(),
+        model.vision_parameters()
+    );
+    Ok(())
+}
+
+/// `target` as seen from `from` (a relative path when both are relative or share a root).
+fn relative_ref(from: &std::path::Path, target: &std::path::Path) -> String {
+    let abs = |p: &std::path::Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| {
+            std::env::current_dir()
+                .map(|c| c.join(p))
+                .unwrap_or(p.to_path_buf())
+        })
+    };
+    let (f, t) = (abs(from), abs(target));
+    let fc: Vec<_> = f.components().collect();
+    let tc: Vec<_> = t.components().collect();
+    let common = fc.iter().zip(&tc).take_while(|(a, b)| a == b).count();
+    if common == 0 {
+        return t.display().to_string();
+    }
+    let mut rel = PathBuf::new();
+    for _ in common..fc.len() {
+        rel.push("..");
+    }
+    for c in &tc[common..] {
+        rel.push(c.as_os_str());
+    }
+    rel.display().to_string()
+}
