@@ -26,6 +26,7 @@ from ._images import image_parts
 
 __all__ = [
     "load",
+    "init_vlm",
     "Model",
     "Tokenizer",
     "tile",
@@ -84,7 +85,24 @@ def _is_vlm_dir(path: pathlib.Path) -> bool:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(cfg, dict) and "vision" in cfg
+    return isinstance(cfg, dict) and "vision" in cfg and "adapter" in cfg
+
+
+def init_vlm(
+    out: PathLike,
+    text_model: Optional[PathLike] = None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+) -> pathlib.Path:
+    """Write an untrained vision-language checkpoint to ``out`` (config.json +
+    vision_adapter.safetensors): the demo architecture (small register-window ViT, adapter,
+    image LoRA) around ``text_model`` (default: the default text model), initialised from
+    ``seed``. ``afm_vl.load(out)`` loads it; ``afm-vl train demo`` trains one."""
+    text_dir = _resolve(text_model)
+    _native.init_vlm(os.fspath(out), os.fspath(text_dir), seed, device, dtype)
+    return pathlib.Path(out)
 
 
 def load(
@@ -96,8 +114,9 @@ def load(
 ) -> "Model":
     """Load a model.
 
-    ``path_or_name``: a checkpoint directory (config.json, model.safetensors,
-    tokenizer.json), the name of a folder of ``assets/models/``, ``"preset:NAME"`` for a
+    ``path_or_name``: a text-model directory (config.json, model.safetensors,
+    tokenizer.json), a vision-language checkpoint directory (config.json with a ``vision``
+    section, vision_adapter.safetensors; ``describe`` and ``encode_image`` need one), the name of a folder of ``assets/models/``, ``"preset:NAME"`` for a
     preset with random weights (seeded by ``seed``), or None for the default model
     (``$AFM_VL_MODEL`` or the converted SmolLM2-135M-Instruct).
     ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
@@ -112,9 +131,7 @@ def load(
         return Model(_native.Model.from_preset(name, seed, device, dtype))
     path = _resolve(path_or_name)
     if _is_vlm_dir(path):
-        raise NotImplementedError(
-            f"{path}: a vision-language checkpoint; " + _native.NO_VLM_MESSAGE
-        )
+        return Model(_native.Model.load_vlm(os.fspath(path), device, dtype))
     return Model(_native.Model.load(os.fspath(path), device, dtype))
 
 
@@ -147,6 +164,7 @@ def tile(
     max_side: int = 16384,
     max_mib: int = 512,
     return_boxes: bool = False,
+    _base: Optional[str] = None,
 ) -> Any:
     """Tile an image as the vision encoder sees it: ``[tiles, 3, S, S]`` float32, identical
     to ``afm-vl tile IMAGE --mode MODE``'s ``pixel_values``.
@@ -170,10 +188,19 @@ def tile(
         list(std) if std is not None else None,
         max_side,
         max_mib,
+        _base,
     )
     if return_boxes:
         return pixels, boxes, info
     return pixels
+
+
+def _stops(stop: Union[None, str, Sequence[str]]) -> List[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    return [str(s) for s in stop]
 
 
 class Tokenizer:
@@ -262,7 +289,7 @@ class Model:
 
     @property
     def kind(self) -> str:
-        """``text`` for a text decoder."""
+        """``text`` for a text decoder, ``vlm`` for a vision-language model."""
         return self._m.kind
 
     @property
@@ -313,12 +340,7 @@ class Model:
         if not isinstance(prompt, str):
             prompt = self.tokenizer.apply_chat_template(list(prompt), True)
             raw = True
-        if stop is None:
-            stops: List[str] = []
-        elif isinstance(stop, str):
-            stops = [stop]
-        else:
-            stops = [str(s) for s in stop]
+        stops = _stops(stop)
         out = self._m.generate(
             prompt,
             raw,
@@ -342,23 +364,60 @@ class Model:
         return self._m.logits(_ids_tensor(token_ids))
 
     # -- vision --------------------------------------------------------------------------
-    def tile(self, image: Any, mode: str = "auto", **options: Any) -> torch.Tensor:
-        """The tiles this model's vision encoder would see (see :func:`afm_vl.tile`)."""
-        return tile(image, mode, **options)
+    def tile(self, image: Any, mode: str = "auto", **options: Any) -> Any:
+        """The tiles this model's vision encoder sees: :func:`afm_vl.tile` with the
+        checkpoint's tiler configuration (tile sizes, normalisation) for a vision-language
+        model, the default one for a text model."""
+        return tile(image, mode, _base=self._m.tiler_config_json(), **options)
 
     def encode_image(self, image: Any, mode: str = "auto") -> torch.Tensor:
-        """Visual tokens of an image (needs a vision-language model)."""
-        return self._m.encode_image()
+        """Visual tokens ``[tiles × tokens_per_tile, hidden]`` (fp32, no autograd) of an
+        image tiled in ``mode``: what ``describe`` splices into the prompt. Needs a
+        vision-language model (ValueError for a text model)."""
+        kind, payload, w, h = image_parts(image)
+        return self._m.encode_image(kind, payload, w, h, mode)
 
     def describe(
         self,
         image: Any,
         mode: str = "auto",
         prompt: Optional[str] = None,
-        **sampling: Any,
-    ) -> str:
-        """Describe an image (needs a vision-language model)."""
-        return self._m.describe()
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        stop: Union[None, str, Sequence[str]] = None,
+        stream: Optional[Callable[[str], Any]] = None,
+        return_details: bool = False,
+    ) -> Union[str, Dict[str, Any]]:
+        """Describe an image as ``afm-vl describe`` does (``prompt`` None: the checkpoint's
+        default instruction); sampling options as in :meth:`generate`. Returns the
+        description, or with ``return_details=True`` a dict (text, mode, tiles,
+        visual_tokens, prompt_tokens, tokens, generated_tokens, stop_reason, timings).
+        Needs a vision-language model (ValueError for a text model)."""
+        kind, payload, w, h = image_parts(image)
+        out = self._m.describe(
+            kind,
+            payload,
+            w,
+            h,
+            mode,
+            prompt,
+            int(max_tokens),
+            float(temperature),
+            int(top_k),
+            float(top_p),
+            float(min_p),
+            float(repetition_penalty),
+            int(seed),
+            _stops(stop),
+            stream,
+        )
+        return out if return_details else out["text"]
 
     # -- adapters ------------------------------------------------------------------------
     def load_adapter(self, path: PathLike, name: Optional[str] = None) -> str:

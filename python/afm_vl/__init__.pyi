@@ -29,6 +29,23 @@ class GenerationDetails(TypedDict):
     prefill_tok_s: float
     decode_tok_s: float
 
+class DescribeTimings(TypedDict):
+    tile_s: float
+    encode_s: float
+    prefill_s: float
+    decode_s: float
+
+class DescriptionDetails(TypedDict):
+    text: str
+    mode: str
+    tiles: int
+    visual_tokens: int
+    prompt_tokens: int
+    tokens: List[int]
+    generated_tokens: int
+    stop_reason: Literal["eos", "stop_string", "max_tokens", "context_full"]
+    timings: DescribeTimings
+
 class TileInfo(TypedDict):
     mode: str
     tile_size: int
@@ -36,6 +53,14 @@ class TileInfo(TypedDict):
     num_tiles: int
 
 def default_model_dir() -> pathlib.Path: ...
+def init_vlm(
+    out: PathLike,
+    text_model: Optional[PathLike] = None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: Optional[Literal["auto", "fp32", "bf16", "fp16"]] = None,
+) -> pathlib.Path: ...
 def load(
     path_or_name: Optional[PathLike] = None,
     device: str = "auto",
@@ -143,7 +168,42 @@ class Model:
     def logits(self, token_ids: Union[Sequence[int], torch.Tensor]) -> torch.Tensor: ...
     def tile(self, image: ImageLike, mode: TileMode = "auto", **options: Any) -> torch.Tensor: ...
     def encode_image(self, image: ImageLike, mode: TileMode = "auto") -> torch.Tensor: ...
-    def describe(self, image: ImageLike, mode: TileMode = "auto", prompt: Optional[str] = None, **sampling: Any) -> str: ...
+    @overload
+    def describe(
+        self,
+        image: ImageLike,
+        mode: TileMode = "auto",
+        prompt: Optional[str] = None,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        stop: Union[None, str, Sequence[str]] = None,
+        stream: Optional[Callable[[str], Any]] = None,
+        return_details: Literal[False] = False,
+    ) -> str: ...
+    @overload
+    def describe(
+        self,
+        image: ImageLike,
+        mode: TileMode = "auto",
+        prompt: Optional[str] = None,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        stop: Union[None, str, Sequence[str]] = None,
+        stream: Optional[Callable[[str], Any]] = None,
+        return_details: Literal[True],
+    ) -> DescriptionDetails: ...
     def load_adapter(self, path: PathLike, name: Optional[str] = None) -> str: ...
     def use_adapter(self, name: Optional[str]) -> None: ...
     def unload_adapter(self, name: str) -> None: ...

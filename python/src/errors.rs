@@ -4,6 +4,7 @@
 //! reject or a bad argument is `ValueError`, anything else `RuntimeError`.
 
 use afm_eval::EvalError;
+use afm_fusion::FusionError;
 use afm_text::TextError;
 use afm_vision::VisionError;
 use pyo3::exceptions::{
@@ -67,5 +68,27 @@ pub fn eval(e: EvalError, context: Option<&str>) -> PyErr {
         EvalError::Source { path, .. } if !path.exists() => PyFileNotFoundError::new_err(msg),
         EvalError::Backend(_) => PyRuntimeError::new_err(msg),
         _ => PyValueError::new_err(msg),
+    }
+}
+
+/// A fusion-crate error (loading a VLM, describe), prefixed with `context`.
+pub fn fusion(e: FusionError, context: Option<&str>) -> PyErr {
+    match e {
+        FusionError::Text(t) => text(t, context),
+        FusionError::Vision(v) => match context {
+            Some(c) => vision_with(v, |m| format!("{c}: {m}")),
+            None => vision(v),
+        },
+        e => {
+            let msg = join(context, e.to_string());
+            match &e {
+                FusionError::Io { source, .. } => io_exc(source.kind(), msg),
+                FusionError::Checkpoint { path, .. } if !path.exists() => {
+                    PyFileNotFoundError::new_err(msg)
+                }
+                FusionError::Torch(_) => PyRuntimeError::new_err(msg),
+                _ => PyValueError::new_err(msg),
+            }
+        }
     }
 }

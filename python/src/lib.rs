@@ -16,16 +16,18 @@ mod tokenizer;
 use std::path::PathBuf;
 
 use afm_vision::TilerConfig;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::bridge::{to_py, PyTensor};
 
 /// Tile an image as `afm-vl tile` does: `(pixel_values [tiles, 3, S, S] f32,
-/// content_boxes [tiles, 4] i64, info dict)`.
+/// content_boxes [tiles, 4] i64, info dict)`. `base`: a tiler config as JSON (a VLM
+/// checkpoint's) that the options then modify, instead of the default one.
 #[pyfunction]
 #[pyo3(signature = (kind, payload, width, height, mode = "auto".to_string(), stretch = false,
-    config = None, mean = None, std = None, max_side = 16_384, max_mib = 512))]
+    config = None, mean = None, std = None, max_side = 16_384, max_mib = 512, base = None))]
 #[allow(clippy::too_many_arguments)]
 fn tile<'py>(
     py: Python<'py>,
@@ -40,7 +42,13 @@ fn tile<'py>(
     std: Option<[f32; 3]>,
     max_side: u32,
     max_mib: u64,
+    base: Option<String>,
 ) -> PyResult<(PyObject, PyObject, Bound<'py, PyDict>)> {
+    let base = match base {
+        Some(json) => serde_json::from_str::<TilerConfig>(&json)
+            .map_err(|e| PyValueError::new_err(format!("not a valid tiler config: {e}")))?,
+        None => TilerConfig::default(),
+    };
     let image = images::ImageInput::from_parts(kind, payload, width, height)?;
     let opts = images::TileOptions {
         mode,
@@ -52,7 +60,7 @@ fn tile<'py>(
         max_mib,
     };
     let tiled = py.allow_threads(|| {
-        let cfg = images::tiler_config(TilerConfig::default(), &opts)?;
+        let cfg = images::tiler_config(base, &opts)?;
         images::tile(cfg, &image)
     })?;
     let pixels = tiled.to_tensor().map_err(errors::vision)?;
@@ -123,6 +131,36 @@ fn eval_run(
     py.allow_threads(|| eval::run(&args))
 }
 
+/// Write an untrained vision-language checkpoint with the demo architecture
+/// (`afm_fusion::train_demo::demo_config`) around the text model in `text_model`.
+#[pyfunction]
+#[pyo3(signature = (out, text_model, seed = 0, device = "cpu", dtype = None))]
+fn init_vlm(
+    py: Python<'_>,
+    out: PathBuf,
+    text_model: PathBuf,
+    seed: i64,
+    device: &str,
+    dtype: Option<&str>,
+) -> PyResult<()> {
+    let device = model::parse_device(device)?;
+    let dtype = model::parse_dtype(dtype, device)?;
+    py.allow_threads(|| {
+        let context = format!("loading model {}", text_model.display());
+        let text = afm_text::TextModel::load(&text_model, device, dtype)
+            .map_err(|e| errors::text(e, Some(&context)))?;
+        let text_ref = std::path::absolute(&text_model)
+            .unwrap_or_else(|_| text_model.clone())
+            .display()
+            .to_string();
+        let config = afm_fusion::train_demo::demo_config(&text, &text_ref)
+            .map_err(|e| errors::fusion(e, None))?;
+        let vlm = afm_fusion::VisionLanguageModel::new(config, text, seed)
+            .map_err(|e| errors::fusion(e, None))?;
+        vlm.save(&out).map_err(|e| errors::fusion(e, None))
+    })
+}
+
 /// Hand a tensor to Rust and back (the same storage both ways): a self-test of the bridge.
 #[pyfunction]
 fn _roundtrip(py: Python<'_>, t: PyTensor) -> PyResult<PyObject> {
@@ -142,7 +180,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tile, m)?)?;
     m.add_function(wrap_pyfunction!(eval_run, m)?)?;
     m.add_function(wrap_pyfunction!(_roundtrip, m)?)?;
+    m.add_function(wrap_pyfunction!(init_vlm, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
-    m.add("NO_VLM_MESSAGE", model::NO_VLM)?;
     Ok(())
 }

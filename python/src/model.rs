@@ -11,13 +11,17 @@ use afm_text::{
     DType, Decoder, DeviceSpec, GenerateOptions, KvCache, Logits, SamplingConfig, StopReason,
     TextError, TextModel,
 };
-use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tch::{Device, Kind, Tensor};
 
+use afm_fusion::VisionLanguageModel;
+use afm_vision::{TileMode, TilerConfig};
+
 use crate::bridge::{to_py, torch_err, PyTensor};
 use crate::errors;
+use crate::images::{self, ImageInput};
 
 pub fn parse_device(device: &str) -> PyResult<Device> {
     let spec: DeviceSpec = device.parse().map_err(|e| errors::text(e, None))?;
@@ -37,9 +41,70 @@ pub fn device_name(d: Device) -> String {
     }
 }
 
+const VLM_ADAPTERS: &str = "LoRA adapters are for text models: a vision-language model's \
+    text model carries its image LoRA";
+
+fn plain_text_mut(engine: &mut Engine) -> PyResult<&mut TextModel> {
+    match engine {
+        Engine::Text(t) => Ok(t),
+        Engine::Vlm(_) => Err(PyValueError::new_err(VLM_ADAPTERS)),
+    }
+}
+
+/// A text decoder, or a vision-language model around one.
+enum Engine {
+    Text(Box<TextModel>),
+    Vlm(Box<VisionLanguageModel>),
+}
+
 struct Inner {
-    text: TextModel,
+    engine: Engine,
     adapters: AdapterCache,
+}
+
+impl Inner {
+    fn text(&self) -> &TextModel {
+        match &self.engine {
+            Engine::Text(t) => t,
+            Engine::Vlm(v) => &v.text,
+        }
+    }
+
+    /// The text model of a text-only engine (user LoRA adapters need the adapter slot that a
+    /// VLM's image LoRA occupies).
+    fn plain_text(&self) -> PyResult<&TextModel> {
+        match &self.engine {
+            Engine::Text(t) => Ok(t),
+            Engine::Vlm(_) => Err(PyValueError::new_err(VLM_ADAPTERS)),
+        }
+    }
+
+    fn vlm(&self) -> PyResult<&VisionLanguageModel> {
+        match &self.engine {
+            Engine::Vlm(v) => Ok(v),
+            Engine::Text(t) => Err(PyValueError::new_err(format!(
+                "{} is a text model: describe and encode_image need a vision-language \
+                 checkpoint (a directory whose config.json has a \"vision\" section)",
+                t.source.display()
+            ))),
+        }
+    }
+
+    /// Run `f` on the plain text model: a VLM's image LoRA is taken off meanwhile, so text
+    /// prompts see the text model exactly as loaded (as `VisionLanguageModel::generate_text`).
+    fn text_only<R>(&mut self, f: impl FnOnce(&TextModel) -> PyResult<R>) -> PyResult<R> {
+        match &mut self.engine {
+            Engine::Text(t) => f(t),
+            Engine::Vlm(v) => {
+                v.set_image_lora(false)
+                    .map_err(|e| errors::fusion(e, None))?;
+                let out = f(&v.text);
+                v.set_image_lora(true)
+                    .map_err(|e| errors::fusion(e, None))?;
+                out
+            }
+        }
+    }
 }
 
 /// A loaded model. Build it with `afm_vl.load`.
@@ -50,6 +115,7 @@ pub struct Model {
     dtype: DType,
     source: PathBuf,
     has_tokenizer: bool,
+    is_vlm: bool,
 }
 
 impl Model {
@@ -69,14 +135,22 @@ impl Model {
         py.allow_threads(|| f(&mut *self.lock()?))
     }
 
-    fn wrap(text: TextModel, device: Device) -> Self {
+    fn wrap(engine: Engine, device: Device) -> Self {
+        let (text, source) = match &engine {
+            Engine::Text(t) => (&**t, t.source.clone()),
+            Engine::Vlm(v) => (
+                &v.text,
+                v.dir.clone().unwrap_or_else(|| v.text.source.clone()),
+            ),
+        };
         Model {
             device,
             dtype: text.dtype,
-            source: text.source.clone(),
+            source,
             has_tokenizer: text.tokenizer.is_some(),
+            is_vlm: matches!(engine, Engine::Vlm(_)),
             inner: Mutex::new(Inner {
-                text,
+                engine,
                 adapters: AdapterCache::default(),
             }),
         }
@@ -203,6 +277,38 @@ fn options(
     })
 }
 
+/// fp32 logits `[seq, vocab]` of `ids` (1-D) at every position.
+fn logits_of(decoder: &Decoder, ids: Tensor) -> PyResult<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let vocab = decoder.cfg.vocab_size as i64;
+    let ctx = decoder.cfg.max_position_embeddings as i64;
+    let n = ids.size()[0];
+    if n > ctx {
+        return Err(PyValueError::new_err(format!(
+            "{n} tokens exceed the context of {ctx} tokens"
+        )));
+    }
+    let ids = ids.f_to_kind(Kind::Int64).map_err(torch_err)?;
+    let (lo, hi) = (
+        ids.f_min().map_err(torch_err)?.int64_value(&[]),
+        ids.f_max().map_err(torch_err)?.int64_value(&[]),
+    );
+    if lo < 0 || hi >= vocab {
+        return Err(PyValueError::new_err(format!(
+            "token ids must be in [0, {vocab}), got values in [{lo}, {hi}]"
+        )));
+    }
+    let ids = ids.f_view([1, n]).map_err(torch_err)?;
+    let mut cache = decoder.new_cache(1);
+    let logits = decoder
+        .forward(&ids, None, &mut cache, Logits::All)
+        .map_err(|e| errors::text(e, None))?;
+    logits
+        .f_select(0, 0)
+        .and_then(|t| t.f_to_kind(Kind::Float))
+        .map_err(torch_err)
+}
+
 #[pymethods]
 impl Model {
     /// Load a checkpoint directory (config.json, model.safetensors, tokenizer.json).
@@ -214,7 +320,25 @@ impl Model {
         let text = py
             .allow_threads(|| TextModel::load(&path, device, dtype))
             .map_err(|e| errors::text(e, Some(&format!("loading model {}", path.display()))))?;
-        Ok(Model::wrap(text, device))
+        Ok(Model::wrap(Engine::Text(Box::new(text)), device))
+    }
+
+    /// Load a vision-language checkpoint directory (config.json with a "vision" section,
+    /// vision_adapter.safetensors, and the text model it names).
+    #[staticmethod]
+    #[pyo3(signature = (path, device = "auto", dtype = None))]
+    fn load_vlm(
+        py: Python<'_>,
+        path: PathBuf,
+        device: &str,
+        dtype: Option<&str>,
+    ) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let dtype = parse_dtype(dtype, device)?;
+        let vlm = py
+            .allow_threads(|| VisionLanguageModel::load(&path, device, dtype))
+            .map_err(|e| errors::fusion(e, Some(&format!("loading {}", path.display()))))?;
+        Ok(Model::wrap(Engine::Vlm(Box::new(vlm)), device))
     }
 
     /// A preset with seeded random weights and no tokenizer.
@@ -232,7 +356,7 @@ impl Model {
         let text = py
             .allow_threads(|| TextModel::from_preset(name, seed, device, dtype))
             .map_err(|e| errors::text(e, None))?;
-        Ok(Model::wrap(text, device))
+        Ok(Model::wrap(Engine::Text(Box::new(text)), device))
     }
 
     /// Where the model came from: its directory, or `preset:NAME`.
@@ -257,16 +381,30 @@ impl Model {
         self.has_tokenizer
     }
 
-    /// `text` (a text decoder) — `vlm` once the vision-language model lands.
+    /// `text` (a text decoder) or `vlm` (a vision-language model).
     #[getter]
     fn kind(&self) -> &'static str {
-        "text"
+        if self.is_vlm {
+            "vlm"
+        } else {
+            "text"
+        }
+    }
+
+    /// The checkpoint's tiler configuration as JSON (None for a text model: the default).
+    fn tiler_config_json(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.with_inner(py, |inner| match &inner.engine {
+            Engine::Text(_) => Ok(None),
+            Engine::Vlm(v) => serde_json::to_string(&v.config.tiler)
+                .map(Some)
+                .map_err(|e| PyRuntimeError::new_err(e.to_string())),
+        })
     }
 
     /// The decoder configuration as JSON text (HF field names).
     fn config_json(&self, py: Python<'_>) -> PyResult<String> {
         self.with_inner(py, |inner| {
-            serde_json::to_string(inner.text.config())
+            serde_json::to_string(inner.text().config())
                 .map_err(|e| PyRuntimeError::new_err(e.to_string()))
         })
     }
@@ -303,31 +441,31 @@ impl Model {
             stop,
             ignore_eos,
         )?;
-        let result = py.allow_threads(|| -> PyResult<Generation> {
-            let inner = self.lock()?;
-            let model = &inner.text;
-            let ids = model
-                .prompt_ids(prompt, raw)
-                .map_err(|e| errors::text(e, None))?;
-            let lm = Interruptible {
-                decoder: &model.decoder,
-                error: RefCell::new(None),
-            };
-            let mut on_text = |piece: &str| {
-                if let Some(cb) = &stream {
-                    if lm.error.borrow().is_some() {
-                        return;
+        let result = self.with_inner(py, |inner| {
+            inner.text_only(|model| {
+                let ids = model
+                    .prompt_ids(prompt, raw)
+                    .map_err(|e| errors::text(e, None))?;
+                let lm = Interruptible {
+                    decoder: &model.decoder,
+                    error: RefCell::new(None),
+                };
+                let mut on_text = |piece: &str| {
+                    if let Some(cb) = &stream {
+                        if lm.error.borrow().is_some() {
+                            return;
+                        }
+                        if let Err(e) = Python::with_gil(|py| cb.call1(py, (piece,)).map(drop)) {
+                            lm.fail(e);
+                        }
                     }
-                    if let Err(e) = Python::with_gil(|py| cb.call1(py, (piece,)).map(drop)) {
-                        lm.fail(e);
-                    }
+                };
+                let out = generate_lm(&lm, model.tokenizer.as_ref(), &ids, &opts, &mut on_text);
+                if let Some(e) = lm.error.take() {
+                    return Err(e);
                 }
-            };
-            let out = generate_lm(&lm, model.tokenizer.as_ref(), &ids, &opts, &mut on_text);
-            if let Some(e) = lm.error.take() {
-                return Err(e);
-            }
-            out.map_err(|e| errors::text(e, None))
+                out.map_err(|e| errors::text(e, None))
+            })
         })?;
         generation_dict(py, &result)
     }
@@ -345,36 +483,8 @@ impl Model {
             return Err(PyValueError::new_err("token ids are empty"));
         }
         let out = py.allow_threads(move || -> PyResult<Tensor> {
-            let inner = self.lock()?;
-            let decoder = &inner.text.decoder;
-            let _guard = tch::no_grad_guard();
-            let vocab = decoder.cfg.vocab_size as i64;
-            let ctx = decoder.cfg.max_position_embeddings as i64;
-            let n = ids.size()[0];
-            if n > ctx {
-                return Err(PyValueError::new_err(format!(
-                    "{n} tokens exceed the context of {ctx} tokens"
-                )));
-            }
-            let ids = ids.f_to_kind(Kind::Int64).map_err(torch_err)?;
-            let (lo, hi) = (
-                ids.f_min().map_err(torch_err)?.int64_value(&[]),
-                ids.f_max().map_err(torch_err)?.int64_value(&[]),
-            );
-            if lo < 0 || hi >= vocab {
-                return Err(PyValueError::new_err(format!(
-                    "token ids must be in [0, {vocab}), got values in [{lo}, {hi}]"
-                )));
-            }
-            let ids = ids.f_view([1, n]).map_err(torch_err)?;
-            let mut cache = decoder.new_cache(1);
-            let logits = decoder
-                .forward(&ids, None, &mut cache, Logits::All)
-                .map_err(|e| errors::text(e, None))?;
-            logits
-                .f_select(0, 0)
-                .and_then(|t| t.f_to_kind(Kind::Float))
-                .map_err(torch_err)
+            let mut inner = self.lock()?;
+            inner.text_only(|model| logits_of(&model.decoder, ids))
         })?;
         to_py(py, &out)
     }
@@ -388,6 +498,9 @@ impl Model {
         path: PathBuf,
         name: Option<String>,
     ) -> PyResult<String> {
+        if self.is_vlm {
+            return Err(PyValueError::new_err(VLM_ADAPTERS));
+        }
         let (device, kind) = (self.device, self.dtype.kind());
         let mut adapter = py
             .allow_threads(|| LoraAdapter::load(&path, device, kind))
@@ -395,14 +508,18 @@ impl Model {
         if let Some(n) = name {
             adapter.name = n;
         }
-        self.with_inner(py, |inner| Ok(inner.adapters.insert(adapter)))
+        self.with_inner(py, |inner| {
+            inner.plain_text()?;
+            Ok(inner.adapters.insert(adapter))
+        })
     }
 
     /// Activate a cached adapter, or none with `None` (no weights are copied).
     #[pyo3(signature = (name))]
     fn use_adapter(&self, py: Python<'_>, name: Option<&str>) -> PyResult<()> {
         self.with_inner(py, |inner| {
-            let Inner { text, adapters } = inner;
+            let Inner { engine, adapters } = inner;
+            let text = plain_text_mut(engine)?;
             adapters
                 .activate(&mut text.decoder, name)
                 .map_err(|e| errors::text(e, None))
@@ -412,7 +529,8 @@ impl Model {
     /// Drop a cached adapter (deactivated first when active).
     fn unload_adapter(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         self.with_inner(py, |inner| {
-            let Inner { text, adapters } = inner;
+            let Inner { engine, adapters } = inner;
+            let text = plain_text_mut(engine)?;
             adapters
                 .unload(&mut text.decoder, name)
                 .map_err(|e| errors::text(e, None))
@@ -431,14 +549,102 @@ impl Model {
         self.with_inner(py, |inner| Ok(inner.adapters.active().map(str::to_string)))
     }
 
-    /// Visual tokens of an image: needs the vision-language model.
-    fn encode_image(&self) -> PyResult<PyObject> {
-        Err(PyNotImplementedError::new_err(NO_VLM))
+    /// Visual tokens `[tiles × tokens_per_tile, hidden]` (fp32, no autograd) of an image
+    /// tiled in `mode` with the checkpoint's tiler.
+    #[pyo3(signature = (kind, payload, width, height, mode = "auto"))]
+    fn encode_image(
+        &self,
+        py: Python<'_>,
+        kind: &str,
+        payload: &Bound<'_, PyAny>,
+        width: u32,
+        height: u32,
+        mode: &str,
+    ) -> PyResult<PyObject> {
+        let image = ImageInput::from_parts(kind, payload, width, height)?;
+        let out = self.with_inner(py, |inner| {
+            let vlm = inner.vlm()?;
+            let tiled = tile_for(vlm, &image, mode)?;
+            vlm.encode_image(&tiled)
+                .map_err(|e| errors::fusion(e, None))
+        })?;
+        to_py(py, &out)
     }
 
-    /// Describe an image: needs the vision-language model.
-    fn describe(&self) -> PyResult<PyObject> {
-        Err(PyNotImplementedError::new_err(NO_VLM))
+    /// Describe an image (as `afm-vl describe`); returns a dict (text, mode, tiles,
+    /// visual_tokens, prompt_tokens, tokens, stop_reason, timings).
+    #[pyo3(signature = (kind, payload, width, height, mode = "auto", prompt = None,
+        max_tokens = 256, temperature = 0.0, top_k = 0, top_p = 1.0, min_p = 0.0,
+        repetition_penalty = 1.0, seed = 0, stop = Vec::new(), stream = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn describe<'py>(
+        &self,
+        py: Python<'py>,
+        kind: &str,
+        payload: &Bound<'py, PyAny>,
+        width: u32,
+        height: u32,
+        mode: &str,
+        prompt: Option<&str>,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: u64,
+        stop: Vec<String>,
+        stream: Option<PyObject>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let image = ImageInput::from_parts(kind, payload, width, height)?;
+        let opts = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            false,
+        )?;
+        let d = self.with_inner(py, |inner| {
+            let vlm = inner.vlm()?;
+            let t0 = std::time::Instant::now();
+            let tiled = tile_for(vlm, &image, mode)?;
+            let tile_s = t0.elapsed().as_secs_f64();
+            let mut error: Option<PyErr> = None;
+            let mut on_text = |piece: &str| {
+                if let (Some(cb), None) = (&stream, &error) {
+                    if let Err(e) = Python::with_gil(|py| cb.call1(py, (piece,)).map(drop)) {
+                        error = Some(e);
+                    }
+                }
+            };
+            let out = vlm.describe_tiled(&tiled, prompt, &opts, &mut on_text);
+            if let Some(e) = error {
+                return Err(e);
+            }
+            let mut d = out.map_err(|e| errors::fusion(e, None))?;
+            d.timings.tile_s = tile_s;
+            Ok(d)
+        })?;
+        let out = PyDict::new(py);
+        out.set_item("text", &d.text)?;
+        out.set_item("mode", d.mode.as_str())?;
+        out.set_item("tiles", d.tiles)?;
+        out.set_item("visual_tokens", d.visual_tokens)?;
+        out.set_item("prompt_tokens", d.prompt_tokens)?;
+        out.set_item("tokens", &d.generation.tokens)?;
+        out.set_item("generated_tokens", d.generation.tokens.len())?;
+        out.set_item("stop_reason", stop_reason(d.generation.stop_reason))?;
+        let t = PyDict::new(py);
+        t.set_item("tile_s", d.timings.tile_s)?;
+        t.set_item("encode_s", d.timings.encode_s)?;
+        t.set_item("prefill_s", d.timings.prefill_s)?;
+        t.set_item("decode_s", d.timings.decode_s)?;
+        out.set_item("timings", t)?;
+        Ok(out)
     }
 
     fn __repr__(&self) -> String {
@@ -451,5 +657,18 @@ impl Model {
     }
 }
 
-pub const NO_VLM: &str = "describe and encode_image need the vision-language model \
-    (crate afm-fusion), which this build of afm_vl does not include yet";
+/// Tile `image` in `mode` with the VLM's own tiler (sizes and normalisation of its config).
+fn tile_for(
+    vlm: &VisionLanguageModel,
+    image: &ImageInput,
+    mode: &str,
+) -> PyResult<afm_vision::TiledImage> {
+    let mode: TileMode = mode
+        .parse()
+        .map_err(|e: afm_vision::VisionError| PyValueError::new_err(e.to_string()))?;
+    let cfg = TilerConfig {
+        mode,
+        ..vlm.config.tiler.clone()
+    };
+    images::tile(cfg, image)
+}

@@ -203,10 +203,10 @@ def test_error_messages_match_the_cli(tmp_path):
     assert cli.stderr.strip() == f"error: {e.value}"
 
 
-def test_generation_needs_a_vlm_for_images(model):
-    with pytest.raises(NotImplementedError, match="vision-language model"):
+def test_text_models_refuse_image_calls(model):
+    with pytest.raises(ValueError, match="is a text model: describe and encode_image need"):
         model.describe(IMAGES[0])
-    with pytest.raises(NotImplementedError, match="vision-language model"):
+    with pytest.raises(ValueError, match="is a text model"):
         model.encode_image(IMAGES[0])
 
 
@@ -323,6 +323,58 @@ def test_lora_adapter_matches_peft(model, hf, tmp_path):
         model.use_adapter("mine")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         model.load_adapter(tmp_path / "nowhere")
+
+
+# -- vision-language model ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    if not (MODEL / "model.safetensors").exists():
+        pytest.skip("run `make setup` first")
+    return afm_vl.init_vlm(tmp_path_factory.mktemp("vlm") / "ckpt", MODEL, seed=1)
+
+
+@pytest.fixture(scope="module")
+def vlm(vlm_dir):
+    return afm_vl.load(vlm_dir, device="cpu", dtype="fp32")
+
+
+def test_encode_image_feeds_a_torch_computation(vlm):
+    assert vlm.kind == "vlm"
+    tiles = vlm.tile(IMAGES[0], "high-res")
+    v = vlm.encode_image(IMAGES[0], "high-res")
+    assert isinstance(v, torch.Tensor) and v.dtype == torch.float32 and not v.requires_grad
+    assert v.shape[0] % tiles.shape[0] == 0 and v.shape[1] == vlm.config["hidden_size"]
+    with torch.no_grad():
+        proj = torch.nn.functional.normalize(v, dim=-1) @ torch.randn(v.shape[1], 8)
+        sim = v @ v.T
+    assert proj.shape == (v.shape[0], 8) and torch.isfinite(sim).all()
+    assert torch.equal(vlm.encode_image(IMAGES[0].read_bytes(), "high-res"), v)
+
+
+@needs_bin
+def test_describe_equals_cli(vlm, vlm_dir):
+    image = IMAGES[0]
+    cli = subprocess.run(
+        [BIN, "-q", "--device", "cpu", "describe", "--model", vlm_dir, "--dtype", "fp32",
+         "--max-tokens", "8", "--mode", "high-res", "--json", image],
+        capture_output=True, text=True,
+    )
+    if cli.returncode == 2:
+        pytest.skip("this afm-vl binary has no describe yet")
+    assert cli.returncode == 0, cli.stderr
+    ref = json.loads(cli.stdout)
+    pieces = []
+    d = vlm.describe(image, "high-res", max_tokens=8, stream=pieces.append,
+                     return_details=True)
+    assert d["text"] == ref["description"]
+    for key in ("mode", "tiles", "visual_tokens", "prompt_tokens", "generated_tokens"):
+        assert d[key] == ref[key], key
+    assert "".join(pieces).strip() == d["text"]
+    # Text prompts on a VLM see the text model as loaded (image LoRA off).
+    assert torch.equal(vlm.logits(PROMPT_IDS), afm_vl.load(MODEL, device="cpu",
+                                                           dtype="fp32").logits(PROMPT_IDS))
+    with pytest.raises(ValueError, match="LoRA adapters are for text models"):
+        vlm.load_adapter(vlm_dir)
 
 
 # -- tokenizer -------------------------------------------------------------------------------
