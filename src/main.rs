@@ -53,6 +53,8 @@ enum Command {
     Tile(commands::tile::Args),
     /// Training: LoRA adapters on a frozen text model.
     Train(commands::train::Args),
+    /// Quantize a text model (packed 2/4/8-bit or mixed; rtn or k-means palettes).
+    Quantize(commands::quantize::Args),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => commands::convert::run(&ctx, a),
         Command::Tile(a) => commands::tile::run(&ctx, a),
         Command::Train(a) => commands::train::run(&ctx, a),
+        Command::Quantize(a) => commands::quantize::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,9 @@ pub struct Args {
     /// Weight and KV-cache dtype for the byte counts: fp32, bf16, fp16.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
+    /// Also measure the KV cache with 8-bit K/V (int8 codes plus a scale per head and token).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(8..=16))]
+    pub kv_bits: Option<u8>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -119,6 +122,20 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         cfg.max_position_embeddings,
         human_bytes(r.kv_bytes_per_token * cfg.max_position_embeddings as u64)
     );
+    if let Some(bits) = args.kv_bits {
+        let full = measured_kv_bytes_per_token(&cfg, dtype, 16)?;
+        let q = measured_kv_bytes_per_token(&cfg, dtype, bits)?;
+        println!(
+            "KV cache per token, measured on a cache: {} bytes in {}; {} bytes with --kv-bits {bits} \
+             ({:.3}× of {}; int8 codes + a {} scale per head and token)",
+            full,
+            dtype.name(),
+            q,
+            q as f64 / full as f64,
+            dtype.name(),
+            dtype.name()
+        );
+    }
     println!(
         "weights ({}): {}",
         dtype.name(),
@@ -213,4 +230,33 @@ fn inspect_ptmoe(label: &str, cfg: &PtMoeConfig, dtype: DType, json: bool) -> an
         human_bytes(r.weight_bytes)
     );
     Ok(())
+}
+
+/// Bytes per token of a real cache for `cfg` with `bits`-bit K/V: 256 tokens appended to
+/// every layer that owns K/V, allocated bytes divided by 256.
+fn measured_kv_bytes_per_token(cfg: &TextConfig, dtype: DType, bits: u8) -> anyhow::Result<u64> {
+    use afm_text::kv_cache::{CacheKind, KvCache};
+    let src = cfg.kv_source();
+    let kinds: Vec<CacheKind> = (0..cfg.num_hidden_layers)
+        .map(|l| {
+            if cfg.is_segment1(l) {
+                CacheKind::Shared(src)
+            } else {
+                CacheKind::Normal
+            }
+        })
+        .collect();
+    let n = afm_text::kv_cache::DEFAULT_CHUNK;
+    let mut cache = KvCache::with_kinds_bits(&kinds, 1, tch::Device::Cpu, bits);
+    let _ = cache.begin_step(n, None)?;
+    let kv = tch::Tensor::f_ones(
+        [1, cfg.num_kv_heads() as i64, n, cfg.head_dim() as i64],
+        (dtype.kind(), tch::Device::Cpu),
+    )?;
+    for (l, k) in kinds.iter().enumerate() {
+        if *k == CacheKind::Normal {
+            let _ = cache.append(l, &kv, &kv)?;
+        }
+    }
+    Ok(cache.allocated_bytes() as u64 / n as u64)
 }

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod eval_demo;
 pub mod generate;
 pub mod inspect;
+pub mod quantize;
 pub mod tile;
 pub mod train;
 pub mod train_demo;
@@ -81,6 +82,9 @@ pub struct ModelArgs {
     /// Inference dtype: auto (bf16 where the CPU/GPU does bf16 natively, else fp32), fp32, bf16, fp16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// KV-cache bits: 16 (the compute dtype) or 8 (int8 with a scale per head and token).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(8..=16))]
+    pub kv_bits: u8,
 }
 
 impl ModelArgs {
@@ -91,6 +95,7 @@ impl ModelArgs {
     pub fn load(&self, ctx: &Context) -> anyhow::Result<TextModel> {
         let device = ctx.device()?;
         let dtype = DType::parse(&self.dtype, device)?;
+        afm_text::kv_cache::set_default_kv_bits(self.kv_bits)?;
         if let Some(p) = &self.preset {
             return Ok(TextModel::from_preset(p, 0, device, dtype)?);
         }

@@ -9,6 +9,14 @@
 //! mask (left padding in batches) and each row's next position. It can snapshot and roll back
 //! (speculative decoding), fork (copy-on-extend: reuse a few-shot prefix for many questions)
 //! and broadcast a batch-1 prefix to a batch.
+//!
+//! KV quantization: a `Normal` buffer may store K and V as int8 with one scale per
+//! (batch, head, token) — `x ≈ scale·q`, `scale = max|x|/127` over the head dimension — which
+//! halves the bytes of a bf16 cache (plus one scale per head and token). Reads dequantize
+//! to the compute dtype. [`set_default_kv_bits`] makes every new cache quantized (the CLI's
+//! `--kv-bits 8`); [`KvCache::with_kinds_bits`] chooses per cache.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -17,23 +25,82 @@ use crate::error::{Result, TextError};
 /// Growth step of the preallocated buffers, in tokens.
 pub const DEFAULT_CHUNK: i64 = 256;
 
+static DEFAULT_KV_BITS: AtomicU8 = AtomicU8::new(16);
+
+/// Bits of the K/V that caches created from now on store: 16 (the compute dtype) or 8.
+pub fn set_default_kv_bits(bits: u8) -> Result<()> {
+    if bits != 8 && bits != 16 {
+        return Err(TextError::InvalidArgument(format!(
+            "KV-cache bits must be 8 or 16, not {bits}"
+        )));
+    }
+    DEFAULT_KV_BITS.store(bits, Ordering::Relaxed);
+    Ok(())
+}
+
+/// See [`set_default_kv_bits`].
+pub fn default_kv_bits() -> u8 {
+    DEFAULT_KV_BITS.load(Ordering::Relaxed)
+}
+
+/// `x` ([..., head_dim]) as int8 codes and per-row scales (`[..., 1]`, in `x`'s dtype).
+pub fn quantize_kv(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let scale = x
+        .f_abs()?
+        .f_amax(&[-1i64][..], true)?
+        .f_to_kind(Kind::Float)?
+        .f_clamp_min(1e-8)?
+        .f_div_scalar(127.0)?;
+    let q = x
+        .f_to_kind(Kind::Float)?
+        .f_div(&scale)?
+        .f_round()?
+        .f_clamp(-127.0, 127.0)?
+        .f_to_kind(Kind::Int8)?;
+    Ok((q, scale.f_to_kind(x.kind())?))
+}
+
+/// Codes and scales back to `kind`.
+pub fn dequantize_kv(q: &Tensor, scale: &Tensor, kind: Kind) -> Result<Tensor> {
+    Ok(q.f_to_kind(kind)?.f_mul(scale)?)
+}
+
 /// One layer's own K/V storage.
 #[derive(Debug)]
 pub struct KvBuffer {
-    k: Option<Tensor>, // [batch, kv_heads, capacity, head_dim]
+    k: Option<Tensor>, // [batch, kv_heads, capacity, head_dim] (int8 when quantized)
     v: Option<Tensor>,
+    /// Scales `[batch, kv_heads, capacity, 1]` of an 8-bit buffer.
+    ks: Option<Tensor>,
+    vs: Option<Tensor>,
+    /// The dtype K/V come in and are read back in.
+    kind: Kind,
+    bits: u8,
     len: i64,
     chunk: i64,
 }
 
 impl KvBuffer {
     pub fn new(chunk: i64) -> Self {
+        Self::with_bits(chunk, 16)
+    }
+
+    /// `bits` 8 stores int8 codes with a scale per head and token; 16 stores as given.
+    pub fn with_bits(chunk: i64, bits: u8) -> Self {
         Self {
             k: None,
             v: None,
+            ks: None,
+            vs: None,
+            kind: Kind::Float,
+            bits,
             len: 0,
             chunk: chunk.max(1),
         }
+    }
+
+    pub fn bits(&self) -> u8 {
+        self.bits
     }
 
     pub fn len(&self) -> i64 {
@@ -48,7 +115,7 @@ impl KvBuffer {
 
     /// Bytes allocated (capacity, not length).
     pub fn allocated_bytes(&self) -> usize {
-        [&self.k, &self.v]
+        [&self.k, &self.v, &self.ks, &self.vs]
             .iter()
             .filter_map(|t| t.as_ref())
             .map(|t| t.numel() * t.kind().elt_size_in_bytes())
@@ -62,16 +129,29 @@ impl KvBuffer {
         }
         let new_cap = (needed + self.chunk - 1) / self.chunk * self.chunk;
         let s = like.size(); // [batch, heads, n, dim]
-        let opts = (like.kind(), like.device());
-        let nk = Tensor::f_zeros([s[0], s[1], new_cap, s[3]], opts)?;
-        let nv = Tensor::f_zeros([s[0], s[1], new_cap, s[3]], opts)?;
-        if let (Some(k), Some(v)) = (&self.k, &self.v) {
-            if self.len > 0 {
-                nk.f_narrow(2, 0, self.len)?
-                    .f_copy_(&k.f_narrow(2, 0, self.len)?)?;
-                nv.f_narrow(2, 0, self.len)?
-                    .f_copy_(&v.f_narrow(2, 0, self.len)?)?;
+        self.kind = like.kind();
+        let code_kind = if self.bits == 8 {
+            Kind::Int8
+        } else {
+            like.kind()
+        };
+        let opts = (code_kind, like.device());
+        let grow = |old: &Option<Tensor>, dim: i64, opts: (Kind, Device)| -> Result<Tensor> {
+            let n = Tensor::f_zeros([s[0], s[1], new_cap, dim], opts)?;
+            if let Some(o) = old {
+                if self.len > 0 {
+                    n.f_narrow(2, 0, self.len)?
+                        .f_copy_(&o.f_narrow(2, 0, self.len)?)?;
+                }
             }
+            Ok(n)
+        };
+        let nk = grow(&self.k, s[3], opts)?;
+        let nv = grow(&self.v, s[3], opts)?;
+        if self.bits == 8 {
+            let sopts = (like.kind(), like.device());
+            self.ks = Some(grow(&self.ks, 1, sopts)?);
+            self.vs = Some(grow(&self.vs, 1, sopts)?);
         }
         self.k = Some(nk);
         self.v = Some(nv);
@@ -93,14 +173,32 @@ impl KvBuffer {
                 k.size()[0]
             )));
         }
-        bk.f_narrow(2, self.len, n)?.f_copy_(k)?;
-        bv.f_narrow(2, self.len, n)?.f_copy_(v)?;
+        if self.bits == 8 {
+            let (qk, sk) = quantize_kv(k)?;
+            let (qv, sv) = quantize_kv(v)?;
+            bk.f_narrow(2, self.len, n)?.f_copy_(&qk)?;
+            bv.f_narrow(2, self.len, n)?.f_copy_(&qv)?;
+            if let (Some(ks), Some(vs)) = (&self.ks, &self.vs) {
+                ks.f_narrow(2, self.len, n)?.f_copy_(&sk)?;
+                vs.f_narrow(2, self.len, n)?.f_copy_(&sv)?;
+            }
+        } else {
+            bk.f_narrow(2, self.len, n)?.f_copy_(k)?;
+            bv.f_narrow(2, self.len, n)?.f_copy_(v)?;
+        }
         self.len += n;
         self.view()
     }
 
     /// Views `[batch, kv_heads, len, head_dim]` of the cached keys and values.
     pub fn view(&self) -> Result<(Tensor, Tensor)> {
+        if let (Some(k), Some(v), Some(ks), Some(vs)) = (&self.k, &self.v, &self.ks, &self.vs) {
+            let n = self.len;
+            return Ok((
+                dequantize_kv(&k.f_narrow(2, 0, n)?, &ks.f_narrow(2, 0, n)?, self.kind)?,
+                dequantize_kv(&v.f_narrow(2, 0, n)?, &vs.f_narrow(2, 0, n)?, self.kind)?,
+            ));
+        }
         match (&self.k, &self.v) {
             (Some(k), Some(v)) => Ok((k.f_narrow(2, 0, self.len)?, v.f_narrow(2, 0, self.len)?)),
             _ => Err(TextError::InvalidArgument(
@@ -113,9 +211,30 @@ impl KvBuffer {
         self.len = self.len.min(len.max(0));
     }
 
+    fn map_raw(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            k: self.k.as_ref().map(&f).transpose()?,
+            v: self.v.as_ref().map(&f).transpose()?,
+            ks: self.ks.as_ref().map(&f).transpose()?,
+            vs: self.vs.as_ref().map(&f).transpose()?,
+            kind: self.kind,
+            bits: self.bits,
+            len: self.len,
+            chunk: self.chunk,
+        })
+    }
+
     /// A deep copy holding only the cached length (plus one chunk of headroom).
     pub fn fork(&self) -> Result<Self> {
-        let mut out = Self::new(self.chunk);
+        if self.bits == 8 {
+            // Copy the codes and scales as they are (re-quantizing would drift).
+            return self.map_raw(|t| {
+                let mut c = t.f_zeros_like()?;
+                c.f_copy_(t)?;
+                Ok(c)
+            });
+        }
+        let mut out = Self::with_bits(self.chunk, self.bits);
         if self.len > 0 {
             let (k, v) = self.view()?;
             let _ = out.append(&k, &v)?;
@@ -125,7 +244,10 @@ impl KvBuffer {
 
     /// Repeat a batch-1 buffer `n` times along the batch.
     pub fn repeat_batch(&self, n: i64) -> Result<Self> {
-        let mut out = Self::new(self.chunk);
+        if self.bits == 8 {
+            return self.map_raw(|t| Ok(t.f_repeat([n, 1, 1, 1])?));
+        }
+        let mut out = Self::with_bits(self.chunk, self.bits);
         if self.len > 0 {
             let (k, v) = self.view()?;
             let _ = out.append(&k.f_repeat([n, 1, 1, 1])?, &v.f_repeat([n, 1, 1, 1])?)?;
@@ -357,12 +479,18 @@ impl KvCache {
         Self::with_kinds(&kinds, batch, device)
     }
 
-    /// One layer per entry of `kinds` (normal, shared or rotating).
+    /// One layer per entry of `kinds` (normal, shared or rotating); `Normal` layers store
+    /// K/V in [`default_kv_bits`].
     pub fn with_kinds(kinds: &[CacheKind], batch: i64, device: Device) -> Self {
+        Self::with_kinds_bits(kinds, batch, device, default_kv_bits())
+    }
+
+    /// Like [`KvCache::with_kinds`] with `Normal` layers storing `bits` (8 or 16) per value.
+    pub fn with_kinds_bits(kinds: &[CacheKind], batch: i64, device: Device, bits: u8) -> Self {
         let layers = kinds
             .iter()
             .map(|k| match k {
-                CacheKind::Normal => LayerCache::Normal(KvBuffer::new(DEFAULT_CHUNK)),
+                CacheKind::Normal => LayerCache::Normal(KvBuffer::with_bits(DEFAULT_CHUNK, bits)),
                 CacheKind::Shared(src) => LayerCache::Shared { source: *src },
                 CacheKind::Rotating { window, slack } => {
                     LayerCache::Rotating(RingBuffer::new(*window, *slack))
@@ -643,6 +771,49 @@ mod tests {
         assert_eq!(c.next_positions(), &[3]);
         assert_eq!(c.read(1).unwrap().0.size(), [1, 2, 3, 4]);
         assert!(c.append(1, &kv(1, 1, 0.0), &kv(1, 1, 0.0)).is_err());
+    }
+
+    #[test]
+    fn int8_kv_halves_bytes_and_stays_close() {
+        let _g = crate::weights::seed_global_rng(3);
+        let k = Tensor::randn([1, 2, 5, 64], (Kind::BFloat16, Device::Cpu));
+        let v = Tensor::randn([1, 2, 5, 64], (Kind::BFloat16, Device::Cpu));
+        let kinds = [CacheKind::Normal, CacheKind::Shared(0)];
+        let mut full = KvCache::with_kinds_bits(&kinds, 1, Device::Cpu, 16);
+        let mut q8 = KvCache::with_kinds_bits(&kinds, 1, Device::Cpu, 8);
+        for c in [&mut full, &mut q8] {
+            let _ = c.begin_step(5, None).unwrap();
+            let _ = c.append(0, &k, &v).unwrap();
+        }
+        let (fk, fv) = full.read(1).unwrap();
+        let (qk, qv) = q8.read(1).unwrap();
+        assert_eq!(qk.kind(), Kind::BFloat16);
+        assert_eq!(qk.size(), fk.size());
+        // Per (head, token) absmax scaling: error at most half a step, scale = max|x|/127.
+        for (a, b) in [(&qk, &fk), (&qv, &fv)] {
+            let a = a.to_kind(Kind::Float);
+            let b = b.to_kind(Kind::Float);
+            let step = b.abs().amax([-1], true) / 127.0;
+            let ratio = ((a - &b).abs() / step).max();
+            // bf16 rounding of the scale and of the product (2^-8 relative, i.e. up to half a
+            // step each near max|x|) comes on top of the half step of int8 rounding.
+            assert!(f64::try_from(ratio).unwrap() <= 1.5 + 1e-3);
+        }
+        // In fp32 the error is at most half a step.
+        let kf = k.to_kind(Kind::Float);
+        let (q, sc) = quantize_kv(&kf).unwrap();
+        assert_eq!(q.kind(), Kind::Int8);
+        let back = dequantize_kv(&q, &sc, Kind::Float).unwrap();
+        let ratio = ((back - &kf).abs() / (kf.abs().amax([-1], true) / 127.0)).max();
+        assert!(f64::try_from(ratio).unwrap() <= 0.5 + 1e-4);
+        // int8 codes + a bf16 scale per head and token: (64 + 2) / (2·64) of the bf16 bytes.
+        assert_eq!(full.allocated_bytes(), 2 * 2 * 256 * 64 * 2);
+        assert_eq!(q8.allocated_bytes(), 2 * 2 * 256 * (64 + 2));
+        // Fork and rollback keep the codes.
+        let f = q8.fork().unwrap();
+        let d = (f.read(0).unwrap().0 - &qk).abs().max();
+        assert_eq!(f64::try_from(d).unwrap(), 0.0);
+        assert!(set_default_kv_bits(4).is_err());
     }
 
     #[test]

@@ -74,6 +74,7 @@ fn quantize(d: &Dirs, name: &str, method: Method, plan: BitPlan) -> (PathBuf, f6
         method,
         plan,
         embed_bits: None,
+        row_scale: true,
         seed: 0,
     };
     let r = quantize_dir(&d.full, &out, &opts, &mut |_| {}).unwrap();
@@ -87,7 +88,7 @@ fn quantized_models_load_and_track_full_precision() {
     let want = logits(&full);
     let cases = [
         ("rtn8", Method::Uniform, BitPlan::Fixed(8), 0.05, (8.0, 8.6)),
-        ("pal4", Method::Palette, BitPlan::Fixed(4), 0.4, (4.0, 4.6)),
+        ("pal4", Method::Palette, BitPlan::Fixed(4), 0.4, (4.0, 5.0)),
         ("rtn4", Method::Uniform, BitPlan::Fixed(4), 0.5, (4.0, 4.6)),
         (
             "mixed",
@@ -96,7 +97,7 @@ fn quantized_models_load_and_track_full_precision() {
             1.0,
             (3.0, 3.5),
         ),
-        ("pal2", Method::Palette, BitPlan::Fixed(2), 2.0, (2.0, 3.0)),
+        ("pal2", Method::Palette, BitPlan::Fixed(2), 2.0, (2.0, 3.5)),
     ];
     let mut errs = vec![];
     for (name, method, plan, tol, (lo, hi)) in cases {
@@ -138,6 +139,7 @@ fn quantized_models_load_and_track_full_precision() {
         method: Method::Palette,
         plan: BitPlan::Fixed(4),
         embed_bits: None,
+        row_scale: true,
         seed: 0,
     };
     let err = quantize_dir(&d.root.join("pal4"), &d.root.join("x"), &opts, &mut |_| {})
@@ -173,10 +175,15 @@ fn quantized_models_load_and_track_full_precision() {
         (
             "no table",
             Box::new(|n: &str| {
-                (n == format!("{target}.qlut"))
+                (n == format!("{target}.qlut") || n == format!("{target}.qscale"))
                     .then(|| Tensor::zeros([0], (Kind::Float, Device::Cpu)))
             }),
             "neither",
+        ),
+        (
+            "bad scale",
+            Box::new(|n: &str| (n == format!("{target}.qscale")).then(|| raw(n).narrow(0, 0, 5))),
+            "one scale per row",
         ),
     ];
     for (what, edit, needle) in cases {

@@ -13,10 +13,12 @@
 //! |----------------|-------|--------------------------|-------------------------------------------|
 //! | `NAME.qcodes`  | U8    | `[out, in·bits/8]`       | codes packed as [`packed`] documents      |
 //! | `NAME.qlut`    | F32   | `[⌈out/16⌉, 2^bits]`     | palette: one table per 16 rows            |
-//! | `NAME.qscale`  | F32   | `[out]`                  | uniform: `w = scale·(code − c)`           |
+//! | `NAME.qscale`  | F32   | `[out]`                  | per-row scale                             |
 //!
-//! Exactly one of `qlut` (palettized, 2 or 4 bits) and `qscale` (uniform, 2, 4 or 8 bits, with
-//! `c` = 1.5, 8, 128 — see [`qat::UniformSpec`]) is present. The bit width follows from the
+//! Uniform weights (2, 4 or 8 bits) have only `qscale`: `w = scale·(code − c)` with `c` = 1.5,
+//! 8, 128 ([`qat::UniformSpec`]). Palettized weights (2 or 4 bits) have `qlut`, and `qscale`
+//! too when fitted on row-normalised values: `w = scale_r·lut[r/16][code]` (without it,
+//! `w = lut[r/16][code]`, the plain AFM 2024 palette). The bit width follows from the
 //! packed row length (`8·bytes/in`). Unquantized tensors (norms, layers whose width is not a
 //! multiple of the packing block) stay dense under their own names. config.json gains a
 //! `"quantization"` object (format, method, per-tensor bits, average bits per weight) and the
@@ -75,7 +77,7 @@ pub struct QuantizedWeight {
     /// fp32 `[⌈rows/group_rows⌉, 2^bits]`: palettes, or uniform 2/4-bit scales expanded to a
     /// per-row table (`group_rows = 1`).
     lut: Option<Tensor>,
-    /// fp32 `[rows]` (uniform).
+    /// fp32 `[rows]`: uniform scales, or a palette's optional row scales.
     scale: Option<Tensor>,
     group_rows: i64,
     bits: u8,
@@ -119,7 +121,12 @@ impl QuantizedWeight {
         let packed = packed::pack(&p.codes, p.rows, p.cols, bits)?;
         let packed = Tensor::f_from_slice(&packed)?.f_view([rows, -1])?;
         let lut = Tensor::f_from_slice(&p.lut)?.f_view([p.groups() as i64, p.k as i64])?;
-        Self::assemble(packed, Some(lut), None, bits, rows, cols)
+        let scale = p
+            .scales
+            .as_ref()
+            .map(|s| Tensor::f_from_slice(s))
+            .transpose()?;
+        Self::assemble(packed, Some(lut), scale, bits, rows, cols)
     }
 
     fn assemble(
@@ -131,7 +138,7 @@ impl QuantizedWeight {
         cols: i64,
     ) -> Result<Self> {
         let (method, lut, group_rows) = match (lut, &scale) {
-            (Some(l), None) => (Method::Palette, Some(l), palette::GROUP_ROWS as i64),
+            (Some(l), _) => (Method::Palette, Some(l), palette::GROUP_ROWS as i64),
             (None, Some(s)) if bits < 8 => {
                 // Uniform 2/4-bit: the same kernel as palettes with a table per row.
                 let spec = UniformSpec::new(bits)?;
@@ -145,9 +152,9 @@ impl QuantizedWeight {
                 )
             }
             (None, Some(_)) => (Method::Uniform, None, 1),
-            _ => {
+            (None, None) => {
                 return Err(TextError::InvalidArgument(
-                    "a quantized weight needs exactly one of a look-up table and a scale".into(),
+                    "a quantized weight needs a look-up table or a scale".into(),
                 ))
             }
         };
@@ -204,8 +211,20 @@ impl QuantizedWeight {
         let lut_name = format!("{name}.qlut");
         let scale_name = format!("{name}.qscale");
         let device = w.device();
+        let check_scale = |s: &Tensor| -> Result<Tensor> {
+            if s.size() != [rows] {
+                return Err(err(
+                    &scale_name,
+                    format!(
+                        "tensor '{scale_name}' has shape {:?}, expected [{rows}] (one scale per row)",
+                        s.size()
+                    ),
+                ));
+            }
+            Ok(s.f_to_kind(Kind::Float)?.f_to_device(device)?)
+        };
         let (lut, scale) = match (w.raw(&lut_name), w.raw(&scale_name)) {
-            (Some(lut), None) => {
+            (Some(lut), row_scale) => {
                 let groups = (rows + palette::GROUP_ROWS as i64 - 1) / palette::GROUP_ROWS as i64;
                 let want = [groups, 1i64 << bits];
                 if bits == 8 || lut.size() != want {
@@ -221,26 +240,12 @@ impl QuantizedWeight {
                         ),
                     ));
                 }
-                (Some(lut.f_to_kind(Kind::Float)?.f_to_device(device)?), None)
+                (
+                    Some(lut.f_to_kind(Kind::Float)?.f_to_device(device)?),
+                    row_scale.map(check_scale).transpose()?,
+                )
             }
-            (None, Some(s)) => {
-                if s.size() != [rows] {
-                    return Err(err(
-                        &scale_name,
-                        format!(
-                            "tensor '{scale_name}' has shape {:?}, expected [{rows}] (one scale per row)",
-                            s.size()
-                        ),
-                    ));
-                }
-                (None, Some(s.f_to_kind(Kind::Float)?.f_to_device(device)?))
-            }
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    &codes_name,
-                    format!("'{name}' has both a '.qlut' and a '.qscale' tensor"),
-                ))
-            }
+            (None, Some(s)) => (None, Some(check_scale(s)?)),
             (None, None) => {
                 return Err(err(
                     &codes_name,
@@ -257,17 +262,13 @@ impl QuantizedWeight {
     /// The tensors this weight is stored as under `name` (see the module docs).
     pub fn tensors(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(format!("{name}.qcodes"), self.packed.shallow_clone())];
-        match self.method {
-            Method::Palette => {
-                if let Some(l) = &self.lut {
-                    out.push((format!("{name}.qlut"), l.shallow_clone()));
-                }
+        if self.method == Method::Palette {
+            if let Some(l) = &self.lut {
+                out.push((format!("{name}.qlut"), l.shallow_clone()));
             }
-            Method::Uniform => {
-                if let Some(s) = &self.scale {
-                    out.push((format!("{name}.qscale"), s.shallow_clone()));
-                }
-            }
+        }
+        if let Some(s) = &self.scale {
+            out.push((format!("{name}.qscale"), s.shallow_clone()));
         }
         Ok(out)
     }
@@ -290,11 +291,16 @@ impl QuantizedWeight {
 
     /// Bytes as stored (packed codes plus tables or scales).
     pub fn stored_bytes(&self) -> usize {
-        let t = match self.method {
-            Method::Palette => self.lut.as_ref(),
-            Method::Uniform => self.scale.as_ref(),
+        let lut = match self.method {
+            Method::Palette => self.lut.as_ref().map_or(0, |t| t.numel() * 4),
+            Method::Uniform => 0,
         };
-        self.packed.numel() + t.map_or(0, |t| t.numel() * 4)
+        self.packed.numel() + lut + self.scale.as_ref().map_or(0, |t| t.numel() * 4)
+    }
+
+    /// Whether a palette carries per-row scales.
+    pub fn has_row_scale(&self) -> bool {
+        self.method == Method::Palette && self.scale.is_some()
     }
 
     /// Stored bits per weight, tables included.
@@ -322,9 +328,17 @@ impl QuantizedWeight {
         let flat = idx.f_flatten(0, -1)?.f_to_device(self.device())?;
         let codes = unpack_tensor(&self.packed.f_index_select(0, &flat)?, self.cols, self.bits)?;
         let vals = match &self.lut {
-            Some(lut) => lut
-                .f_index_select(0, &flat.f_floor_divide_scalar(self.group_rows)?)?
-                .f_gather(1, &codes, false)?,
+            Some(lut) => {
+                let v = lut
+                    .f_index_select(0, &flat.f_floor_divide_scalar(self.group_rows)?)?
+                    .f_gather(1, &codes, false)?;
+                match (&self.scale, self.method) {
+                    (Some(s), Method::Palette) => {
+                        v.f_mul(&s.f_index_select(0, &flat)?.f_unsqueeze(1)?)?
+                    }
+                    _ => v,
+                }
+            }
             None => {
                 let spec = UniformSpec::new(self.bits)?;
                 let s = self.scale.as_ref().expect("uniform weight has a scale");
@@ -372,10 +386,14 @@ impl QuantizedWeight {
         // lives until the end of this function.
         let (xs, packed) = unsafe { (cpu_slice::<f32>(&xf), cpu_slice::<u8>(&self.packed)) };
         let table = match (&self.lut, &self.scale) {
-            (Some(l), _) => Table::Lut {
+            (Some(l), s) => Table::Lut {
                 lut: unsafe { cpu_slice::<f32>(l) },
                 k: 1 << self.bits,
                 group_rows: self.group_rows as usize,
+                row_scale: match (s, self.method) {
+                    (Some(s), Method::Palette) => Some(unsafe { cpu_slice::<f32>(s) }),
+                    _ => None,
+                },
             },
             (None, Some(s)) => Table::Scale {
                 scale: unsafe { cpu_slice::<f32>(s) },
@@ -422,6 +440,13 @@ mod tests {
         for bits in [2u8, 4] {
             let p = palette::palettize(&wv, 48, 128, bits, 0);
             qs.push(QuantizedWeight::from_palette(&p, bits).unwrap());
+            let p = palette::palettize_scaled(&wv, 48, 128, bits, 0);
+            let q = QuantizedWeight::from_palette(&p, bits).unwrap();
+            assert!(q.has_row_scale());
+            // The matrix is the palette's.
+            let d = q.dequantize(Kind::Float).unwrap();
+            assert!((d.double_value(&[47, 100]) - p.value(47, 100) as f64).abs() < 1e-6);
+            qs.push(q);
         }
         for bits in [2u8, 4, 8] {
             let spec = UniformSpec::new(bits).unwrap();
@@ -448,8 +473,9 @@ mod tests {
             let expect_bpw = q.bits as f64
                 + match q.method {
                     Method::Palette => 32.0 * (1 << q.bits) as f64 / (16.0 * 128.0),
-                    Method::Uniform => 32.0 / 128.0,
-                };
+                    Method::Uniform => 0.0,
+                }
+                + if q.scale.is_some() { 32.0 / 128.0 } else { 0.0 };
             assert!((q.bits_per_weight() - expect_bpw).abs() < 1e-9);
         }
     }

@@ -121,11 +121,12 @@ pub fn is_cpu_contiguous(t: &Tensor, kind: Kind) -> bool {
 /// How the codes of a packed matrix map to values.
 #[derive(Clone, Copy)]
 pub enum Table<'a> {
-    /// `lut[(r / group_rows)·k + code]` (`k` = 2^bits ≤ 16).
+    /// `lut[(r / group_rows)·k + code]` (`k` = 2^bits ≤ 16), times `row_scale[r]` if given.
     Lut {
         lut: &'a [f32],
         k: usize,
         group_rows: usize,
+        row_scale: Option<&'a [f32]>,
     },
     /// `scale[r]·(code − offset)` (8-bit).
     Scale { scale: &'a [f32], offset: f32 },
@@ -152,10 +153,16 @@ pub fn gemv(packed: &[u8], table: Table<'_>, bits: u8, cols: usize, x: &[f32], y
                 let r = task * ROWS_PER_TASK + i;
                 let row = &packed[r * rb..(r + 1) * rb];
                 *yr = match table {
-                    Table::Lut { lut, k, group_rows } => {
+                    Table::Lut {
+                        lut,
+                        k,
+                        group_rows,
+                        row_scale,
+                    } => {
                         let g = r / group_rows;
                         lut16[..k].copy_from_slice(&lut[g * k..(g + 1) * k]);
-                        row_lut(row, &lut16, bits, x, simd)
+                        let v = row_lut(row, &lut16, bits, x, simd);
+                        row_scale.map_or(v, |s| v * s[r])
                     }
                     Table::Scale { scale, offset } => {
                         scale[r] * (row_u8(row, x, simd) - offset * sum_x)
@@ -362,6 +369,7 @@ mod tests {
                     lut: &table_lut,
                     k,
                     group_rows: 16,
+                    row_scale: None,
                 }
             };
             gemv(&p, table, bits, cols, &x, &mut y);

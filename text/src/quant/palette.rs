@@ -5,6 +5,11 @@
 //!
 //! 1-D k-means is done on the sorted values: clusters are contiguous ranges split at the
 //! midpoints between centres, so a Lloyd step is `k` binary searches and prefix-sum means.
+//!
+//! With `row_scale` ([`palettize_scaled`]) each row is first divided by its largest magnitude
+//! and the shared table is fitted to the normalised rows; the row's scale is stored beside the
+//! codes (`w = scale_r·lut_g[code]`, 32 bits per row). Rows of one group often differ in range
+//! by several times, and a table shared as is spends its entries on the widest row.
 
 use rayon::prelude::*;
 
@@ -24,6 +29,8 @@ const INIT_SAMPLES: usize = 4096;
 pub struct Palette {
     pub codes: Vec<u8>,
     pub lut: Vec<f32>,
+    /// Per-row scales (`w = scale·lut[code]`), when fitted with row scaling.
+    pub scales: Option<Vec<f32>>,
     pub k: usize,
     pub rows: usize,
     pub cols: usize,
@@ -36,7 +43,8 @@ impl Palette {
 
     /// Weight `(r, c)` as the table says.
     pub fn value(&self, r: usize, c: usize) -> f32 {
-        self.lut[(r / GROUP_ROWS) * self.k + self.codes[r * self.cols + c] as usize]
+        let v = self.lut[(r / GROUP_ROWS) * self.k + self.codes[r * self.cols + c] as usize];
+        self.scales.as_ref().map_or(v, |s| v * s[r])
     }
 
     /// Sum of squared differences to `w` (row-major `[rows, cols]`).
@@ -58,6 +66,31 @@ impl Palette {
 
 /// Palettize `w` (row-major `[rows, cols]`) with `2^bits` entries per group of rows.
 pub fn palettize(w: &[f32], rows: usize, cols: usize, bits: u8, seed: u64) -> Palette {
+    palettize_inner(w, rows, cols, bits, seed, None)
+}
+
+/// Like [`palettize`] on rows normalised by their largest magnitude (see the module docs).
+pub fn palettize_scaled(w: &[f32], rows: usize, cols: usize, bits: u8, seed: u64) -> Palette {
+    let scales: Vec<f32> = w
+        .chunks(cols.max(1))
+        .map(|r| r.iter().fold(0f32, |m, &x| m.max(x.abs())).max(1e-12))
+        .collect();
+    let norm: Vec<f32> = w
+        .par_chunks(cols.max(1))
+        .zip(&scales)
+        .flat_map_iter(|(r, &s)| r.iter().map(move |&x| x / s))
+        .collect();
+    palettize_inner(&norm, rows, cols, bits, seed, Some(scales))
+}
+
+fn palettize_inner(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    seed: u64,
+    scales: Option<Vec<f32>>,
+) -> Palette {
     assert_eq!(
         w.len(),
         rows * cols,
@@ -86,6 +119,7 @@ pub fn palettize(w: &[f32], rows: usize, cols: usize, bits: u8, seed: u64) -> Pa
     Palette {
         codes,
         lut,
+        scales,
         k,
         rows,
         cols,
@@ -155,6 +189,14 @@ pub fn kmeans_1d(xs: &[f32], k: usize, seed: u64) -> Vec<f32> {
         centres.push(c);
     }
     centres.sort_by(f32::total_cmp);
+    // With 16 or more entries the outermost ones stay on the group's extremes: plain k-means
+    // pulls them into the bulk and crushes the few large weights that LLMs depend on.
+    let pin = k >= 16 && n >= k;
+    if pin {
+        centres[0] = sorted[0];
+        centres[k - 1] = sorted[n - 1];
+        centres.sort_by(f32::total_cmp);
+    }
 
     // Lloyd: cluster j = sorted[b_j .. b_{j+1}) with b at the midpoints.
     for _ in 0..MAX_ITERS {
@@ -168,6 +210,9 @@ pub fn kmeans_1d(xs: &[f32], k: usize, seed: u64) -> Vec<f32> {
         let mut moved = false;
         for j in 0..k {
             let (a, b) = (bounds[j], bounds[j + 1]);
+            if pin && (j == 0 || j == k - 1) {
+                continue;
+            }
             if b > a {
                 let m = ((prefix[b] - prefix[a]) / (b - a) as f64) as f32;
                 if m != centres[j] {
@@ -240,5 +285,35 @@ mod tests {
         }
         // Deterministic for a seed.
         assert_eq!(palettize(&w, rows, cols, 4, 0).lut, p4.lut);
+
+        // Rows of very different ranges: row scaling fits each row, the shared table cannot.
+        let w2: Vec<f32> = w
+            .chunks(cols)
+            .enumerate()
+            .flat_map(|(r, row)| row.iter().map(move |&x| x * (1.0 + 9.0 * (r % 2) as f32)))
+            .collect();
+        let norm2: f64 = w2.iter().map(|&x| (x as f64).powi(2)).sum();
+        let plain = palettize(&w2, rows, cols, 4, 0);
+        let scaled = palettize_scaled(&w2, rows, cols, 4, 0);
+        assert_eq!(scaled.scales.as_ref().unwrap().len(), rows);
+        // The narrow rows' error, relative to their own size.
+        let narrow_err = |p: &Palette| -> f64 {
+            (0..rows)
+                .step_by(2)
+                .flat_map(|r| (0..cols).map(move |c| (r, c)))
+                .map(|(r, c)| ((w2[r * cols + c] - p.value(r, c)) as f64).powi(2))
+                .sum::<f64>()
+        };
+        let narrow_norm: f64 = (0..rows)
+            .step_by(2)
+            .flat_map(|r| w2[r * cols..(r + 1) * cols].iter())
+            .map(|&x| (x as f64).powi(2))
+            .sum();
+        let (ep, es) = (
+            narrow_err(&plain) / narrow_norm,
+            narrow_err(&scaled) / narrow_norm,
+        );
+        assert!(es < 0.5 * ep, "narrow rows: scaled {es} vs plain {ep}");
+        assert!(scaled.sq_error(&w2) / norm2 < 0.02);
     }
 }

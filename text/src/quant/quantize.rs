@@ -9,7 +9,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::palette::palettize;
+use super::palette::{palettize, palettize_scaled};
 use super::qat::{rtn, UniformSpec};
 use super::{packed, Method, QuantizedWeight, FORMAT};
 use crate::checkpoint::{load_weights, safetensors_files, write_safetensors};
@@ -32,6 +32,9 @@ pub struct QuantizeOptions {
     pub plan: BitPlan,
     /// Bits of the embedding (default: 4, or 8 with `Fixed(8)`).
     pub embed_bits: Option<u8>,
+    /// Palettes fitted on row-normalised weights with a scale per row (see
+    /// [`super::palette::palettize_scaled`]); `false` is the plain shared table.
+    pub row_scale: bool,
     pub seed: u64,
 }
 
@@ -72,7 +75,13 @@ fn is_candidate(name: &str, shape: &[i64]) -> bool {
             || name == "model.embed_tokens.weight")
 }
 
-fn quantize_one(w: &Tensor, bits: u8, method: Method, seed: u64) -> Result<(QuantizedWeight, f64)> {
+fn quantize_one(
+    w: &Tensor,
+    bits: u8,
+    method: Method,
+    row_scale: bool,
+    seed: u64,
+) -> Result<(QuantizedWeight, f64)> {
     let (rows, cols) = (w.size()[0], w.size()[1]);
     let q = match method {
         Method::Uniform => {
@@ -86,10 +95,13 @@ fn quantize_one(w: &Tensor, bits: u8, method: Method, seed: u64) -> Result<(Quan
                 ));
             }
             let v = Vec::<f32>::try_from(w.f_flatten(0, -1)?.f_to_kind(Kind::Float)?)?;
-            QuantizedWeight::from_palette(
-                &palettize(&v, rows as usize, cols as usize, bits, seed),
-                bits,
-            )?
+            let (r, c) = (rows as usize, cols as usize);
+            let p = if row_scale {
+                palettize_scaled(&v, r, c, bits, seed)
+            } else {
+                palettize(&v, r, c, bits, seed)
+            };
+            QuantizedWeight::from_palette(&p, bits)?
         }
     };
     let err = f64::try_from(
@@ -156,7 +168,7 @@ pub fn quantize_dir(
         let method = if embed { embed_method } else { opts.method };
         let mut qs = Vec::new();
         for b in widths {
-            let (q, e) = quantize_one(&t, b, method, opts.seed)?;
+            let (q, e) = quantize_one(&t, b, method, opts.row_scale, opts.seed)?;
             qs.push((b, q, e));
         }
         cands.push((name.clone(), shape[0], shape[1], qs));
@@ -249,6 +261,7 @@ pub fn quantize_dir(
                     BitPlan::Mixed { target_bpw } => format!("mixed 2/4-bit, target {target_bpw} bpw"),
                 },
                 "group_rows": super::palette::GROUP_ROWS,
+                "row_scale": opts.row_scale && opts.method == Method::Palette,
                 "avg_bits_per_weight": avg_bpw,
                 "tensors": plan_json,
             }),
