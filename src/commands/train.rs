@@ -34,8 +34,10 @@ pub struct LoraArgs {
     /// Output directory: adapter_config.json, adapter_model.safetensors, optimizer and trainer state.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Base model directory (default: the converted SmolLM2-135M-Instruct).
-    #[arg(long, value_name = "DIR")]
+    /// Base model directory (default: the converted SmolLM2-135M-Instruct). A quantized
+    /// directory (`afm-vl quantize`) stays packed and frozen: the adapter is an
+    /// accuracy-recovery LoRA (`--base` is the same flag).
+    #[arg(long, value_name = "DIR", alias = "base")]
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     pub rank: usize,

@@ -209,3 +209,45 @@ fn quantized_models_load_and_track_full_precision() {
         );
     }
 }
+
+#[test]
+fn recovery_lora_trains_on_a_frozen_quantized_base() {
+    use afm_text::lora::LoraAdapter;
+    use afm_text::train_lora::{train, Example, LoraTrainConfig};
+    let d = setup();
+    let (dir, _) = quantize(&d, "pal4-lora", Method::Palette, BitPlan::Fixed(4));
+    let mut m = TextModel::load(&dir, Device::Cpu, DType::F32).unwrap();
+    let before = logits(&m);
+    let ex = Example {
+        ids: (0..24).map(|i| (i * 37 % 256) as u32).collect(),
+        prompt_len: 4,
+    };
+    let cfg = LoraTrainConfig {
+        rank: 4,
+        alpha: 8.0,
+        lr: 1e-2,
+        steps: 8,
+        batch_size: 2,
+        save_every: 0,
+        ..LoraTrainConfig::default()
+    };
+    let out = d.root.join("recovery");
+    let (_, losses) = train(&mut m.decoder, &[ex], cfg, &out, false, |_, _| {}).unwrap();
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.9),
+        "loss did not fall: {losses:?}"
+    );
+    // The base stayed packed and unchanged; the adapter loads on top of it.
+    assert!(m.decoder.layers[0].mlp.up.is_quantized());
+    assert!(common::max_abs_diff(&logits(&m), &before) == 0.0);
+    LoraAdapter::load(&out, Device::Cpu, Kind::Float)
+        .unwrap()
+        .activate(&mut m.decoder)
+        .unwrap();
+    assert!(common::max_abs_diff(&logits(&m), &before) > 1e-4);
+    // Merging into packed weights is refused with a clear error.
+    let err = afm_text::lora::merge_active(&mut m.decoder)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("quantized"), "{err}");
+}
