@@ -16,6 +16,7 @@ pub mod quantize;
 pub mod tile;
 pub mod train;
 pub mod train_demo;
+pub mod train_qat;
 
 use std::path::{Path, PathBuf};
 

@@ -24,6 +24,9 @@ pub enum What {
     /// Train the demo vision encoder + adapter on generated scenes in front of the frozen
     /// default text model (two stages; writes a checkpoint `describe` uses by default).
     Demo(super::train_demo::DemoArgs),
+    /// Quantization-aware training (fake-quantized projections, learnable clipping) on plain
+    /// text; writes a packed quantized model directory.
+    Qat(super::train_qat::QatArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,6 +78,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Lora(a) => run_lora(ctx, a),
         What::Demo(a) => super::train_demo::run(ctx, a),
+        What::Qat(a) => super::train_qat::run(ctx, a),
     }
 }
 

@@ -18,6 +18,10 @@ pub enum LinearWeight {
     /// Packed low-bit codes with look-up tables or scales ([`crate::quant`]); the matmul reads
     /// them directly.
     Quantized(Box<QuantizedWeight>),
+    /// Quantization-aware training: a full-precision `[out, in]` weight run through the
+    /// fake-quantizer ([`crate::quant::qat::fake_quant`]) with a learnable clipping factor
+    /// `f` (`[out, 1]`) on every forward; both are trained.
+    FakeQuant(Box<crate::quant::qat::FakeQuantWeight>),
 }
 
 /// A low-rank update `s·B·A` applied on the fly.
@@ -121,6 +125,9 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
             LinearWeight::Quantized(q) => q.stored_bytes(),
+            LinearWeight::FakeQuant(q) => {
+                (q.w.numel() + q.f.numel()) * q.w.kind().elt_size_in_bytes()
+            }
         };
         w + self
             .bias
@@ -137,12 +144,18 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => w.device(),
             LinearWeight::Quantized(q) => q.device(),
+            LinearWeight::FakeQuant(q) => q.w.device(),
         }
     }
 
     /// Whether the weight is stored quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quantized(_))
+    }
+
+    /// Replace the weight (QAT swaps a dense weight for a fake-quantized one and back).
+    pub fn set_weight(&mut self, weight: LinearWeight) -> LinearWeight {
+        std::mem::replace(&mut self.weight, weight)
     }
 
     pub fn lora(&self) -> Option<&LoraOverlay> {
@@ -170,7 +183,7 @@ impl Linear {
 
     /// Fold the overlay into the dense weight (`W += s·B·A`) and drop it.
     pub fn merge_lora(&mut self) -> Result<()> {
-        if self.lora.is_some() && self.is_quantized() {
+        if self.lora.is_some() && !matches!(self.weight, LinearWeight::Dense(_)) {
             return Err(crate::error::TextError::InvalidArgument(
                 "cannot merge a LoRA adapter into a quantized layer (run it as an overlay)".into(),
             ));
@@ -193,6 +206,10 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
             LinearWeight::Quantized(q) => q.forward(x, self.bias.as_ref())?,
+            LinearWeight::FakeQuant(q) => {
+                let wq = crate::quant::qat::fake_quant(&q.w, &q.f, &q.spec)?.f_to_kind(x.kind())?;
+                x.f_linear(&wq, self.bias.as_ref())?
+            }
         };
         match &self.lora {
             None => Ok(y),

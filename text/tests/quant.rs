@@ -251,3 +251,53 @@ fn recovery_lora_trains_on_a_frozen_quantized_base() {
         .to_string();
     assert!(err.contains("quantized"), "{err}");
 }
+
+#[test]
+fn qat_trains_and_exports_a_packed_model() {
+    use afm_text::quant::qat_train::{train_qat, QatConfig};
+    let d = setup();
+    // One window to fit: the loss must fall steadily through the fake-quantizer.
+    let windows: Vec<Vec<u32>> = vec![(0..32).map(|i| ((i * 7 + 3) % 256) as u32).collect()];
+    let cfg = QatConfig {
+        bits: 4,
+        embed_bits: 4,
+        lr: 3e-3,
+        f_lr: 1e-2,
+        steps: 12,
+        batch_size: 2,
+        seq_len: 32,
+        seed: 0,
+    };
+    let out = d.root.join("qat4");
+    let losses = train_qat(&d.full, &out, &windows, &cfg, Device::Cpu, |_, _| {}).unwrap();
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    assert!(
+        mean(&losses[losses.len() - 3..]) < 0.8 * mean(&losses[..3]),
+        "QAT loss did not fall: {losses:?}"
+    );
+    let m = TextModel::load(&out, Device::Cpu, DType::F32).unwrap();
+    for (_, lin) in TextModel::load(&out, Device::Cpu, DType::F32)
+        .unwrap()
+        .decoder
+        .linears_mut()
+    {
+        assert!(lin.is_quantized());
+    }
+    assert!(m.decoder.embed.quantized().is_some());
+    let cfg_json = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(cfg_json.contains("\"qat\""), "{cfg_json}");
+    // The exported 4-bit model fits the training text better than 4-bit RTN of the base.
+    let (rtn4, _) = quantize(&d, "rtn4", Method::Uniform, BitPlan::Fixed(4));
+    let rtn = TextModel::load(&rtn4, Device::Cpu, DType::F32).unwrap();
+    let nll = |m: &TextModel| {
+        let ids = Tensor::from_slice(&windows[0].iter().map(|&t| t as i64).collect::<Vec<_>>())
+            .view([1, -1]);
+        let mut c = m.decoder.new_cache(1);
+        let lg = m.decoder.forward(&ids, None, &mut c, Logits::All).unwrap();
+        lg.narrow(1, 0, 31)
+            .reshape([-1, 256])
+            .cross_entropy_for_logits(&ids.narrow(1, 1, 31).reshape([-1]))
+            .double_value(&[])
+    };
+    assert!(nll(&m) < nll(&rtn), "qat {} vs rtn {}", nll(&m), nll(&rtn));
+}

@@ -35,6 +35,7 @@
 pub mod packed;
 pub mod palette;
 pub mod qat;
+pub mod qat_train;
 pub mod quantize;
 
 use tch::{Device, Kind, Tensor};

@@ -76,6 +76,15 @@ impl UniformSpec {
     }
 }
 
+/// A weight under quantization-aware training: full-precision `w` (`[out, in]`) and
+/// clipping factors `f` (`[out, 1]`), both trainable; the layer uses [`fake_quant`]`(w, f)`.
+#[derive(Debug)]
+pub struct FakeQuantWeight {
+    pub w: Tensor,
+    pub f: Tensor,
+    pub spec: UniformSpec,
+}
+
 /// Round with a straight-through gradient: forward `round(x)`, backward identity.
 pub fn round_ste(x: &Tensor) -> Result<Tensor> {
     let r = x.f_round()?.f_sub(x)?.f_detach()?;

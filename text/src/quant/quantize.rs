@@ -225,11 +225,42 @@ pub fn quantize_dir(
     }
     let avg_bpw = qbits / qparams.max(1) as f64;
 
+    let quant = serde_json::json!({
+        "format": FORMAT,
+        "method": opts.method.name(),
+        "plan": match opts.plan {
+            BitPlan::Fixed(b) => format!("{b}-bit"),
+            BitPlan::Mixed { target_bpw } => format!("mixed 2/4-bit, target {target_bpw} bpw"),
+        },
+        "group_rows": super::palette::GROUP_ROWS,
+        "row_scale": opts.row_scale && opts.method == Method::Palette,
+        "avg_bits_per_weight": avg_bpw,
+        "tensors": plan_json,
+    });
+    let file_bytes = write_model_dir(src, dst, &out, quant)?;
+    Ok(QuantizeReport {
+        tensors: reports,
+        dense: dense_names,
+        avg_bpw,
+        quantized_params: qparams,
+        dense_params,
+        file_bytes,
+    })
+}
+
+/// Write a quantized model directory: `tensors` into model.safetensors (with the format tag in
+/// its metadata), the tokenizer and other files of `src` as they are, and `src`'s config.json
+/// with a `"quantization"` entry. Returns the safetensors file's size.
+pub fn write_model_dir(
+    src: &Path,
+    dst: &Path,
+    tensors: &[(String, Tensor)],
+    quantization: serde_json::Value,
+) -> Result<u64> {
     std::fs::create_dir_all(dst).map_err(|e| TextError::io(dst, e))?;
     let st = dst.join("model.safetensors");
     let meta = HashMap::from([("afm.quant.format".to_string(), FORMAT.to_string())]);
-    write_safetensors(&st, &out, Some(meta))?;
-    // Tokenizer and other files as they are; config.json with a "quantization" entry.
+    write_safetensors(&st, tensors, Some(meta))?;
     let skip: Vec<_> = safetensors_files(src)?;
     for entry in std::fs::read_dir(src).map_err(|e| TextError::io(src, e))? {
         let path = entry.map_err(|e| TextError::io(src, e))?.path();
@@ -251,21 +282,7 @@ pub fn quantize_dir(
     let mut cfg: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| TextError::checkpoint(&cfg_path, format!("bad JSON: {e}")))?;
     if let Some(obj) = cfg.as_object_mut() {
-        obj.insert(
-            "quantization".into(),
-            serde_json::json!({
-                "format": FORMAT,
-                "method": opts.method.name(),
-                "plan": match opts.plan {
-                    BitPlan::Fixed(b) => format!("{b}-bit"),
-                    BitPlan::Mixed { target_bpw } => format!("mixed 2/4-bit, target {target_bpw} bpw"),
-                },
-                "group_rows": super::palette::GROUP_ROWS,
-                "row_scale": opts.row_scale && opts.method == Method::Palette,
-                "avg_bits_per_weight": avg_bpw,
-                "tensors": plan_json,
-            }),
-        );
+        obj.insert("quantization".into(), quantization);
     }
     let dst_cfg = dst.join("config.json");
     std::fs::write(
@@ -273,15 +290,7 @@ pub fn quantize_dir(
         serde_json::to_string_pretty(&cfg).unwrap_or_default(),
     )
     .map_err(|e| TextError::io(&dst_cfg, e))?;
-    let file_bytes = std::fs::metadata(&st)
+    Ok(std::fs::metadata(&st)
         .map_err(|e| TextError::io(&st, e))?
-        .len();
-    Ok(QuantizeReport {
-        tensors: reports,
-        dense: dense_names,
-        avg_bpw,
-        quantized_params: qparams,
-        dense_params,
-        file_bytes,
-    })
+        .len())
 }
