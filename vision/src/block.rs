@@ -17,6 +17,8 @@ pub struct Block {
     mlp: Mlp,
     /// Window side in tokens; `None` for a global block.
     pub window: Option<i64>,
+    /// Two-pass register-window attention (see [`crate::register_window`]).
+    two_pass: bool,
 }
 
 impl Block {
@@ -32,6 +34,7 @@ impl Block {
             norm2: nn::layer_norm(&p / "norm2", vec![c], ln),
             mlp: Mlp::new(&p / "mlp", cfg),
             window: cfg.is_window_block(index).then_some(cfg.window_size),
+            two_pass: cfg.register_two_pass,
         }
     }
 
@@ -40,7 +43,7 @@ impl Block {
         let xn = self.norm1.forward(x);
         let rn = regs.map(|r| self.norm1.forward(r));
         let (a, ra) = match self.window {
-            Some(w) => window_attention(&self.attention, &xn, rn.as_ref(), w)?,
+            Some(w) => window_attention(&self.attention, &xn, rn.as_ref(), w, self.two_pass)?,
             None => global_attention(&self.attention, &xn, rn.as_ref())?,
         };
         let x = x.f_add(&a)?;

@@ -18,6 +18,7 @@ pub fn vitdet_l() -> VitConfig {
         window_size: 14,
         global_block_indices: vec![5, 11, 17, 23],
         num_register_tokens: 1,
+        register_two_pass: true,
         layer_norm_eps: 1e-6,
         qkv_bias: true,
         position_cls_slot: true,

@@ -4,8 +4,10 @@
 //! - In a **window block** every window attends over `[registers; its own tokens]` (the same
 //!   register values are prepended to each window); the registers' new value is the mean of
 //!   their per-window outputs. Window tokens see only their window and the registers; the
-//!   registers see every window, so what one window contributes reaches every other window
-//!   through the registers in the next block.
+//!   registers see every window. With `two_pass` (the presets) the windows then attend a second
+//!   time, over `[registers + their gathered update; own tokens]`, so what one window
+//!   contributes reaches every other window within the same block; without it, in the next
+//!   block.
 //! - In a **global block** the registers join the full sequence: `[registers; all tokens]`.
 //!
 //! With `R = 0` both reduce exactly to ViTDet window / global attention.
@@ -23,6 +25,7 @@ pub fn window_attention(
     x: &Tensor,
     regs: Option<&Tensor>,
     window: i64,
+    two_pass: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (windows, lay) = partition(x, window)?; // [B * nW, w², C]
     let Some(r) = regs else {
@@ -35,14 +38,25 @@ pub fn window_attention(
         .f_unsqueeze(1)?
         .f_expand([b, nwin, nr, c], false)?
         .f_reshape([b * nwin, nr, c])?; // [B * nW, R, C]
-    let seq = Tensor::f_cat(&[per_window, windows], 1)?; // [B * nW, R + w², C]
+    let seq = Tensor::f_cat(&[per_window, windows.shallow_clone()], 1)?; // [B * nW, R + w², C]
     let o = attn.forward(&seq)?;
     let l = o.size()[1];
     let reg_out = o
         .f_narrow(1, 0, nr)?
         .f_reshape([b, nwin, nr, c])?
         .f_mean_dim(1, false, None)?; // [B, R, C]
-    let tok_out = o.f_narrow(1, nr, l - nr)?; // [B * nW, w², C]
+    let tok_out = if two_pass {
+        // Pass 2: the windows read the registers after the gather.
+        let gathered = r
+            .f_add(&reg_out)?
+            .f_unsqueeze(1)?
+            .f_expand([b, nwin, nr, c], false)?
+            .f_reshape([b * nwin, nr, c])?;
+        let o2 = attn.forward(&Tensor::f_cat(&[gathered, windows], 1)?)?;
+        o2.f_narrow(1, nr, l - nr)?
+    } else {
+        o.f_narrow(1, nr, l - nr)?
+    }; // [B * nW, w², C]
     Ok((unpartition(&tok_out, &lay)?, Some(reg_out)))
 }
 

@@ -29,6 +29,12 @@ pub struct VitConfig {
     pub global_block_indices: Vec<i64>,
     /// Register tokens `R` (0 turns the register-window scheme off).
     pub num_register_tokens: i64,
+    /// Window blocks in two passes: the registers first gather from every window, then each
+    /// window attends over `[gathered registers; its tokens]`, so one window reaches every other
+    /// window within the same block (the presets). `false`: one pass, windows see the
+    /// registers' input values and cross-window information arrives one block later (cheaper;
+    /// the demo checkpoint was trained so).
+    pub register_two_pass: bool,
     pub layer_norm_eps: f64,
     pub qkv_bias: bool,
     /// The position table has a leading class-token slot (HF `VitDetModel` layout); it is
@@ -144,6 +150,7 @@ impl VitConfig {
             window_size,
             global_block_indices: (0..depth).filter(|i| !windowed.contains(i)).collect(),
             num_register_tokens: 0,
+            register_two_pass: true,
             layer_norm_eps: json
                 .get("layer_norm_eps")
                 .and_then(|v| v.as_f64())

@@ -1,17 +1,20 @@
 //! Acceptance 2: register-window information flow. A tiny encoder of window blocks only (7×7
 //! windows, a 224-px input = 2×2 windows). Perturbing the pixels of window (0, 0):
-//! - registers on: after one window block the registers — which every window carries into the
-//!   next block — change; after the next window block the tokens of the other windows change;
+//! - registers on (two-pass, the presets' default): after one window block the registers and
+//!   the tokens of the other windows change;
+//! - registers on, one pass: after one block the registers change; after the next window block
+//!   the tokens of the other windows change;
 //! - registers off: the other windows' tokens stay bit-identical after any number of blocks.
 
 use afm_vision::{presets, VisionModel, VitConfig};
 use tch::{Device, Kind, Tensor};
 
-fn windows_only(registers: i64) -> VitConfig {
+fn windows_only(registers: i64, two_pass: bool) -> VitConfig {
     VitConfig {
         num_hidden_layers: 2,
         global_block_indices: vec![],
         num_register_tokens: registers,
+        register_two_pass: two_pass,
         ..presets::vitdet_tiny()
     }
 }
@@ -46,18 +49,28 @@ fn effect(cfg: &VitConfig) -> Vec<(f64, Option<f64>)> {
 }
 
 #[test]
-fn registers_carry_information_between_windows() {
-    let on = effect(&windows_only(1));
-    eprintln!("registers on (other windows' tokens, registers) per block: {on:?}");
-    // Block 1: the registers (the cross-window channel) change ...
+fn registers_carry_information_between_windows_within_one_block() {
+    assert!(presets::vitdet_tiny().register_two_pass, "the default");
+    let on = effect(&windows_only(1, true));
+    eprintln!("registers on, two-pass (other windows' tokens, registers) per block: {on:?}");
     assert!(on[0].1.unwrap() > 1e-4, "{on:?}");
+    assert!(on[0].0 > 1e-4, "other windows after one block: {on:?}");
+}
+
+#[test]
+fn one_pass_registers_carry_information_a_block_later() {
+    let on = effect(&windows_only(1, false));
+    eprintln!("registers on (other windows' tokens, registers) per block: {on:?}");
+    // Block 1: the registers (the cross-window channel) change, the other windows not yet ...
+    assert!(on[0].1.unwrap() > 1e-4, "{on:?}");
+    assert_eq!(on[0].0, 0.0, "{on:?}");
     // ... and block 2's window attention brings it into the other windows' tokens.
     assert!(on[1].0 > 1e-4, "{on:?}");
 }
 
 #[test]
 fn without_registers_windows_are_isolated() {
-    let off = effect(&windows_only(0));
+    let off = effect(&windows_only(0, true));
     eprintln!("registers off (other windows' tokens) per block: {off:?}");
     for (tok, reg) in off {
         assert_eq!(tok, 0.0);
