@@ -16,7 +16,7 @@ use afm_vision::{TileMode, TiledImage};
 use crate::caption::{parse_caption, score_pairs, PairScore};
 use crate::error::{FusionError, Result};
 use crate::model::VisionLanguageModel;
-use crate::scene::{generate_scene, SceneConfig, HELDOUT_SEED_BASE};
+use crate::scene::{generate_scene, HELDOUT_SEED_BASE};
 
 /// One scored scene.
 #[derive(Debug, Clone, Serialize)]
@@ -130,7 +130,7 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let t0 = Instant::now();
     let tiler = model.tiler(mode)?;
-    let cfg = SceneConfig::default();
+    let cfg = crate::train_demo::demo_scenes();
     let mut report = EvalReport {
         mode,
         scenes: n,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use afm_fusion::eval_demo::{evaluate, EvalReport};
-use afm_fusion::scene::{generate_scene, SceneConfig, HELDOUT_SEED_BASE};
+use afm_fusion::scene::{generate_scene, HELDOUT_SEED_BASE};
 use afm_fusion::VisionLanguageModel;
 use afm_text::DType;
 use afm_vision::TileMode;
@@ -55,7 +55,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     if let Some(dir) = &a.save_scenes {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let cfg = SceneConfig::default();
+        let cfg = afm_fusion::train_demo::demo_scenes();
         for i in 0..a.save_count as u64 {
             let scene = generate_scene(&cfg, HELDOUT_SEED_BASE + a.seed + i);
             let path = dir.join(format!("scene-{i:02}.png"));

@@ -29,18 +29,18 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Encoder pre-training steps (count/word head, no language model).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 1500)]
     pub stage1_steps: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 24)]
     pub stage1_batch: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1.5e-3)]
     pub stage1_lr: f64,
     /// Alignment steps (caption loss through the frozen text model).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 300)]
     pub stage2_steps: usize,
     #[arg(long, default_value_t = 8)]
     pub stage2_batch: usize,
-    #[arg(long, default_value_t = 4e-4)]
+    #[arg(long, default_value_t = 5e-4)]
     pub stage2_lr: f64,
     /// Save every N stage-2 steps (0: only at the end).
     #[arg(long, default_value_t = 50)]
