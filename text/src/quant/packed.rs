@@ -149,8 +149,51 @@ pub fn gemv(packed: &[u8], table: Table<'_>, bits: u8, cols: usize, x: &[f32], y
         .enumerate()
         .for_each(|(task, ys)| {
             let mut lut16 = [0f32; 16];
-            for (i, yr) in ys.iter_mut().enumerate() {
-                let r = task * ROWS_PER_TASK + i;
+            let r0 = task * ROWS_PER_TASK;
+            // Four rows at a time: four independent load streams and accumulator chains, and
+            // each block of x is loaded once for the four (a single row is latency-bound).
+            #[cfg(target_arch = "x86_64")]
+            let done = if simd {
+                let mut luts = [[0f32; 16]; 4];
+                let mut i = 0;
+                while i + 4 <= ys.len() {
+                    let rows: [&[u8]; 4] =
+                        std::array::from_fn(|j| &packed[(r0 + i + j) * rb..(r0 + i + j + 1) * rb]);
+                    match table {
+                        Table::Lut {
+                            lut,
+                            k,
+                            group_rows,
+                            row_scale,
+                        } => {
+                            for (j, l) in luts.iter_mut().enumerate() {
+                                let g = (r0 + i + j) / group_rows;
+                                l[..k].copy_from_slice(&lut[g * k..(g + 1) * k]);
+                            }
+                            // SAFETY: avx512f was detected; rows and x hold whole blocks.
+                            let v = unsafe { avx512::rows4_lut(rows, &luts, bits, x) };
+                            for j in 0..4 {
+                                ys[i + j] = row_scale.map_or(v[j], |s| v[j] * s[r0 + i + j]);
+                            }
+                        }
+                        Table::Scale { scale, offset } => {
+                            // SAFETY: as above.
+                            let v = unsafe { avx512::rows4_u8(rows, x) };
+                            for j in 0..4 {
+                                ys[i + j] = scale[r0 + i + j] * (v[j] - offset * sum_x);
+                            }
+                        }
+                    }
+                    i += 4;
+                }
+                i
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            for (i, yr) in ys.iter_mut().enumerate().skip(done) {
+                let r = r0 + i;
                 let row = &packed[r * rb..(r + 1) * rb];
                 *yr = match table {
                     Table::Lut {
@@ -262,6 +305,71 @@ mod avx512 {
             }
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// [`row_lut`] for four rows at once.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows4_lut(
+        rows: [&[u8]; 4],
+        luts: &[[f32; 16]; 4],
+        bits: u8,
+        x: &[f32],
+    ) -> [f32; 4] {
+        let per = 8 / bits as usize;
+        let t: [__m512; 4] = std::array::from_fn(|j| _mm512_loadu_ps(luts[j].as_ptr()));
+        let mask = _mm512_set1_epi32((1i32 << bits) - 1);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let nblk = rows[0].len() / 16;
+        let xp = x.as_ptr();
+        for b in 0..nblk {
+            let xb = xp.add(b * 16 * per);
+            if bits == 4 {
+                let x0 = _mm512_loadu_ps(xb);
+                let x1 = _mm512_loadu_ps(xb.add(16));
+                for j in 0..4 {
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        rows[j].as_ptr().add(b * 16) as *const __m128i
+                    ));
+                    let lo = _mm512_and_si512(v, mask);
+                    let hi = _mm512_srli_epi32::<4>(v);
+                    acc[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lo, t[j]), x0, acc[j]);
+                    acc[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(hi, t[j]), x1, acc[j]);
+                }
+            } else {
+                let xs: [__m512; 4] = std::array::from_fn(|q| _mm512_loadu_ps(xb.add(16 * q)));
+                for j in 0..4 {
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        rows[j].as_ptr().add(b * 16) as *const __m128i
+                    ));
+                    let c0 = _mm512_and_si512(v, mask);
+                    let c1 = _mm512_and_si512(_mm512_srli_epi32::<2>(v), mask);
+                    let c2 = _mm512_and_si512(_mm512_srli_epi32::<4>(v), mask);
+                    let c3 = _mm512_srli_epi32::<6>(v);
+                    acc[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(c0, t[j]), xs[0], acc[j]);
+                    acc[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(c1, t[j]), xs[1], acc[j]);
+                    acc[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(c2, t[j]), xs[2], acc[j]);
+                    acc[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(c3, t[j]), xs[3], acc[j]);
+                }
+            }
+        }
+        std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]))
+    }
+
+    /// [`row_u8`] for four rows at once.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows4_u8(rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let nblk = rows[0].len() / 16;
+        for b in 0..nblk {
+            let xb = _mm512_loadu_ps(x.as_ptr().add(b * 16));
+            for j in 0..4 {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    rows[j].as_ptr().add(b * 16) as *const __m128i
+                ));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xb, acc[j]);
+            }
+        }
+        std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]))
     }
 
     /// Σ code·x over one row of 8-bit codes.
