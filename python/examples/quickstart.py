@@ -86,5 +86,31 @@ if fixture.exists():
 # %% [markdown]
 # ## Vision-language model
 #
-# `model.describe(image)` and `model.encode_image(image)` need a vision-language checkpoint;
-# with a text model they raise NotImplementedError.
+# A VLM checkpoint is a directory whose config.json has `vision` and `adapter` sections
+# (`make setup` trains the demo one into assets/models/afm-vl-demo). Without it, write an
+# untrained one of the same architecture: its descriptions are noise, but every call works.
+
+# %%
+import tempfile  # noqa: E402
+
+demo = ROOT / "assets" / "models" / "afm-vl-demo"
+if not (demo / "vision_adapter.safetensors").exists():
+    demo = afm_vl.init_vlm(pathlib.Path(tempfile.mkdtemp()) / "untrained-vlm", seed=0)
+vlm = afm_vl.load(demo, device="cpu", dtype="fp32")
+image = IMAGES / "chart.png"
+print(vlm.describe(image, mode="balanced", max_tokens=32))
+tokens = vlm.encode_image(image, mode="high-res")  # [tiles × tokens_per_tile, hidden], fp32
+print(tuple(tokens.shape), tokens.dtype)
+
+# %% Visual tokens are plain torch tensors: e.g. their similarity to the word embeddings
+with torch.no_grad():
+    sims = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(
+        tokens.mean(0, keepdim=True), dim=-1
+    ).T
+print("mean cosine to the average visual token:", sims.mean().item())
+
+# On a text model, describe/encode_image raise ValueError.
+try:
+    model.describe(image)
+except ValueError as e:
+    print("ValueError:", e)

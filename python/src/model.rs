@@ -84,7 +84,8 @@ impl Inner {
             Engine::Vlm(v) => Ok(v),
             Engine::Text(t) => Err(PyValueError::new_err(format!(
                 "{} is a text model: describe and encode_image need a vision-language \
-                 checkpoint (a directory whose config.json has a \"vision\" section)",
+                 checkpoint (a directory whose config.json has \"vision\" and \"adapter\" \
+                 sections)",
                 t.source.display()
             ))),
         }
