@@ -301,3 +301,31 @@ fn qat_trains_and_exports_a_packed_model() {
     };
     assert!(nll(&m) < nll(&rtn), "qat {} vs rtn {}", nll(&m), nll(&rtn));
 }
+
+#[test]
+fn int8_kv_cache_tracks_the_full_precision_cache() {
+    use afm_text::kv_cache::{CacheKind, KvCache};
+    let full = TextModel::from_preset("tiny-dense", 3, Device::Cpu, DType::F32).unwrap();
+    let n_layers = full.config().num_hidden_layers;
+    let run = |bits: u8| {
+        let mut cache =
+            KvCache::with_kinds_bits(&vec![CacheKind::Normal; n_layers], 1, Device::Cpu, bits);
+        let d = &full.decoder;
+        let mut out = vec![d
+            .forward(&ids().narrow(1, 0, 8), None, &mut cache, Logits::Last)
+            .unwrap()];
+        for j in 8..12 {
+            out.push(
+                d.forward(&ids().narrow(1, j, 1), None, &mut cache, Logits::Last)
+                    .unwrap(),
+            );
+        }
+        (Tensor::cat(&out, 1), cache.allocated_bytes())
+    };
+    let (a, bytes16) = run(16);
+    let (b, bytes8) = run(8);
+    let e = rel_diff(&b, &a);
+    assert!(e < 0.02, "int8 KV changes the logits by {e}");
+    // fp32 K/V here: int8 codes plus an fp32 scale per head and token (head_dim 16).
+    assert_eq!(bytes8 * 4 * 16, bytes16 * (16 + 4));
+}
