@@ -343,9 +343,19 @@ pub fn format_caption(pairs: &[(Colour, Shape, u32)], word: Option<&str>) -> Str
 
 /// SplitMix64: small, fast, good enough for scene sampling.
 #[derive(Clone, Debug)]
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// Starts from `state` as is (no decorrelating first draw).
+    pub(crate) fn from_state(state: u64) -> Self {
+        SplitMix64(state)
+    }
+
+    /// Uniform in [0, 1) with 53 bits.
+    pub(crate) fn f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     fn new(seed: u64) -> Self {
         let mut r = SplitMix64(seed);
         // Decorrelate nearby seeds before the first draw.

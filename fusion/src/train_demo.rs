@@ -26,7 +26,7 @@ use crate::adapter::AdapterConfig;
 use crate::config::{ImageLoraConfig, ImageTokenConfig, VlmConfig};
 use crate::error::{FusionError, Result};
 use crate::model::VisionLanguageModel;
-use crate::scene::{generate_scene, SceneConfig, NUM_PAIR_CLASSES, WORDS};
+use crate::scene::{generate_scene, SceneConfig, SplitMix64, NUM_PAIR_CLASSES, WORDS};
 
 /// The demo architecture around a text model: a 4-block register-window ViT (width 128, patch
 /// 8, 4×4-token windows, global blocks 1 and 3, one register), tiles of 128 px (96 px in rapid
@@ -141,21 +141,6 @@ pub struct TrainEvent {
     pub mode: Option<TileMode>,
     /// Held-out greedy captions scored (F1 of colour+shape pairs), when evaluated this step.
     pub eval_f1: Option<f64>,
-}
-
-/// A small deterministic PRNG for mode choices (SplitMix64).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 fn lr_at(step: usize, steps: usize, warmup: usize, peak: f64) -> f64 {
@@ -412,12 +397,12 @@ fn stage2(
         ..Default::default()
     };
     let mut opt = adamw.build(&model.vs, cfg.stage2_lr)?;
-    let mut rng = Rng(cfg.seed ^ 0x5EED_0002);
+    let mut rng = SplitMix64::from_state(cfg.seed ^ 0x5EED_0002); // mode choices
     let wsum: f64 = cfg.mode_weights.iter().sum();
     let t0 = Instant::now();
     for step in 0..cfg.stage2_steps {
         opt.set_lr(lr_at(step, cfg.stage2_steps, cfg.warmup, cfg.stage2_lr));
-        let mut r = rng.unit() * wsum;
+        let mut r = rng.f64() * wsum;
         let mut mi = 0;
         while mi + 1 < layouts.len() && r >= cfg.mode_weights[mi] {
             r -= cfg.mode_weights[mi];

@@ -49,18 +49,7 @@ pub struct Args {
 /// The default checkpoint: `$AFM_VL_VLM`, else `assets/models/afm-vl-demo` next to the repository
 /// this binary was built in, else relative to the working directory.
 pub fn default_vlm_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("AFM_VL_VLM") {
-        return PathBuf::from(p);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1) {
-            let cand = dir.join(DEFAULT_VLM_REL);
-            if cand.join("config.json").exists() {
-                return cand;
-            }
-        }
-    }
-    PathBuf::from(DEFAULT_VLM_REL)
+    super::find_default_dir("AFM_VL_VLM", DEFAULT_VLM_REL)
 }
 
 /// Files named by the arguments, in order; an argument that names nothing is an error entry.

@@ -56,18 +56,24 @@ pub const DEFAULT_MODEL_REL: &str = "assets/models/smollm2-135m-instruct";
 /// repository this binary was built in (found from the executable's path), else relative to
 /// the working directory.
 pub fn default_model_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("AFM_VL_MODEL") {
+    find_default_dir("AFM_VL_MODEL", DEFAULT_MODEL_REL)
+}
+
+/// `$env`, else `rel` under the nearest ancestor of the executable that has `rel/config.json`,
+/// else `rel` relative to the working directory.
+pub fn find_default_dir(env: &str, rel: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1) {
-            let cand = dir.join(DEFAULT_MODEL_REL);
+            let cand = dir.join(rel);
             if cand.join("config.json").exists() {
                 return cand;
             }
         }
     }
-    PathBuf::from(DEFAULT_MODEL_REL)
+    PathBuf::from(rel)
 }
 
 /// How a command picks its text model.
