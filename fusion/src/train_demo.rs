@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
+use tch::{nn, nn::Module, nn::OptimizerConfig, Kind, Reduction, Tensor};
 
 use afm_text::TextModel;
 use afm_vision::{TileMode, Tiler, TilerConfig, VitConfig};
@@ -498,9 +498,7 @@ pub fn train_demo(
     cfg: &DemoTrainConfig,
     on_event: &mut dyn FnMut(&TrainEvent),
 ) -> Result<()> {
-    if model.device() != Device::Cpu {
-        tracing::info!("training on {:?}", model.device());
-    }
+    tracing::info!("training on {:?}", model.device());
     stage1(model, cfg, on_event)?;
     stage2(model, cfg, on_event)?;
     model.save(&cfg.out)

@@ -3,7 +3,7 @@
 //! text model), then the trained demo checkpoint: text-only prompts answer exactly as the text
 //! model alone, the image changes the description, held-out scenes are described correctly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 use afm_fusion::caption::{parse_caption, score_pairs, PairScore};
@@ -299,5 +299,4 @@ fn caption_scoring_against_generated_truth() {
         assert_eq!(sc.fp + sc.fn_, 0);
         assert_eq!(sc.exact_count_hits, sc.truth_pairs);
     }
-    let _ = Path::new("");
 }
