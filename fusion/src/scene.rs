@@ -245,6 +245,19 @@ pub struct SceneObject {
     pub cy: f32,
     /// Circle radius / square half-side / comparable scale for triangles and stars, in pixels.
     pub size: f32,
+    /// Rotation of the drawn shape, in radians (0 for circles).
+    pub angle: f32,
+}
+
+impl SceneObject {
+    /// Whether the point (x, y), in source pixels, lies inside the drawn shape.
+    pub fn contains(&self, x: f32, y: f32) -> bool {
+        let ext = self.shape.extent() * self.size;
+        if (x - self.cx).abs() > ext || (y - self.cy).abs() > ext {
+            return false;
+        }
+        Geom::new(self.shape, self.cx, self.cy, self.size, self.angle).inside(x, y)
+    }
 }
 
 /// A generated scene: the image and the truth it was drawn from.
@@ -750,6 +763,7 @@ pub fn generate_scene(cfg: &SceneConfig, seed: u64) -> Scene {
                     cx,
                     cy,
                     size,
+                    angle: 0.0,
                 });
                 break;
             }
@@ -757,7 +771,7 @@ pub fn generate_scene(cfg: &SceneConfig, seed: u64) -> Scene {
     }
 
     // Draw the objects.
-    for o in &objects {
+    for o in &mut objects {
         let angle = match o.shape {
             Shape::Circle => 0.0,
             Shape::Square => rng.range_f32(-10.0, 10.0),
@@ -765,6 +779,7 @@ pub fn generate_scene(cfg: &SceneConfig, seed: u64) -> Scene {
             Shape::Star => rng.range_f32(-12.0, 12.0),
         }
         .to_radians();
+        o.angle = angle;
         let base = o.colour.rgb();
         let rgb = base.map(|c| (c as f32 + rng.range_f32(-12.0, 12.0)).clamp(0.0, 255.0));
         let geom = Geom::new(o.shape, o.cx, o.cy, o.size, angle);
@@ -887,6 +902,7 @@ mod tests {
             cx: 0.0,
             cy: 0.0,
             size: 1.0,
+            angle: 0.0,
         };
         let scene = Scene {
             image: image::RgbImage::new(1, 1),
@@ -1055,5 +1071,42 @@ mod tests {
             assert_eq!(v["caption"], caption.as_str());
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn contains_matches_the_drawn_pixels() {
+        // Pixels the geometry calls inside carry the object's colour (within the drawing's
+        // colour jitter and noise); points beyond the extent are outside.
+        let cfg = SceneConfig::default();
+        for seed in 0..12 {
+            let scene = generate_scene(&cfg, seed);
+            for o in &scene.objects {
+                assert!(o.contains(o.cx, o.cy), "seed {seed}: centre of {o:?}");
+                let ext = o.shape.extent() * o.size;
+                assert!(!o.contains(o.cx + ext + 1.0, o.cy));
+                let rgb = o.colour.rgb();
+                let (mut inside, mut close) = (0, 0);
+                let (x0, x1) = ((o.cx - ext) as u32, (o.cx + ext) as u32);
+                let (y0, y1) = ((o.cy - ext) as u32, (o.cy + ext) as u32);
+                for y in y0..y1.min(scene.image.height()) {
+                    for x in x0..x1.min(scene.image.width()) {
+                        if o.contains(x as f32 + 0.5, y as f32 + 0.5) {
+                            inside += 1;
+                            let p = scene.image.get_pixel(x, y).0;
+                            let d = (0..3)
+                                .map(|c| (i32::from(p[c]) - i32::from(rgb[c])).abs())
+                                .max()
+                                .unwrap_or(0);
+                            close += usize::from(d <= 40);
+                        }
+                    }
+                }
+                assert!(inside > 20, "seed {seed}: {inside} pixels inside {o:?}");
+                assert!(
+                    close as f64 >= 0.9 * inside as f64,
+                    "seed {seed}: {close}/{inside} pixels of {o:?} have its colour"
+                );
+            }
+        }
     }
 }

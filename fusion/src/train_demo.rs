@@ -3,13 +3,17 @@
 //!
 //! Two stages, both with tch autograd and AdamW, reproducible from one seed (scenes, mode
 //! choices and initialisation all derive from it):
-//! 1. **Encoder pre-training** (cheap, no language model): the encoder's mean token and global
-//!    register feed a linear head that predicts, for each of the 24 (colour, shape) pairs, its
-//!    count (0–3), and the written word. This stands in for the contrastive pre-training a real
-//!    encoder gets, so that stage 2 starts from features that already separate the scenes.
+//! 1. **Encoder pre-training** (cheap, no language model): a dense head reads the (colour,
+//!    shape) class under every patch from the encoder's tokens (exact shape geometry), and a tile
+//!    head reads, from the register and mean tokens, each pair's count (0–3, objects whose
+//!    centre the tile shows) and the written word. Steps cycle through rapid, balanced and
+//!    high-res tiles. This stands in for the contrastive pre-training a real encoder gets, so
+//!    that stage 2 starts from features that already separate the scenes.
 //! 2. **Alignment**: encoder + adapter learn to produce visual tokens from which the frozen text
 //!    model, through its chat template, writes the caption (cross-entropy on the caption tokens
-//!    and the end-of-turn token). Tiles come from the checkpoint's own tiler in all three modes.
+//!    and the end-of-turn token), plus the tile head's loss read from the adapter's register
+//!    token (so the adapter keeps the tile summary). Tiles come from the checkpoint's own tiler
+//!    in all three modes.
 //!    The system-prompt prefix before the image is the same for every example: its KV cache is
 //!    computed once and forked for each batch.
 
@@ -20,7 +24,7 @@ use serde::Serialize;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Kind, Reduction, Tensor};
 
 use afm_text::TextModel;
-use afm_vision::{TileMode, Tiler, TilerConfig, VitConfig};
+use afm_vision::{TileKind, TileMeta, TileMode, Tiler, TilerConfig, VitConfig};
 
 use crate::adapter::AdapterConfig;
 use crate::config::{ImageLoraConfig, ImageTokenConfig, VlmConfig};
@@ -29,9 +33,9 @@ use crate::model::VisionLanguageModel;
 use crate::scene::{generate_scene, SceneConfig, SplitMix64, NUM_PAIR_CLASSES, WORDS};
 
 /// The demo architecture around a text model: a 4-block register-window ViT (width 128, patch
-/// 8, 4×4-token windows, global blocks 1 and 3, one register), tiles of 128 px (96 px in rapid
-/// mode), an adapter pooling to 3×3 = 9 tokens per tile, and a rank-8 image LoRA on the text
-/// model's attention projections.
+/// 8 after a two-layer convolutional stem, 4×4-token windows, global blocks 1 and 3, one register), tiles of 128 px (96 px in rapid
+/// mode), an adapter pooling to 3×3 = 9 tokens per tile plus the projected register (10 tokens
+/// per tile), and a rank-8 image LoRA on the text model's attention and MLP projections.
 pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
     let emb_rms = match text.decoder.embed.weight() {
         Some(w) => w
@@ -47,7 +51,7 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
         num_hidden_layers: 4,
         num_attention_heads: 4,
         intermediate_size: 512,
-        patch_size: 8,
+        patch_size: 16,
         num_channels: 3,
         pretrain_image_size: 128,
         image_size: 128,
@@ -59,6 +63,9 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
         qkv_bias: true,
         position_cls_slot: false,
         final_layer_norm: true,
+        // Four stride-2 convolutions: each token sees ~31 px, most of an object, so shape is
+        // nearly a local feature (a plain ViT learnt colours here but hardly any shapes).
+        conv_stem: vec![32, 64, 96, 128],
     };
     Ok(VlmConfig {
         model_type: "afm-vl".into(),
@@ -66,7 +73,7 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
         adapter: AdapterConfig {
             text_hidden_size: text.config().hidden_size as i64,
             pool: 3,
-            keep_registers: false,
+            keep_registers: true,
             output_norm: true,
             output_norm_init: emb_rms,
         },
@@ -78,7 +85,21 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
             ..TilerConfig::default()
         },
         image_token: ImageTokenConfig::default(),
-        image_lora: Some(ImageLoraConfig::default()),
+        // LoRA on the MLPs too: the frozen model has to turn a few visual tokens into words.
+        image_lora: Some(ImageLoraConfig {
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..ImageLoraConfig::default()
+        }),
         text_model: text_model.into(),
         default_prompt: "Describe the image.".into(),
         notes: "afm-vl demo checkpoint: trained only on generated scenes of coloured shapes \
@@ -112,10 +133,10 @@ impl Default for DemoTrainConfig {
     fn default() -> Self {
         Self {
             seed: 0,
-            stage1_steps: 1500,
+            stage1_steps: 4000,
             stage1_batch: 24,
             stage1_lr: 1.5e-3,
-            stage2_steps: 300,
+            stage2_steps: 600,
             stage2_batch: 8,
             stage2_lr: 5e-4,
             mode_weights: [0.3, 0.3, 0.4],
@@ -135,8 +156,12 @@ pub struct TrainEvent {
     pub step: usize,
     pub steps: usize,
     pub loss: f64,
-    /// Stage 1: accuracy of the count head; stage 2: token accuracy on the captions.
+    /// Stage 1: tiles whose 24 (colour, shape) counts the tile head gets all right; stage 2:
+    /// token accuracy on the captions.
     pub accuracy: f64,
+    /// Stage 1: shape accuracy of the dense head on patches that show an object; stage 2: tiles whose
+    /// counts the read-out of the adapter's register token gets all right.
+    pub aux_accuracy: Option<f64>,
     pub elapsed_s: f64,
     pub mode: Option<TileMode>,
     /// Held-out greedy captions scored (F1 of colour+shape pairs), when evaluated this step.
@@ -162,23 +187,198 @@ fn scene_seed(run: u64, stage: u64, step: usize, i: usize) -> u64 {
     s % crate::scene::HELDOUT_SEED_BASE
 }
 
-/// Tiles of `n` scenes: `[n × tiles, 3, S, S]`, plus the scenes.
-fn scene_batch(
-    tiler: &Tiler,
-    seeds: impl Iterator<Item = u64>,
-) -> Result<(Tensor, Vec<crate::scene::Scene>)> {
+/// Generated scenes tiled for training.
+struct SceneBatch {
+    /// `[n_tiles, 3, S, S]`, scene after scene, each scene's tiles in tiler order.
+    pixels: Tensor,
+    scenes: Vec<crate::scene::Scene>,
+    /// Each tile's scene index and metadata, in the order of `pixels`.
+    tiles: Vec<(usize, TileMeta)>,
+}
+
+/// Tiles of the scenes drawn from `seeds`.
+fn scene_batch(tiler: &Tiler, seeds: impl Iterator<Item = u64>) -> Result<SceneBatch> {
     let cfg = demo_scenes();
     let mut pixels = Vec::new();
     let mut scenes = Vec::new();
+    let mut tiles = Vec::new();
     for seed in seeds {
         let scene = generate_scene(&cfg, seed);
-        pixels.push(tiler.tile_image(&scene.image)?.to_tensor()?);
+        let tiled = tiler.tile_image(&scene.image)?;
+        pixels.push(tiled.to_tensor()?);
+        tiles.extend(tiled.tiles.iter().map(|m| (scenes.len(), *m)));
         scenes.push(scene);
     }
-    Ok((Tensor::f_cat(&pixels, 0)?, scenes))
+    Ok(SceneBatch {
+        pixels: Tensor::f_cat(&pixels, 0)?,
+        scenes,
+        tiles,
+    })
 }
 
-/// Stage 1: encoder pre-training with a count / word head (not saved).
+/// What each tile of a batch shows, for the auxiliary heads.
+struct TileTargets {
+    /// Per patch of the `gh × gw` grid (row-major, tile after tile): `pair_class + 1` of the
+    /// object under the patch centre, 0 for background and padding (empty without a grid).
+    dense: Vec<i64>,
+    /// Per patch, like `dense`: `pair_class + 1` of an object whose centre lies in the patch,
+    /// else 0 (what counting is built from).
+    centres: Vec<i64>,
+    /// Per tile, [`NUM_PAIR_CLASSES`] counts (capped at 3) of the objects whose centre lies in
+    /// the part of the image the tile shows.
+    counts: Vec<i64>,
+    /// Per tile: the word index ([`Scene::word_index`]) for tiles of the whole image, -100
+    /// (ignored) for crops, which may cut the word.
+    words: Vec<i64>,
+}
+
+/// Targets of every tile of `batch`; dense ones only when the encoder's token `grid` is given.
+fn tile_targets(batch: &SceneBatch, grid: Option<(i64, i64)>) -> TileTargets {
+    let n = batch.tiles.len();
+    let (gh, gw) = grid.unwrap_or((0, 0));
+    let mut t = TileTargets {
+        dense: Vec::with_capacity(n * (gh * gw) as usize),
+        centres: Vec::with_capacity(n * (gh * gw) as usize),
+        counts: Vec::with_capacity(n * NUM_PAIR_CLASSES),
+        words: Vec::with_capacity(n),
+    };
+    for (si, meta) in &batch.tiles {
+        let scene = &batch.scenes[*si];
+        let [c0, c1, c2, c3] = meta.content_box.map(|v| v as f32);
+        let [s0, s1, s2, s3] = meta.source_box;
+        let (sx, sy) = (
+            (s2 - s0) / (c2 - c0).max(1.0),
+            (s3 - s1) / (c3 - c1).max(1.0),
+        );
+        let side = meta.size as f32;
+        for i in 0..gh {
+            for j in 0..gw {
+                let v = (i as f32 + 0.5) * side / gh as f32;
+                let u = (j as f32 + 0.5) * side / gw as f32;
+                let label = if u >= c0 && u < c2 && v >= c1 && v < c3 {
+                    let (x, y) = (s0 + (u - c0) * sx, s1 + (v - c1) * sy);
+                    scene
+                        .objects
+                        .iter()
+                        .find(|o| o.contains(x, y))
+                        .map_or(0, |o| {
+                            crate::scene::pair_class(o.colour, o.shape) as i64 + 1
+                        })
+                } else {
+                    0
+                };
+                t.dense.push(label);
+            }
+        }
+        if gh > 0 && gw > 0 {
+            let start = t.centres.len();
+            t.centres.resize(start + (gh * gw) as usize, 0);
+            for o in &scene.objects {
+                // The object's centre in tile pixels, then its patch.
+                let u = c0 + (o.cx - s0) / sx;
+                let v = c1 + (o.cy - s1) / sy;
+                if u >= c0 && u < c2 && v >= c1 && v < c3 {
+                    let j = ((u / side * gw as f32) as i64).clamp(0, gw - 1);
+                    let i = ((v / side * gh as f32) as i64).clamp(0, gh - 1);
+                    t.centres[start + (i * gw + j) as usize] =
+                        crate::scene::pair_class(o.colour, o.shape) as i64 + 1;
+                }
+            }
+        }
+        let mut counts = [0i64; NUM_PAIR_CLASSES];
+        for o in &scene.objects {
+            if o.cx >= s0 && o.cx < s2 && o.cy >= s1 && o.cy < s3 {
+                counts[crate::scene::pair_class(o.colour, o.shape)] += 1;
+            }
+        }
+        t.counts.extend(counts.map(|c| c.min(3)));
+        t.words.push(match meta.kind {
+            TileKind::Crop { .. } => -100,
+            TileKind::Whole | TileKind::Thumbnail => scene.word_index(),
+        });
+    }
+    t
+}
+
+/// A linear read-out of one tile-level feature: per (colour, shape) count logits (0–3) and
+/// word logits.
+struct TileHead {
+    linear: nn::Linear,
+}
+
+/// Losses and accuracies of a [`TileHead`] on a batch.
+struct TileHeadOut {
+    counts_loss: Tensor,
+    words_loss: Tensor,
+    /// Tiles whose 24 counts are all right.
+    exact: f64,
+}
+
+impl TileHead {
+    const WORD_CLASSES: i64 = WORDS.len() as i64 + 1;
+
+    fn new(p: nn::Path, width: i64) -> Self {
+        let out = NUM_PAIR_CLASSES as i64 * 4 + Self::WORD_CLASSES;
+        Self {
+            linear: nn::linear(p, width, out, Default::default()),
+        }
+    }
+
+    /// `feature`: `[tiles, width]`.
+    fn forward(&self, feature: &Tensor, t: &TileTargets) -> Result<TileHeadOut> {
+        let device = feature.device();
+        let n = feature.size()[0];
+        let k = NUM_PAIR_CLASSES as i64;
+        let logits = self.linear.forward(feature).f_to_kind(Kind::Float)?;
+        let count_logits = logits.f_narrow(1, 0, k * 4)?.f_reshape([n * k, 4])?;
+        let word_logits = logits.f_narrow(1, k * 4, Self::WORD_CLASSES)?;
+        let counts = Tensor::f_from_slice(&t.counts)?.f_to_device(device)?;
+        let words = Tensor::f_from_slice(&t.words)?.f_to_device(device)?;
+        let counts_loss = count_logits.f_cross_entropy_loss::<Tensor>(
+            &counts,
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        )?;
+        let words_loss = if t.words.iter().any(|&w| w >= 0) {
+            word_logits.f_cross_entropy_loss::<Tensor>(&words, None, Reduction::Mean, -100, 0.0)?
+        } else {
+            Tensor::f_zeros([], (Kind::Float, device))?
+        };
+        let exact = tch::no_grad(|| -> Result<f64> {
+            Ok(count_logits
+                .f_argmax(1, false)?
+                .f_eq_tensor(&counts)?
+                .f_reshape([n, k])?
+                .f_all_dim(1, false)?
+                .f_to_kind(Kind::Float)?
+                .f_mean(Kind::Float)?
+                .double_value(&[]))
+        })?;
+        Ok(TileHeadOut {
+            counts_loss,
+            words_loss,
+            exact,
+        })
+    }
+}
+
+/// The tile-level feature of the encoder: its (first) register token next to the mean token,
+/// `[tiles, 2·C]`.
+fn encoder_tile_feature(out: &afm_vision::EncoderOutput) -> Result<Tensor> {
+    let mean = out.tokens.f_mean_dim(1, false, Kind::Float)?; // [T, C]
+    let reg = match &out.registers {
+        Some(r) => r.f_select(1, 0)?,
+        None => mean.shallow_clone(),
+    };
+    Ok(Tensor::f_cat(&[reg, mean], 1)?)
+}
+
+/// Stage 1: encoder pre-training with dense (per-patch class) and tile (counts, word) heads;
+/// the heads are not saved. Steps cycle through rapid, balanced and high-res tiles, so the
+/// encoder sees objects at all three scales; high-res steps draw a quarter of the scenes (five
+/// tiles each).
 fn stage1(
     model: &VisionLanguageModel,
     cfg: &DemoTrainConfig,
@@ -187,135 +387,116 @@ fn stage1(
     let device = model.device();
     let width = model.config.vision.hidden_size;
     let head_vs = nn::VarStore::new(device);
-    let n_words = WORDS.len() as i64 + 1;
-    let head = nn::linear(
-        head_vs.root() / "head",
-        2 * width,
-        NUM_PAIR_CLASSES as i64 * 4 + n_words,
-        Default::default(),
-    );
-    // Dense head: which (colour, shape) covers each patch (0 = background).
-    let dense = nn::linear(
-        head_vs.root() / "dense",
+    let tile_head = TileHead::new(head_vs.root() / "tile", 2 * width);
+    // Dense heads, factorised so that shape is not drowned by the background: colour (or
+    // background) on every patch, shape on object patches only, and object centres (class or
+    // none, background down-weighted).
+    let dense = nn::linear(head_vs.root() / "dense", width, 7 + 4, Default::default());
+    let centre = nn::linear(
+        head_vs.root() / "centre",
         width,
         NUM_PAIR_CLASSES as i64 + 1,
         Default::default(),
     );
+    let mut centre_weights = vec![1.0f32; NUM_PAIR_CLASSES + 1];
+    centre_weights[0] = 0.1;
+    let centre_weights = Tensor::f_from_slice(&centre_weights)?.f_to_device(device)?;
     let adamw = nn::AdamW {
         wd: cfg.weight_decay,
         ..Default::default()
     };
     let mut opt = adamw.build(&model.vs, cfg.stage1_lr)?;
     let mut head_opt = adamw.build(&head_vs, cfg.stage1_lr)?;
-    let tilers = [
-        model.tiler(TileMode::Rapid)?,
-        model.tiler(TileMode::Balanced)?,
-    ];
+    let modes = [TileMode::Rapid, TileMode::Balanced, TileMode::HighRes];
+    let tilers = modes
+        .iter()
+        .map(|&m| model.tiler(m))
+        .collect::<Result<Vec<_>>>()?;
     let t0 = Instant::now();
     for step in 0..cfg.stage1_steps {
         let lr = lr_at(step, cfg.stage1_steps, cfg.warmup, cfg.stage1_lr);
         opt.set_lr(lr);
         head_opt.set_lr(lr);
-        let tiler = &tilers[step % 2];
-        let seeds = (0..cfg.stage1_batch).map(|i| scene_seed(cfg.seed, 1, step, i));
-        let (pixels, scenes) = scene_batch(tiler, seeds)?;
-        let out = model.encoder.forward(&pixels.f_to_device(device)?)?;
-        let mean = out.tokens.f_mean_dim(1, false, Kind::Float)?; // [B, C]
-        let reg = match &out.registers {
-            Some(r) => r.f_mean_dim(1, false, Kind::Float)?,
-            None => mean.shallow_clone(),
+        let m = step % modes.len();
+        let n = if modes[m] == TileMode::HighRes {
+            (cfg.stage1_batch / 4).max(1)
+        } else {
+            cfg.stage1_batch
         };
-        let logits = head.forward(&Tensor::f_cat(&[mean, reg], 1)?); // [B, 24·4 + words]
-        let b = scenes.len() as i64;
-        let counts: Vec<i64> = scenes
-            .iter()
-            .flat_map(|s| s.count_targets().into_iter().map(|c| c.min(3)))
-            .collect();
-        let words: Vec<i64> = scenes.iter().map(|s| s.word_index()).collect();
-        let counts = Tensor::f_from_slice(&counts)?.f_to_device(device)?;
-        let words = Tensor::f_from_slice(&words)?.f_to_device(device)?;
-        let pair_logits = logits
-            .f_narrow(1, 0, NUM_PAIR_CLASSES as i64 * 4)?
-            .f_reshape([b * NUM_PAIR_CLASSES as i64, 4])?;
-        let word_logits = logits.f_narrow(1, NUM_PAIR_CLASSES as i64 * 4, n_words)?;
+        let seeds = (0..n).map(|i| scene_seed(cfg.seed, 1, step, i));
+        let batch = scene_batch(&tilers[m], seeds)?;
+        let out = model.encoder.forward(&batch.pixels.f_to_device(device)?)?;
         let (gh, gw) = out.grid;
-        let labels = Tensor::f_from_slice(&patch_labels(&scenes, gh, gw))?.f_to_device(device)?;
-        let dense_logits = dense
-            .forward(&out.tokens) // [B, gh·gw, 25]
-            .f_reshape([-1, NUM_PAIR_CLASSES as i64 + 1])?;
-        let loss = pair_logits
-            .f_cross_entropy_loss::<Tensor>(&counts, None, Reduction::Mean, -100, 0.0)?
+        let targets = tile_targets(&batch, Some((gh, gw)));
+        let tile = tile_head.forward(&encoder_tile_feature(&out)?, &targets)?;
+        let labels = Tensor::f_from_slice(&targets.dense)?.f_to_device(device)?;
+        let on = labels.f_gt(0)?;
+        let colours = labels
+            .f_sub_scalar(1)?
+            .f_remainder(6)?
+            .f_add_scalar(1)?
+            .f_mul(&on)?; // 0 background, 1–6 colours
+        let ignore = Tensor::f_full_like(&labels, -100)?;
+        let shapes = labels
+            .f_sub_scalar(1)?
+            .f_floor_divide_scalar(6)?
+            .f_where_self(&on, &ignore)?;
+        let d = dense.forward(&out.tokens).f_reshape([-1, 11])?; // [T·gh·gw, 7 + 4]
+        let shape_logits = d.f_narrow(1, 7, 4)?;
+        let colour_loss = d.f_narrow(1, 0, 7)?.f_cross_entropy_loss::<Tensor>(
+            &colours,
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        )?;
+        let shape_loss = shape_logits.f_cross_entropy_loss::<Tensor>(
+            &shapes,
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        )?;
+        let centres = Tensor::f_from_slice(&targets.centres)?.f_to_device(device)?;
+        let centre_loss = centre
+            .forward(&out.tokens)
+            .f_reshape([-1, NUM_PAIR_CLASSES as i64 + 1])?
+            .f_cross_entropy_loss(&centres, Some(&centre_weights), Reduction::Mean, -100, 0.0)?;
+        let loss = tile
+            .counts_loss
             .f_mul_scalar(4.0)?
-            .f_add(&dense_logits.f_cross_entropy_loss::<Tensor>(
-                &labels,
-                None,
-                Reduction::Mean,
-                -100,
-                0.0,
-            )?)?
-            .f_add(&word_logits.f_cross_entropy_loss::<Tensor>(
-                &words,
-                None,
-                Reduction::Mean,
-                -100,
-                0.0,
-            )?)?;
+            .f_add(&colour_loss)?
+            .f_add(&shape_loss)?
+            .f_add(&centre_loss)?
+            .f_add(&tile.words_loss.f_mul_scalar(0.5)?)?;
         opt.zero_grad();
         head_opt.zero_grad();
         loss.f_backward()?;
+        opt.clip_grad_norm(1.0);
         opt.step();
         head_opt.step();
-        let acc = tch::no_grad(|| -> Result<f64> {
-            // Scenes whose 24 counts are all right.
-            let right = pair_logits
+        // Shape accuracy of the dense head on patches that show an object.
+        let object_acc = tch::no_grad(|| -> Result<f64> {
+            let right = shape_logits
                 .f_argmax(1, false)?
-                .f_eq_tensor(&counts)?
-                .f_reshape([b, NUM_PAIR_CLASSES as i64])?
-                .f_all_dim(1, false)?
-                .f_to_kind(Kind::Float)?
-                .f_mean(Kind::Float)?;
-            Ok(right.double_value(&[]))
+                .f_eq_tensor(&shapes)?
+                .f_sum(Kind::Float)?
+                .double_value(&[]);
+            Ok(right / on.f_sum(Kind::Float)?.double_value(&[]).max(1.0))
         })?;
         on_event(&TrainEvent {
             stage: 1,
             step: step + 1,
             steps: cfg.stage1_steps,
             loss: loss.double_value(&[]),
-            accuracy: acc,
+            accuracy: tile.exact,
+            aux_accuracy: Some(object_acc),
             elapsed_s: t0.elapsed().as_secs_f64(),
-            mode: Some(if step % 2 == 0 {
-                TileMode::Rapid
-            } else {
-                TileMode::Balanced
-            }),
+            mode: Some(modes[m]),
             eval_f1: None,
         });
     }
     Ok(())
-}
-
-/// For each patch of a `gh × gw` grid over the (square) scene, the class of the object covering
-/// the patch centre: `pair_class + 1`, or 0 for background (objects approximated by discs of
-/// their size).
-fn patch_labels(scenes: &[crate::scene::Scene], gh: i64, gw: i64) -> Vec<i64> {
-    let mut out = Vec::with_capacity(scenes.len() * (gh * gw) as usize);
-    for s in scenes {
-        let (w, h) = (s.image.width() as f32, s.image.height() as f32);
-        for i in 0..gh {
-            for j in 0..gw {
-                let y = (i as f32 + 0.5) * h / gh as f32;
-                let x = (j as f32 + 0.5) * w / gw as f32;
-                let hit = s.objects.iter().find(|o| {
-                    let (dx, dy) = (x - o.cx, y - o.cy);
-                    (dx * dx + dy * dy).sqrt() < o.size * 0.9
-                });
-                out.push(hit.map_or(0, |o| {
-                    crate::scene::pair_class(o.colour, o.shape) as i64 + 1
-                }));
-            }
-        }
-    }
-    out
 }
 
 /// The scenes the demo checkpoint is trained and evaluated on: the default generator with
@@ -397,6 +578,9 @@ fn stage2(
         ..Default::default()
     };
     let mut opt = adamw.build(&model.vs, cfg.stage2_lr)?;
+    let aux_vs = nn::VarStore::new(device);
+    let aux_head = TileHead::new(aux_vs.root() / "aux", model.config.adapter.text_hidden_size);
+    let mut aux_opt = adamw.build(&aux_vs, 1e-3)?;
     let mut rng = SplitMix64::from_state(cfg.seed ^ 0x5EED_0002); // mode choices
     let wsum: f64 = cfg.mode_weights.iter().sum();
     let t0 = Instant::now();
@@ -410,11 +594,19 @@ fn stage2(
         }
         let lay = &layouts[mi];
         let seeds = (0..cfg.stage2_batch).map(|i| scene_seed(cfg.seed, 2, step, i));
-        let (pixels, scenes) = scene_batch(&lay.tiler, seeds)?;
+        let batch = scene_batch(&lay.tiler, seeds)?;
+        let scenes = &batch.scenes;
         let n_vis = (lay.tiles * tpt) as i64;
-        let visual = model
-            .encode_tiles(&pixels)? // [B·T, tpt, H]
-            .f_reshape([b, n_vis, -1])?;
+        let tokens = model.encode_tiles(&batch.pixels)?; // [B·T, tpt, H]
+                                                         // The auxiliary read-out: counts and word from each tile's register token (the mean
+                                                         // token when registers are not kept), so the adapter keeps the encoder's tile summary.
+        let feature = if model.config.adapter.keep_registers {
+            tokens.f_select(1, tpt as i64 - 1)?
+        } else {
+            tokens.f_mean_dim(1, false, Kind::Float)?
+        };
+        let aux = aux_head.forward(&feature, &tile_targets(&batch, None))?;
+        let visual = tokens.f_reshape([b, n_vis, -1])?;
         // ids after the prefix: placeholders, the rest of the user turn, caption, EOS.
         let captions: Vec<Vec<u32>> = scenes
             .iter()
@@ -449,12 +641,17 @@ fn stage2(
         let targets = Tensor::f_from_slice(&targets)?.f_to_device(device)?;
         let picked = hidden.f_reshape([-1, h])?.f_index_select(0, &rows)?;
         let logits = decoder.lm_head.forward(&picked)?.f_to_kind(Kind::Float)?;
-        let loss =
+        let caption_loss =
             logits.f_cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -100, 0.0)?;
+        let loss = caption_loss
+            .f_add(&aux.counts_loss)?
+            .f_add(&aux.words_loss.f_mul_scalar(0.25)?)?;
         opt.zero_grad();
+        aux_opt.zero_grad();
         loss.f_backward()?;
         opt.clip_grad_norm(1.0);
         opt.step();
+        aux_opt.step();
         let acc = tch::no_grad(|| -> Result<f64> {
             Ok(logits
                 .f_argmax(1, false)?
@@ -476,8 +673,9 @@ fn stage2(
             stage: 2,
             step: done,
             steps: cfg.stage2_steps,
-            loss: loss.double_value(&[]),
+            loss: caption_loss.double_value(&[]),
             accuracy: acc,
+            aux_accuracy: Some(aux.exact),
             elapsed_s: t0.elapsed().as_secs_f64(),
             mode: Some(lay.mode),
             eval_f1,
@@ -502,4 +700,77 @@ pub fn train_demo(
     stage1(model, cfg, on_event)?;
     stage2(model, cfg, on_event)?;
     model.save(&cfg.out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dense targets line up with the tiles: where a patch is labelled with an object, the
+    /// tile's (de-normalised) pixel at the patch centre has that object's colour, in every mode.
+    #[test]
+    fn dense_targets_line_up_with_the_tile_pixels() {
+        for mode in TileMode::CONCRETE {
+            let cfg = TilerConfig {
+                mode,
+                rapid_size: 96,
+                tile_size: 128,
+                high_res_grid: 2,
+                ..TilerConfig::default()
+            };
+            let (mean, std) = (cfg.image_mean, cfg.image_std);
+            let tiler = Tiler::new(cfg).unwrap();
+            let batch = scene_batch(&tiler, 0..12u64).unwrap();
+            let side = batch.tiles[0].1.size as i64;
+            let patch = 16;
+            let (gh, gw) = (side / patch, side / patch);
+            let t = tile_targets(&batch, Some((gh, gw)));
+            let px = batch.pixels.contiguous();
+            let (mut labelled, mut agree) = (0, 0);
+            for (ti, (si, _)) in batch.tiles.iter().enumerate() {
+                for i in 0..gh {
+                    for j in 0..gw {
+                        let label = t.dense[(ti as i64 * gh * gw + i * gw + j) as usize];
+                        if label == 0 {
+                            continue;
+                        }
+                        let class = (label - 1) as usize;
+                        let o = batch.scenes[*si]
+                            .objects
+                            .iter()
+                            .find(|o| crate::scene::pair_class(o.colour, o.shape) == class)
+                            .unwrap();
+                        let (y, x) = (i * patch + patch / 2, j * patch + patch / 2);
+                        let rgb = o.colour.rgb();
+                        let close = (0..3usize).all(|c| {
+                            let v = px.double_value(&[ti as i64, c as i64, y, x]) * std[c] as f64
+                                + mean[c] as f64;
+                            (v * 255.0 - f64::from(rgb[c])).abs() < 45.0
+                        });
+                        labelled += 1;
+                        agree += usize::from(close);
+                    }
+                }
+            }
+            assert!(labelled > 50, "{mode:?}: {labelled} labelled patches");
+            assert!(
+                agree as f64 >= 0.85 * labelled as f64,
+                "{mode:?}: {agree}/{labelled} labelled patch centres show the object's colour"
+            );
+            // Tile counts: whole-image tiles count every object.
+            for (ti, (si, meta)) in batch.tiles.iter().enumerate() {
+                if !matches!(meta.kind, TileKind::Crop { .. }) {
+                    let n: i64 = t.counts[ti * NUM_PAIR_CLASSES..(ti + 1) * NUM_PAIR_CLASSES]
+                        .iter()
+                        .sum();
+                    let truth: i64 = batch.scenes[*si]
+                        .count_targets()
+                        .iter()
+                        .map(|c| c.min(&3))
+                        .sum();
+                    assert_eq!(n, truth);
+                }
+            }
+        }
+    }
 }

@@ -168,7 +168,7 @@ fn run_speculative(
         for _ in 0..args.repeats.max(1) {
             let (g, st) = generate_speculative(
                 &m.decoder,
-                Draft::SelfPrefix(n),
+                Draft::<afm_text::Decoder>::SelfPrefix(n),
                 None,
                 ids,
                 &opts,

@@ -126,10 +126,10 @@ fn run_speculative(
     model: &afm_text::TextModel,
     spec: &str,
 ) -> anyhow::Result<()> {
-    use afm_text::speculative::{generate_speculative, Draft};
+    use afm_text::speculative::{generate_speculative, parse_self_draft, Draft};
     let opts = args.sampling.options()?;
     let draft_model;
-    let draft = match Draft::parse_self(spec) {
+    let draft = match parse_self_draft(spec) {
         Some(n) => Draft::SelfPrefix(n?),
         None => {
             draft_model =

@@ -28,15 +28,15 @@ pub struct DemoArgs {
     pub dtype: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Encoder pre-training steps (count/word head, no language model).
-    #[arg(long, default_value_t = 1500)]
+    /// Encoder pre-training steps (dense class, count and word heads; no language model).
+    #[arg(long, default_value_t = 4000)]
     pub stage1_steps: usize,
     #[arg(long, default_value_t = 24)]
     pub stage1_batch: usize,
     #[arg(long, default_value_t = 1.5e-3)]
     pub stage1_lr: f64,
     /// Alignment steps (caption loss through the frozen text model).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 600)]
     pub stage2_steps: usize,
     #[arg(long, default_value_t = 8)]
     pub stage2_batch: usize,
@@ -45,6 +45,11 @@ pub struct DemoArgs {
     /// Save every N stage-2 steps (0: only at the end).
     #[arg(long, default_value_t = 50)]
     pub save_every: usize,
+    /// Start from this checkpoint's encoder, adapter and image LoRA instead of random weights
+    /// (same architecture), e.g. to continue stage 2 with `--stage1-steps 0`; the log is then
+    /// appended to.
+    #[arg(long, value_name = "DIR")]
+    pub init: Option<PathBuf>,
     /// Greedy-describe 8 held-out scenes every N stage-2 steps and log their F1 (0: never).
     #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
@@ -60,7 +65,13 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         None => relative_ref(&a.out, &text_dir),
     };
     let config = demo_config(&text, &text_ref)?;
-    let model = VisionLanguageModel::new(config, text, a.seed as i64)?;
+    let mut model = VisionLanguageModel::new(config, text, a.seed as i64)?;
+    if let Some(init) = &a.init {
+        let weights = init.join("vision_adapter.safetensors");
+        model
+            .load_weights(&weights)
+            .with_context(|| format!("starting from {}", init.display()))?;
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let cfg = DemoTrainConfig {
         seed: a.seed,
@@ -76,9 +87,18 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         ..DemoTrainConfig::default()
     };
     let log_path = a.out.join("train_log.jsonl");
-    let mut log = std::fs::File::create(&log_path)
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(a.init.is_some())
+        .truncate(a.init.is_none())
+        .open(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    writeln!(log, "{}", serde_json::json!({ "config": &cfg }))?;
+    writeln!(
+        log,
+        "{}",
+        serde_json::json!({ "config": &cfg, "init": a.init.as_ref().map(|p| p.display().to_string()) })
+    )?;
     let style = ProgressStyle::with_template(
         "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})",
     )?;
@@ -106,6 +126,9 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         if let Some((_, b)) = &bar {
             b.set_position(ev.step as u64);
             let mut msg = format!("loss {:.3} acc {:.2}", ev.loss, ev.accuracy);
+            if let Some(aux) = ev.aux_accuracy {
+                msg.push_str(&format!(" aux {aux:.2}"));
+            }
             if let Some(f1) = ev.eval_f1 {
                 msg.push_str(&format!(" held-out F1 {f1:.2}"));
                 b.println(format!(

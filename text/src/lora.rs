@@ -10,8 +10,28 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::read_safetensors_into;
 use crate::decoder::Decoder;
 use crate::error::{Result, TextError};
-use crate::linear::LoraOverlay;
+use crate::linear::{Linear, LoraOverlay};
+use crate::ptmoe::PtMoe;
 use crate::weights::WeightMap;
+
+/// A model whose linear layers adapters can overlay: the on-device decoder and the PT-MoE
+/// server model. Names are HF module paths (`model.layers.0.self_attn.q_proj`,
+/// `model.blocks.0.tracks.1.layers.2.mlp.experts.3.up_proj`).
+pub trait LoraTarget {
+    fn lora_linears(&mut self) -> Vec<(String, &mut Linear)>;
+}
+
+impl LoraTarget for Decoder {
+    fn lora_linears(&mut self) -> Vec<(String, &mut Linear)> {
+        self.linears_mut()
+    }
+}
+
+impl LoraTarget for PtMoe {
+    fn lora_linears(&mut self) -> Vec<(String, &mut Linear)> {
+        self.linears_mut()
+    }
+}
 
 /// The linear layers LoRA targets by default (attention and FFN; segment-1 layers have only
 /// q and o).
@@ -169,8 +189,8 @@ impl LoraAdapter {
     }
 
     /// A random adapter over `targets` of `decoder` (tests, benchmarks), seeded.
-    pub fn random(
-        decoder: &mut Decoder,
+    pub fn random<M: LoraTarget + ?Sized>(
+        decoder: &mut M,
         rank: usize,
         alpha: f64,
         targets: &[&str],
@@ -178,7 +198,7 @@ impl LoraAdapter {
     ) -> Result<Self> {
         let _rng = crate::weights::seed_global_rng(seed);
         let mut modules = BTreeMap::new();
-        for (name, lin) in decoder.linears_mut() {
+        for (name, lin) in decoder.lora_linears() {
             if !targets.iter().any(|t| name.ends_with(t)) {
                 continue;
             }
@@ -197,9 +217,9 @@ impl LoraAdapter {
     }
 
     /// Put this adapter's overlays on `decoder` (replacing any active adapter).
-    pub fn activate(&self, decoder: &mut Decoder) -> Result<()> {
+    pub fn activate<M: LoraTarget + ?Sized>(&self, decoder: &mut M) -> Result<()> {
         let scale = self.scale;
-        let mut linears: BTreeMap<String, _> = decoder.linears_mut().into_iter().collect();
+        let mut linears: BTreeMap<String, _> = decoder.lora_linears().into_iter().collect();
         for m in self.modules.keys() {
             if !linears.contains_key(m) {
                 return Err(TextError::checkpoint(
@@ -222,16 +242,16 @@ impl LoraAdapter {
 }
 
 /// Take every overlay off `decoder`.
-pub fn deactivate(decoder: &mut Decoder) -> Result<()> {
-    for (_, lin) in decoder.linears_mut() {
+pub fn deactivate<M: LoraTarget + ?Sized>(decoder: &mut M) -> Result<()> {
+    for (_, lin) in decoder.lora_linears() {
         lin.set_lora(None)?;
     }
     Ok(())
 }
 
 /// Fold the active overlays into the base weights (the adapter is then permanent).
-pub fn merge_active(decoder: &mut Decoder) -> Result<()> {
-    for (_, lin) in decoder.linears_mut() {
+pub fn merge_active<M: LoraTarget + ?Sized>(decoder: &mut M) -> Result<()> {
+    for (_, lin) in decoder.lora_linears() {
         lin.merge_lora()?;
     }
     Ok(())
@@ -261,7 +281,11 @@ impl AdapterCache {
         self.adapters.values().map(LoraAdapter::bytes).sum()
     }
     /// Activate a cached adapter (or none) on `decoder`.
-    pub fn activate(&mut self, decoder: &mut Decoder, name: Option<&str>) -> Result<()> {
+    pub fn activate<M: LoraTarget + ?Sized>(
+        &mut self,
+        decoder: &mut M,
+        name: Option<&str>,
+    ) -> Result<()> {
         match name {
             None => deactivate(decoder)?,
             Some(n) => self
@@ -275,7 +299,7 @@ impl AdapterCache {
     }
     /// Drop a cached adapter (deactivating it first when active) and hand the freed memory
     /// back to the operating system.
-    pub fn unload(&mut self, decoder: &mut Decoder, name: &str) -> Result<()> {
+    pub fn unload<M: LoraTarget + ?Sized>(&mut self, decoder: &mut M, name: &str) -> Result<()> {
         if self.active.as_deref() == Some(name) {
             self.activate(decoder, None)?;
         }

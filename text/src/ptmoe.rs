@@ -279,6 +279,16 @@ impl PtMoeCache {
         self.tracks = forks;
         Ok(())
     }
+    /// Forget every token after the first `len` (speculative decoding's rollback), in place;
+    /// an error (nothing changed) when a sliding-window ring has overwritten keys it would
+    /// need. Every track's cache has the same layer kinds and length, so either the first
+    /// track refuses (before changing anything) or all succeed.
+    pub fn truncate(&mut self, len: i64) -> Result<()> {
+        for c in &mut self.tracks {
+            c.truncate(len)?;
+        }
+        Ok(())
+    }
     pub fn fork(&self) -> Result<Self> {
         Ok(Self {
             tracks: self
@@ -453,8 +463,14 @@ impl PtMoe {
     /// A fresh cache: per track, a ring of `window + slack` for local layers, a growing
     /// buffer for global ones, on the track's device.
     pub fn new_cache(&self, batch: i64) -> PtMoeCache {
+        self.new_cache_blocks(batch, self.blocks.len())
+    }
+
+    /// A cache for [`PtMoe::forward_blocks`] over the first `blocks` track blocks.
+    pub fn new_cache_blocks(&self, batch: i64, blocks: usize) -> PtMoeCache {
         let window = self.cfg.sliding_window as i64;
-        let kinds: Vec<CacheKind> = (0..self.cfg.track_depth())
+        let layers = blocks.min(self.blocks.len()) * self.cfg.track_block_depth;
+        let kinds: Vec<CacheKind> = (0..layers)
             .map(|j| {
                 if self.cfg.is_global(j) {
                     CacheKind::Normal
@@ -473,6 +489,46 @@ impl PtMoe {
             })
             .collect();
         PtMoeCache { tracks }
+    }
+
+    /// Every linear layer of attention and FFN with its module name, for adapters:
+    /// `model.blocks.{b}.tracks.{t}.layers.{l}.self_attn.{q,k,v,o}_proj`, then
+    /// `mlp.{gate,up,down}_proj` (dense) or `mlp.experts.{e}.{gate,up,down}_proj` (MoE). The
+    /// router (`mlp.gate`) is left out: adapting it would change which experts a token uses.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (b, block) in self.blocks.iter_mut().enumerate() {
+            for (t, track) in block.iter_mut().enumerate() {
+                for (l, layer) in track.layers.iter_mut().enumerate() {
+                    let p = format!("model.blocks.{b}.tracks.{t}.layers.{l}");
+                    let a = &mut layer.attn;
+                    out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+                    if let Some(k) = a.k_proj.as_mut() {
+                        out.push((format!("{p}.self_attn.k_proj"), k));
+                    }
+                    if let Some(v) = a.v_proj.as_mut() {
+                        out.push((format!("{p}.self_attn.v_proj"), v));
+                    }
+                    out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+                    match &mut layer.ffn {
+                        Ffn::Dense(m) => {
+                            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate));
+                            out.push((format!("{p}.mlp.up_proj"), &mut m.up));
+                            out.push((format!("{p}.mlp.down_proj"), &mut m.down));
+                        }
+                        Ffn::Moe(moe) => {
+                            for (e, m) in moe.experts.iter_mut().enumerate() {
+                                let q = format!("{p}.mlp.experts.{e}");
+                                out.push((format!("{q}.gate_proj"), &mut m.gate));
+                                out.push((format!("{q}.up_proj"), &mut m.up));
+                                out.push((format!("{q}.down_proj"), &mut m.down));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Number of synchronisation points (track merges) per forward.
@@ -516,6 +572,26 @@ impl PtMoe {
         cache: &mut PtMoeCache,
         logits: Logits,
     ) -> Result<(Tensor, Tensor)> {
+        self.forward_blocks(ids, mask, cache, logits, self.blocks.len())
+    }
+
+    /// Like [`PtMoe::forward_with_aux`] through only the first `blocks` track blocks, then the
+    /// final norm and head: the model's own prefix as a draft (self-speculation). Use a cache
+    /// from [`PtMoe::new_cache_blocks`] with the same `blocks`.
+    pub fn forward_blocks(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+        blocks: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        if blocks == 0 || blocks > self.blocks.len() {
+            return Err(TextError::InvalidArgument(format!(
+                "a PT-MoE prefix needs 1 to {} track blocks, got {blocks}",
+                self.blocks.len()
+            )));
+        }
         let size = ids.size();
         if size.len() != 2 {
             return Err(TextError::InvalidArgument(format!(
@@ -583,7 +659,7 @@ impl PtMoe {
             .collect::<Result<_>>()?;
 
         let mut aux_all = Vec::new();
-        for block in &self.blocks {
+        for block in &self.blocks[..blocks] {
             let outs = self.run_block(block, &x, &steps, &mut cache.tracks)?;
             let mut merged: Option<Tensor> = None;
             for (o, aux) in outs {

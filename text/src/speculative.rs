@@ -13,30 +13,129 @@ use tch::Tensor;
 
 use crate::decoder::{Decoder, Logits};
 use crate::error::{Result, TextError};
-use crate::generation::{ids_tensor, GenerateOptions, Generation, GenerationStats, StopReason};
+use crate::generation::{
+    ids_tensor, CausalLm, GenerateOptions, Generation, GenerationStats, StopReason,
+};
 use crate::kv_cache::KvCache;
+use crate::ptmoe::{PtMoe, PtMoeCache};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 
+/// What speculative decoding needs of a model beyond [`CausalLm`]: its vocabulary, rolling
+/// its cache back, and (for self-speculation) running only a prefix of its stack. Implemented
+/// by the on-device decoder (prefix = its first N layers) and PT-MoE (its first N track
+/// blocks).
+pub trait SpeculativeLm: CausalLm {
+    fn vocab_size(&self) -> usize;
+    /// Keep the first `len` tokens of `cache`.
+    fn truncate_cache(cache: &mut Self::Cache, len: i64) -> Result<()>;
+    /// A cache for [`SpeculativeLm::forward_prefix`] with `depth` units.
+    fn new_prefix_cache(&self, batch: i64, depth: usize) -> Self::Cache;
+    /// `ids` through the first `depth` units (layers, or track blocks), then the final norm
+    /// and head.
+    fn forward_prefix(
+        &self,
+        ids: &Tensor,
+        cache: &mut Self::Cache,
+        logits: Logits,
+        depth: usize,
+    ) -> Result<Tensor>;
+}
+
+impl SpeculativeLm for Decoder {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn truncate_cache(cache: &mut KvCache, len: i64) -> Result<()> {
+        cache.truncate(len)
+    }
+    fn new_prefix_cache(&self, batch: i64, depth: usize) -> KvCache {
+        self.new_cache_depth(batch, depth)
+    }
+    fn forward_prefix(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        logits: Logits,
+        depth: usize,
+    ) -> Result<Tensor> {
+        self.forward_depth(ids, cache, logits, depth)
+    }
+}
+
+impl SpeculativeLm for PtMoe {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn truncate_cache(cache: &mut PtMoeCache, len: i64) -> Result<()> {
+        cache.truncate(len)
+    }
+    fn new_prefix_cache(&self, batch: i64, depth: usize) -> PtMoeCache {
+        self.new_cache_blocks(batch, depth)
+    }
+    fn forward_prefix(
+        &self,
+        ids: &Tensor,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+        depth: usize,
+    ) -> Result<Tensor> {
+        Ok(self.forward_blocks(ids, None, cache, logits, depth)?.0)
+    }
+}
+
 /// Where draft tokens come from.
-#[derive(Clone, Copy)]
-pub enum Draft<'a> {
-    /// A separate model sharing the tokenizer.
-    Model(&'a Decoder),
-    /// The target's first N layers, then its final norm and head.
+pub enum Draft<'a, D> {
+    /// A separate model sharing the tokenizer (its vocabulary must match the target's).
+    Model(&'a D),
+    /// The target's first N units (decoder layers, PT-MoE track blocks), then its final norm
+    /// and head.
     SelfPrefix(usize),
 }
 
-impl Draft<'_> {
-    /// Parse `self:N` (anything else is a model directory for the caller to load).
-    pub fn parse_self(spec: &str) -> Option<Result<usize>> {
-        spec.strip_prefix("self:").map(|n| {
-            n.parse::<usize>().map_err(|_| {
-                TextError::InvalidArgument(format!(
-                    "bad draft '{spec}': expected self:N with N a layer count"
-                ))
-            })
+impl<D> Clone for Draft<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<D> Copy for Draft<'_, D> {}
+
+/// Parse `self:N` (anything else is a model directory for the caller to load).
+pub fn parse_self_draft(spec: &str) -> Option<Result<usize>> {
+    spec.strip_prefix("self:").map(|n| {
+        n.parse::<usize>().map_err(|_| {
+            TextError::InvalidArgument(format!(
+                "bad draft '{spec}': expected self:N with N a layer count"
+            ))
         })
+    })
+}
+
+/// The draft's model and cache during one generation.
+enum DraftState<'a, T: SpeculativeLm, D: SpeculativeLm> {
+    Model(&'a D, D::Cache),
+    Prefix(&'a T, usize, T::Cache),
+}
+
+impl<T: SpeculativeLm, D: SpeculativeLm> DraftState<'_, T, D> {
+    fn forward(&mut self, ids: &[u32], logits: Logits) -> Result<Tensor> {
+        let x = ids_tensor(ids)?;
+        match self {
+            DraftState::Model(d, c) => d.forward_lm(&x, None, c, logits),
+            DraftState::Prefix(t, depth, c) => t.forward_prefix(&x, c, logits, *depth),
+        }
+    }
+    fn len(&self) -> i64 {
+        match self {
+            DraftState::Model(_, c) => D::cache_len(c),
+            DraftState::Prefix(_, _, c) => T::cache_len(c),
+        }
+    }
+    fn truncate(&mut self, len: i64) -> Result<()> {
+        match self {
+            DraftState::Model(_, c) => D::truncate_cache(c, len),
+            DraftState::Prefix(_, _, c) => T::truncate_cache(c, len),
+        }
     }
 }
 
@@ -81,10 +180,11 @@ fn residual(p: &[(usize, f64)], q: &[(usize, f64)]) -> Vec<(usize, f64)> {
 }
 
 /// Generate with speculative decoding (batch 1). Output tokens follow the target's
-/// distribution exactly (identical to plain greedy when greedy).
-pub fn generate_speculative(
-    target: &Decoder,
-    draft: Draft<'_>,
+/// distribution exactly (identical to plain greedy when greedy). Target and draft may be
+/// different model types (a dense draft for a PT-MoE target) as long as the vocabularies match.
+pub fn generate_speculative<T: SpeculativeLm, D: SpeculativeLm>(
+    target: &T,
+    draft: Draft<'_, D>,
     tokenizer: Option<&Tokenizer>,
     prompt: &[u32],
     opts: &GenerateOptions,
@@ -95,10 +195,11 @@ pub fn generate_speculative(
         return Err(TextError::InvalidArgument("the prompt is empty".into()));
     }
     if let Draft::Model(d) = draft {
-        if d.cfg.vocab_size != target.cfg.vocab_size {
+        if d.vocab_size() != target.vocab_size() {
             return Err(TextError::InvalidArgument(format!(
                 "the draft's vocabulary ({}) differs from the target's ({})",
-                d.cfg.vocab_size, target.cfg.vocab_size
+                d.vocab_size(),
+                target.vocab_size()
             )));
         }
     }
@@ -107,7 +208,7 @@ pub fn generate_speculative(
             "stop strings need a tokenizer".into(),
         ));
     }
-    let ctx = target.cfg.max_position_embeddings;
+    let ctx = target.context_len();
     if prompt.len() >= ctx {
         return Err(TextError::ContextOverflow {
             tokens: prompt.len(),
@@ -117,21 +218,14 @@ pub fn generate_speculative(
     }
     let k = k.max(1);
     let eos = if opts.stop_on_eos {
-        target.cfg.eos_ids()
+        target.eos_ids()
     } else {
         Vec::new()
     };
-    let draft_forward = |ids: &[u32], cache: &mut KvCache| -> Result<Tensor> {
-        let x = ids_tensor(ids)?;
-        match draft {
-            Draft::Model(d) => d.forward(&x, None, cache, Logits::Last),
-            Draft::SelfPrefix(n) => target.forward_depth(&x, cache, Logits::Last, n),
-        }
-    };
-    let mut tc = target.new_cache(1);
-    let mut dc = match draft {
-        Draft::Model(d) => d.new_cache(1),
-        Draft::SelfPrefix(n) => target.new_cache_depth(1, n),
+    let mut tc = target.new_lm_cache(1);
+    let mut dc: DraftState<'_, T, D> = match draft {
+        Draft::Model(d) => DraftState::Model(d, d.new_lm_cache(1)),
+        Draft::SelfPrefix(n) => DraftState::Prefix(target, n, target.new_prefix_cache(1, n)),
     };
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut stats = SpeculativeStats::default();
@@ -141,13 +235,8 @@ pub fn generate_speculative(
     let n = prompt.len();
     if n > 1 {
         let head = ids_tensor(&prompt[..n - 1])?;
-        let _ = target.forward(&head, None, &mut tc, Logits::Last)?;
-        let _ = match draft {
-            Draft::Model(d) => d.forward(&head, None, &mut dc, Logits::Last)?,
-            Draft::SelfPrefix(depth) => {
-                target.forward_depth(&head, &mut dc, Logits::Last, depth)?
-            }
-        };
+        let _ = target.forward_lm(&head, None, &mut tc, Logits::Last)?;
+        let _ = dc.forward(&prompt[..n - 1], Logits::Last)?;
     }
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
@@ -161,12 +250,13 @@ pub fn generate_speculative(
         if remaining == 0 {
             break StopReason::MaxTokens;
         }
-        let room = ctx.saturating_sub(tc.len() as usize + 1);
-        if tc.len() as usize + 1 > ctx {
+        let t_len = T::cache_len(&tc);
+        let room = ctx.saturating_sub(t_len as usize + 1);
+        if t_len as usize + 1 > ctx {
             break StopReason::ContextFull;
         }
         let kk = k.min(remaining - 1).min(room);
-        let base_t = tc.len();
+        let base_t = t_len;
         // 1. The draft proposes kk tokens.
         let mut drafts = Vec::with_capacity(kk);
         let mut qs = Vec::with_capacity(kk);
@@ -175,7 +265,7 @@ pub fn generate_speculative(
         feed.push(pending);
         let base_d = dc.len() + feed.len() as i64 - 1; // draft cache length holding `pending`'s predecessors
         for _ in 0..kk {
-            let l = draft_forward(&feed, &mut dc)?;
+            let l = dc.forward(&feed, Logits::Last)?;
             stats.draft_forwards += 1;
             let row = rows(&l)?.pop().unwrap_or_default();
             let q = sampler.distribution(&row, &ctx_d);
@@ -188,7 +278,7 @@ pub fn generate_speculative(
         // 2. The target scores pending + drafts in one forward.
         let mut verify = vec![pending];
         verify.extend(&drafts);
-        let l = target.forward(&ids_tensor(&verify)?, None, &mut tc, Logits::All)?;
+        let l = target.forward_lm(&ids_tensor(&verify)?, None, &mut tc, Logits::All)?;
         stats.target_forwards += 1;
         stats.proposed += kk;
         let prow = rows(&l)?;
@@ -215,7 +305,7 @@ pub fn generate_speculative(
         }
         let m = new_tokens.len() - 1; // accepted drafts
                                       // 4. Caches keep pending + the accepted drafts; the last new token is the next pending.
-        tc.truncate(base_t + 1 + m as i64)?;
+        T::truncate_cache(&mut tc, base_t + 1 + m as i64)?;
         if kk == 0 {
             // The draft saw nothing this round: feed it everything next round.
             draft_lag = feed;

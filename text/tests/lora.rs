@@ -7,9 +7,10 @@ mod common;
 use afm_text::generation::ids_tensor;
 use afm_text::linear::Linear;
 use afm_text::lora::{deactivate, merge_active, AdapterCache, LoraAdapter, DEFAULT_TARGETS};
-use afm_text::{DType, Decoder, Logits, TextModel};
+use afm_text::ptmoe_config::ptmoe_preset;
+use afm_text::{DType, Decoder, Logits, PtMoe, TextModel, TrackExec};
 use common::*;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 fn tiny(seed: i64) -> Decoder {
     TextModel::from_preset("tiny-two-segment", seed, Device::Cpu, DType::F32)
@@ -60,6 +61,67 @@ fn overlay_equals_hand_merged_weights() {
     let before = logits(&with);
     merge_active(&mut with).unwrap();
     assert!(max_abs_diff(&before, &logits(&with)) <= 1e-4);
+    assert!(with.linears_mut().iter().all(|(_, l)| l.lora().is_none()));
+}
+
+fn tiny_ptmoe(seed: i64) -> PtMoe {
+    let cfg = ptmoe_preset("tiny-ptmoe").unwrap();
+    PtMoe::random(&cfg, seed, Device::Cpu, Kind::Float, &[]).unwrap()
+}
+
+fn ptmoe_logits(m: &PtMoe) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let mut c = m.new_cache(1);
+    // 12 tokens: beyond the 8-token window, so local layers run on wrapped rings.
+    let ids: Vec<u32> = (0..12).map(|i| (i * 29 + 3) % 256).collect();
+    m.forward(&ids_tensor(&ids).unwrap(), None, &mut c, Logits::All)
+        .unwrap()
+}
+
+#[test]
+fn ptmoe_overlay_equals_hand_merged_weights() {
+    // The server model takes the same adapters: every attention projection and every dense
+    // and expert FFN projection of every track (the routers are left alone).
+    let mut with = tiny_ptmoe(5);
+    let base_logits = ptmoe_logits(&with);
+    let adapter = LoraAdapter::random(&mut with, 4, 8.0, DEFAULT_TARGETS, 9).unwrap();
+    let cfg = &with.cfg;
+    let layers = cfg.num_track_blocks * cfg.num_tracks * cfg.track_block_depth;
+    let moe_layers = layers / 2; // every other layer of a track
+    let expected = layers * 4 + (layers - moe_layers) * 3 + moe_layers * cfg.num_local_experts * 3;
+    assert_eq!(adapter.modules().count(), expected);
+    assert!(adapter.modules().all(|m| !m.ends_with("mlp.gate")));
+    assert!(adapter
+        .modules()
+        .any(|m| m == "model.blocks.1.tracks.1.layers.3.mlp.experts.2.down_proj"));
+    adapter.activate(&mut with).unwrap();
+    let ours = ptmoe_logits(&with);
+    assert!(
+        max_abs_diff(&ours, &base_logits) > 1e-2,
+        "the adapter must change the output"
+    );
+    // Concurrent tracks see the same overlays as sequential ones.
+    with.set_exec(TrackExec::Sequential);
+    assert!(max_abs_diff(&ours, &ptmoe_logits(&with)) <= 1e-5);
+
+    let mut merged = tiny_ptmoe(5);
+    for (name, lin) in merged.linears_mut() {
+        let (a, b) = adapter.module(&name).unwrap();
+        let w = match lin.weight() {
+            afm_text::linear::LinearWeight::Dense(w) => w.shallow_clone(),
+            _ => unreachable!("dense base"),
+        };
+        *lin = Linear::from_dense(&w + b.matmul(a) * (8.0 / 4.0), None);
+    }
+    let d = max_abs_diff(&ours, &ptmoe_logits(&merged));
+    assert!(d <= 1e-4, "overlay vs hand-merged: {d}");
+
+    // Deactivating restores the base exactly; merging folds the overlay in.
+    deactivate(&mut with).unwrap();
+    assert_eq!(max_abs_diff(&base_logits, &ptmoe_logits(&with)), 0.0);
+    adapter.activate(&mut with).unwrap();
+    merge_active(&mut with).unwrap();
+    assert!(max_abs_diff(&ours, &ptmoe_logits(&with)) <= 1e-4);
     assert!(with.linears_mut().iter().all(|(_, l)| l.lora().is_none()));
 }
 

@@ -2,11 +2,12 @@
 //! identical to plain greedy, and with sampling the generated tokens follow the target's
 //! distribution (chi-square against the exact target probabilities, fixed seeds).
 
-use afm_text::generation::{generate, ids_tensor};
+use afm_text::generation::{generate, generate_lm, ids_tensor, CausalLm};
+use afm_text::ptmoe_config::ptmoe_preset;
 use afm_text::sampling::Sampler;
-use afm_text::speculative::{generate_speculative, Draft};
-use afm_text::{DType, Decoder, GenerateOptions, Logits, SamplingConfig, TextModel};
-use tch::Device;
+use afm_text::speculative::{generate_speculative, Draft, SpeculativeLm};
+use afm_text::{DType, Decoder, GenerateOptions, Logits, PtMoe, SamplingConfig, TextModel};
+use tch::{Device, Kind};
 
 fn model(preset: &str, seed: i64) -> Decoder {
     TextModel::from_preset(preset, seed, Device::Cpu, DType::F32)
@@ -52,20 +53,42 @@ fn greedy_speculative_equals_plain_greedy() {
     // Two-segment targets too (draft = part of segment 0).
     let two = model("tiny-two-segment", 3);
     let plain = generate(&two, None, &[1, 2, 3], &opts, &mut |_| {}).unwrap();
-    let (spec, _) =
-        generate_speculative(&two, Draft::SelfPrefix(2), None, &[1, 2, 3], &opts, 4).unwrap();
+    let (spec, _) = generate_speculative(
+        &two,
+        Draft::<Decoder>::SelfPrefix(2),
+        None,
+        &[1, 2, 3],
+        &opts,
+        4,
+    )
+    .unwrap();
     assert_eq!(spec.tokens, plain.tokens);
-    assert!(generate_speculative(&two, Draft::SelfPrefix(5), None, &[1], &opts, 4).is_err());
+    assert!(
+        generate_speculative(&two, Draft::<Decoder>::SelfPrefix(5), None, &[1], &opts, 4).is_err()
+    );
+}
+
+/// A PT-MoE preset with random weights; sliding-window rings keep `slack` extra slots so that
+/// speculative rollbacks of up to `slack` tokens work after the rings wrap.
+fn ptmoe(preset: &str, seed: i64, slack: i64) -> PtMoe {
+    let cfg = ptmoe_preset(preset).unwrap();
+    let mut m = PtMoe::random(&cfg, seed, Device::Cpu, Kind::Float, &[]).unwrap();
+    m.set_ring_slack(slack);
+    m
 }
 
 /// Exact target probabilities of the first two tokens after `prompt` under `cfg`.
-fn exact_joint(target: &Decoder, prompt: &[u32], cfg: &SamplingConfig) -> Vec<((u32, u32), f64)> {
+fn exact_joint<M: CausalLm>(
+    target: &M,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+) -> Vec<((u32, u32), f64)> {
     let s = Sampler::new(cfg.clone());
     let _g = tch::no_grad_guard();
     let row = |ids: &[u32]| -> Vec<f32> {
-        let mut c = target.new_cache(1);
+        let mut c = target.new_lm_cache(1);
         let l = target
-            .forward(&ids_tensor(ids).unwrap(), None, &mut c, Logits::Last)
+            .forward_lm(&ids_tensor(ids).unwrap(), None, &mut c, Logits::Last)
             .unwrap();
         Vec::<f32>::try_from(l.squeeze()).unwrap()
     };
@@ -80,20 +103,22 @@ fn exact_joint(target: &Decoder, prompt: &[u32], cfg: &SamplingConfig) -> Vec<((
     out
 }
 
-#[test]
-fn sampled_speculative_follows_the_target_distribution() {
-    // Thousands of tiny forwards: one intra-op thread avoids OpenMP hand-off costs.
-    tch::set_num_threads(1);
-    let target = model("tiny-dense", 11);
-    let draft = model("tiny-dense", 12);
-    let prompt = [3u32, 14, 15];
+/// Draws the first two tokens after `prompt` `n` times (seeds 0..n) with speculative
+/// sampling and checks them against the target's exact joint distribution with Pearson's
+/// chi-square (cells with expected count < 5 pooled), at the 99.9% quantile. Returns the
+/// acceptance rate.
+fn check_sampled_distribution<T: SpeculativeLm, D: SpeculativeLm>(
+    target: &T,
+    draft: Draft<'_, D>,
+    prompt: &[u32],
+    n: u64,
+) -> f64 {
     let base = SamplingConfig {
         temperature: 2.5, // flatten the tiny model's distribution so the test has spread
         top_k: 4,
         ..SamplingConfig::greedy()
     };
-    let joint = exact_joint(&target, &prompt, &base);
-    let n = 3000;
+    let joint = exact_joint(target, prompt, &base);
     let mut counts = std::collections::HashMap::new();
     let mut accepted = 0;
     let mut proposed = 0;
@@ -107,13 +132,11 @@ fn sampled_speculative_follows_the_target_distribution() {
             },
             ..GenerateOptions::default()
         };
-        let (g, st) =
-            generate_speculative(&target, Draft::Model(&draft), None, &prompt, &opts, 3).unwrap();
+        let (g, st) = generate_speculative(target, draft, None, prompt, &opts, 3).unwrap();
         accepted += st.accepted;
         proposed += st.proposed;
         *counts.entry((g.tokens[0], g.tokens[1])).or_insert(0usize) += 1;
     }
-    // Pearson chi-square, pooling cells with expected count < 5.
     let (mut chi2, mut cells, mut pool_e, mut pool_o) = (0.0, 0usize, 0.0, 0.0);
     for (pair, p) in &joint {
         let e = p * n as f64;
@@ -137,11 +160,85 @@ fn sampled_speculative_follows_the_target_distribution() {
     // 99.9% quantile of chi-square with up to 16 degrees of freedom is 39.25.
     let dof = cells - 1;
     assert!((3..=16).contains(&dof), "dof {dof}");
-    println!(
-        "chi2 = {chi2:.2} on {dof} dof; acceptance {:.2}",
-        accepted as f64 / proposed as f64
-    );
+    let rate = accepted as f64 / proposed as f64;
+    println!("chi2 = {chi2:.2} on {dof} dof; acceptance {rate:.2}");
     assert!(chi2 < 39.25, "chi2 {chi2} on {dof} dof");
-    // And the draft is a different model: some proposals were rejected.
-    assert!(accepted < proposed);
+    rate
+}
+
+#[test]
+fn sampled_speculative_follows_the_target_distribution() {
+    // Thousands of tiny forwards: one intra-op thread avoids OpenMP hand-off costs.
+    tch::set_num_threads(1);
+    let target = model("tiny-dense", 11);
+    let draft = model("tiny-dense", 12);
+    let rate = check_sampled_distribution(&target, Draft::Model(&draft), &[3, 14, 15], 3000);
+    // The draft is a different model: some proposals were rejected.
+    assert!(rate < 1.0);
+}
+
+#[test]
+fn ptmoe_greedy_speculative_equals_plain_greedy() {
+    // Prompts longer than the window (8) so the sliding-window rings wrap and rollbacks
+    // happen inside wrapped rings; drafts: the target's first track block, another PT-MoE,
+    // and a dense decoder with the same vocabulary.
+    let k_max = 5;
+    let target = ptmoe("tiny-ptmoe", 1, k_max + 1);
+    let other = ptmoe("tiny-ptmoe", 2, k_max + 1);
+    let dense = model("tiny-dense", 3);
+    assert_eq!(dense.vocab_size(), target.vocab_size());
+    let opts = GenerateOptions {
+        max_new_tokens: 30,
+        stop_on_eos: false,
+        ..GenerateOptions::default()
+    };
+    for prompt in [
+        vec![5u32, 9, 200, 3],
+        (0..30).map(|i| (i * 7 + 1) % 256).collect(),
+    ] {
+        let plain = generate_lm(&target, None, &prompt, &opts, &mut |_| {}).unwrap();
+        for k in [1, 3, k_max as usize] {
+            let runs = [
+                generate_speculative(
+                    &target,
+                    Draft::<PtMoe>::SelfPrefix(1),
+                    None,
+                    &prompt,
+                    &opts,
+                    k,
+                ),
+                generate_speculative(&target, Draft::Model(&other), None, &prompt, &opts, k),
+                generate_speculative(&target, Draft::Model(&target), None, &prompt, &opts, k),
+                generate_speculative(&target, Draft::Model(&dense), None, &prompt, &opts, k),
+            ];
+            for (i, r) in runs.into_iter().enumerate() {
+                let (spec, st) = r.unwrap();
+                assert_eq!(spec.tokens, plain.tokens, "draft {i}, k={k}");
+                assert!(st.target_forwards <= plain.tokens.len());
+                if i == 2 {
+                    assert_eq!(st.accepted, st.proposed, "the target drafting for itself");
+                }
+            }
+        }
+    }
+    // A self-draft must be a strict prefix of the blocks; a ring without slack cannot roll
+    // back once it has wrapped, and says so.
+    assert!(
+        generate_speculative(&target, Draft::<PtMoe>::SelfPrefix(3), None, &[1], &opts, 4).is_err()
+    );
+    let tight = ptmoe("tiny-ptmoe", 1, 0);
+    let prompt: Vec<u32> = (0..30).collect();
+    match generate_speculative(&tight, Draft::Model(&other), None, &prompt, &opts, 4) {
+        Err(e) => assert!(e.to_string().contains("ring"), "{e}"),
+        Ok(_) => panic!("a wrapped ring without slack rolled back"),
+    }
+}
+
+#[test]
+fn ptmoe_sampled_speculative_follows_the_target_distribution() {
+    tch::set_num_threads(1);
+    let target = ptmoe("tiny-ptmoe", 11, 4);
+    let rate =
+        check_sampled_distribution(&target, Draft::<PtMoe>::SelfPrefix(1), &[3, 14, 15], 2000);
+    assert!(rate < 1.0);
 }

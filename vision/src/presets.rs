@@ -23,6 +23,7 @@ pub fn vitdet_l() -> VitConfig {
         qkv_bias: true,
         position_cls_slot: true,
         final_layer_norm: false,
+        conv_stem: Vec::new(),
     }
 }
 
