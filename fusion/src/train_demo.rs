@@ -87,17 +87,10 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
         image_token: ImageTokenConfig::default(),
         // LoRA on the MLPs too: the frozen model has to turn a few visual tokens into words.
         image_lora: Some(ImageLoraConfig {
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: afm_text::lora::DEFAULT_TARGETS
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
             ..ImageLoraConfig::default()
         }),
         text_model: text_model.into(),

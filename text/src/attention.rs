@@ -166,6 +166,20 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The projections with their HF module names under `prefix` (`{prefix}.self_attn.q_proj`,
+    /// …; segment-1 layers have no k and v), for adapters.
+    pub fn named_linears(&mut self, prefix: &str) -> Vec<(String, &mut Linear)> {
+        let mut out = vec![(format!("{prefix}.self_attn.q_proj"), &mut self.q_proj)];
+        if let Some(k) = self.k_proj.as_mut() {
+            out.push((format!("{prefix}.self_attn.k_proj"), k));
+        }
+        if let Some(v) = self.v_proj.as_mut() {
+            out.push((format!("{prefix}.self_attn.v_proj"), v));
+        }
+        out.push((format!("{prefix}.self_attn.o_proj"), &mut self.o_proj));
+        out
+    }
+
     pub fn new(cfg: &TextConfig, w: &WeightMap, layer: usize) -> Result<Self> {
         let p = format!("model.layers.{layer}.self_attn");
         Self::new_at(cfg, w, &p, layer, !cfg.is_segment1(layer), true)

@@ -303,15 +303,7 @@ impl Decoder {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
-            let a = &mut l.attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            if let Some(k) = a.k_proj.as_mut() {
-                out.push((format!("{p}.self_attn.k_proj"), k));
-            }
-            if let Some(v) = a.v_proj.as_mut() {
-                out.push((format!("{p}.self_attn.v_proj"), v));
-            }
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.extend(l.attn.named_linears(&p));
             out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate));
             out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up));
             out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down));

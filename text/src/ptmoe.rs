@@ -501,15 +501,7 @@ impl PtMoe {
             for (t, track) in block.iter_mut().enumerate() {
                 for (l, layer) in track.layers.iter_mut().enumerate() {
                     let p = format!("model.blocks.{b}.tracks.{t}.layers.{l}");
-                    let a = &mut layer.attn;
-                    out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-                    if let Some(k) = a.k_proj.as_mut() {
-                        out.push((format!("{p}.self_attn.k_proj"), k));
-                    }
-                    if let Some(v) = a.v_proj.as_mut() {
-                        out.push((format!("{p}.self_attn.v_proj"), v));
-                    }
-                    out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+                    out.extend(layer.attn.named_linears(&p));
                     match &mut layer.ffn {
                         Ffn::Dense(m) => {
                             out.push((format!("{p}.mlp.gate_proj"), &mut m.gate));

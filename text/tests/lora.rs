@@ -6,7 +6,9 @@ mod common;
 
 use afm_text::generation::ids_tensor;
 use afm_text::linear::Linear;
-use afm_text::lora::{deactivate, merge_active, AdapterCache, LoraAdapter, DEFAULT_TARGETS};
+use afm_text::lora::{
+    deactivate, merge_active, AdapterCache, LoraAdapter, LoraTarget, DEFAULT_TARGETS,
+};
 use afm_text::ptmoe_config::ptmoe_preset;
 use afm_text::{DType, Decoder, Logits, PtMoe, TextModel, TrackExec};
 use common::*;
@@ -30,6 +32,18 @@ fn logits(d: &Decoder) -> Tensor {
     .unwrap()
 }
 
+/// Replace every adapted linear of `model` by a dense one holding W + scale·B·A.
+fn hand_merge<M: LoraTarget>(model: &mut M, adapter: &LoraAdapter, scale: f64) {
+    for (name, lin) in model.lora_linears() {
+        let (a, b) = adapter.module(&name).unwrap();
+        let w = match lin.weight() {
+            afm_text::linear::LinearWeight::Dense(w) => w.shallow_clone(),
+            _ => unreachable!("dense base"),
+        };
+        *lin = Linear::from_dense(&w + b.matmul(a) * scale, None);
+    }
+}
+
 #[test]
 fn overlay_equals_hand_merged_weights() {
     let mut with = tiny(5);
@@ -46,14 +60,7 @@ fn overlay_equals_hand_merged_weights() {
 
     // W + (α/r)·B·A by hand on an identical base.
     let mut merged = tiny(5);
-    for (name, lin) in merged.linears_mut() {
-        let (a, b) = adapter.module(&name).unwrap();
-        let w = match lin.weight() {
-            afm_text::linear::LinearWeight::Dense(w) => w.shallow_clone(),
-            _ => unreachable!("dense base"),
-        };
-        *lin = Linear::from_dense(&w + b.matmul(a) * (8.0 / 4.0), None);
-    }
+    hand_merge(&mut merged, &adapter, 8.0 / 4.0);
     let d = max_abs_diff(&ours, &logits(&merged));
     assert!(d <= 1e-4, "overlay vs hand-merged: {d}");
 
@@ -105,14 +112,7 @@ fn ptmoe_overlay_equals_hand_merged_weights() {
     assert!(max_abs_diff(&ours, &ptmoe_logits(&with)) <= 1e-5);
 
     let mut merged = tiny_ptmoe(5);
-    for (name, lin) in merged.linears_mut() {
-        let (a, b) = adapter.module(&name).unwrap();
-        let w = match lin.weight() {
-            afm_text::linear::LinearWeight::Dense(w) => w.shallow_clone(),
-            _ => unreachable!("dense base"),
-        };
-        *lin = Linear::from_dense(&w + b.matmul(a) * (8.0 / 4.0), None);
-    }
+    hand_merge(&mut merged, &adapter, 8.0 / 4.0);
     let d = max_abs_diff(&ours, &ptmoe_logits(&merged));
     assert!(d <= 1e-4, "overlay vs hand-merged: {d}");
 
