@@ -215,3 +215,21 @@ fn help_runs_without_environment() {
         assert!(out.contains(cmd), "help lacks {cmd}");
     }
 }
+
+#[test]
+fn eval_with_a_missing_adapter_names_it() {
+    let Some(model) = default_model() else { return };
+    let tmp = std::env::temp_dir().join(format!("afm-eval-adapter-{}", std::process::id()));
+    let missing = tmp.join("no-such-adapter");
+    let o = afm(&[
+        "eval",
+        "eval/tests/fixtures/jsonl",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        missing.to_str().unwrap(),
+        "--out",
+        tmp.join("out").to_str().unwrap(),
+    ]);
+    assert_user_error(&o, &["no-such-adapter"]);
+}

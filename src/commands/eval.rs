@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
+    /// A LoRA adapter directory (PEFT layout) put on the model for the whole run; the report's
+    /// model name then reads `MODEL+ADAPTER`.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Inference dtype: fp32 (default; matches the HF reference), bf16, fp16 or auto.
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
@@ -135,9 +139,28 @@ fn open_backend(ctx: &Context, a: &RunArgs) -> anyhow::Result<Box<dyn EvalBacken
             let device = ctx.device()?;
             let dtype = afm_eval::text_backend::parse_dtype(&a.dtype, device)?;
             let dir = resolve_model(&a.model);
-            let backend = afm_eval::text_backend::TextBackend::load(&dir, device, dtype)
+            let Some(adapter_dir) = &a.adapter else {
+                let backend = afm_eval::text_backend::TextBackend::load(&dir, device, dtype)
+                    .with_context(|| format!("loading the model {}", dir.display()))?;
+                return Ok(Box::new(backend));
+            };
+            let mut model = afm_text::TextModel::load(&dir, device, dtype)
                 .with_context(|| format!("loading the model {}", dir.display()))?;
-            Ok(Box::new(backend))
+            model
+                .tokenizer()
+                .with_context(|| format!("loading the model {}", dir.display()))?;
+            let adapter = afm_text::lora::LoraAdapter::load(adapter_dir, device, dtype.kind())
+                .with_context(|| format!("loading the adapter {}", adapter_dir.display()))?;
+            adapter.activate(&mut model.decoder)?;
+            let name = |p: &std::path::Path| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| p.display().to_string())
+            };
+            let label = format!("{}+{}", name(&dir), name(adapter_dir));
+            Ok(Box::new(afm_eval::text_backend::TextBackend::new(
+                model, label,
+            )))
         }
         other => anyhow::bail!("unknown --backend {other:?} (model or hash)"),
     }
