@@ -21,6 +21,13 @@ fn be<E: std::fmt::Display>(e: E) -> EvalError {
     EvalError::Backend(e.to_string())
 }
 
+/// The last component of a model or adapter directory, for report names.
+fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
 /// A loaded text model and the KV cache of the last prefix it saw.
 pub struct TextBackend {
     model: TextModel,
@@ -33,11 +40,19 @@ impl TextBackend {
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
         let model = TextModel::load(dir, device, dtype).map_err(be)?;
         model.tokenizer().map_err(be)?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dir.display().to_string());
-        Ok(Self::new(model, name))
+        Ok(Self::new(model, dir_name(dir)))
+    }
+
+    /// Put the LoRA adapter in `dir` (PEFT layout) on the model for every later request; the
+    /// backend's name becomes `MODEL+ADAPTER`.
+    pub fn with_adapter(mut self, dir: &Path) -> Result<Self> {
+        let device = self.model.decoder.device();
+        let adapter = afm_text::lora::LoraAdapter::load(dir, device, self.model.dtype.kind())
+            .map_err(|e| EvalError::Backend(format!("adapter {}: {e}", dir.display())))?;
+        adapter.activate(&mut self.model.decoder).map_err(be)?;
+        self.name = format!("{}+{}", self.name, dir_name(dir));
+        self.prefix = None; // a cached prefix was computed without the adapter
+        Ok(self)
     }
 
     pub fn new(model: TextModel, name: String) -> Self {

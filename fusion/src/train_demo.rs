@@ -30,12 +30,15 @@ use crate::adapter::AdapterConfig;
 use crate::config::{ImageLoraConfig, ImageTokenConfig, VlmConfig};
 use crate::error::{FusionError, Result};
 use crate::model::VisionLanguageModel;
-use crate::scene::{generate_scene, SceneConfig, SplitMix64, NUM_PAIR_CLASSES, WORDS};
+use crate::scene::{
+    generate_scene, pair_class, Colour, SceneConfig, Shape, SplitMix64, NUM_PAIR_CLASSES, WORDS,
+};
 
-/// The demo architecture around a text model: a 4-block register-window ViT (width 128, patch
-/// 8 after a two-layer convolutional stem, 4×4-token windows, global blocks 1 and 3, one register), tiles of 128 px (96 px in rapid
-/// mode), an adapter pooling to 3×3 = 9 tokens per tile plus the projected register (10 tokens
-/// per tile), and a rank-8 image LoRA on the text model's attention and MLP projections.
+/// The demo architecture around a text model: a four-layer convolutional stem and a 4-block
+/// register-window ViT (width 128, patch 16, 4×4-token windows, global blocks 1 and 3, one
+/// register), tiles of 128 px (96 px in rapid mode), an adapter pooling to 3×3 = 9 tokens per
+/// tile plus the projected register (10 tokens per tile), and a rank-8 image LoRA on the text
+/// model's attention and MLP projections.
 pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
     let emb_rms = match text.decoder.embed.weight() {
         Some(w) => w
@@ -229,6 +232,7 @@ struct TileTargets {
 fn tile_targets(batch: &SceneBatch, grid: Option<(i64, i64)>) -> TileTargets {
     let n = batch.tiles.len();
     let (gh, gw) = grid.unwrap_or((0, 0));
+    let label = |o: &crate::scene::SceneObject| pair_class(o.colour, o.shape) as i64 + 1;
     let mut t = TileTargets {
         dense: Vec::with_capacity(n * (gh * gw) as usize),
         centres: Vec::with_capacity(n * (gh * gw) as usize),
@@ -254,9 +258,7 @@ fn tile_targets(batch: &SceneBatch, grid: Option<(i64, i64)>) -> TileTargets {
                         .objects
                         .iter()
                         .find(|o| o.contains(x, y))
-                        .map_or(0, |o| {
-                            crate::scene::pair_class(o.colour, o.shape) as i64 + 1
-                        })
+                        .map_or(0, label)
                 } else {
                     0
                 };
@@ -273,15 +275,14 @@ fn tile_targets(batch: &SceneBatch, grid: Option<(i64, i64)>) -> TileTargets {
                 if u >= c0 && u < c2 && v >= c1 && v < c3 {
                     let j = ((u / side * gw as f32) as i64).clamp(0, gw - 1);
                     let i = ((v / side * gh as f32) as i64).clamp(0, gh - 1);
-                    t.centres[start + (i * gw + j) as usize] =
-                        crate::scene::pair_class(o.colour, o.shape) as i64 + 1;
+                    t.centres[start + (i * gw + j) as usize] = label(o);
                 }
             }
         }
         let mut counts = [0i64; NUM_PAIR_CLASSES];
         for o in &scene.objects {
             if o.cx >= s0 && o.cx < s2 && o.cy >= s1 && o.cy < s3 {
-                counts[crate::scene::pair_class(o.colour, o.shape)] += 1;
+                counts[pair_class(o.colour, o.shape)] += 1;
             }
         }
         t.counts.extend(counts.map(|c| c.min(3)));
@@ -384,7 +385,14 @@ fn stage1(
     // Dense heads, factorised so that shape is not drowned by the background: colour (or
     // background) on every patch, shape on object patches only, and object centres (class or
     // none, background down-weighted).
-    let dense = nn::linear(head_vs.root() / "dense", width, 7 + 4, Default::default());
+    // Labels are `pair_class + 1` = shape · colours + colour + 1 (0: background).
+    let (n_col, n_shape) = (Colour::ALL.len() as i64, Shape::ALL.len() as i64);
+    let dense = nn::linear(
+        head_vs.root() / "dense",
+        width,
+        n_col + 1 + n_shape,
+        Default::default(),
+    );
     let centre = nn::linear(
         head_vs.root() / "centre",
         width,
@@ -426,23 +434,21 @@ fn stage1(
         let on = labels.f_gt(0)?;
         let colours = labels
             .f_sub_scalar(1)?
-            .f_remainder(6)?
+            .f_remainder(n_col)?
             .f_add_scalar(1)?
             .f_mul(&on)?; // 0 background, 1–6 colours
         let ignore = Tensor::f_full_like(&labels, -100)?;
         let shapes = labels
             .f_sub_scalar(1)?
-            .f_floor_divide_scalar(6)?
+            .f_floor_divide_scalar(n_col)?
             .f_where_self(&on, &ignore)?;
-        let d = dense.forward(&out.tokens).f_reshape([-1, 11])?; // [T·gh·gw, 7 + 4]
-        let shape_logits = d.f_narrow(1, 7, 4)?;
-        let colour_loss = d.f_narrow(1, 0, 7)?.f_cross_entropy_loss::<Tensor>(
-            &colours,
-            None,
-            Reduction::Mean,
-            -100,
-            0.0,
-        )?;
+        let d = dense
+            .forward(&out.tokens)
+            .f_reshape([-1, n_col + 1 + n_shape])?; // [T·gh·gw, 7 + 4]
+        let shape_logits = d.f_narrow(1, n_col + 1, n_shape)?;
+        let colour_loss = d
+            .f_narrow(1, 0, n_col + 1)?
+            .f_cross_entropy_loss::<Tensor>(&colours, None, Reduction::Mean, -100, 0.0)?;
         let shape_loss = shape_logits.f_cross_entropy_loss::<Tensor>(
             &shapes,
             None,
@@ -731,7 +737,7 @@ mod tests {
                         let o = batch.scenes[*si]
                             .objects
                             .iter()
-                            .find(|o| crate::scene::pair_class(o.colour, o.shape) == class)
+                            .find(|o| pair_class(o.colour, o.shape) == class)
                             .unwrap();
                         let (y, x) = (i * patch + patch / 2, j * patch + patch / 2);
                         let rgb = o.colour.rgb();

@@ -139,28 +139,14 @@ fn open_backend(ctx: &Context, a: &RunArgs) -> anyhow::Result<Box<dyn EvalBacken
             let device = ctx.device()?;
             let dtype = afm_eval::text_backend::parse_dtype(&a.dtype, device)?;
             let dir = resolve_model(&a.model);
-            let Some(adapter_dir) = &a.adapter else {
-                let backend = afm_eval::text_backend::TextBackend::load(&dir, device, dtype)
-                    .with_context(|| format!("loading the model {}", dir.display()))?;
-                return Ok(Box::new(backend));
-            };
-            let mut model = afm_text::TextModel::load(&dir, device, dtype)
+            let mut backend = afm_eval::text_backend::TextBackend::load(&dir, device, dtype)
                 .with_context(|| format!("loading the model {}", dir.display()))?;
-            model
-                .tokenizer()
-                .with_context(|| format!("loading the model {}", dir.display()))?;
-            let adapter = afm_text::lora::LoraAdapter::load(adapter_dir, device, dtype.kind())
-                .with_context(|| format!("loading the adapter {}", adapter_dir.display()))?;
-            adapter.activate(&mut model.decoder)?;
-            let name = |p: &std::path::Path| {
-                p.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| p.display().to_string())
-            };
-            let label = format!("{}+{}", name(&dir), name(adapter_dir));
-            Ok(Box::new(afm_eval::text_backend::TextBackend::new(
-                model, label,
-            )))
+            if let Some(adapter) = &a.adapter {
+                backend = backend
+                    .with_adapter(adapter)
+                    .with_context(|| format!("loading the adapter {}", adapter.display()))?;
+            }
+            Ok(Box::new(backend))
         }
         other => anyhow::bail!("unknown --backend {other:?} (model or hash)"),
     }

@@ -118,11 +118,10 @@ enum DraftState<'a, T: SpeculativeLm, D: SpeculativeLm> {
 }
 
 impl<T: SpeculativeLm, D: SpeculativeLm> DraftState<'_, T, D> {
-    fn forward(&mut self, ids: &[u32], logits: Logits) -> Result<Tensor> {
-        let x = ids_tensor(ids)?;
+    fn forward(&mut self, ids: &Tensor, logits: Logits) -> Result<Tensor> {
         match self {
-            DraftState::Model(d, c) => d.forward_lm(&x, None, c, logits),
-            DraftState::Prefix(t, depth, c) => t.forward_prefix(&x, c, logits, *depth),
+            DraftState::Model(d, c) => d.forward_lm(ids, None, c, logits),
+            DraftState::Prefix(t, depth, c) => t.forward_prefix(ids, c, logits, *depth),
         }
     }
     fn len(&self) -> i64 {
@@ -236,7 +235,7 @@ pub fn generate_speculative<T: SpeculativeLm, D: SpeculativeLm>(
     if n > 1 {
         let head = ids_tensor(&prompt[..n - 1])?;
         let _ = target.forward_lm(&head, None, &mut tc, Logits::Last)?;
-        let _ = dc.forward(&prompt[..n - 1], Logits::Last)?;
+        let _ = dc.forward(&head, Logits::Last)?;
     }
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
@@ -250,13 +249,12 @@ pub fn generate_speculative<T: SpeculativeLm, D: SpeculativeLm>(
         if remaining == 0 {
             break StopReason::MaxTokens;
         }
-        let t_len = T::cache_len(&tc);
-        let room = ctx.saturating_sub(t_len as usize + 1);
-        if t_len as usize + 1 > ctx {
+        let base_t = T::cache_len(&tc);
+        let room = ctx.saturating_sub(base_t as usize + 1);
+        if base_t as usize + 1 > ctx {
             break StopReason::ContextFull;
         }
         let kk = k.min(remaining - 1).min(room);
-        let base_t = t_len;
         // 1. The draft proposes kk tokens.
         let mut drafts = Vec::with_capacity(kk);
         let mut qs = Vec::with_capacity(kk);
@@ -265,7 +263,7 @@ pub fn generate_speculative<T: SpeculativeLm, D: SpeculativeLm>(
         feed.push(pending);
         let base_d = dc.len() + feed.len() as i64 - 1; // draft cache length holding `pending`'s predecessors
         for _ in 0..kk {
-            let l = dc.forward(&feed, Logits::Last)?;
+            let l = dc.forward(&ids_tensor(&feed)?, Logits::Last)?;
             stats.draft_forwards += 1;
             let row = rows(&l)?.pop().unwrap_or_default();
             let q = sampler.distribution(&row, &ctx_d);
