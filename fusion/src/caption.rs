@@ -101,6 +101,10 @@ pub struct PairScore {
     pub fn_: usize,
     /// True pairs predicted with exactly the true count.
     pub exact_count_hits: usize,
+    /// True pairs predicted with fewer objects than there are.
+    pub counts_too_few: usize,
+    /// True pairs predicted with more objects than there are.
+    pub counts_too_many: usize,
     /// Distinct true pairs.
     pub truth_pairs: usize,
 }
@@ -112,6 +116,8 @@ impl PairScore {
         self.fp += other.fp;
         self.fn_ += other.fn_;
         self.exact_count_hits += other.exact_count_hits;
+        self.counts_too_few += other.counts_too_few;
+        self.counts_too_many += other.counts_too_many;
         self.truth_pairs += other.truth_pairs;
     }
 
@@ -169,8 +175,10 @@ pub fn score_pairs(
         match predicted.get(key) {
             Some(m) => {
                 score.tp += 1;
-                if m == n {
-                    score.exact_count_hits += 1;
+                match m.cmp(n) {
+                    std::cmp::Ordering::Equal => score.exact_count_hits += 1,
+                    std::cmp::Ordering::Less => score.counts_too_few += 1,
+                    std::cmp::Ordering::Greater => score.counts_too_many += 1,
                 }
             }
             None => score.fn_ += 1,
@@ -258,12 +266,16 @@ mod tests {
                 fp: 1,
                 fn_: 1,
                 exact_count_hits: 1,
+                counts_too_few: 0,
+                counts_too_many: 1,
                 truth_pairs: 3
             }
         );
         assert!((s.precision() - 2.0 / 3.0).abs() < 1e-12);
         assert!((s.recall() - 2.0 / 3.0).abs() < 1e-12);
         assert!((s.exact_count_rate() - 1.0 / 3.0).abs() < 1e-12);
+        let fewer = score_pairs(&truth, &[(Colour::Green, Shape::Triangle, 1)]);
+        assert_eq!((fewer.counts_too_few, fewer.counts_too_many), (1, 0));
 
         // Perfect match; duplicates in the prediction are summed before comparing.
         let one = [(Colour::Yellow, Shape::Star, 2)];
@@ -279,6 +291,8 @@ mod tests {
                 fp: 0,
                 fn_: 0,
                 exact_count_hits: 1,
+                counts_too_few: 0,
+                counts_too_many: 0,
                 truth_pairs: 1
             }
         );

@@ -45,6 +45,7 @@ pub struct EvalReport {
     /// Words claimed where the scene has none.
     pub words_invented: usize,
     pub seconds: f64,
+    /// Every scene's true and generated caption, in seed order.
     pub examples: Vec<EvalExample>,
 }
 
@@ -178,13 +179,11 @@ pub fn evaluate(
                 (None, Some(_)) => report.words_invented += 1,
                 (None, None) => {}
             }
-            if report.examples.len() < 5 {
-                report.examples.push(EvalExample {
-                    seed,
-                    truth,
-                    output: text,
-                });
-            }
+            report.examples.push(EvalExample {
+                seed,
+                truth,
+                output: text,
+            });
         }
     }
     report.precision = report.score.precision();

@@ -28,6 +28,11 @@ pub struct VisionLanguageModel {
     pub text: TextModel,
     /// The image-conditioned LoRA (its tensors live in `vs`), when the config has one.
     pub image_lora: Option<LoraAdapter>,
+    /// A user's LoRA adapter for the text model ([`Self::set_text_adapter`]), on for every
+    /// prompt, with or without images.
+    text_adapter: Option<LoraAdapter>,
+    /// `image_lora` and `text_adapter` stacked into one overlay, when both exist.
+    stacked: Option<LoraAdapter>,
     /// Whether `image_lora` is on the text model now.
     lora_active: bool,
     /// Where it was loaded from (`None` for a fresh model).
@@ -90,6 +95,8 @@ impl VisionLanguageModel {
             adapter,
             text,
             image_lora,
+            text_adapter: None,
+            stacked: None,
             lora_active: false,
             dir: None,
         };
@@ -98,17 +105,50 @@ impl VisionLanguageModel {
     }
 
     /// Put the image LoRA on the text model (`true`, the state for image prompts) or take it
-    /// off (`false`: the text model exactly as loaded). No-op without an image LoRA.
+    /// off (`false`: the text model as loaded, with the user's adapter if one is set).
     pub fn set_image_lora(&mut self, on: bool) -> Result<()> {
-        if let Some(l) = &self.image_lora {
-            if on && !self.lora_active {
-                l.activate(&mut self.text.decoder)?;
-            } else if !on && self.lora_active {
-                afm_text::lora::deactivate(&mut self.text.decoder)?;
-            }
-            self.lora_active = on;
+        if self.image_lora.is_none() || on == self.lora_active {
+            return Ok(());
+        }
+        let overlay = match on {
+            true => self.stacked.as_ref().or(self.image_lora.as_ref()),
+            false => self.text_adapter.as_ref(),
+        };
+        match overlay {
+            Some(l) => l.activate(&mut self.text.decoder)?,
+            None => afm_text::lora::deactivate(&mut self.text.decoder)?,
+        }
+        self.lora_active = on;
+        Ok(())
+    }
+
+    /// Put a LoRA adapter of the text model (e.g. `LoraAdapter::load` of a PEFT directory) on
+    /// for every later prompt, or take it off with `None`. With an image LoRA both run as one
+    /// stacked overlay on image prompts ([`LoraAdapter::stack`]: the sum of their updates);
+    /// text-only prompts get the adapter alone.
+    pub fn set_text_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
+        let was_on = self.lora_active || self.image_lora.is_none();
+        self.stacked = match (&self.image_lora, &adapter) {
+            (Some(img), Some(user)) => Some(img.stack(user)?),
+            _ => None,
+        };
+        self.text_adapter = adapter;
+        // Re-apply the current state with the new overlays.
+        let overlay = match was_on {
+            true => self.stacked.as_ref().or(self.image_lora.as_ref()),
+            false => None,
+        }
+        .or(self.text_adapter.as_ref());
+        match overlay {
+            Some(l) => l.activate(&mut self.text.decoder)?,
+            None => afm_text::lora::deactivate(&mut self.text.decoder)?,
         }
         Ok(())
+    }
+
+    /// The user's text adapter, if one is set.
+    pub fn text_adapter(&self) -> Option<&LoraAdapter> {
+        self.text_adapter.as_ref()
     }
 
     /// A text-only prompt: the unchanged text model (the image LoRA is off meanwhile).

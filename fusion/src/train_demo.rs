@@ -118,6 +118,11 @@ pub struct DemoTrainConfig {
     pub mode_weights: [f64; 3],
     pub weight_decay: f64,
     pub warmup: usize,
+    /// Weight of the count words (`one`, `two`, …) in the stage-2 caption loss, relative to the
+    /// other caption tokens (1: plain mean).
+    pub count_weight: f64,
+    /// Weight of the stage-2 tile read-out (counts, word) from the adapter's register token.
+    pub aux_weight: f64,
     /// Save the checkpoint every this many stage-2 steps (0: only at the end).
     pub save_every: usize,
     /// Greedy-describe this many held-out scenes every `eval_every` stage-2 steps (logged).
@@ -138,6 +143,8 @@ impl Default for DemoTrainConfig {
             mode_weights: [0.3, 0.3, 0.4],
             weight_decay: 0.05,
             warmup: 30,
+            count_weight: 3.0,
+            aux_weight: 2.0,
             save_every: 50,
             eval_every: 50,
             out: PathBuf::from("assets/models/afm-vl-demo"),
@@ -162,6 +169,8 @@ pub struct TrainEvent {
     pub mode: Option<TileMode>,
     /// Held-out greedy captions scored (F1 of colour+shape pairs), when evaluated this step.
     pub eval_f1: Option<f64>,
+    /// The same captions' exact-count rate (true pairs described with the right count).
+    pub eval_counts: Option<f64>,
 }
 
 fn lr_at(step: usize, steps: usize, warmup: usize, peak: f64) -> f64 {
@@ -358,15 +367,14 @@ impl TileHead {
     }
 }
 
-/// The tile-level feature of the encoder: its (first) register token next to the mean token,
-/// `[tiles, 2·C]`.
+/// The tile-level feature of the encoder, `[tiles, C]`: its (first) register token, which the
+/// adapter passes on to the text model as one token, so that it learns to hold the tile's
+/// counts; the mean token without registers.
 fn encoder_tile_feature(out: &afm_vision::EncoderOutput) -> Result<Tensor> {
-    let mean = out.tokens.f_mean_dim(1, false, Kind::Float)?; // [T, C]
-    let reg = match &out.registers {
+    Ok(match &out.registers {
         Some(r) => r.f_select(1, 0)?,
-        None => mean.shallow_clone(),
-    };
-    Ok(Tensor::f_cat(&[reg, mean], 1)?)
+        None => out.tokens.f_mean_dim(1, false, Kind::Float)?,
+    })
 }
 
 /// Stage 1: encoder pre-training with dense (per-patch class) and tile (counts, word) heads;
@@ -381,7 +389,7 @@ fn stage1(
     let device = model.device();
     let width = model.config.vision.hidden_size;
     let head_vs = nn::VarStore::new(device);
-    let tile_head = TileHead::new(head_vs.root() / "tile", 2 * width);
+    let tile_head = TileHead::new(head_vs.root() / "tile", width);
     // Dense heads, factorised so that shape is not drowned by the background: colour (or
     // background) on every patch, shape on object patches only, and object centres (class or
     // none, background down-weighted).
@@ -493,6 +501,7 @@ fn stage1(
             elapsed_s: t0.elapsed().as_secs_f64(),
             mode: Some(modes[m]),
             eval_f1: None,
+            eval_counts: None,
         });
     }
     Ok(())
@@ -557,6 +566,21 @@ fn stage2(
     }
     let prefix = prefix.unwrap_or_default();
     let b = cfg.stage2_batch as i64;
+    // Count words weigh `count_weight` in the caption loss: the count is decided before the
+    // colour and shape it counts, and is what the captions got wrong most.
+    let mut is_count = std::collections::HashMap::<u32, bool>::new();
+    let mut token_weight = |id: u32| -> Result<f32> {
+        let count = match is_count.get(&id) {
+            Some(&c) => c,
+            None => {
+                let text = tok.decode(&[id], true)?.trim().to_lowercase();
+                let c = (1..=12).any(|n| crate::scene::count_word(n) == text);
+                is_count.insert(id, c);
+                c
+            }
+        };
+        Ok(if count { cfg.count_weight as f32 } else { 1.0 })
+    };
     let prefix_ids: Vec<i64> = prefix.iter().map(|&i| i as i64).collect();
     // The prefix's KV cache (batch 1, repeated): recomputed every step because the image LoRA
     // changes it; no gradient flows through the prefix.
@@ -617,7 +641,8 @@ fn stage2(
             .collect::<Result<_>>()?;
         let base = n_vis as usize + lay.after.len();
         let len = base + captions.iter().map(Vec::len).max().unwrap_or(0);
-        let (mut ids, mut rows, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ids, mut rows, mut targets, mut weights) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (bi, cap) in captions.iter().enumerate() {
             let mut row: Vec<i64> =
                 vec![model.config.image_token.placeholder_id as i64; n_vis as usize];
@@ -629,6 +654,7 @@ fn stage2(
                 // Hidden state at position base + k − 1 predicts caption token k.
                 rows.push((bi * len + base + k - 1) as i64);
                 targets.push(t as i64);
+                weights.push(token_weight(t)?);
             }
         }
         let ids = Tensor::f_from_slice(&ids)?.f_view([b, len as i64])?;
@@ -640,11 +666,17 @@ fn stage2(
         let targets = Tensor::f_from_slice(&targets)?.f_to_device(device)?;
         let picked = hidden.f_reshape([-1, h])?.f_index_select(0, &rows)?;
         let logits = decoder.lm_head.forward(&picked)?.f_to_kind(Kind::Float)?;
-        let caption_loss =
-            logits.f_cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -100, 0.0)?;
-        let loss = caption_loss
-            .f_add(&aux.counts_loss)?
-            .f_add(&aux.words_loss.f_mul_scalar(0.25)?)?;
+        let weights = Tensor::f_from_slice(&weights)?.f_to_device(device)?;
+        let caption_loss = logits
+            .f_cross_entropy_loss::<Tensor>(&targets, None, Reduction::None, -100, 0.0)?
+            .f_mul(&weights)?
+            .f_sum(Kind::Float)?
+            .f_div(&weights.f_sum(Kind::Float)?)?;
+        let loss = caption_loss.f_add(
+            &aux.counts_loss
+                .f_add(&aux.words_loss.f_mul_scalar(0.25)?)?
+                .f_mul_scalar(cfg.aux_weight)?,
+        )?;
         opt.zero_grad();
         aux_opt.zero_grad();
         loss.f_backward()?;
@@ -660,8 +692,8 @@ fn stage2(
                 .double_value(&[]))
         })?;
         let done = step + 1;
-        let eval_f1 = if cfg.eval_every > 0 && done % cfg.eval_every == 0 {
-            Some(quick_eval(model, 8)?)
+        let quick = if cfg.eval_every > 0 && done % cfg.eval_every == 0 {
+            Some(quick_eval(model, 24)?)
         } else {
             None
         };
@@ -677,16 +709,18 @@ fn stage2(
             aux_accuracy: Some(aux.exact),
             elapsed_s: t0.elapsed().as_secs_f64(),
             mode: Some(lay.mode),
-            eval_f1,
+            eval_f1: quick.map(|q| q.0),
+            eval_counts: quick.map(|q| q.1),
         });
     }
     Ok(())
 }
 
-/// Greedy captions of `n` held-out scenes in balanced mode: F1 of colour+shape pairs.
-fn quick_eval(model: &VisionLanguageModel, n: usize) -> Result<f64> {
+/// Greedy captions of `n` held-out scenes in balanced mode: F1 of colour+shape pairs and the
+/// exact-count rate.
+fn quick_eval(model: &VisionLanguageModel, n: usize) -> Result<(f64, f64)> {
     let r = crate::eval_demo::evaluate(model, n, TileMode::Balanced, 40, 0)?;
-    Ok(r.score.f1())
+    Ok((r.score.f1(), r.exact_counts))
 }
 
 /// Train both stages, then save the checkpoint into `cfg.out`.

@@ -11,6 +11,7 @@ use afm_fusion::prompt::splice;
 use afm_fusion::scene::{generate_scene, HELDOUT_SEED_BASE};
 use afm_fusion::train_demo::{demo_config, demo_scenes};
 use afm_fusion::VisionLanguageModel;
+use afm_text::lora::LoraAdapter;
 use afm_text::{DType, GenerateOptions, TextModel};
 use afm_vision::TileMode;
 use tch::{Device, Kind, Tensor};
@@ -210,6 +211,66 @@ fn text_only_prompt_answers_as_the_text_model_alone() {
         .describe_tiled(&tiled, None, &greedy(40), &mut |_| {})
         .unwrap();
     assert!(!parse_caption(&d.text).pairs.is_empty(), "{}", d.text);
+}
+
+/// A user's text adapter: text-only prompts run the text model with that adapter alone (greedy
+/// output equal to the text model with the adapter), image prompts the adapter stacked with
+/// the image LoRA (a different description, ranks added), and taking it off restores the
+/// checkpoint's own description exactly.
+#[test]
+fn text_adapter_stacks_with_the_image_lora() {
+    let mut m = demo().lock().unwrap_or_else(|e| e.into_inner());
+    let tiled = m
+        .tiler(TileMode::Balanced)
+        .unwrap()
+        .tile_image(&generate_scene(&demo_scenes(), HELDOUT_SEED_BASE + 5).image)
+        .unwrap();
+    let plain = m
+        .describe_tiled(&tiled, None, &greedy(24), &mut |_| {})
+        .unwrap();
+    let mut alone = load_text(m.text.dtype);
+    let adapter =
+        LoraAdapter::random(&mut alone.decoder, 4, 64.0, &["q_proj", "v_proj"], 3).unwrap();
+    adapter.activate(&mut alone.decoder).unwrap();
+    let same = LoraAdapter::random(&mut alone.decoder, 4, 64.0, &["q_proj", "v_proj"], 3).unwrap();
+    m.set_text_adapter(Some(same)).unwrap();
+    let image_rank = m.image_lora.as_ref().map_or(0, |l| l.rank);
+    let q0 = "model.layers.0.self_attn.q_proj";
+    let rank_on = |m: &VisionLanguageModel| {
+        m.text
+            .decoder
+            .layers
+            .first()
+            .and_then(|l| l.attn.q_proj.lora())
+            .map_or(0, |l| l.a.size()[0] as usize)
+    };
+    assert_eq!(
+        rank_on(&m),
+        image_rank + 4,
+        "{q0}: image LoRA and adapter stacked"
+    );
+    let with = m
+        .describe_tiled(&tiled, None, &greedy(24), &mut |_| {})
+        .unwrap();
+    let prompt = "What is the capital of France?";
+    let want = alone
+        .generate_text(prompt, false, &greedy(16), &mut |_| {})
+        .unwrap();
+    let got = m.generate_text(prompt, &greedy(16), &mut |_| {}).unwrap();
+    m.set_text_adapter(None).unwrap();
+    let after = m
+        .describe_tiled(&tiled, None, &greedy(24), &mut |_| {})
+        .unwrap();
+    assert_eq!(rank_on(&m), image_rank, "{q0}: the image LoRA alone again");
+    assert_eq!(got.tokens, want.tokens, "text-only prompt with the adapter");
+    assert_ne!(
+        with.text, plain.text,
+        "the adapter must reach image prompts"
+    );
+    assert_eq!(
+        after.text, plain.text,
+        "taking the adapter off restores the model"
+    );
 }
 
 #[test]

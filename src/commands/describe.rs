@@ -39,6 +39,10 @@ pub struct Args {
     /// Text-model dtype: auto, fp32, bf16, fp16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// A LoRA adapter of the text model (PEFT layout: adapter_config.json +
+    /// adapter_model.safetensors), stacked with the checkpoint's image LoRA.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// One JSON object per image on stdout.
     #[arg(long)]
     pub json: bool,
@@ -89,7 +93,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     let dtype = DType::parse(&a.dtype, device)?;
     let dir = a.model.clone().unwrap_or_else(default_vlm_dir);
     let t0 = Instant::now();
-    let model = VisionLanguageModel::load(&dir, device, dtype).with_context(|| {
+    let mut model = VisionLanguageModel::load(&dir, device, dtype).with_context(|| {
         if a.model.is_none() && !dir.exists() {
             format!(
                 "loading the demo checkpoint (run `make setup` to put it in {})",
@@ -99,6 +103,13 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             format!("loading {}", dir.display())
         }
     })?;
+    if let Some(path) = &a.adapter {
+        let adapter = afm_text::lora::LoraAdapter::load(path, device, model.text.dtype.kind())
+            .with_context(|| format!("loading the adapter {}", path.display()))?;
+        model
+            .set_text_adapter(Some(adapter))
+            .with_context(|| format!("putting the adapter {} on the model", path.display()))?;
+    }
     tracing::info!(
         "loaded {} in {:.2}s",
         dir.display(),

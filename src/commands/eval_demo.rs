@@ -33,7 +33,7 @@ pub struct Args {
     /// Text-model dtype: auto, fp32, bf16, fp16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Also write the full reports (with example captions) as JSON here.
+    /// Also write the full reports (every scene's true and generated caption) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Write the first N held-out scenes as PNG files with their true captions into DIR.
@@ -85,7 +85,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         let r = evaluate(&model, a.scenes, mode, a.max_tokens, a.seed)
             .with_context(|| format!("evaluating {mode} mode"))?;
         if a.examples {
-            for e in &r.examples {
+            for e in r.examples.iter().take(5) {
                 println!(
                     "[{mode}] truth:  {}\n[{mode}] output: {}",
                     e.truth, e.output
@@ -95,12 +95,12 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         reports.push(r);
     }
     println!(
-        "\n| mode | scenes | tiles | visual tokens | pair precision | pair recall | exact counts | exact captions | words read | time |"
+        "\n| mode | scenes | tiles | visual tokens | pair precision | pair recall | exact counts | counts too few / many | exact captions | words read | time |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &reports {
         println!(
-            "| {} | {} | {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {}/{} | {:.0} s |",
+            "| {} | {} | {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% / {:.1}% | {:.1}% | {}/{} | {:.0} s |",
             r.mode,
             r.scenes,
             r.tiles_per_scene,
@@ -108,6 +108,8 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             100.0 * r.precision,
             100.0 * r.recall,
             100.0 * r.exact_counts,
+            100.0 * r.score.counts_too_few as f64 / r.score.truth_pairs.max(1) as f64,
+            100.0 * r.score.counts_too_many as f64 / r.score.truth_pairs.max(1) as f64,
             100.0 * r.exact_captions as f64 / r.scenes.max(1) as f64,
             r.words_right,
             r.word_scenes,

@@ -50,9 +50,16 @@ pub struct DemoArgs {
     /// appended to.
     #[arg(long, value_name = "DIR")]
     pub init: Option<PathBuf>,
-    /// Greedy-describe 8 held-out scenes every N stage-2 steps and log their F1 (0: never).
+    /// Greedy-describe 24 held-out scenes every N stage-2 steps and log their pair F1 and
+    /// exact-count rate (0: never).
     #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
+    /// Weight of the count words in the stage-2 caption loss (1: like every other token).
+    #[arg(long, default_value_t = 3.0)]
+    pub count_weight: f64,
+    /// Weight of the stage-2 count/word read-out from the adapter's register token.
+    #[arg(long, default_value_t = 2.0)]
+    pub aux_weight: f64,
 }
 
 pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
@@ -83,6 +90,8 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         stage2_lr: a.stage2_lr,
         save_every: a.save_every,
         eval_every: a.eval_every,
+        count_weight: a.count_weight,
+        aux_weight: a.aux_weight,
         out: a.out.clone(),
         ..DemoTrainConfig::default()
     };
@@ -129,11 +138,11 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
             if let Some(aux) = ev.aux_accuracy {
                 msg.push_str(&format!(" aux {aux:.2}"));
             }
-            if let Some(f1) = ev.eval_f1 {
-                msg.push_str(&format!(" held-out F1 {f1:.2}"));
+            if let (Some(f1), Some(counts)) = (ev.eval_f1, ev.eval_counts) {
+                msg.push_str(&format!(" held-out F1 {f1:.2} counts {counts:.2}"));
                 b.println(format!(
-                    "stage {} step {}: loss {:.3}, held-out pair F1 {:.3}",
-                    ev.stage, ev.step, ev.loss, f1
+                    "stage {} step {}: loss {:.3}, held-out pair F1 {:.3}, exact counts {:.3}",
+                    ev.stage, ev.step, ev.loss, f1, counts
                 ));
             }
             b.set_message(msg);

@@ -510,6 +510,15 @@ impl KvCache {
     pub fn batch(&self) -> i64 {
         self.batch
     }
+
+    /// Slots of the sliding-window rings (the first ring's: one cache's rings share a window
+    /// and slack); `None` without rotating layers.
+    pub fn ring_capacity(&self) -> Option<i64> {
+        self.layers.iter().find_map(|l| match l {
+            LayerCache::Rotating(r) => Some(r.capacity()),
+            _ => None,
+        })
+    }
     /// Tokens cached (including left padding).
     pub fn len(&self) -> i64 {
         self.len

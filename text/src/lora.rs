@@ -188,6 +188,52 @@ impl LoraAdapter {
         }
     }
 
+    /// Both adapters at once, as one overlay per module: A stacked along the rank, B scaled by
+    /// each adapter's multiplier, so `B'·A' = s₁·B₁·A₁ + s₂·B₂·A₂` exactly (scale 1, rank
+    /// r₁ + r₂; a module only one of them targets keeps just its part). The tensors are new
+    /// (fp32 when the two differ in dtype); neither adapter changes.
+    pub fn stack(&self, other: &LoraAdapter) -> Result<LoraAdapter> {
+        let mut kinds = self
+            .modules
+            .values()
+            .chain(other.modules.values())
+            .map(|(a, _)| a.kind());
+        let first = kinds.next().unwrap_or(Kind::Float);
+        let kind = if kinds.all(|k| k == first) {
+            first
+        } else {
+            Kind::Float
+        };
+        let part = |(a, b): &(Tensor, Tensor), s: f64| -> Result<(Tensor, Tensor)> {
+            Ok((
+                a.f_detach()?.f_to_kind(kind)?,
+                b.f_detach()?.f_to_kind(kind)?.f_mul_scalar(s)?,
+            ))
+        };
+        let mut modules = BTreeMap::new();
+        let names: std::collections::BTreeSet<&String> =
+            self.modules.keys().chain(other.modules.keys()).collect();
+        for name in names {
+            let parts = [
+                self.modules.get(name).map(|m| part(m, self.scale)),
+                other.modules.get(name).map(|m| part(m, other.scale)),
+            ];
+            let parts: Vec<(Tensor, Tensor)> =
+                parts.into_iter().flatten().collect::<Result<_>>()?;
+            let a: Vec<&Tensor> = parts.iter().map(|p| &p.0).collect();
+            let b: Vec<&Tensor> = parts.iter().map(|p| &p.1).collect();
+            // A: [r₁ + r₂, in], B: [out, r₁ + r₂]
+            modules.insert(name.clone(), (Tensor::f_cat(&a, 0)?, Tensor::f_cat(&b, 1)?));
+        }
+        Ok(LoraAdapter {
+            name: format!("{}+{}", self.name, other.name),
+            rank: self.rank + other.rank,
+            scale: 1.0,
+            source: other.source.clone(),
+            modules,
+        })
+    }
+
     /// A random adapter over `targets` of `decoder` (tests, benchmarks), seeded.
     pub fn random<M: LoraTarget + ?Sized>(
         decoder: &mut M,

@@ -455,7 +455,8 @@ impl PtMoe {
     pub fn set_exec(&mut self, exec: TrackExec) {
         self.exec = exec;
     }
-    /// Extra slots per sliding-window ring for later caches (roll back up to `slack` tokens).
+    /// Extra slots per sliding-window ring in later [`PtMoe::new_cache`]s (roll back up to
+    /// `slack` tokens); [`PtMoe::new_cache_slack`] chooses per cache.
     pub fn set_ring_slack(&mut self, slack: i64) {
         self.ring_slack = slack.max(0);
     }
@@ -468,6 +469,13 @@ impl PtMoe {
 
     /// A cache for [`PtMoe::forward_blocks`] over the first `blocks` track blocks.
     pub fn new_cache_blocks(&self, batch: i64, blocks: usize) -> PtMoeCache {
+        self.new_cache_slack(batch, blocks, self.ring_slack)
+    }
+
+    /// A cache over the first `blocks` track blocks whose rings keep `slack` extra slots, so
+    /// that [`PtMoeCache::truncate`] can undo up to `slack` tokens after they wrap (speculative
+    /// decoding asks for its draft length + 1). The forward reads the ring size from the cache.
+    pub fn new_cache_slack(&self, batch: i64, blocks: usize, slack: i64) -> PtMoeCache {
         let window = self.cfg.sliding_window as i64;
         let layers = blocks.min(self.blocks.len()) * self.cfg.track_block_depth;
         let kinds: Vec<CacheKind> = (0..layers)
@@ -477,7 +485,7 @@ impl PtMoe {
                 } else {
                     CacheKind::Rotating {
                         window,
-                        slack: self.ring_slack,
+                        slack: slack.max(0),
                     }
                 }
             })
@@ -631,19 +639,16 @@ impl PtMoe {
             None => None,
         };
         let window = self.cfg.sliding_window as i64;
+        // The rings of this cache (its own slack), for the band mask over ring slots.
+        let ring = cache.tracks[0]
+            .ring_capacity()
+            .unwrap_or(window + self.ring_slack);
         let (cos, sin) = self.rope.cos_sin(&positions, past + s, self.kind)?;
         let step = StepInputs {
             cos,
             sin,
             global: StepMask::build(s, past, key_mask.as_ref(), self.device)?,
-            local: StepMask::sliding(
-                s,
-                past,
-                window,
-                window + self.ring_slack,
-                key_mask.as_ref(),
-                self.device,
-            )?,
+            local: StepMask::sliding(s, past, window, ring, key_mask.as_ref(), self.device)?,
         };
         // The step inputs on each track's device (shared when it is the main one).
         let steps: Vec<StepInputs> = (0..self.cfg.num_tracks)

@@ -29,8 +29,12 @@ pub trait SpeculativeLm: CausalLm {
     fn vocab_size(&self) -> usize;
     /// Keep the first `len` tokens of `cache`.
     fn truncate_cache(cache: &mut Self::Cache, len: i64) -> Result<()>;
-    /// A cache for [`SpeculativeLm::forward_prefix`] with `depth` units.
-    fn new_prefix_cache(&self, batch: i64, depth: usize) -> Self::Cache;
+    /// Units (decoder layers, PT-MoE track blocks) of the whole model.
+    fn depth(&self) -> usize;
+    /// A cache over the first `depth` units (for [`SpeculativeLm::forward_prefix`], or the
+    /// whole model at [`SpeculativeLm::depth`]) that [`SpeculativeLm::truncate_cache`] can roll
+    /// back by up to `rollback` tokens at any length (sliding-window rings get the slots).
+    fn new_rollback_cache(&self, batch: i64, depth: usize, rollback: i64) -> Self::Cache;
     /// `ids` through the first `depth` units (layers, or track blocks), then the final norm
     /// and head.
     fn forward_prefix(
@@ -49,7 +53,11 @@ impl SpeculativeLm for Decoder {
     fn truncate_cache(cache: &mut KvCache, len: i64) -> Result<()> {
         cache.truncate(len)
     }
-    fn new_prefix_cache(&self, batch: i64, depth: usize) -> KvCache {
+    fn depth(&self) -> usize {
+        self.layers.len()
+    }
+    /// The decoder keeps every token (no rings): any rollback works.
+    fn new_rollback_cache(&self, batch: i64, depth: usize, _rollback: i64) -> KvCache {
         self.new_cache_depth(batch, depth)
     }
     fn forward_prefix(
@@ -70,8 +78,11 @@ impl SpeculativeLm for PtMoe {
     fn truncate_cache(cache: &mut PtMoeCache, len: i64) -> Result<()> {
         cache.truncate(len)
     }
-    fn new_prefix_cache(&self, batch: i64, depth: usize) -> PtMoeCache {
-        self.new_cache_blocks(batch, depth)
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+    fn new_rollback_cache(&self, batch: i64, depth: usize, rollback: i64) -> PtMoeCache {
+        self.new_cache_slack(batch, depth, rollback)
     }
     fn forward_prefix(
         &self,
@@ -221,10 +232,14 @@ pub fn generate_speculative<T: SpeculativeLm, D: SpeculativeLm>(
     } else {
         Vec::new()
     };
-    let mut tc = target.new_lm_cache(1);
+    // A round scores the pending token and K drafts, then may undo up to K + 1 of them.
+    let rollback = k as i64 + 1;
+    let mut tc = target.new_rollback_cache(1, target.depth(), rollback);
     let mut dc: DraftState<'_, T, D> = match draft {
-        Draft::Model(d) => DraftState::Model(d, d.new_lm_cache(1)),
-        Draft::SelfPrefix(n) => DraftState::Prefix(target, n, target.new_prefix_cache(1, n)),
+        Draft::Model(d) => DraftState::Model(d, d.new_rollback_cache(1, d.depth(), rollback)),
+        Draft::SelfPrefix(n) => {
+            DraftState::Prefix(target, n, target.new_rollback_cache(1, n, rollback))
+        }
     };
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut stats = SpeculativeStats::default();

@@ -68,13 +68,11 @@ fn greedy_speculative_equals_plain_greedy() {
     );
 }
 
-/// A PT-MoE preset with random weights; sliding-window rings keep `slack` extra slots so that
-/// speculative rollbacks of up to `slack` tokens work after the rings wrap.
-fn ptmoe(preset: &str, seed: i64, slack: i64) -> PtMoe {
+/// A PT-MoE preset with random weights and the default caches (rings of exactly the window):
+/// `generate_speculative` makes its own caches with the slack its rollbacks need.
+fn ptmoe(preset: &str, seed: i64) -> PtMoe {
     let cfg = ptmoe_preset(preset).unwrap();
-    let mut m = PtMoe::random(&cfg, seed, Device::Cpu, Kind::Float, &[]).unwrap();
-    m.set_ring_slack(slack);
-    m
+    PtMoe::random(&cfg, seed, Device::Cpu, Kind::Float, &[]).unwrap()
 }
 
 /// Exact target probabilities of the first two tokens after `prompt` under `cfg`.
@@ -183,8 +181,8 @@ fn ptmoe_greedy_speculative_equals_plain_greedy() {
     // happen inside wrapped rings; drafts: the target's first track block, another PT-MoE,
     // and a dense decoder with the same vocabulary.
     let k_max = 5;
-    let target = ptmoe("tiny-ptmoe", 1, k_max + 1);
-    let other = ptmoe("tiny-ptmoe", 2, k_max + 1);
+    let target = ptmoe("tiny-ptmoe", 1);
+    let other = ptmoe("tiny-ptmoe", 2);
     let dense = model("tiny-dense", 3);
     assert_eq!(dense.vocab_size(), target.vocab_size());
     let opts = GenerateOptions {
@@ -197,7 +195,7 @@ fn ptmoe_greedy_speculative_equals_plain_greedy() {
         (0..30).map(|i| (i * 7 + 1) % 256).collect(),
     ] {
         let plain = generate_lm(&target, None, &prompt, &opts, &mut |_| {}).unwrap();
-        for k in [1, 3, k_max as usize] {
+        for k in [1, 3, k_max] {
             let runs = [
                 generate_speculative(
                     &target,
@@ -221,23 +219,53 @@ fn ptmoe_greedy_speculative_equals_plain_greedy() {
             }
         }
     }
-    // A self-draft must be a strict prefix of the blocks; a ring without slack cannot roll
-    // back once it has wrapped, and says so.
+    // A self-draft must be a strict prefix of the blocks.
     assert!(
         generate_speculative(&target, Draft::<PtMoe>::SelfPrefix(3), None, &[1], &opts, 4).is_err()
     );
-    let tight = ptmoe("tiny-ptmoe", 1, 0);
-    let prompt: Vec<u32> = (0..30).collect();
-    match generate_speculative(&tight, Draft::Model(&other), None, &prompt, &opts, 4) {
+    // A cache without slack cannot roll back once its rings have wrapped, and says so; with
+    // slack it can, and continuing from the rolled-back cache equals a fresh forward.
+    let _g = tch::no_grad_guard();
+    let ids: Vec<u32> = (0..30).collect();
+    let blocks = target.blocks.len();
+    let mut tight = target.new_cache_slack(1, blocks, 0);
+    let _ = target
+        .forward_lm(&ids_tensor(&ids).unwrap(), None, &mut tight, Logits::Last)
+        .unwrap();
+    match PtMoe::truncate_cache(&mut tight, 27) {
         Err(e) => assert!(e.to_string().contains("ring"), "{e}"),
         Ok(_) => panic!("a wrapped ring without slack rolled back"),
     }
+    let mut roomy = target.new_cache_slack(1, blocks, 3);
+    let _ = target
+        .forward_lm(&ids_tensor(&ids).unwrap(), None, &mut roomy, Logits::Last)
+        .unwrap();
+    PtMoe::truncate_cache(&mut roomy, 27).unwrap();
+    let next = target
+        .forward_lm(
+            &ids_tensor(&[ids[27]]).unwrap(),
+            None,
+            &mut roomy,
+            Logits::Last,
+        )
+        .unwrap();
+    let mut fresh = target.new_cache_slack(1, blocks, 3);
+    let want = target
+        .forward_lm(
+            &ids_tensor(&ids[..28]).unwrap(),
+            None,
+            &mut fresh,
+            Logits::Last,
+        )
+        .unwrap();
+    let d = (&next - &want).abs().max().double_value(&[]);
+    assert!(d <= 1e-4, "rolled back and continued vs fresh: {d}");
 }
 
 #[test]
 fn ptmoe_sampled_speculative_follows_the_target_distribution() {
     tch::set_num_threads(1);
-    let target = ptmoe("tiny-ptmoe", 11, 4);
+    let target = ptmoe("tiny-ptmoe", 11);
     let rate =
         check_sampled_distribution(&target, Draft::<PtMoe>::SelfPrefix(1), &[3, 14, 15], 2000);
     assert!(rate < 1.0);
