@@ -317,6 +317,8 @@ mod tests {
                 fp: 1,
                 fn_: 4,
                 exact_count_hits: 2,
+                counts_too_few: 0,
+                counts_too_many: 1,
                 truth_pairs: 7
             }
         );

@@ -105,6 +105,30 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
     })
 }
 
+/// What the stage-1 tile head reads from each tile's encoder output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TileFeature {
+    /// The register token alone (the default): it reaches the text model as one token, so it
+    /// learns to hold the tile's counts.
+    Register,
+    /// The register token next to the mean token (the first two demo runs).
+    RegisterMean,
+}
+
+impl std::str::FromStr for TileFeature {
+    type Err = FusionError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "register" => Ok(Self::Register),
+            "register-mean" => Ok(Self::RegisterMean),
+            _ => Err(FusionError::InvalidArgument(format!(
+                "unknown tile feature `{s}` (expected register or register-mean)"
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoTrainConfig {
     pub seed: u64,
@@ -123,6 +147,8 @@ pub struct DemoTrainConfig {
     pub count_weight: f64,
     /// Weight of the stage-2 tile read-out (counts, word) from the adapter's register token.
     pub aux_weight: f64,
+    /// Input of the stage-1 tile head.
+    pub tile_feature: TileFeature,
     /// Save the checkpoint every this many stage-2 steps (0: only at the end).
     pub save_every: usize,
     /// Greedy-describe this many held-out scenes every `eval_every` stage-2 steps (logged).
@@ -145,6 +171,7 @@ impl Default for DemoTrainConfig {
             warmup: 30,
             count_weight: 3.0,
             aux_weight: 2.0,
+            tile_feature: TileFeature::Register,
             save_every: 50,
             eval_every: 50,
             out: PathBuf::from("assets/models/afm-vl-demo"),
@@ -367,13 +394,18 @@ impl TileHead {
     }
 }
 
-/// The tile-level feature of the encoder, `[tiles, C]`: its (first) register token, which the
-/// adapter passes on to the text model as one token, so that it learns to hold the tile's
-/// counts; the mean token without registers.
-fn encoder_tile_feature(out: &afm_vision::EncoderOutput) -> Result<Tensor> {
-    Ok(match &out.registers {
+/// The tile-level feature of the encoder: its (first) register token (`[tiles, C]`; the mean
+/// token without registers), or with [`TileFeature::RegisterMean`] the register next to the
+/// mean token (`[tiles, 2·C]`).
+fn encoder_tile_feature(out: &afm_vision::EncoderOutput, feature: TileFeature) -> Result<Tensor> {
+    let mean = || out.tokens.f_mean_dim(1, false, Kind::Float);
+    let reg = match &out.registers {
         Some(r) => r.f_select(1, 0)?,
-        None => out.tokens.f_mean_dim(1, false, Kind::Float)?,
+        None => mean()?,
+    };
+    Ok(match feature {
+        TileFeature::Register => reg,
+        TileFeature::RegisterMean => Tensor::f_cat(&[reg, mean()?], 1)?,
     })
 }
 
@@ -389,7 +421,11 @@ fn stage1(
     let device = model.device();
     let width = model.config.vision.hidden_size;
     let head_vs = nn::VarStore::new(device);
-    let tile_head = TileHead::new(head_vs.root() / "tile", width);
+    let feature_width = match cfg.tile_feature {
+        TileFeature::Register => width,
+        TileFeature::RegisterMean => 2 * width,
+    };
+    let tile_head = TileHead::new(head_vs.root() / "tile", feature_width);
     // Dense heads, factorised so that shape is not drowned by the background: colour (or
     // background) on every patch, shape on object patches only, and object centres (class or
     // none, background down-weighted).
@@ -437,7 +473,7 @@ fn stage1(
         let out = model.encoder.forward(&batch.pixels.f_to_device(device)?)?;
         let (gh, gw) = out.grid;
         let targets = tile_targets(&batch, Some((gh, gw)));
-        let tile = tile_head.forward(&encoder_tile_feature(&out)?, &targets)?;
+        let tile = tile_head.forward(&encoder_tile_feature(&out, cfg.tile_feature)?, &targets)?;
         let labels = Tensor::f_from_slice(&targets.dense)?.f_to_device(device)?;
         let on = labels.f_gt(0)?;
         let colours = labels

@@ -72,6 +72,16 @@ pub struct LoraArgs {
     /// Use the pairs as raw text instead of through the chat template.
     #[arg(long)]
     pub no_chat: bool,
+    /// Distil from this model (e.g. the full-precision model a quantized --base came from):
+    /// the loss adds KL(teacher ‖ student) on the response tokens. Same tokenizer needed.
+    #[arg(long, value_name = "DIR")]
+    pub teacher: Option<PathBuf>,
+    /// Share of the distillation term with --teacher: (1 − w)·cross-entropy + w·T²·KL.
+    #[arg(long, default_value_t = 1.0, requires = "teacher")]
+    pub distill_weight: f64,
+    /// Softmax temperature T of the distillation term.
+    #[arg(long, default_value_t = 1.0, requires = "teacher")]
+    pub distill_temperature: f64,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
@@ -87,6 +97,19 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
     let mut model = load_model_dir(&dir, ctx.device()?, DType::F32)?;
     let tok = model.tokenizer()?;
     let data = load_jsonl(&a.data, tok, !a.no_chat, a.max_len)?;
+    let teacher = match &a.teacher {
+        Some(t) => Some(
+            load_model_dir(t, ctx.device()?, DType::F32)
+                .with_context(|| format!("loading the teacher {}", t.display()))?,
+        ),
+        None => None,
+    };
+    if !(0.0..=1.0).contains(&a.distill_weight) {
+        anyhow::bail!(
+            "--distill-weight must be in [0, 1], got {}",
+            a.distill_weight
+        );
+    }
     let cfg = LoraTrainConfig {
         rank: a.rank,
         alpha: a.alpha,
@@ -98,6 +121,12 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         max_len: a.max_len,
         save_every: a.save_every,
         seed: a.seed,
+        distill_weight: if teacher.is_some() {
+            a.distill_weight
+        } else {
+            0.0
+        },
+        distill_temperature: a.distill_temperature,
         ..LoraTrainConfig::default()
     };
     let bar = if ctx.quiet {
@@ -117,6 +146,7 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         cfg,
         &a.out,
         a.resume,
+        teacher.as_ref().map(|t| &t.decoder),
         |step, loss| {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss:.4}"));

@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use afm_fusion::train_demo::{demo_config, train_demo, DemoTrainConfig};
+use afm_fusion::train_demo::{demo_config, train_demo, DemoTrainConfig, TileFeature};
 use afm_fusion::VisionLanguageModel;
 use afm_text::DType;
 use anyhow::Context as _;
@@ -60,6 +60,10 @@ pub struct DemoArgs {
     /// Weight of the stage-2 count/word read-out from the adapter's register token.
     #[arg(long, default_value_t = 2.0)]
     pub aux_weight: f64,
+    /// What the stage-1 tile head (counts, word) reads: `register` (the register token) or
+    /// `register-mean` (the register next to the mean token).
+    #[arg(long, default_value = "register")]
+    pub tile_feature: TileFeature,
 }
 
 pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
@@ -92,6 +96,7 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         eval_every: a.eval_every,
         count_weight: a.count_weight,
         aux_weight: a.aux_weight,
+        tile_feature: a.tile_feature,
         out: a.out.clone(),
         ..DemoTrainConfig::default()
     };

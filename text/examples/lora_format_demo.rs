@@ -88,7 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..LoraTrainConfig::default()
     };
     let t0 = std::time::Instant::now();
-    let (_, losses) = train(&mut m.decoder, &data, cfg, &out, false, |s, l| {
+    let (_, losses) = train(&mut m.decoder, &data, cfg, &out, false, None, |s, l| {
         if s % 10 == 0 {
             eprintln!("step {s}: loss {l:.4}");
         }

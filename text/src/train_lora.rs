@@ -2,6 +2,11 @@
 //! only, AdamW with decoupled weight decay, gradient accumulation, periodic checkpoints in the
 //! PEFT layout (so `LoraAdapter::load` and HF PEFT read them) and exact resume (adapter weights,
 //! AdamW moments and the step counter are all saved).
+//!
+//! With a teacher (`distill_weight > 0`), the loss mixes in knowledge distillation: the KL
+//! divergence from the teacher's next-token distribution (temperature T, scaled by T²) to the
+//! student's at the same response positions — how an accuracy-recovery LoRA on a quantized
+//! base learns from the full-precision model rather than from the data alone.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +33,17 @@ pub struct LoraTrainConfig {
     pub max_len: usize,
     pub save_every: usize,
     pub seed: u64,
+    /// Share of the distillation term in the loss: `(1 − w)·CE + w·T²·KL(teacher ‖ student)`
+    /// (0: plain cross-entropy; needs a teacher when > 0).
+    #[serde(default)]
+    pub distill_weight: f64,
+    /// Softmax temperature of the distillation term.
+    #[serde(default = "one")]
+    pub distill_temperature: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for LoraTrainConfig {
@@ -47,6 +63,8 @@ impl Default for LoraTrainConfig {
             max_len: 256,
             save_every: 50,
             seed: 0,
+            distill_weight: 0.0,
+            distill_temperature: 1.0,
         }
     }
 }
@@ -202,8 +220,15 @@ impl LoraTrainer {
             .activate(decoder)
     }
 
-    /// Mean response-token cross-entropy of a batch (right-padded; the loss ignores padding).
-    pub fn loss(&self, decoder: &Decoder, batch: &[&Example]) -> Result<Tensor> {
+    /// The training loss of a batch (right-padded; padding ignored): the mean response-token
+    /// cross-entropy, mixed with the distillation term when `teacher` is given and
+    /// `distill_weight > 0` (see the module docs).
+    pub fn loss(
+        &self,
+        decoder: &Decoder,
+        batch: &[&Example],
+        teacher: Option<&Decoder>,
+    ) -> Result<Tensor> {
         let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
         let (mut ids, mut labels) = (Vec::new(), Vec::new());
         for e in batch {
@@ -225,13 +250,28 @@ impl LoraTrainer {
         let mut cache = decoder.new_cache(b);
         let logits = decoder.forward(&ids, None, &mut cache, Logits::All)?; // [b, len, vocab]
         let vocab = logits.size()[2];
-        Ok(logits.f_view([-1, vocab])?.f_cross_entropy_loss::<Tensor>(
-            &labels,
-            None,
-            Reduction::Mean,
-            -100,
-            0.0,
-        )?)
+        let logits = logits.f_view([-1, vocab])?; // [b·len, vocab]
+        let ce =
+            logits.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)?;
+        let w = self.cfg.distill_weight;
+        let Some(teacher) = teacher.filter(|_| w > 0.0) else {
+            return Ok(ce);
+        };
+        // The response positions only: [n, vocab] for student and teacher.
+        let rows = labels.f_ne(-100)?.f_nonzero()?.f_view([-1])?;
+        let t_logits = tch::no_grad(|| -> Result<Tensor> {
+            let mut tc = teacher.new_cache(b);
+            let t = teacher.forward(&ids, None, &mut tc, Logits::All)?;
+            Ok(t.f_view([-1, vocab])?
+                .f_index_select(0, &rows.f_to_device(t.device())?)?
+                .f_to_device(logits.device())?)
+        })?;
+        let kl = distillation_kl(
+            &logits.f_index_select(0, &rows)?,
+            &t_logits,
+            self.cfg.distill_temperature,
+        )?;
+        Ok(ce.f_mul_scalar(1.0 - w)?.f_add(&kl.f_mul_scalar(w)?)?)
     }
 
     fn next_batch<'a>(&mut self, data: &'a [Example]) -> Vec<&'a Example> {
@@ -241,12 +281,17 @@ impl LoraTrainer {
     }
 
     /// One optimiser step over `grad_accum` micro-batches; returns the mean loss.
-    pub fn train_step(&mut self, decoder: &Decoder, data: &[Example]) -> Result<f64> {
+    pub fn train_step(
+        &mut self,
+        decoder: &Decoder,
+        data: &[Example],
+        teacher: Option<&Decoder>,
+    ) -> Result<f64> {
         let mut total = 0.0;
         for _ in 0..self.cfg.grad_accum.max(1) {
             let batch = self.next_batch(data);
             let loss = self
-                .loss(decoder, &batch)?
+                .loss(decoder, &batch, teacher)?
                 .f_div_scalar(self.cfg.grad_accum.max(1) as f64)?;
             loss.f_backward()?;
             total += loss.double_value(&[]);
@@ -357,19 +402,55 @@ impl LoraTrainer {
     }
 }
 
+/// `T²·KL(softmax(teacher/T) ‖ softmax(student/T))`, the mean over rows of `[n, vocab]`
+/// logits (Hinton et al.'s distillation term; T² keeps its gradients on the scale of T = 1).
+pub fn distillation_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let t = temperature.max(1e-6);
+    let log_p = teacher
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(t)?
+        .f_log_softmax(-1, Kind::Float)?;
+    let log_q = student
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(t)?
+        .f_log_softmax(-1, Kind::Float)?;
+    let n = student.size().first().copied().unwrap_or(1).max(1);
+    Ok(log_p
+        .f_exp()?
+        .f_mul(&log_p.f_sub(&log_q)?)?
+        .f_sum(Kind::Float)?
+        .f_div_scalar(n as f64)?
+        .f_mul_scalar(t * t)?)
+}
+
 /// Train (or resume) and checkpoint into `out`. `progress(step, loss)` after each step.
+/// `teacher`: the model to distil from when `cfg.distill_weight > 0` (same vocabulary).
 pub fn train(
     decoder: &mut Decoder,
     data: &[Example],
     cfg: LoraTrainConfig,
     out: &Path,
     resume: bool,
+    teacher: Option<&Decoder>,
     mut progress: impl FnMut(usize, f64),
 ) -> Result<(PathBuf, Vec<f64>)> {
     if decoder.kind() != Kind::Float {
         return Err(TextError::InvalidArgument(
             "LoRA training needs the base model in fp32 (--dtype fp32)".into(),
         ));
+    }
+    if cfg.distill_weight > 0.0 {
+        let Some(t) = teacher else {
+            return Err(TextError::InvalidArgument(
+                "distillation (distill_weight > 0) needs a teacher model".into(),
+            ));
+        };
+        if t.cfg.vocab_size != decoder.cfg.vocab_size {
+            return Err(TextError::InvalidArgument(format!(
+                "the teacher's vocabulary ({}) differs from the student's ({})",
+                t.cfg.vocab_size, decoder.cfg.vocab_size
+            )));
+        }
     }
     let (mut trainer, mut losses) = if resume && out.join("trainer_state.json").exists() {
         LoraTrainer::resume(decoder, out)?
@@ -379,7 +460,7 @@ pub fn train(
     trainer.cfg.steps = cfg.steps;
     trainer.attach(decoder)?;
     while trainer.step < trainer.cfg.steps {
-        let loss = trainer.train_step(decoder, data)?;
+        let loss = trainer.train_step(decoder, data, teacher)?;
         losses.push(loss);
         progress(trainer.step, loss);
         if trainer.cfg.save_every > 0 && trainer.step % trainer.cfg.save_every == 0 {

@@ -232,7 +232,7 @@ fn recovery_lora_trains_on_a_frozen_quantized_base() {
         ..LoraTrainConfig::default()
     };
     let out = d.root.join("recovery");
-    let (_, losses) = train(&mut m.decoder, &[ex], cfg, &out, false, |_, _| {}).unwrap();
+    let (_, losses) = train(&mut m.decoder, &[ex], cfg, &out, false, None, |_, _| {}).unwrap();
     assert!(
         losses.last().unwrap() < &(losses[0] * 0.9),
         "loss did not fall: {losses:?}"
@@ -328,4 +328,122 @@ fn int8_kv_cache_tracks_the_full_precision_cache() {
     assert!(e < 0.02, "int8 KV changes the logits by {e}");
     // fp32 K/V here: int8 codes plus an fp32 scale per head and token (head_dim 16).
     assert_eq!(bytes8 * 4 * 16, bytes16 * (16 + 4));
+}
+
+/// Distillation: a recovery LoRA trained against the full-precision teacher (KL only, no
+/// labels) brings the 2-bit model's next-token distributions on held-out sequences much closer
+/// to the teacher's; the KL of a model against itself is 0; distilling without a teacher is
+/// refused.
+#[test]
+fn distillation_recovery_lora_pulls_the_quantized_model_toward_the_teacher() {
+    use afm_text::lora::LoraAdapter;
+    use afm_text::train_lora::{distillation_kl, train, Example, LoraTrainConfig};
+    let d = setup();
+    let teacher = TextModel::load(&d.full, Device::Cpu, DType::F32).unwrap();
+    let (dir, _) = quantize(&d, "pal2-distill", Method::Palette, BitPlan::Fixed(2));
+    let mut m = TextModel::load(&dir, Device::Cpu, DType::F32).unwrap();
+    // Pseudo-random token sequences (a 64-bit LCG per sequence).
+    let seq = |s: u64| -> Vec<u32> {
+        let mut x = s.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..24)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((x >> 33) % 256) as u32
+            })
+            .collect()
+    };
+    let all_logits = |m: &TextModel, seqs: &[Vec<u32>]| -> Tensor {
+        let _g = tch::no_grad_guard();
+        let rows: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| {
+                let ids: Vec<i64> = s.iter().map(|&t| t as i64).collect();
+                let mut c = m.decoder.new_cache(1);
+                m.decoder
+                    .forward(
+                        &Tensor::from_slice(&ids).view([1, -1]),
+                        None,
+                        &mut c,
+                        Logits::All,
+                    )
+                    .unwrap()
+                    .squeeze_dim(0)
+            })
+            .collect();
+        Tensor::cat(&rows, 0)
+    };
+    let held: Vec<Vec<u32>> = (1000..1008).map(seq).collect();
+    let t_held = all_logits(&teacher, &held);
+    let kl = |m: &TextModel| {
+        distillation_kl(&all_logits(m, &held), &t_held, 1.0)
+            .unwrap()
+            .double_value(&[])
+    };
+    assert!(
+        distillation_kl(&t_held, &t_held, 2.0)
+            .unwrap()
+            .double_value(&[])
+            < 1e-6
+    );
+    let before = kl(&m);
+    assert!(
+        before > 1e-3,
+        "2-bit should differ from the teacher: {before}"
+    );
+
+    let data: Vec<Example> = (0..64)
+        .map(|s| Example {
+            ids: seq(s),
+            prompt_len: 0,
+        })
+        .collect();
+    let cfg = LoraTrainConfig {
+        rank: 8,
+        alpha: 16.0,
+        lr: 3e-3,
+        steps: 200,
+        batch_size: 4,
+        save_every: 0,
+        distill_weight: 1.0,
+        ..LoraTrainConfig::default()
+    };
+    let out = d.root.join("distilled");
+    let err = train(
+        &mut m.decoder,
+        &data,
+        cfg.clone(),
+        &out,
+        false,
+        None,
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("teacher"), "{err}");
+    let (_, losses) = train(
+        &mut m.decoder,
+        &data,
+        cfg,
+        &out,
+        false,
+        Some(&teacher.decoder),
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(
+        (losses[0] - before).abs() < before,
+        "{losses:?} vs {before}"
+    );
+    LoraAdapter::load(&out, Device::Cpu, Kind::Float)
+        .unwrap()
+        .activate(&mut m.decoder)
+        .unwrap();
+    let after = kl(&m);
+    eprintln!("held-out KL(teacher ‖ student): {before:.4} without the LoRA, {after:.4} with");
+    assert!(
+        after < 0.5 * before,
+        "held-out KL(teacher ‖ 2-bit + LoRA) {after} vs {before} without"
+    );
 }

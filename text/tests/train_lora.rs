@@ -61,7 +61,7 @@ fn loss_falls_and_base_is_frozen() {
     let probe = [5u32, 17, 33, 2, 9, 11];
     let before = logits(&d, &probe);
     let tmp = tempfile::tempdir().unwrap();
-    let (_, losses) = train(&mut d, &data(), cfg(60), tmp.path(), false, |_, _| {}).unwrap();
+    let (_, losses) = train(&mut d, &data(), cfg(60), tmp.path(), false, None, |_, _| {}).unwrap();
     let first: f64 = losses[..4].iter().sum::<f64>() / 4.0;
     let last: f64 = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
     println!("loss {first:.3} → {last:.3}");
@@ -97,10 +97,10 @@ fn resume_is_identical_to_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let mut d = tiny();
-    let (_, straight) = train(&mut d, &data(), cfg(6), &a, false, |_, _| {}).unwrap();
+    let (_, straight) = train(&mut d, &data(), cfg(6), &a, false, None, |_, _| {}).unwrap();
     // "Killed" after step 3 (the checkpoint of save_every = 3), then resumed to 6.
-    let _ = train(&mut d, &data(), cfg(3), &b, false, |_, _| {}).unwrap();
-    let (_, resumed) = train(&mut d, &data(), cfg(6), &b, true, |_, _| {}).unwrap();
+    let _ = train(&mut d, &data(), cfg(3), &b, false, None, |_, _| {}).unwrap();
+    let (_, resumed) = train(&mut d, &data(), cfg(6), &b, true, None, |_, _| {}).unwrap();
     assert_eq!(straight, resumed, "losses of every step");
     let wa = afm_text::checkpoint::load_weights(
         &a.join("adapter_model.safetensors"),
