@@ -84,6 +84,26 @@ fn folder_with_a_corrupt_file_and_a_missing_file() {
 }
 
 #[test]
+fn describe_with_a_missing_adapter_names_it() {
+    demo_present();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-adapter");
+    let img = repo().join("assets/images");
+    let o = afm(&[
+        "describe",
+        "--adapter",
+        missing.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no-such-adapter") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
 fn not_an_image_is_a_clear_error() {
     demo_present();
     let dir = tempfile::tempdir().unwrap();
