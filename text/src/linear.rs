@@ -201,6 +201,30 @@ impl Linear {
         Ok(())
     }
 
+    /// Take a merged update back out of the dense weight (`W −= s·B·A`): the inverse of
+    /// [`Linear::merge_lora`] up to rounding in the weight's dtype.
+    pub fn unmerge_lora(&mut self, lora: &LoraOverlay) -> Result<()> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Err(crate::error::TextError::InvalidArgument(
+                "cannot unmerge a LoRA adapter from a quantized layer".into(),
+            ));
+        };
+        let delta = lora
+            .b
+            .f_matmul(&lora.a)?
+            .f_mul_scalar(lora.scale)?
+            .f_to_kind(w.kind())?;
+        if delta.size() != w.size() {
+            return Err(crate::error::TextError::InvalidArgument(format!(
+                "LoRA update {:?} does not fit a weight {:?}",
+                delta.size(),
+                w.size()
+            )));
+        }
+        self.weight = LinearWeight::Dense(w.f_sub(&delta)?);
+        Ok(())
+    }
+
     // x: [..., in] → [..., out]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {

@@ -7,7 +7,7 @@ mod common;
 use afm_text::generation::ids_tensor;
 use afm_text::linear::Linear;
 use afm_text::lora::{
-    deactivate, merge_active, AdapterCache, LoraAdapter, LoraTarget, DEFAULT_TARGETS,
+    deactivate, merge_active, unmerge, AdapterCache, LoraAdapter, LoraTarget, DEFAULT_TARGETS,
 };
 use afm_text::ptmoe_config::ptmoe_preset;
 use afm_text::{DType, Decoder, Logits, PtMoe, TextModel, TrackExec};
@@ -71,6 +71,11 @@ fn overlay_equals_hand_merged_weights() {
     merge_active(&mut with).unwrap();
     assert!(max_abs_diff(&before, &logits(&with)) <= 1e-4);
     assert!(with.linears_mut().iter().all(|(_, l)| l.lora().is_none()));
+
+    // unmerge takes it back out: the base model's logits again.
+    unmerge(&mut with, &adapter).unwrap();
+    let d = max_abs_diff(&logits(&with), &base_logits);
+    assert!(d <= 1e-4, "merged then unmerged vs base: {d}");
 }
 
 /// Two adapters stacked into one overlay give W + s₁·B₁·A₁ + s₂·B₂·A₂: both hand-merged in
