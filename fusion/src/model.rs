@@ -110,7 +110,16 @@ impl VisionLanguageModel {
         if self.image_lora.is_none() || on == self.lora_active {
             return Ok(());
         }
-        let overlay = match on {
+        self.apply_overlays(on)?;
+        self.lora_active = on;
+        Ok(())
+    }
+
+    /// Put the overlays of an image prompt (`image`: the image LoRA, stacked with the text
+    /// adapter if one is set) or of a text-only prompt (the text adapter or none) on the text
+    /// model.
+    fn apply_overlays(&mut self, image: bool) -> Result<()> {
+        let overlay = match image {
             true => self.stacked.as_ref().or(self.image_lora.as_ref()),
             false => self.text_adapter.as_ref(),
         };
@@ -118,7 +127,6 @@ impl VisionLanguageModel {
             Some(l) => l.activate(&mut self.text.decoder)?,
             None => afm_text::lora::deactivate(&mut self.text.decoder)?,
         }
-        self.lora_active = on;
         Ok(())
     }
 
@@ -127,28 +135,14 @@ impl VisionLanguageModel {
     /// stacked overlay on image prompts ([`LoraAdapter::stack`]: the sum of their updates);
     /// text-only prompts get the adapter alone.
     pub fn set_text_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
-        let was_on = self.lora_active || self.image_lora.is_none();
         self.stacked = match (&self.image_lora, &adapter) {
             (Some(img), Some(user)) => Some(img.stack(user)?),
             _ => None,
         };
         self.text_adapter = adapter;
-        // Re-apply the current state with the new overlays.
-        let overlay = match was_on {
-            true => self.stacked.as_ref().or(self.image_lora.as_ref()),
-            false => None,
-        }
-        .or(self.text_adapter.as_ref());
-        match overlay {
-            Some(l) => l.activate(&mut self.text.decoder)?,
-            None => afm_text::lora::deactivate(&mut self.text.decoder)?,
-        }
-        Ok(())
-    }
-
-    /// The user's text adapter, if one is set.
-    pub fn text_adapter(&self) -> Option<&LoraAdapter> {
-        self.text_adapter.as_ref()
+        // Re-apply the current state with the new overlays (without an image LoRA,
+        // `lora_active` stays false: the text-only state).
+        self.apply_overlays(self.lora_active)
     }
 
     /// A text-only prompt: the unchanged text model (the image LoRA is off meanwhile).

@@ -116,6 +116,16 @@ pub enum TileFeature {
     RegisterMean,
 }
 
+impl TileFeature {
+    /// Width of the feature for an encoder of width `c`.
+    fn width(self, c: i64) -> i64 {
+        match self {
+            Self::Register => c,
+            Self::RegisterMean => 2 * c,
+        }
+    }
+}
+
 impl std::str::FromStr for TileFeature {
     type Err = FusionError;
     fn from_str(s: &str) -> Result<Self> {
@@ -421,11 +431,7 @@ fn stage1(
     let device = model.device();
     let width = model.config.vision.hidden_size;
     let head_vs = nn::VarStore::new(device);
-    let feature_width = match cfg.tile_feature {
-        TileFeature::Register => width,
-        TileFeature::RegisterMean => 2 * width,
-    };
-    let tile_head = TileHead::new(head_vs.root() / "tile", feature_width);
+    let tile_head = TileHead::new(head_vs.root() / "tile", cfg.tile_feature.width(width));
     // Dense heads, factorised so that shape is not drowned by the background: colour (or
     // background) on every patch, shape on object patches only, and object centres (class or
     // none, background down-weighted).

@@ -104,12 +104,6 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    if !(0.0..=1.0).contains(&a.distill_weight) {
-        anyhow::bail!(
-            "--distill-weight must be in [0, 1], got {}",
-            a.distill_weight
-        );
-    }
     let cfg = LoraTrainConfig {
         rank: a.rank,
         alpha: a.alpha,

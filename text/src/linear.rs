@@ -36,6 +36,15 @@ pub struct LoraOverlay {
 }
 
 impl LoraOverlay {
+    /// The full update `s·B·A`, `[out, in]`, in `kind`.
+    pub fn delta(&self, kind: Kind) -> Result<Tensor> {
+        Ok(self
+            .b
+            .f_matmul(&self.a)?
+            .f_mul_scalar(self.scale)?
+            .f_to_kind(kind)?)
+    }
+
     /// A view sharing storage (activating a cached adapter copies no weights).
     pub fn shallow_clone(&self) -> Self {
         Self {
@@ -192,11 +201,7 @@ impl Linear {
             let LinearWeight::Dense(w) = &self.weight else {
                 unreachable!("checked above")
             };
-            let delta =
-                l.b.f_matmul(&l.a)?
-                    .f_mul_scalar(l.scale)?
-                    .f_to_kind(w.kind())?;
-            self.weight = LinearWeight::Dense(w.f_add(&delta)?);
+            self.weight = LinearWeight::Dense(w.f_add(&l.delta(w.kind())?)?);
         }
         Ok(())
     }
@@ -209,11 +214,7 @@ impl Linear {
                 "cannot unmerge a LoRA adapter from a quantized layer".into(),
             ));
         };
-        let delta = lora
-            .b
-            .f_matmul(&lora.a)?
-            .f_mul_scalar(lora.scale)?
-            .f_to_kind(w.kind())?;
+        let delta = lora.delta(w.kind())?;
         if delta.size() != w.size() {
             return Err(crate::error::TextError::InvalidArgument(format!(
                 "LoRA update {:?} does not fit a weight {:?}",

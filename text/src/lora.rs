@@ -262,25 +262,35 @@ impl LoraAdapter {
         })
     }
 
+    /// Every linear of `decoder` by name, after checking that each module this adapter
+    /// targets is among them.
+    fn linears_of<'m, M: LoraTarget + ?Sized>(
+        &self,
+        decoder: &'m mut M,
+    ) -> Result<BTreeMap<String, &'m mut Linear>> {
+        let linears: BTreeMap<String, _> = decoder.lora_linears().into_iter().collect();
+        if let Some(m) = self.modules.keys().find(|m| !linears.contains_key(*m)) {
+            return Err(TextError::checkpoint(
+                &self.source,
+                format!("adapter targets '{m}', which this model does not have"),
+            ));
+        }
+        Ok(linears)
+    }
+
+    /// The overlay of module `name` (sharing storage), if this adapter targets it.
+    fn overlay(&self, name: &str) -> Option<LoraOverlay> {
+        self.modules.get(name).map(|(a, b)| LoraOverlay {
+            a: a.shallow_clone(),
+            b: b.shallow_clone(),
+            scale: self.scale,
+        })
+    }
+
     /// Put this adapter's overlays on `decoder` (replacing any active adapter).
     pub fn activate<M: LoraTarget + ?Sized>(&self, decoder: &mut M) -> Result<()> {
-        let scale = self.scale;
-        let mut linears: BTreeMap<String, _> = decoder.lora_linears().into_iter().collect();
-        for m in self.modules.keys() {
-            if !linears.contains_key(m) {
-                return Err(TextError::checkpoint(
-                    &self.source,
-                    format!("adapter targets '{m}', which this model does not have"),
-                ));
-            }
-        }
-        for (name, lin) in linears.iter_mut() {
-            let overlay = self.modules.get(name).map(|(a, b)| LoraOverlay {
-                a: a.shallow_clone(),
-                b: b.shallow_clone(),
-                scale,
-            });
-            lin.set_lora(overlay)
+        for (name, lin) in self.linears_of(decoder)? {
+            lin.set_lora(self.overlay(&name))
                 .map_err(|e| TextError::checkpoint(&self.source, format!("'{name}': {e}")))?;
         }
         Ok(())
@@ -307,21 +317,11 @@ pub fn merge_active<M: LoraTarget + ?Sized>(decoder: &mut M) -> Result<()> {
 /// [`merge_active`]): `W −= s·B·A` on each module it targets. Exact up to rounding in the
 /// weights' dtype (fp32: ~1e-7 relative; bf16 loses more).
 pub fn unmerge<M: LoraTarget + ?Sized>(decoder: &mut M, adapter: &LoraAdapter) -> Result<()> {
-    let mut linears: BTreeMap<String, _> = decoder.lora_linears().into_iter().collect();
-    for (name, (a, b)) in &adapter.modules {
-        let lin = linears.get_mut(name).ok_or_else(|| {
-            TextError::checkpoint(
-                &adapter.source,
-                format!("adapter targets '{name}', which this model does not have"),
-            )
-        })?;
-        let overlay = LoraOverlay {
-            a: a.shallow_clone(),
-            b: b.shallow_clone(),
-            scale: adapter.scale,
-        };
-        lin.unmerge_lora(&overlay)
-            .map_err(|e| TextError::checkpoint(&adapter.source, format!("'{name}': {e}")))?;
+    for (name, lin) in adapter.linears_of(decoder)? {
+        if let Some(overlay) = adapter.overlay(&name) {
+            lin.unmerge_lora(&overlay)
+                .map_err(|e| TextError::checkpoint(&adapter.source, format!("'{name}': {e}")))?;
+        }
     }
     Ok(())
 }

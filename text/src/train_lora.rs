@@ -439,7 +439,19 @@ pub fn train(
             "LoRA training needs the base model in fp32 (--dtype fp32)".into(),
         ));
     }
-    if cfg.distill_weight > 0.0 {
+    let (mut trainer, mut losses) = if resume && out.join("trainer_state.json").exists() {
+        LoraTrainer::resume(decoder, out)?
+    } else {
+        (LoraTrainer::new(decoder, cfg.clone())?, Vec::new())
+    };
+    // The distillation settings the run uses (a resumed run keeps its saved ones).
+    let w = trainer.cfg.distill_weight;
+    if !(0.0..=1.0).contains(&w) {
+        return Err(TextError::InvalidArgument(format!(
+            "the distillation weight must be in [0, 1], got {w}"
+        )));
+    }
+    if w > 0.0 {
         let Some(t) = teacher else {
             return Err(TextError::InvalidArgument(
                 "distillation (distill_weight > 0) needs a teacher model".into(),
@@ -452,11 +464,6 @@ pub fn train(
             )));
         }
     }
-    let (mut trainer, mut losses) = if resume && out.join("trainer_state.json").exists() {
-        LoraTrainer::resume(decoder, out)?
-    } else {
-        (LoraTrainer::new(decoder, cfg.clone())?, Vec::new())
-    };
     trainer.cfg.steps = cfg.steps;
     trainer.attach(decoder)?;
     while trainer.step < trainer.cfg.steps {
