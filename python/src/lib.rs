@@ -170,7 +170,7 @@ fn _roundtrip(py: Python<'_>, t: PyTensor) -> PyResult<PyObject> {
 /// Whether libtorch (as linked into this module) sees CUDA.
 #[pyfunction]
 fn cuda_is_available() -> bool {
-    tch::Cuda::is_available()
+    afm_text::device::cuda_available()
 }
 
 #[pymodule]

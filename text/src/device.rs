@@ -38,12 +38,59 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// Load libtorch's CUDA backend (`libtorch_cuda.so`), once. The backend registers CUDA with
+/// libtorch when it is loaded, but nothing in our binaries calls it by name, so the linker
+/// (`--as-needed`) drops it and a CUDA build of libtorch would report no GPU. Looked up by
+/// name (`LD_LIBRARY_PATH`, then the binary's rpath), then in the folder torch-sys built
+/// against. Returns whether it is loaded: false with a CPU-only libtorch, and off Linux.
+pub fn load_cuda_backend() -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(dlopen_cuda_backend)
+}
+
+#[cfg(target_os = "linux")]
+fn dlopen_cuda_backend() -> bool {
+    let mut names = vec!["libtorch_cuda.so".to_string()];
+    if let Some(dir) = option_env!("AFM_LIBTORCH_LIB") {
+        names.push(format!("{dir}/libtorch_cuda.so"));
+    }
+    for name in names {
+        let Ok(c) = std::ffi::CString::new(name.as_str()) else {
+            continue;
+        };
+        // SAFETY: dlopen with a NUL-terminated name; the handle is kept for the process's life
+        // (the backend must stay loaded).
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if !handle.is_null() {
+            tracing::debug!("loaded libtorch's CUDA backend ({name})");
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+fn dlopen_cuda_backend() -> bool {
+    false
+}
+
+/// Number of CUDA devices libtorch sees (after [`load_cuda_backend`]).
+pub fn cuda_device_count() -> usize {
+    load_cuda_backend();
+    tch::Cuda::device_count().max(0) as usize
+}
+
+/// Whether libtorch sees a CUDA device (after [`load_cuda_backend`]).
+pub fn cuda_available() -> bool {
+    cuda_device_count() > 0
+}
+
 impl DeviceSpec {
     /// Resolve to a libtorch device, checking that it is present.
     pub fn resolve(self) -> Result<tch::Device, TextError> {
         match self {
             Self::Auto => {
-                if tch::Cuda::is_available() {
+                if cuda_available() {
                     Ok(tch::Device::Cuda(0))
                 } else if tch::utils::has_mps() {
                     Ok(tch::Device::Mps)
@@ -53,7 +100,7 @@ impl DeviceSpec {
             }
             Self::Cpu => Ok(tch::Device::Cpu),
             Self::Cuda(i) => {
-                let n = tch::Cuda::device_count() as usize;
+                let n = cuda_device_count();
                 if i < n {
                     Ok(tch::Device::Cuda(i))
                 } else {

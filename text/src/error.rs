@@ -30,6 +30,8 @@ pub enum TextError {
     UnknownPreset { name: String, known: String },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("CUDA stream: {0}")]
+    CudaStream(String),
 }
 
 impl TextError {

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
+pub mod cuda_stream;
 pub mod decoder;
 pub mod device;
 pub mod embedding;

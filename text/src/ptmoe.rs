@@ -7,7 +7,8 @@
 //! [`KvCache`] (one per track, `Rotating` layers for the sliding window) and [`StepMask`].
 //!
 //! Tracks run concurrently (a pool of one worker thread per track, intra-op threads split
-//! between them) or sequentially; a track's weights and cache may live on their own device
+//! between them; a track on a GPU runs on its own CUDA stream, so tracks sharing one GPU
+//! overlap too) or sequentially; a track's weights and cache may live on their own device
 //! (`--track-devices`).
 //! One forward synchronises once per track block (the merge), against two all-reduces per layer
 //! for tensor parallelism.
@@ -25,6 +26,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::attention::{Attention, StepMask};
 use crate::checkpoint::load_weights;
+use crate::cuda_stream::CudaStream;
 use crate::decoder::Logits;
 use crate::embedding::Embedding;
 use crate::error::{Result, TextError};
@@ -181,11 +183,40 @@ impl StepInputs {
 pub struct Track {
     pub layers: Vec<TrackLayer>,
     device: Device,
+    /// The track's own CUDA stream when it runs concurrently on a GPU (taken on first use).
+    stream: std::sync::OnceLock<CudaStream>,
 }
 
 impl Track {
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The CUDA stream this track runs on when concurrent (none before its first such run, or
+    /// off a GPU).
+    pub fn cuda_stream(&self) -> Option<CudaStream> {
+        self.stream.get().copied()
+    }
+
+    /// Run the track on a worker thread of concurrent tracks: on a GPU with its own stream
+    /// (so that tracks sharing one device overlap), elsewhere as is.
+    fn forward_concurrent(
+        &self,
+        x: &Tensor,
+        step: &StepInputs,
+        cache: &mut KvCache,
+    ) -> Result<TrackOutput> {
+        let Device::Cuda(index) = self.device else {
+            return self.forward(x, step, cache);
+        };
+        let stream = match self.stream.get() {
+            Some(s) => *s,
+            None => {
+                let s = CudaStream::from_pool(index)?;
+                *self.stream.get_or_init(|| s)
+            }
+        };
+        stream.run(|| self.forward(x, step, cache))
     }
 
     /// Run the track's layers; returns the output and the MoE layers' auxiliary losses.
@@ -392,6 +423,7 @@ impl PtMoe {
                 tracks.push(Track {
                     layers,
                     device: tw.device(),
+                    stream: std::sync::OnceLock::new(),
                 });
             }
             blocks.push(tracks);
@@ -630,9 +662,12 @@ impl PtMoe {
             let p = c.begin_step(s, mask)?;
             positions.get_or_insert(p);
         }
-        let positions = positions.ok_or_else(|| {
-            TextError::InvalidArgument("a PT-MoE model needs at least one track".into())
-        })?;
+        // On the first track's device: to the main one, where the RoPE table lives.
+        let positions = positions
+            .ok_or_else(|| {
+                TextError::InvalidArgument("a PT-MoE model needs at least one track".into())
+            })?
+            .f_to_device(self.device)?;
         let key_mask = cache.tracks[0].key_mask().map(|m| m.shallow_clone());
         let key_mask = match key_mask {
             Some(m) => Some(m.f_to_device(self.device)?),
@@ -728,7 +763,7 @@ impl PtMoe {
                 scope.spawn(move |_| {
                     let track = track.get();
                     let _guard = (!grad).then(tch::no_grad_guard);
-                    *slot = Some(track.forward(&x, &st, cache));
+                    *slot = Some(track.forward_concurrent(&x, &st, cache));
                 });
             }
         });
@@ -786,10 +821,10 @@ pub fn parse_track_devices(spec: &str) -> Result<Vec<Device>> {
                 },
             };
             if let Device::Cuda(n) = dev {
-                if n >= tch::Cuda::device_count() as usize {
+                if n >= crate::device::cuda_device_count() {
                     return Err(TextError::InvalidArgument(format!(
                         "track device {s}: only {} CUDA device(s) present",
-                        tch::Cuda::device_count()
+                        crate::device::cuda_device_count()
                     )));
                 }
             }
@@ -866,7 +901,7 @@ mod tests {
         );
         assert!(parse_track_devices("gpu0").is_err());
         assert!(parse_track_devices("cuda:x").is_err());
-        if !tch::Cuda::is_available() {
+        if !crate::device::cuda_available() {
             let err = parse_track_devices("cuda:0").unwrap_err().to_string();
             assert!(err.contains("CUDA"), "{err}");
         }
