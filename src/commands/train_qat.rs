@@ -42,6 +42,10 @@ pub struct QatArgs {
     pub seq_len: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Stop after this many minutes of training and export what was trained (--steps is then
+    /// an upper bound).
+    #[arg(long, value_name = "MINUTES")]
+    pub max_minutes: Option<f64>,
 }
 
 pub fn run(ctx: &Context, a: QatArgs) -> anyhow::Result<()> {
@@ -63,6 +67,11 @@ pub fn run(ctx: &Context, a: QatArgs) -> anyhow::Result<()> {
         batch_size: a.batch_size.max(1),
         seq_len: a.seq_len,
         seed: a.seed,
+        time_limit: match a.max_minutes {
+            Some(m) if m.is_finite() && m > 0.0 => Some(std::time::Duration::from_secs_f64(m * 60.0)),
+            Some(m) => anyhow::bail!("--max-minutes must be a positive number, got {m}"),
+            None => None,
+        },
     };
     let bar = if ctx.quiet {
         ProgressBar::hidden()
@@ -81,6 +90,15 @@ pub fn run(ctx: &Context, a: QatArgs) -> anyhow::Result<()> {
     })
     .with_context(|| format!("QAT into {}", a.out.display()))?;
     bar.finish_and_clear();
+    // The loss curve beside the model, for the record.
+    let log = a.out.join("qat_log.json");
+    let record = serde_json::json!({
+        "bits": a.bits, "embed_bits": a.embed_bits, "lr": a.lr, "f_lr": a.f_lr,
+        "batch_size": cfg.batch_size, "seq_len": a.seq_len, "seed": a.seed,
+        "windows": windows.len(), "steps": losses.len(), "losses": losses,
+    });
+    std::fs::write(&log, serde_json::to_string(&record)?)
+        .with_context(|| format!("writing {}", log.display()))?;
     if !ctx.quiet {
         let k = losses.len().min(5);
         let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;

@@ -267,7 +267,18 @@ fn qat_trains_and_exports_a_packed_model() {
         batch_size: 2,
         seq_len: 32,
         seed: 0,
+        time_limit: None,
     };
+    // A spent time limit: no step, the starting point exported (and labelled so).
+    let spent = QatConfig {
+        time_limit: Some(std::time::Duration::ZERO),
+        ..cfg.clone()
+    };
+    let out0 = d.root.join("qat4-0");
+    let none = train_qat(&d.full, &out0, &windows, &spent, Device::Cpu, |_, _| {}).unwrap();
+    assert!(none.is_empty());
+    let meta = std::fs::read_to_string(out0.join("config.json")).unwrap();
+    assert!(meta.contains("4-bit QAT, 0 steps"), "{meta}");
     let out = d.root.join("qat4");
     let losses = train_qat(&d.full, &out, &windows, &cfg, Device::Cpu, |_, _| {}).unwrap();
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;

@@ -33,6 +33,9 @@ pub struct QatConfig {
     /// Tokens per training window.
     pub seq_len: usize,
     pub seed: u64,
+    /// Stop training after this much wall time and export what was trained (`steps` is then
+    /// an upper bound).
+    pub time_limit: Option<std::time::Duration>,
 }
 
 impl Default for QatConfig {
@@ -46,6 +49,7 @@ impl Default for QatConfig {
             batch_size: 4,
             seq_len: 128,
             seed: 0,
+            time_limit: None,
         }
     }
 }
@@ -97,18 +101,23 @@ pub fn load_text_windows(path: &Path, tok: &Tokenizer, seq_len: usize) -> Result
         }
     }
     let ids = tok.encode(&docs.join("\n\n"))?;
-    let windows: Vec<Vec<u32>> = ids
-        .chunks(seq_len.max(2))
-        .filter(|w| w.len() >= 2)
-        .map(|w| w.to_vec())
-        .collect();
-    if windows.is_empty() {
-        return Err(TextError::InvalidArgument(format!(
-            "{}: no training text",
-            path.display()
-        )));
-    }
-    Ok(windows)
+    cut_windows(&ids, seq_len).ok_or_else(|| {
+        TextError::InvalidArgument(format!("{}: no training text", path.display()))
+    })
+}
+
+/// Windows of exactly `seq_len` tokens (the remainder dropped: a batch takes the shortest
+/// window's length), or one window of all the text when it is shorter; `None` under 2 tokens.
+pub fn cut_windows(ids: &[u32], seq_len: usize) -> Option<Vec<Vec<u32>>> {
+    let n = seq_len.max(2);
+    let windows: Vec<Vec<u32>> = if ids.len() >= n {
+        ids.chunks_exact(n).map(|w| w.to_vec()).collect()
+    } else if ids.len() >= 2 {
+        vec![ids.to_vec()]
+    } else {
+        Vec::new()
+    };
+    (!windows.is_empty()).then_some(windows)
 }
 
 struct Adam {
@@ -164,7 +173,12 @@ pub fn train_qat(
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let mut rng = Rng::new(cfg.seed);
     let mut losses = Vec::with_capacity(cfg.steps);
+    let t0 = std::time::Instant::now();
     for step in 1..=cfg.steps {
+        if cfg.time_limit.is_some_and(|limit| t0.elapsed() >= limit) {
+            tracing::info!("QAT: time limit reached after {} steps", step - 1);
+            break;
+        }
         // A batch of equal-length windows.
         let len = data
             .iter()
@@ -281,9 +295,26 @@ pub fn train_qat(
         serde_json::json!({
             "format": FORMAT,
             "method": "qat",
-            "plan": format!("{}-bit QAT, {} steps", cfg.bits, cfg.steps),
+            "plan": format!("{}-bit QAT, {} steps", cfg.bits, losses.len()),
             "tensors": plan,
         }),
     )?;
     Ok(losses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_windows;
+
+    #[test]
+    fn windows_are_full_length_and_short_text_is_one_window() {
+        let ids: Vec<u32> = (0..10).collect();
+        // 10 tokens in windows of 4: two full windows, the remainder (8, 9) dropped.
+        assert_eq!(
+            cut_windows(&ids, 4).unwrap(),
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+        );
+        assert_eq!(cut_windows(&ids, 16).unwrap(), vec![ids.clone()]);
+        assert!(cut_windows(&ids[..1], 4).is_none());
+    }
 }
