@@ -64,6 +64,11 @@ pub struct DemoArgs {
     /// `register-mean` (the register next to the mean token).
     #[arg(long, default_value = "register")]
     pub tile_feature: TileFeature,
+    /// Side of the adapter's pooled grid per tile (pool × pool tokens, plus the register);
+    /// default: the demo architecture's 3. The adapter has no weights that depend on it, so a
+    /// checkpoint trained at one size can continue (`--init`) at another.
+    #[arg(long, value_name = "N")]
+    pub pool: Option<i64>,
 }
 
 pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
@@ -75,7 +80,11 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         Some(r) => r.clone(),
         None => relative_ref(&a.out, &text_dir),
     };
-    let config = demo_config(&text, &text_ref)?;
+    let mut config = demo_config(&text, &text_ref)?;
+    if let Some(p) = a.pool {
+        anyhow::ensure!((1..=16).contains(&p), "--pool must be 1 to 16, got {p}");
+        config.adapter.pool = p;
+    }
     let mut model = VisionLanguageModel::new(config, text, a.seed as i64)?;
     if let Some(init) = &a.init {
         let weights = init.join("vision_adapter.safetensors");
