@@ -68,7 +68,9 @@ pub fn run(ctx: &Context, a: QatArgs) -> anyhow::Result<()> {
         seq_len: a.seq_len,
         seed: a.seed,
         time_limit: match a.max_minutes {
-            Some(m) if m.is_finite() && m > 0.0 => Some(std::time::Duration::from_secs_f64(m * 60.0)),
+            Some(m) if m.is_finite() && m > 0.0 => {
+                Some(std::time::Duration::from_secs_f64(m * 60.0))
+            }
             Some(m) => anyhow::bail!("--max-minutes must be a positive number, got {m}"),
             None => None,
         },

@@ -101,9 +101,8 @@ pub fn load_text_windows(path: &Path, tok: &Tokenizer, seq_len: usize) -> Result
         }
     }
     let ids = tok.encode(&docs.join("\n\n"))?;
-    cut_windows(&ids, seq_len).ok_or_else(|| {
-        TextError::InvalidArgument(format!("{}: no training text", path.display()))
-    })
+    cut_windows(&ids, seq_len)
+        .ok_or_else(|| TextError::InvalidArgument(format!("{}: no training text", path.display())))
 }
 
 /// Windows of exactly `seq_len` tokens (the remainder dropped: a batch takes the shortest
