@@ -39,7 +39,9 @@ pub fn text(e: TextError, context: Option<&str>) -> PyErr {
         | TextError::ContextOverflow { .. }
         | TextError::InvalidArgument(_)
         | TextError::UnknownPreset { .. } => PyValueError::new_err(msg),
-        TextError::Tokenizer(_) | TextError::Torch(_) => PyRuntimeError::new_err(msg),
+        TextError::Tokenizer(_) | TextError::Torch(_) | TextError::CudaStream(_) => {
+            PyRuntimeError::new_err(msg)
+        }
     }
 }
 

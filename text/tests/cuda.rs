@@ -13,24 +13,14 @@ use afm_text::device::cuda_available;
 use afm_text::generation::generate_lm;
 use afm_text::presets::preset;
 use afm_text::ptmoe::ptmoe_weight_shapes;
-use afm_text::ptmoe_config::ptmoe_preset;
+use afm_text::ptmoe_config::{ptmoe_preset, PtMoeConfig};
 use afm_text::sampling::SamplingConfig;
 use afm_text::weights::WeightMap;
 use afm_text::{GenerateOptions, Logits, PtMoe, TrackExec};
-use common::max_abs_diff;
+use common::{ids, max_abs_diff, sequence};
 use tch::{Device, Kind, Tensor};
 
 const GPU: Device = Device::Cuda(0);
-
-fn ids(v: &[i64]) -> Tensor {
-    Tensor::from_slice(v).view([1, v.len() as i64])
-}
-
-fn sequence(n: usize, seed: i64, vocab: i64) -> Vec<i64> {
-    (0..n as i64)
-        .map(|i| (i * 37 + seed * 11 + 3) % vocab)
-        .collect()
-}
 
 /// |a − b| within `tol` times the reference's scale (fp32 kernels differ between devices in
 /// summation order only).
@@ -43,6 +33,15 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
         diff <= tol * scale,
         "{what}: max |Δ| = {diff} > {tol} × {scale}"
     );
+}
+
+/// A PT-MoE preset's config, seeded random weights on the CPU, and the model built on them.
+fn ptmoe_on_cpu(name: &str, seed: i64) -> (PtMoeConfig, WeightMap, PtMoe) {
+    let cfg = ptmoe_preset(name).unwrap();
+    let shapes = ptmoe_weight_shapes(&cfg);
+    let w = WeightMap::random(&shapes, seed, 0.02, Device::Cpu, Kind::Float).unwrap();
+    let cpu = PtMoe::new(&cfg, &w, &[]).unwrap();
+    (cfg, w, cpu)
 }
 
 #[test]
@@ -102,16 +101,7 @@ fn dense_decoders_on_the_gpu_match_the_cpu() {
 fn ptmoe_tracks_on_one_gpu_run_on_their_own_streams_and_match_the_cpu() {
     let _g = tch::no_grad_guard();
     assert!(cuda_available(), "no CUDA device");
-    let cfg = ptmoe_preset("tiny-ptmoe-3track").unwrap();
-    let w = WeightMap::random(
-        &ptmoe_weight_shapes(&cfg),
-        7,
-        0.02,
-        Device::Cpu,
-        Kind::Float,
-    )
-    .unwrap();
-    let cpu = PtMoe::new(&cfg, &w, &[]).unwrap();
+    let (cfg, w, cpu) = ptmoe_on_cpu("tiny-ptmoe-3track", 7);
     let mut gpu = PtMoe::new(&cfg, &w.on_device(GPU), &[]).unwrap();
     let win = cfg.sliding_window;
     let seq = sequence(3 * win + 5, 1, cfg.vocab_size as i64);
@@ -193,16 +183,7 @@ fn ptmoe_tracks_on_one_gpu_run_on_their_own_streams_and_match_the_cpu() {
 fn ptmoe_tracks_split_between_cpu_and_gpu_match_the_cpu() {
     let _g = tch::no_grad_guard();
     assert!(cuda_available(), "no CUDA device");
-    let cfg = ptmoe_preset("tiny-ptmoe").unwrap();
-    let w = WeightMap::random(
-        &ptmoe_weight_shapes(&cfg),
-        5,
-        0.02,
-        Device::Cpu,
-        Kind::Float,
-    )
-    .unwrap();
-    let cpu = PtMoe::new(&cfg, &w, &[]).unwrap();
+    let (cfg, w, cpu) = ptmoe_on_cpu("tiny-ptmoe", 5);
     let seq = sequence(2 * cfg.sliding_window + 3, 2, cfg.vocab_size as i64);
     let mut c = cpu.new_cache(1);
     let want = cpu.forward(&ids(&seq), None, &mut c, Logits::All).unwrap();

@@ -23,18 +23,8 @@ use afm_text::ptmoe_config::ptmoe_preset;
 use afm_text::rope::Rope;
 use afm_text::weights::WeightMap;
 use afm_text::{GenerateOptions, Logits, PtMoe, TrackExec};
-use common::{max_abs_diff, repo_root, venv_python_with};
+use common::{ids, max_abs_diff, repo_root, sequence, venv_python_with};
 use tch::{Device, Kind, Tensor};
-
-fn ids(v: &[i64]) -> Tensor {
-    Tensor::from_slice(v).view([1, v.len() as i64])
-}
-
-fn sequence(n: usize, seed: i64, vocab: i64) -> Vec<i64> {
-    (0..n as i64)
-        .map(|i| (i * 37 + seed * 11 + 3) % vocab)
-        .collect()
-}
 
 fn model(name: &str) -> PtMoe {
     let cfg = ptmoe_preset(name).unwrap();

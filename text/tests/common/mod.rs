@@ -59,3 +59,15 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
         .max()
         .double_value(&[])
 }
+
+/// Token ids `[1, n]` (int64).
+pub fn ids(v: &[i64]) -> tch::Tensor {
+    tch::Tensor::from_slice(v).view([1, v.len() as i64])
+}
+
+/// A deterministic token sequence of `n` ids below `vocab`.
+pub fn sequence(n: usize, seed: i64, vocab: i64) -> Vec<i64> {
+    (0..n as i64)
+        .map(|i| (i * 37 + seed * 11 + 3) % vocab)
+        .collect()
+}
