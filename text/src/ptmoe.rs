@@ -821,10 +821,10 @@ pub fn parse_track_devices(spec: &str) -> Result<Vec<Device>> {
                 },
             };
             if let Device::Cuda(n) = dev {
-                if n >= crate::device::cuda_device_count() {
+                let present = crate::device::cuda_device_count();
+                if n >= present {
                     return Err(TextError::InvalidArgument(format!(
-                        "track device {s}: only {} CUDA device(s) present",
-                        crate::device::cuda_device_count()
+                        "track device {s}: only {present} CUDA device(s) present"
                     )));
                 }
             }

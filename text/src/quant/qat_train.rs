@@ -172,19 +172,19 @@ pub fn train_qat(
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let mut rng = Rng::new(cfg.seed);
     let mut losses = Vec::with_capacity(cfg.steps);
+    // Batches of equal-length windows: the shortest window's length (the same every step).
+    let len = data
+        .iter()
+        .map(Vec::len)
+        .min()
+        .unwrap_or(0)
+        .min(cfg.seq_len);
     let t0 = std::time::Instant::now();
     for step in 1..=cfg.steps {
         if cfg.time_limit.is_some_and(|limit| t0.elapsed() >= limit) {
             tracing::info!("QAT: time limit reached after {} steps", step - 1);
             break;
         }
-        // A batch of equal-length windows.
-        let len = data
-            .iter()
-            .map(Vec::len)
-            .min()
-            .unwrap_or(0)
-            .min(cfg.seq_len);
         if len < 2 {
             return Err(TextError::InvalidArgument(
                 "training windows are too short".into(),
