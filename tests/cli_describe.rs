@@ -77,9 +77,10 @@ fn folder_with_a_corrupt_file_and_a_missing_file() {
         assert_eq!(v["image"].as_str().unwrap(), path.to_str().unwrap());
         let text = v["description"].as_str().unwrap();
         assert!(!parse_caption(text).pairs.is_empty(), "{text}");
-        // auto mode: 256 px > the 128 px tile → high-res, 5 tiles of 10 tokens (3×3 pooled + the register).
+        // auto mode: 256 px > the 128 px tile → high-res, 5 tiles of 11 tokens (3×3 pooled, the
+        // register, the count token).
         assert_eq!(v["mode"], "high-res");
-        assert_eq!(v["visual_tokens"], 50);
+        assert_eq!(v["visual_tokens"], 55);
     }
 }
 
@@ -124,7 +125,7 @@ fn modes_and_stats() {
     let dir = tempfile::tempdir().unwrap();
     let written = write_scenes(dir.path(), 1, HELDOUT_SEED_BASE + 901, &demo_scenes()).unwrap();
     let img = written[0].0.to_str().unwrap().to_string();
-    for (mode, tokens) in [("rapid", 10), ("balanced", 10), ("high-res", 50)] {
+    for (mode, tokens) in [("rapid", 11), ("balanced", 11), ("high-res", 55)] {
         let o = afm(&[
             "describe",
             &img,

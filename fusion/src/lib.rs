@@ -1,6 +1,7 @@
 //! afm-fusion: the vision→language adapter, the vision-language model and `describe`.
 //!
-//! - [`adapter`]: transformer layer → linear → 3×3 conv → average pooling (SPEC.md).
+//! - [`adapter`]: transformer layer → linear → 3×3 conv → average pooling (SPEC.md), with an
+//!   optional count token.
 //! - [`config`]: the VLM checkpoint's `config.json`.
 //! - [`prompt`]: chat-template prompt assembly with image placeholders, and the splice.
 //! - [`model`]: [`VisionLanguageModel`]: load, encode images, describe.
@@ -16,7 +17,7 @@ pub mod model;
 pub mod prompt;
 pub mod scene;
 
-pub use adapter::{Adapter, AdapterConfig};
+pub use adapter::{Adapter, AdapterConfig, CountTokenConfig};
 pub use config::VlmConfig;
 pub use error::{FusionError, Result};
 pub use model::{Description, Timings, VisionLanguageModel};

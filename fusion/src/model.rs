@@ -188,6 +188,17 @@ impl VisionLanguageModel {
     /// Copy encoder + adapter tensors from a safetensors file; every variable must be present
     /// with its exact shape.
     pub fn load_weights(&mut self, path: &Path) -> Result<()> {
+        self.copy_weights(path, false).map(|_| ())
+    }
+
+    /// Start training from a checkpoint of an architecture that lacks some of this model's
+    /// modules (e.g. the count token): tensors it has are copied (exact shapes required), the
+    /// others keep their fresh initialisation; returns their names.
+    pub fn init_from(&mut self, path: &Path) -> Result<Vec<String>> {
+        self.copy_weights(path, true)
+    }
+
+    fn copy_weights(&mut self, path: &Path, allow_missing: bool) -> Result<Vec<String>> {
         if !path.is_file() {
             return Err(FusionError::checkpoint(path, "weights file not found"));
         }
@@ -197,9 +208,14 @@ impl VisionLanguageModel {
         let vars = self.vs.variables();
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort();
+        let mut missing = Vec::new();
         for name in names {
             let var = &vars[name];
             let Some(src) = file.get(name) else {
+                if allow_missing {
+                    missing.push(name.clone());
+                    continue;
+                }
                 return Err(FusionError::checkpoint(
                     path,
                     format!("missing tensor `{name}` (truncated or not an afm-vl checkpoint?)"),
@@ -221,7 +237,7 @@ impl VisionLanguageModel {
         if !unused.is_empty() {
             tracing::warn!("{}: {} unused tensors", path.display(), unused.len());
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// Write `config.json` and `vision_adapter.safetensors` (atomically) into `dir`.

@@ -26,7 +26,7 @@ use tch::{nn, nn::Module, nn::OptimizerConfig, Kind, Reduction, Tensor};
 use afm_text::TextModel;
 use afm_vision::{TileKind, TileMeta, TileMode, Tiler, TilerConfig, VitConfig};
 
-use crate::adapter::AdapterConfig;
+use crate::adapter::{AdapterConfig, CountTokenConfig};
 use crate::config::{ImageLoraConfig, ImageTokenConfig, VlmConfig};
 use crate::error::{FusionError, Result};
 use crate::model::VisionLanguageModel;
@@ -37,8 +37,8 @@ use crate::scene::{
 /// The demo architecture around a text model: a four-layer convolutional stem and a 4-block
 /// register-window ViT (width 128, patch 16, 4×4-token windows, global blocks 1 and 3, one
 /// register), tiles of 128 px (96 px in rapid mode), an adapter pooling to 3×3 = 9 tokens per
-/// tile plus the projected register (10 tokens per tile), and a rank-8 image LoRA on the text
-/// model's attention and MLP projections.
+/// tile plus the projected register and a count token over the 24 (colour, shape) pairs (11
+/// tokens per tile), and a rank-8 image LoRA on the text model's attention and MLP projections.
 pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
     let emb_rms = match text.decoder.embed.weight() {
         Some(w) => w
@@ -79,6 +79,10 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
             keep_registers: true,
             output_norm: true,
             output_norm_init: emb_rms,
+            count_token: Some(CountTokenConfig {
+                classes: NUM_PAIR_CLASSES as i64,
+                max_count: 3,
+            }),
         },
         tiler: TilerConfig {
             mode: TileMode::Auto,
@@ -157,6 +161,9 @@ pub struct DemoTrainConfig {
     pub count_weight: f64,
     /// Weight of the stage-2 tile read-out (counts, word) from the adapter's register token.
     pub aux_weight: f64,
+    /// Weight of the count token's detector losses in stage 2 (object centres per patch and
+    /// soft counts per tile; stage 1 always trains them).
+    pub detector_weight: f64,
     /// Input of the stage-1 tile head.
     pub tile_feature: TileFeature,
     /// Save the checkpoint every this many stage-2 steps (0: only at the end).
@@ -181,6 +188,7 @@ impl Default for DemoTrainConfig {
             warmup: 30,
             count_weight: 3.0,
             aux_weight: 2.0,
+            detector_weight: 1.0,
             tile_feature: TileFeature::Register,
             save_every: 50,
             eval_every: 50,
@@ -208,6 +216,9 @@ pub struct TrainEvent {
     pub eval_f1: Option<f64>,
     /// The same captions' exact-count rate (true pairs described with the right count).
     pub eval_counts: Option<f64>,
+    /// Tiles whose 24 counts the count token's soft counts, rounded, get all right (with a
+    /// count token).
+    pub token_counts: Option<f64>,
 }
 
 fn lr_at(step: usize, steps: usize, warmup: usize, peak: f64) -> f64 {
@@ -419,6 +430,71 @@ fn encoder_tile_feature(out: &afm_vision::EncoderOutput, feature: TileFeature) -
     })
 }
 
+/// Object-centre targets of the count token's detector (or of a stand-in head) and its losses.
+struct Detector<'a> {
+    model: &'a VisionLanguageModel,
+    /// Class weights of the centre cross-entropy: "nothing" weighs 0.1.
+    weights: Tensor,
+}
+
+impl<'a> Detector<'a> {
+    fn new(model: &'a VisionLanguageModel, device: tch::Device) -> Result<Self> {
+        let mut w = vec![1.0f32; NUM_PAIR_CLASSES + 1];
+        w[NUM_PAIR_CLASSES] = 0.1;
+        Ok(Self {
+            model,
+            weights: Tensor::f_from_slice(&w)?.f_to_device(device)?,
+        })
+    }
+
+    /// Centre cross-entropy of per-patch logits (`[…, classes + 1]`, "nothing" last).
+    fn centre_loss(&self, logits: &Tensor, t: &TileTargets) -> Result<Tensor> {
+        // Targets: `pair_class + 1` (0: none) → class index, "nothing" last.
+        let k = NUM_PAIR_CLASSES as i64;
+        let centres: Vec<i64> = t
+            .centres
+            .iter()
+            .map(|&c| if c == 0 { k } else { c - 1 })
+            .collect();
+        let centres = Tensor::f_from_slice(&centres)?.f_to_device(logits.device())?;
+        Ok(logits.f_reshape([-1, k + 1])?.f_cross_entropy_loss(
+            &centres,
+            Some(&self.weights),
+            Reduction::Mean,
+            -100,
+            0.0,
+        )?)
+    }
+
+    /// The count token's losses on encoder tokens `[T, gh, gw, Cv]`: centre cross-entropy plus
+    /// the squared error of the soft counts against each tile's counts, and the share of tiles
+    /// whose rounded soft counts are all right; `None` without a count token.
+    fn loss(&self, grid: &Tensor, t: &TileTargets) -> Result<Option<(Tensor, f64)>> {
+        let adapter = &self.model.adapter;
+        let Some(logits) = adapter.count_logits(grid)? else {
+            return Ok(None);
+        };
+        let counts = adapter.soft_counts(&logits)?; // [T, K]
+        let truth = Tensor::f_from_slice(&t.counts)?
+            .f_to_device(grid.device())?
+            .f_to_kind(Kind::Float)?
+            .f_view_as(&counts)?;
+        let mse = counts.f_mse_loss(&truth, Reduction::Mean)?;
+        // Per tile the squared errors sum over 24 classes; the mean divides by them.
+        let mse = mse.f_mul_scalar(NUM_PAIR_CLASSES as f64)?;
+        let exact = tch::no_grad(|| -> Result<f64> {
+            Ok(counts
+                .f_round()?
+                .f_eq_tensor(&truth)?
+                .f_all_dim(1, false)?
+                .f_to_kind(Kind::Float)?
+                .f_mean(Kind::Float)?
+                .double_value(&[]))
+        })?;
+        Ok(Some((self.centre_loss(&logits, t)?.f_add(&mse)?, exact)))
+    }
+}
+
 /// Stage 1: encoder pre-training with dense (per-patch class) and tile (counts, word) heads;
 /// the heads are not saved. Steps cycle through rapid, balanced and high-res tiles, so the
 /// encoder sees objects at all three scales; high-res steps draw a quarter of the scenes (five
@@ -443,15 +519,15 @@ fn stage1(
         n_col + 1 + n_shape,
         Default::default(),
     );
+    // Object centres: the count token's detector when the adapter has one (trained here with
+    // its soft counts), else a throw-away head.
     let centre = nn::linear(
         head_vs.root() / "centre",
         width,
         NUM_PAIR_CLASSES as i64 + 1,
         Default::default(),
     );
-    let mut centre_weights = vec![1.0f32; NUM_PAIR_CLASSES + 1];
-    centre_weights[0] = 0.1;
-    let centre_weights = Tensor::f_from_slice(&centre_weights)?.f_to_device(device)?;
+    let detector = Detector::new(model, device)?;
     let adamw = nn::AdamW {
         wd: cfg.weight_decay,
         ..Default::default()
@@ -506,11 +582,13 @@ fn stage1(
             -100,
             0.0,
         )?;
-        let centres = Tensor::f_from_slice(&targets.centres)?.f_to_device(device)?;
-        let centre_loss = centre
-            .forward(&out.tokens)
-            .f_reshape([-1, NUM_PAIR_CLASSES as i64 + 1])?
-            .f_cross_entropy_loss(&centres, Some(&centre_weights), Reduction::Mean, -100, 0.0)?;
+        let (centre_loss, token_counts) = match detector.loss(&out.grid_tokens()?, &targets)? {
+            Some((l, exact)) => (l, Some(exact)),
+            None => (
+                detector.centre_loss(&centre.forward(&out.tokens), &targets)?,
+                None,
+            ),
+        };
         let loss = tile
             .counts_loss
             .f_mul_scalar(4.0)?
@@ -544,6 +622,7 @@ fn stage1(
             mode: Some(modes[m]),
             eval_f1: None,
             eval_counts: None,
+            token_counts,
         });
     }
     Ok(())
@@ -646,6 +725,7 @@ fn stage2(
     let aux_vs = nn::VarStore::new(device);
     let aux_head = TileHead::new(aux_vs.root() / "aux", model.config.adapter.text_hidden_size);
     let mut aux_opt = adamw.build(&aux_vs, 1e-3)?;
+    let detector = Detector::new(model, device)?;
     let mut rng = SplitMix64::from_state(cfg.seed ^ 0x5EED_0002); // mode choices
     let wsum: f64 = cfg.mode_weights.iter().sum();
     let t0 = Instant::now();
@@ -662,15 +742,24 @@ fn stage2(
         let batch = scene_batch(&lay.tiler, seeds)?;
         let scenes = &batch.scenes;
         let n_vis = (lay.tiles * tpt) as i64;
-        let tokens = model.encode_tiles(&batch.pixels)?; // [B·T, tpt, H]
-                                                         // The auxiliary read-out: counts and word from each tile's register token (the mean
-                                                         // token when registers are not kept), so the adapter keeps the encoder's tile summary.
+        let out = model.encoder.forward(&batch.pixels.f_to_device(device)?)?;
+        let grid = out.grid_tokens()?; // [B·T, gh, gw, Cv]
+        let tokens = model.adapter.forward(&grid, out.registers.as_ref())?; // [B·T, tpt, H]
+        let targets = tile_targets(&batch, Some(out.grid));
+        // The auxiliary read-out: counts and word from each tile's (first) register token (the
+        // mean token when registers are not kept), so the adapter keeps the encoder's tile
+        // summary.
+        let pool = model.config.adapter.pool;
         let feature = if model.config.adapter.keep_registers {
-            tokens.f_select(1, tpt as i64 - 1)?
+            tokens.f_select(1, pool * pool)?
         } else {
             tokens.f_mean_dim(1, false, Kind::Float)?
         };
-        let aux = aux_head.forward(&feature, &tile_targets(&batch, None))?;
+        let aux = aux_head.forward(&feature, &targets)?;
+        let (detector_loss, token_counts) = match detector.loss(&grid, &targets)? {
+            Some((l, exact)) => (l.f_mul_scalar(cfg.detector_weight)?, Some(exact)),
+            None => (Tensor::f_zeros([], (Kind::Float, device))?, None),
+        };
         let visual = tokens.f_reshape([b, n_vis, -1])?;
         // ids after the prefix: placeholders, the rest of the user turn, caption, EOS.
         let captions: Vec<Vec<u32>> = scenes
@@ -714,11 +803,13 @@ fn stage2(
             .f_mul(&weights)?
             .f_sum(Kind::Float)?
             .f_div(&weights.f_sum(Kind::Float)?)?;
-        let loss = caption_loss.f_add(
-            &aux.counts_loss
-                .f_add(&aux.words_loss.f_mul_scalar(0.25)?)?
-                .f_mul_scalar(cfg.aux_weight)?,
-        )?;
+        let loss = caption_loss
+            .f_add(
+                &aux.counts_loss
+                    .f_add(&aux.words_loss.f_mul_scalar(0.25)?)?
+                    .f_mul_scalar(cfg.aux_weight)?,
+            )?
+            .f_add(&detector_loss)?;
         opt.zero_grad();
         aux_opt.zero_grad();
         loss.f_backward()?;
@@ -753,6 +844,7 @@ fn stage2(
             mode: Some(lay.mode),
             eval_f1: quick.map(|q| q.0),
             eval_counts: quick.map(|q| q.1),
+            token_counts,
         });
     }
     Ok(())

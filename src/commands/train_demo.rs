@@ -45,9 +45,9 @@ pub struct DemoArgs {
     /// Save every N stage-2 steps (0: only at the end).
     #[arg(long, default_value_t = 50)]
     pub save_every: usize,
-    /// Start from this checkpoint's encoder, adapter and image LoRA instead of random weights
-    /// (same architecture), e.g. to continue stage 2 with `--stage1-steps 0`; the log is then
-    /// appended to.
+    /// Start from this checkpoint's encoder, adapter and image LoRA instead of random weights,
+    /// e.g. to continue stage 2 with `--stage1-steps 0`; the log is then appended to. Modules
+    /// the checkpoint lacks (a count token) start fresh; shapes must match.
     #[arg(long, value_name = "DIR")]
     pub init: Option<PathBuf>,
     /// Greedy-describe 24 held-out scenes every N stage-2 steps and log their pair F1 and
@@ -69,6 +69,12 @@ pub struct DemoArgs {
     /// checkpoint trained at one size can continue (`--init`) at another.
     #[arg(long, value_name = "N")]
     pub pool: Option<i64>,
+    /// Leave out the adapter's count token (the architecture of the demo checkpoints before it).
+    #[arg(long)]
+    pub no_count_token: bool,
+    /// Weight of the count token's detector losses (object centres, soft counts) in stage 2.
+    #[arg(long, default_value_t = 1.0)]
+    pub detector_weight: f64,
 }
 
 pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
@@ -85,12 +91,23 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         anyhow::ensure!((1..=16).contains(&p), "--pool must be 1 to 16, got {p}");
         config.adapter.pool = p;
     }
+    if a.no_count_token {
+        config.adapter.count_token = None;
+    }
     let mut model = VisionLanguageModel::new(config, text, a.seed as i64)?;
     if let Some(init) = &a.init {
         let weights = init.join("vision_adapter.safetensors");
-        model
-            .load_weights(&weights)
+        let fresh = model
+            .init_from(&weights)
             .with_context(|| format!("starting from {}", init.display()))?;
+        if !fresh.is_empty() {
+            tracing::warn!(
+                "{} lacks {} tensors of this architecture; they start fresh: {}",
+                weights.display(),
+                fresh.len(),
+                fresh.join(", ")
+            );
+        }
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let cfg = DemoTrainConfig {
@@ -105,6 +122,7 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         eval_every: a.eval_every,
         count_weight: a.count_weight,
         aux_weight: a.aux_weight,
+        detector_weight: a.detector_weight,
         tile_feature: a.tile_feature,
         out: a.out.clone(),
         ..DemoTrainConfig::default()
@@ -151,6 +169,9 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
             let mut msg = format!("loss {:.3} acc {:.2}", ev.loss, ev.accuracy);
             if let Some(aux) = ev.aux_accuracy {
                 msg.push_str(&format!(" aux {aux:.2}"));
+            }
+            if let Some(c) = ev.token_counts {
+                msg.push_str(&format!(" count-token {c:.2}"));
             }
             if let (Some(f1), Some(counts)) = (ev.eval_f1, ev.eval_counts) {
                 msg.push_str(&format!(" held-out F1 {f1:.2} counts {counts:.2}"));
