@@ -20,17 +20,12 @@ TRAIN_S=${TRAIN_S:-330}
 SCENES=${SCENES:-200}
 RECIPES=${RECIPES:-"count:--stage2-steps 2000;nocount:--stage2-steps 2000 --no-count-token"}
 mkdir -p "$WORK" "$OUT"
-cp "$D"/gguf.part* "$WORK"/ 2>/dev/null || true
 if [ -f "$D/afm-vl.xz" ]; then xz -dc "$D/afm-vl.xz" > "$WORK/afm-vl"; chmod +x "$WORK/afm-vl"; fi
 if [ -f "$D/afm-vl" ]; then cp "$D/afm-vl" "$WORK/afm-vl"; fi
-want=$(cut -d' ' -f1 "$D/gguf.sha256")
-if [ "$(cat "$WORK"/gguf.part* | sha256sum | cut -d' ' -f1)" != "$want" ]; then
-    echo "GGUF incomplete: have $(ls "$WORK" | tr '\n' ' ')"
-    exit 0
-fi
-LIB=${LIBTORCH_LIB:-$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')/lib}
-export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-nvidia-smi -L || true
+# shellcheck source=tests/gpu/gguf.sh
+. "$(dirname "$0")/gguf.sh"
+collect_gguf "$D" "$WORK" || exit 0
+use_libtorch
 BIN=$WORK/afm-vl
 if [ ! -f "$WORK/smol/config.json" ]; then
     cat "$WORK"/gguf.part* > "$WORK/model.gguf"

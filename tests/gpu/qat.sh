@@ -20,15 +20,10 @@ OUT=${OUT:-/tmp/qat-out}
 MINUTES=${MINUTES:-3.5}
 LRS=${LRS:-2e-5 1e-4}
 mkdir -p "$WORK" "$OUT"
-cp "$D"/gguf.part* "$WORK"/ 2>/dev/null || true
-want=$(cut -d' ' -f1 "$D/gguf.sha256")
-if [ "$(cat "$WORK"/gguf.part* | sha256sum | cut -d' ' -f1)" != "$want" ]; then
-    echo "GGUF incomplete: have $(ls "$WORK" | tr '\n' ' ')"
-    exit 0
-fi
-LIB=${LIBTORCH_LIB:-$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')/lib}
-export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-nvidia-smi -L || true
+# shellcheck source=tests/gpu/gguf.sh
+. "$(dirname "$0")/gguf.sh"
+collect_gguf "$D" "$WORK" || exit 0
+use_libtorch
 cat "$WORK"/gguf.part* > "$WORK/model.gguf"
 "$D/afm-vl" -q --device cpu convert gguf "$WORK/model.gguf" "$WORK/fp32"
 for lr in $LRS; do
