@@ -153,8 +153,8 @@ impl CountToken {
     /// The token `[B, Ct]` of soft counts `[B, classes]`.
     fn token(&self, counts: &Tensor) -> Result<Tensor> {
         let m = self.config.max_count;
+        // Linear interpolation weights: 1 − |c − v| clipped at 0, for c clamped to [0, M].
         let levels = Tensor::f_arange(m + 1, (Kind::Float, counts.device()))?; // [M+1]
-                                                                               // Linear interpolation weights: 1 − |c − v| clipped at 0, for c clamped to [0, M].
         let w = counts
             .f_clamp(0.0, m as f64)?
             .f_unsqueeze(-1)?

@@ -432,17 +432,17 @@ fn encoder_tile_feature(out: &afm_vision::EncoderOutput, feature: TileFeature) -
 
 /// Object-centre targets of the count token's detector (or of a stand-in head) and its losses.
 struct Detector<'a> {
-    model: &'a VisionLanguageModel,
+    adapter: &'a crate::adapter::Adapter,
     /// Class weights of the centre cross-entropy: "nothing" weighs 0.1.
     weights: Tensor,
 }
 
 impl<'a> Detector<'a> {
-    fn new(model: &'a VisionLanguageModel, device: tch::Device) -> Result<Self> {
+    fn new(adapter: &'a crate::adapter::Adapter, device: tch::Device) -> Result<Self> {
         let mut w = vec![1.0f32; NUM_PAIR_CLASSES + 1];
         w[NUM_PAIR_CLASSES] = 0.1;
         Ok(Self {
-            model,
+            adapter,
             weights: Tensor::f_from_slice(&w)?.f_to_device(device)?,
         })
     }
@@ -470,7 +470,7 @@ impl<'a> Detector<'a> {
     /// the squared error of the soft counts against each tile's counts, and the share of tiles
     /// whose rounded soft counts are all right; `None` without a count token.
     fn loss(&self, grid: &Tensor, t: &TileTargets) -> Result<Option<(Tensor, f64)>> {
-        let adapter = &self.model.adapter;
+        let adapter = self.adapter;
         let Some(logits) = adapter.count_logits(grid)? else {
             return Ok(None);
         };
@@ -520,14 +520,15 @@ fn stage1(
         Default::default(),
     );
     // Object centres: the count token's detector when the adapter has one (trained here with
-    // its soft counts), else a throw-away head.
+    // its soft counts), else a throw-away head. The head is made either way: its initialisation
+    // draws from the global RNG, and the committed checkpoint's run drew it.
     let centre = nn::linear(
         head_vs.root() / "centre",
         width,
         NUM_PAIR_CLASSES as i64 + 1,
         Default::default(),
     );
-    let detector = Detector::new(model, device)?;
+    let detector = Detector::new(&model.adapter, device)?;
     let adamw = nn::AdamW {
         wd: cfg.weight_decay,
         ..Default::default()
@@ -725,7 +726,7 @@ fn stage2(
     let aux_vs = nn::VarStore::new(device);
     let aux_head = TileHead::new(aux_vs.root() / "aux", model.config.adapter.text_hidden_size);
     let mut aux_opt = adamw.build(&aux_vs, 1e-3)?;
-    let detector = Detector::new(model, device)?;
+    let detector = Detector::new(&model.adapter, device)?;
     let mut rng = SplitMix64::from_state(cfg.seed ^ 0x5EED_0002); // mode choices
     let wsum: f64 = cfg.mode_weights.iter().sum();
     let t0 = Instant::now();
