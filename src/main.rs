@@ -20,8 +20,8 @@ struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// CPU threads for libtorch (default: all cores).
-    #[arg(long, global = true, value_name = "N")]
+    /// CPU threads for libtorch, 1 to 4 × the cores (default: all cores).
+    #[arg(long, global = true, value_name = "N", value_parser = commands::parse_threads)]
     threads: Option<usize>,
     /// Only errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
@@ -57,6 +57,40 @@ enum Command {
     Quantize(commands::quantize::Args),
 }
 
+/// Parse the command line. A usage error is one line on stderr and exit code 1 (help and
+/// version print as usual). Every option that takes a value accepts a leading `-`, so that a
+/// negative number reaches its parser and is refused with the option's range instead of clap's
+/// `-- -1` advice.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    use clap::{CommandFactory, FromArgMatches};
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        });
+        cmd.mut_subcommands(negatives)
+    }
+    let matches = negatives(Cli::command()).try_get_matches();
+    let err = match matches.and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        err.exit();
+    }
+    eprintln!("{}", commands::one_line_clap_error(&err.render().to_string()));
+    Err(ExitCode::from(1))
+}
+
 fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if quiet {
@@ -70,23 +104,36 @@ fn init_logging(verbose: u8, quiet: bool) {
         }
     };
     let filter = EnvFilter::try_from_env("AFM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    commands::output::restore_sigpipe();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     init_logging(cli.verbose, cli.quiet);
     if let Some(n) = cli.threads {
-        tch::set_num_threads(n.max(1) as i32);
+        // parse_threads bounds it to 1..=4 × cores, far below i32::MAX.
+        tch::set_num_threads(n as i32);
     }
     let ctx = Context {
         device: cli.device.clone(),
         quiet: cli.quiet,
     };
+    // Every command checks --device, including those that never touch it (inspect): a typo
+    // or an absent GPU is an error, not silently ignored. `auto` is resolved where it is used.
+    if let Err(e) = ctx.check_device() {
+        eprintln!("error: --device {}: {}", cli.device, commands::error_line(&e));
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Describe(a) => commands::describe::run(&ctx, a),
         Command::Generate(a) => commands::generate::run_generate(&ctx, a),
@@ -107,9 +154,11 @@ fn main() -> ExitCode {
                 eprintln!("afm-vl: {nb}");
                 return ExitCode::from(2);
             }
-            // One line: the cause chain joined by ": ".
-            let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
+            if commands::output::is_broken_pipe(&err) {
+                // The reader went away (`| head`): end quietly, as `cat` does.
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {}", commands::error_line(&err));
             ExitCode::from(1)
         }
     }

@@ -26,6 +26,11 @@ pub trait EvalBackend {
     /// Shown in reports.
     fn model_name(&self) -> String;
 
+    /// The most tokens one forward pass may hold (prompt plus continuation), when limited.
+    fn context_len(&self) -> Option<usize> {
+        None
+    }
+
     /// Token ids of `text`, without BOS or other special tokens.
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
 

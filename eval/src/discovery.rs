@@ -76,7 +76,7 @@ pub struct LoadOptions {
 }
 
 /// Everything to evaluate, loaded.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Suite {
     /// In canonical order: task, subset, index.
     pub items: Vec<Item>,
@@ -244,6 +244,21 @@ pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Suite> {
         .items
         .sort_by(|a, b| (a.task, &a.subset, a.index).cmp(&(b.task, &b.subset, b.index)));
     suite.items.dedup_by(|a, b| a.key() == b.key());
+    // A subject filter that matches nothing is a typo, not a request for less work.
+    for want in &f.subjects {
+        let found = suite.items.iter().any(|it| {
+            it.subset.eq_ignore_ascii_case(want)
+                || it
+                    .subject
+                    .as_deref()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(want))
+        });
+        if !found && !want.trim().is_empty() {
+            return Err(EvalError::Config(format!(
+                "--subjects: no item has the subject '{want}' in the given folders (check the spelling)"
+            )));
+        }
+    }
     if let Some(limit) = f.limit {
         let mut counts: BTreeMap<(Task, String), usize> = BTreeMap::new();
         suite.items.retain(|it| {

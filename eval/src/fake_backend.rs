@@ -16,6 +16,8 @@ pub struct HashBackend {
     pub delay: Duration,
     /// Items scored so far.
     pub scored: usize,
+    /// A context limit to report (tests of the prompt-length check).
+    pub context: Option<usize>,
 }
 
 fn fnv(parts: &[&[u32]]) -> u64 {
@@ -53,6 +55,10 @@ impl HashBackend {
 impl EvalBackend for HashBackend {
     fn model_name(&self) -> String {
         "hash-backend".into()
+    }
+
+    fn context_len(&self) -> Option<usize> {
+        self.context
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {

@@ -108,18 +108,31 @@ impl Manifest {
     }
 }
 
-/// Write a file via a temporary file and a rename, fsync'ed.
+/// Write a file via a temporary file and a rename, fsync'ed (see `afm_text::atomic_write`).
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(|e| EvalError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| EvalError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| EvalError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))
+    afm_text::atomic_write::write_atomic(path, bytes).map_err(|e| match e {
+        afm_text::TextError::Io { path, source } => EvalError::io(&path, source),
+        other => EvalError::journal(path, other.to_string()),
+    })
 }
 
 /// Read the complete lines of a journal. Returns the records (first line per key wins) and the
-/// byte length of the valid part (a torn or corrupt tail starts there).
+/// byte length of the valid part (a torn last line, one without its newline, starts there and
+/// is cut off when the journal is reopened).
+///
+/// Every complete line must be a journal entry whose verdict agrees with its own evidence
+/// (see [`check_record`]); a line that is not is an error naming `journal.jsonl:LINE`, never
+/// silently dropped together with the lines after it.
 pub fn read_records(path: &Path) -> Result<(BTreeMap<String, ItemResult>, u64)> {
+    let (records, valid) = read_records_lines(path)?;
+    Ok((
+        records.into_iter().map(|(k, (_, r))| (k, r)).collect(),
+        valid,
+    ))
+}
+
+/// [`read_records`] with the 1-based line number of each record.
+pub fn read_records_lines(path: &Path) -> Result<(BTreeMap<String, (usize, ItemResult)>, u64)> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((BTreeMap::new(), 0)),
@@ -128,26 +141,76 @@ pub fn read_records(path: &Path) -> Result<(BTreeMap<String, ItemResult>, u64)> 
     let mut records = BTreeMap::new();
     let mut valid = 0usize;
     let mut pos = 0usize;
+    let mut line_no = 0usize;
     while pos < bytes.len() {
+        line_no += 1;
         let Some(nl) = bytes[pos..].iter().position(|&b| b == b'\n') else {
             break; // torn last line: no newline yet
         };
         let line = &bytes[pos..pos + nl];
-        let Ok(rec) = serde_json::from_slice::<ItemResult>(line) else {
-            break;
-        };
-        records.entry(rec.key.clone()).or_insert(rec);
+        let rec = serde_json::from_slice::<ItemResult>(line).map_err(|e| {
+            EvalError::data(
+                path,
+                line_no,
+                format!(
+                    "not a journal entry ({e}); delete this line to resume, or use another --out"
+                ),
+            )
+        })?;
+        check_record(&rec).map_err(|problem| EvalError::data(path, line_no, problem))?;
+        records.entry(rec.key.clone()).or_insert((line_no, rec));
         pos += nl + 1;
         valid = pos;
     }
     if valid < bytes.len() {
         tracing::warn!(
-            "{}: ignoring {} bytes of an incomplete last entry",
+            "{}:{line_no}: ignoring {} bytes of an incomplete last entry (a run was interrupted while writing it)",
             path.display(),
             bytes.len() - valid
         );
     }
     Ok((records, valid as u64))
+}
+
+/// Whether a record's verdict follows from its own evidence: a multiple-choice record's
+/// prediction is the letter of its highest log-likelihood and `correct` is prediction ==
+/// target; a generation record's `correct` needs a prediction. (The runner re-scores each record
+/// against its item as well.)
+pub fn check_record(r: &ItemResult) -> std::result::Result<(), String> {
+    match (&r.logliks, &r.generation) {
+        (Some(lls), None) => {
+            let pred = crate::scoring::argmax(lls)
+                .map(crate::item::letter)
+                .unwrap_or_default();
+            if pred != r.prediction {
+                return Err(format!(
+                    "entry for {} predicts {:?} but its log-likelihoods pick {pred:?}",
+                    r.key, r.prediction
+                ));
+            }
+            if r.correct != (r.prediction == r.target) {
+                return Err(format!(
+                    "entry for {} says correct={} for prediction {:?} and target {:?}",
+                    r.key, r.correct, r.prediction, r.target
+                ));
+            }
+        }
+        (None, Some(_)) => {
+            if r.correct && r.prediction.is_empty() {
+                return Err(format!(
+                    "entry for {} is marked correct without a prediction",
+                    r.key
+                ));
+            }
+        }
+        _ => {
+            return Err(format!(
+                "entry for {} has neither log-likelihoods nor a generation",
+                r.key
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// An open journal, appending.

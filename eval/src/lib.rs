@@ -13,6 +13,7 @@ pub mod error;
 pub mod fake_backend;
 pub mod item;
 pub mod journal;
+pub mod lock;
 pub mod jsonl;
 pub mod merge;
 pub mod mgsm;

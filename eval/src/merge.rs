@@ -92,6 +92,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Results> {
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| EvalError::io(out, e))?;
+    let _lock = crate::lock::OutLock::acquire(out)?;
     let results = Results::build(&manifest, shards, items.into_values().collect(), timings);
     results.write(out)?;
     Ok(results)

@@ -329,14 +329,106 @@ pub fn dump_requests(
     }))
 }
 
+/// Tokens one request needs in a forward pass: prefix, body and the longest continuation
+/// (multiple choice) or at least one generated token.
+fn request_tokens(prefix: usize, r: &Request) -> usize {
+    match r {
+        Request::Choice(c) => {
+            prefix + c.body.len() + c.continuations.iter().map(Vec::len).max().unwrap_or(0)
+        }
+        Request::Generate(g) => prefix + g.body.len() + 1,
+    }
+}
+
+/// Every prompt of `suite` in tokens, and the items too long for `context` (with the tokens
+/// each needs). Checked for the whole suite, not one shard, so every shard skips the same items.
+fn tokenize_suite<'a>(
+    suite: &'a Suite,
+    backend: &dyn EvalBackend,
+    cfg: &RunConfig,
+    chat: Option<&ChatFrame>,
+) -> Result<(Vec<TokenGroup<'a>>, Vec<(&'a Item, usize)>)> {
+    let all: Vec<&Item> = suite.items.iter().collect();
+    let groups = group_prompts(&all, suite, &cfg.prompt, chat)?;
+    let mut tokenized = Vec::with_capacity(groups.len());
+    let mut too_long = Vec::new();
+    for (head, members) in &groups {
+        let g = tokenize_group(backend, head, members, cfg.prompt.max_new_tokens)?;
+        if let Some(ctx) = backend.context_len() {
+            for (item, r) in &g.requests {
+                let n = request_tokens(g.prefix.len(), r);
+                if n > ctx {
+                    too_long.push((*item, n));
+                }
+            }
+        }
+        tokenized.push(g);
+    }
+    Ok((tokenized, too_long))
+}
+
 /// Run (or resume) an evaluation of `suite` with `backend`; writes the journal and reports
 /// into `cfg.out` and returns the results.
+///
+/// The output folder is locked for the whole run (an OS file lock on `.lock`): a second run on
+/// the same folder is refused with the holder's pid. Prompts are tokenized and their lengths
+/// checked against the model's context before anything is scored: an item that does not fit is
+/// an error naming `path:line` (recorded as skipped under `--skip-bad`). A resumed journal's
+/// lines are re-scored from their evidence (log-likelihoods, generations) against the items; a
+/// line whose verdict disagrees is refused.
 pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Result<Results> {
     let started = Instant::now();
     let out = &cfg.out;
     std::fs::create_dir_all(out).map_err(|e| EvalError::io(out, e))?;
+    let _lock = crate::lock::OutLock::acquire(out)?;
+
+    let chat = chat_frame(backend, cfg)?;
+    let (all_groups, too_long) = tokenize_suite(suite, &*backend, cfg, chat.as_ref())?;
+    let ctx_len = backend.context_len().unwrap_or(usize::MAX);
+    if let Some((item, n)) = too_long.first().filter(|_| !cfg.skip_bad) {
+        return Err(EvalError::data(
+            &item.path,
+            item.line,
+            format!(
+                "item {} needs {n} tokens, more than the model's context of {ctx_len}{} (--skip-bad skips such items)",
+                item.key(),
+                if too_long.len() > 1 {
+                    format!("; {} more items are too long", too_long.len() - 1)
+                } else {
+                    String::new()
+                }
+            ),
+        ));
+    }
+    // Under --skip-bad the long items leave the suite before its manifest is made, exactly like
+    // malformed rows, and are listed as skipped.
+    let filtered;
+    let suite = if too_long.is_empty() {
+        suite
+    } else {
+        let drop: std::collections::HashSet<String> =
+            too_long.iter().map(|(it, _)| it.key()).collect();
+        let mut s = suite.clone();
+        s.items.retain(|it| !drop.contains(&it.key()));
+        for (item, n) in &too_long {
+            let sk = crate::item::Skipped {
+                path: item.path.display().to_string(),
+                line: item.line,
+                problem: format!(
+                    "item {} needs {n} tokens, more than the model's context of {ctx_len}",
+                    item.key()
+                ),
+            };
+            tracing::warn!("skipped {}:{}: {}", sk.path, sk.line, sk.problem);
+            s.skipped.push(sk);
+        }
+        filtered = s;
+        &filtered
+    };
+
     let manifest = manifest(suite, &backend.model_name(), cfg);
     let manifest_path = out.join(MANIFEST);
+    let journal_path = out.join(JOURNAL);
     if manifest_path.exists() {
         if cfg.resume {
             let old = Manifest::read(out)?;
@@ -348,10 +440,10 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
                 ));
             }
         } else {
-            let (records, _) = crate::journal::read_records(&out.join(JOURNAL))?;
+            let (records, _) = crate::journal::read_records(&journal_path)?;
             if !records.is_empty() {
                 return Err(EvalError::journal(
-                    &out.join(JOURNAL),
+                    &journal_path,
                     format!(
                         "holds {} results of an earlier run: add --resume, or use another --out",
                         records.len()
@@ -360,23 +452,36 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
             }
         }
     } else if cfg.resume {
+        let has_journal = std::fs::metadata(&journal_path).is_ok_and(|m| m.len() > 0);
+        if has_journal {
+            return Err(EvalError::journal(
+                &journal_path,
+                "cannot resume: run.json is missing, so nothing shows which run this journal \
+                 belongs to; use another --out (or delete the journal to start afresh)",
+            ));
+        }
         tracing::warn!("{}: nothing to resume, starting afresh", out.display());
     }
     if !cfg.resume {
-        let _ = std::fs::remove_file(out.join(JOURNAL));
+        let _ = std::fs::remove_file(&journal_path);
     }
     manifest.write(out)?;
     let (mut journal, done) = Journal::open(out)?;
+    let done_lines = crate::journal::read_records_lines(&journal_path)?.0;
 
     let mine = &suite.items[cfg.shard.range(suite.items.len())];
     let mut records: BTreeMap<String, ItemResult> = BTreeMap::new();
-    let mut pending: Vec<&Item> = Vec::new();
+    let mut pending: std::collections::HashSet<String> = std::collections::HashSet::new();
     for item in mine {
         match done.get(&item.key()) {
             Some(r) => {
+                let line = done_lines.get(&item.key()).map_or(0, |(l, _)| *l);
+                rescore_check(item, r).map_err(|p| EvalError::data(&journal_path, line, p))?;
                 records.insert(r.key.clone(), r.clone());
             }
-            None => pending.push(item),
+            None => {
+                pending.insert(item.key());
+            }
         }
     }
     tracing::info!(
@@ -387,16 +492,16 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
         "evaluation"
     );
 
-    let chat = chat_frame(backend, cfg)?;
-    let groups = group_prompts(&pending, suite, &cfg.prompt, chat.as_ref())?;
-
     let cpu_start = crate::report::process_cpu_seconds();
     let bar = progress_bar(cfg, mine.len(), records.len());
     let mut correct = records.values().filter(|r| r.correct).count();
     let mut timings = Timings::default();
     let batch_size = cfg.batch_size.max(1);
-    for (head, members) in &groups {
-        let mut group = tokenize_group(&*backend, head, members, cfg.prompt.max_new_tokens)?;
+    for mut group in all_groups {
+        group.requests.retain(|(item, _)| pending.contains(&item.key()));
+        if group.requests.is_empty() {
+            continue;
+        }
         // Similar lengths together: less padding in a batch. Order does not change results.
         group.requests.sort_by_key(|(_, r)| r.body_len());
         for batch in group.requests.chunks(batch_size) {
@@ -419,7 +524,7 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
             bar.set_message(format!(
                 "acc {:.2}%  [{}]",
                 100.0 * correct as f64 / records.len().max(1) as f64,
-                head.group
+                group.name
             ));
         }
     }
@@ -440,4 +545,39 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
     );
     results.write(out)?;
     Ok(results)
+}
+
+/// Re-score a journaled record from its own evidence against its item: the target must be the
+/// item's, and prediction and `correct` must be what scoring the stored log-likelihoods or
+/// generation gives.
+fn rescore_check(item: &Item, r: &ItemResult) -> std::result::Result<(), String> {
+    if r.target != item.target() {
+        return Err(format!(
+            "entry for {} has target {:?}, but the item's answer is {:?}",
+            r.key,
+            r.target,
+            item.target()
+        ));
+    }
+    let again = match (&r.logliks, &r.generation) {
+        (Some(lls), _) if matches!(item.answer, crate::item::Answer::Choice { .. }) => {
+            score_choice(item, lls.clone())
+        }
+        (_, Some(text)) if !matches!(item.answer, crate::item::Answer::Choice { .. }) => {
+            score_generation(item, text.clone())
+        }
+        _ => {
+            return Err(format!(
+                "entry for {} lacks the evidence its item is scored from",
+                r.key
+            ))
+        }
+    };
+    if again.prediction != r.prediction || again.correct != r.correct {
+        return Err(format!(
+            "entry for {} says prediction {:?} (correct={}), but its evidence gives {:?} (correct={})",
+            r.key, r.prediction, r.correct, again.prediction, again.correct
+        ));
+    }
+    Ok(())
 }

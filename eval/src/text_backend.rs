@@ -211,6 +211,10 @@ impl EvalBackend for TextBackend {
         self.name.clone()
     }
 
+    fn context_len(&self) -> Option<usize> {
+        Some(self.model.decoder.cfg.max_position_embeddings)
+    }
+
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.model
             .tokenizer()

@@ -91,7 +91,21 @@ impl AdapterConfig {
                 self.pool, self.text_hidden_size
             )));
         }
+        if self.pool > 64 || self.text_hidden_size > 1 << 17 {
+            return Err(FusionError::InvalidArgument(format!(
+                "adapter: pool ({}) must be at most 64 and text_hidden_size ({}) at most {}",
+                self.pool,
+                self.text_hidden_size,
+                1 << 17
+            )));
+        }
         if let Some(c) = &self.count_token {
+            if c.classes > 4096 || c.max_count > 4096 {
+                return Err(FusionError::InvalidArgument(format!(
+                    "adapter.count_token: classes ({}) and max_count ({}) must be at most 4096",
+                    c.classes, c.max_count
+                )));
+            }
             if c.classes < 1 || c.max_count < 1 {
                 return Err(FusionError::InvalidArgument(format!(
                     "adapter.count_token: classes ({}) and max_count ({}) must be positive",

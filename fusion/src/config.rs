@@ -85,6 +85,18 @@ pub struct VlmConfig {
     /// Free-form notes (what the checkpoint was trained on).
     #[serde(default)]
     pub notes: String,
+    /// A demonstration checkpoint (trained on generated scenes only): commands say so once
+    /// per run, since it describes real photos as coloured shapes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub demo: bool,
+}
+
+impl VlmConfig {
+    /// Whether this is a demo checkpoint: `"demo": true`, or (checkpoints written before the
+    /// flag) notes that say so.
+    pub fn is_demo(&self) -> bool {
+        self.demo || self.notes.contains("demo checkpoint")
+    }
 }
 
 fn model_type() -> String {
@@ -115,6 +127,11 @@ impl VlmConfig {
         })?;
         cfg.vision.validate()?;
         cfg.adapter.validate()?;
+        // The tiler section is bounded too (tile sizes, grid) before any image is tiled.
+        afm_vision::Tiler::new(cfg.tiler.clone()).map_err(|e| FusionError::Config {
+            path: path.to_path_buf(),
+            msg: format!("tiler: {e}"),
+        })?;
         Ok(cfg)
     }
 
@@ -123,7 +140,8 @@ impl VlmConfig {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
-        std::fs::write(path, text + "\n").map_err(|e| FusionError::io(path, e))
+        afm_text::atomic_write::write_atomic(path, (text + "\n").as_bytes())?;
+        Ok(())
     }
 
     /// The text model's directory for a checkpoint in `dir`.

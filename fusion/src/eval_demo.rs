@@ -129,6 +129,18 @@ pub fn evaluate(
     max_tokens: usize,
     offset: u64,
 ) -> Result<EvalReport> {
+    evaluate_with_progress(model, n, mode, max_tokens, offset, &mut |_| {})
+}
+
+/// [`evaluate`], calling `progress(scenes_done)` after every batch of scenes.
+pub fn evaluate_with_progress(
+    model: &VisionLanguageModel,
+    n: usize,
+    mode: TileMode,
+    max_tokens: usize,
+    offset: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<EvalReport> {
     let t0 = Instant::now();
     let tiler = model.tiler(mode)?;
     let cfg = crate::train_demo::demo_scenes();
@@ -152,7 +164,9 @@ pub fn evaluate(
     let seeds: Vec<u64> = (0..n as u64)
         .map(|i| HELDOUT_SEED_BASE + offset + i)
         .collect();
+    let mut done = 0;
     for chunk in seeds.chunks(CHUNK) {
+        done += chunk.len();
         let scenes: Vec<_> = chunk.iter().map(|&s| generate_scene(&cfg, s)).collect();
         let tiled = scenes
             .iter()
@@ -185,6 +199,7 @@ pub fn evaluate(
                 output: text,
             });
         }
+        progress(done);
     }
     report.precision = report.score.precision();
     report.recall = report.score.recall();

@@ -202,8 +202,7 @@ impl VisionLanguageModel {
         if !path.is_file() {
             return Err(FusionError::checkpoint(path, "weights file not found"));
         }
-        let tensors = Tensor::read_safetensors(path)
-            .map_err(|e| FusionError::checkpoint(path, format!("unreadable safetensors: {e}")))?;
+        let tensors = afm_text::checkpoint::read_safetensors_file(path)?;
         let file: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
         let vars = self.vs.variables();
         let mut names: Vec<&String> = vars.keys().collect();
@@ -251,9 +250,8 @@ impl VisionLanguageModel {
             .collect::<Result<_>>()?;
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let path = dir.join(WEIGHTS_FILE);
-        let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-        Tensor::write_safetensors(&named, &tmp)?;
-        std::fs::rename(&tmp, &path).map_err(|e| FusionError::io(&path, e))
+        afm_text::checkpoint::write_safetensors(&path, &named, None)?;
+        Ok(())
     }
 
     pub fn device(&self) -> Device {

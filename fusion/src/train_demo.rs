@@ -106,6 +106,7 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
                 (circle, square, triangle, star in red, green, blue, yellow, purple, orange) \
                 and a few written words; it knows nothing else."
             .into(),
+        demo: true,
     })
 }
 

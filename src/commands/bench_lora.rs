@@ -66,31 +66,31 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         cache.unload(&mut model.decoder, n)?;
     }
     let rss_unloaded = rss_bytes();
-    println!(
+    outln!(
         "model: {} ({}), adapters: rank {}, every attention and FFN linear",
         model.source.display(),
         dtype.name(),
         args.rank
-    );
-    println!("\n| measure | value |");
-    println!("| --- | ---: |");
-    println!("| adapter size | {:.1} MiB |", mib(adapter_bytes));
-    println!(
+    )?;
+    outln!("\n| measure | value |")?;
+    outln!("| --- | ---: |")?;
+    outln!("| adapter size | {:.1} MiB |", mib(adapter_bytes))?;
+    outln!(
         "| swap (activate the other cached adapter), median of {} | {:.3} ms |",
         times.len(),
         times[times.len() / 2] * 1e3
-    );
-    println!("| swap, worst | {:.3} ms |", times[times.len() - 1] * 1e3);
-    println!("| RSS with the model | {:.1} MiB |", mib(rss_base));
-    println!(
+    )?;
+    outln!("| swap, worst | {:.3} ms |", times[times.len() - 1] * 1e3)?;
+    outln!("| RSS with the model | {:.1} MiB |", mib(rss_base))?;
+    outln!(
         "| RSS with 2 adapters cached | {:.1} MiB (+{:.1}) |",
         mib(rss_loaded),
         mib(rss_loaded.saturating_sub(rss_base))
-    );
-    println!(
+    )?;
+    outln!(
         "| RSS after unloading both | {:.1} MiB ({:.1} MiB returned) |",
         mib(rss_unloaded),
         mib(rss_loaded.saturating_sub(rss_unloaded))
-    );
+    )?;
     Ok(())
 }

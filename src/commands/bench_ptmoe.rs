@@ -74,7 +74,7 @@ pub fn run(
         .iter()
         .map(|t| format!("{:?}", t.device()))
         .collect();
-    println!(
+    outln!(
         "\nPT-MoE {name} (random weights, fp32, built in {build:.1}s): {} tracks × {} blocks × {} layers, width {}, {} experts top-{}, window {}",
         cfg.num_tracks,
         cfg.num_track_blocks,
@@ -83,14 +83,14 @@ pub fn run(
         cfg.num_local_experts,
         cfg.num_experts_per_tok,
         cfg.sliding_window
-    );
-    println!(
+    )?;
+    outln!(
         "track devices: {}; libtorch threads: {}; {}-token prompt, {} new tokens (greedy), median of {repeats}",
         dev_names.join(", "),
         tch::get_num_threads(),
         prompt.len(),
         tokens
-    );
+    )?;
     // Alternate the modes so that drift in machine load hits them alike. The third mode
     // (sequential with one intra-op thread) separates the gain of running tracks side by side
     // from the cost of libtorch's own intra-op threading on small ops.
@@ -125,17 +125,17 @@ pub fn run(
         .zip(runs)
         .map(|((n, _, _), (p, d))| (*n, median(p), median(d)))
         .collect();
-    println!("\n| tracks | prefill tok/s | decode tok/s |");
-    println!("| --- | ---: | ---: |");
+    outln!("\n| tracks | prefill tok/s | decode tok/s |")?;
+    outln!("| --- | ---: | ---: |")?;
     for (n, p, d) in &rows {
-        println!("| {n} | {p:.1} | {d:.1} |");
+        outln!("| {n} | {p:.1} | {d:.1} |")?;
     }
-    println!(
+    outln!(
         "\nconcurrent / sequential: prefill {:.2}×, decode {:.2}×; concurrent / sequential with 1 intra-op thread: prefill {:.2}×, decode {:.2}×",
         rows[0].1 / rows[1].1,
         rows[0].2 / rows[1].2,
         rows[0].1 / rows[2].1,
         rows[0].2 / rows[2].2
-    );
+    )?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use afm_text::{DType, GenerateOptions, Logits, TextModel};
 use anyhow::Context as _;
 use tch::{Device, Kind, Tensor};
 
-use super::{default_model_dir, load_model_dir, Context};
+use super::{load_model_dir, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -221,7 +221,7 @@ fn ttft(preset: &str, prompt: usize, dtype: DType, repeats: usize) -> anyhow::Re
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repeats = args.repeats.max(1);
-    println!("threads: {}", tch::get_num_threads());
+    outln!("threads: {}", tch::get_num_threads())?;
     if let Some(name) = &args.preset {
         return super::bench_ptmoe::run(
             ctx,
@@ -233,7 +233,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         );
     }
     if !args.ttft_only {
-        let dir = args.model.clone().unwrap_or_else(default_model_dir);
+        let dir = super::model_or_default(&args.model)?;
         let device = ctx.device()?;
         let bw = memory_bandwidth()?;
         let mut rows = Vec::new();
@@ -266,58 +266,58 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        println!(
+        outln!(
             "\nSmolLM2-135M-Instruct ({}), greedy, {} new tokens, median of {repeats}",
             dir.display(),
             args.tokens
-        );
-        println!("\n| engine | prefill tok/s | decode tok/s | weights | bandwidth floor tok/s |");
-        println!("| --- | ---: | ---: | ---: | ---: |");
+        )?;
+        outln!("\n| engine | prefill tok/s | decode tok/s | weights | bandwidth floor tok/s |")?;
+        outln!("| --- | ---: | ---: | ---: | ---: |")?;
         for (name, p, d, bytes) in &rows {
-            println!(
+            outln!(
                 "| {name} | {p:.1} | {d:.1} | {} | {:.1} |",
                 human_bytes(*bytes),
                 bw / *bytes as f64
-            );
+            )?;
         }
         let hf = rows.iter().find(|r| r.0.starts_with("HF")).map(|r| r.2);
         if let Some(hf) = hf {
-            println!("\nafm-vl bf16 / HF fp32 decode: {:.2}×", rows[0].2 / hf);
+            outln!("\nafm-vl bf16 / HF fp32 decode: {:.2}×", rows[0].2 / hf)?;
         }
         if !spec_rows.is_empty() {
-            println!(
+            outln!(
                 "\nSelf-speculative decoding (bf16, greedy, {} draft tokens per target forward; tokens equal to plain greedy in the last column):",
                 args.draft_tokens
-            );
-            println!("\n| draft | decode tok/s | speed-up vs plain | acceptance | tokens per target forward | tokens equal to plain greedy |");
-            println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+            )?;
+            outln!("\n| draft | decode tok/s | speed-up vs plain | acceptance | tokens per target forward | tokens equal to plain greedy |")?;
+            outln!("| --- | ---: | ---: | ---: | ---: | ---: |")?;
             for r in &spec_rows {
-                println!("{r}");
+                outln!("{r}")?;
             }
         }
-        println!(
+        outln!(
             "memory bandwidth (copy): {:.1} GB/s → floor {:.2} ms/token for {} of bf16 weights",
             bw / 1e9,
             weight_bytes_bf16 as f64 / bw * 1e3,
             human_bytes(weight_bytes_bf16)
-        );
+        )?;
     }
     // Two-segment vs the same 16 layers all dense.
     let dtype = DType::auto(Device::Cpu);
     let two = ttft("bench-two-segment-16", args.ttft_prompt, dtype, repeats)?;
     let dense = ttft("bench-dense-16", args.ttft_prompt, dtype, repeats)?;
-    println!(
+    outln!(
         "\nTime to first token, {}-token prompt, {} (random weights, width 512):",
         args.ttft_prompt,
         dtype.name()
-    );
-    println!("\n| stack | layers | TTFT ms |");
-    println!("| --- | --- | ---: |");
-    println!("| dense | 16 | {:.1} |", dense * 1e3);
-    println!("| two-segment | 10 + 6 (KV reuse) | {:.1} |", two * 1e3);
-    println!(
+    )?;
+    outln!("\n| stack | layers | TTFT ms |")?;
+    outln!("| --- | --- | ---: |")?;
+    outln!("| dense | 16 | {:.1} |", dense * 1e3)?;
+    outln!("| two-segment | 10 + 6 (KV reuse) | {:.1} |", two * 1e3)?;
+    outln!(
         "\nTTFT ratio two-segment / dense: {:.3} (KV-cache ratio 0.625)",
         two / dense
-    );
+    )?;
     Ok(())
 }

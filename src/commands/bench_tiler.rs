@@ -132,12 +132,12 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|p| std::fs::read(p).map(|b| b.len() as u64).unwrap_or(0))
         .sum();
-    println!(
+    outln!(
         "tiler benchmark: {} images ({:.1} MB) in {}, decode + resize + normalise, {all} threads max",
         paths.len(),
         bytes as f64 / 1e6,
         args.folder.display()
-    );
+    )?;
     let mut rows = Vec::new();
     for m in &args.modes {
         let mode: TileMode = m.parse()?;
@@ -186,43 +186,43 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    println!();
+    outln!()?;
     let nw = rows
         .iter()
         .map(|r| r.name.chars().count())
         .max()
         .unwrap_or(5)
         .max(5);
-    println!(
+    outln!(
         "| {:<nw$} | {:>7} | {:>6} | {:>8} | {:>8} |",
         "tiler", "threads", "images", "seconds", "images/s"
-    );
-    println!(
+    )?;
+    outln!(
         "|{}|{:->9}|{:->8}|{:->10}|{:->10}|",
         "-".repeat(nw + 2),
         "",
         "",
         "",
         ""
-    );
+    )?;
     for r in &rows {
-        println!(
+        outln!(
             "| {:<nw$} | {:>7} | {:>6} | {:>8.2} | {:>8.2} |",
             r.name, r.threads, r.images, r.seconds, r.images_per_s
-        );
+        )?;
     }
     let hf = rows.iter().find(|r| r.name.starts_with("HF "));
     if let Some(hf) = hf {
-        println!();
+        outln!()?;
         if let Some(note) = &hf_note {
-            println!("HF output: {note}");
+            outln!("HF output: {note}")?;
         }
         for r in rows.iter().filter(|r| r.name == "ours high-res") {
-            println!(
+            outln!(
                 "speed-up, ours high-res ({} thread(s)) vs HF: {:.1}×",
                 r.threads,
                 r.images_per_s / hf.images_per_s
-            );
+            )?;
         }
     }
     if let Some(path) = &args.json {

@@ -5,7 +5,7 @@
 //! A file that cannot be read or decoded gets an `error:` line on stderr and the others are still
 //! described; the exit code is then 1.
 
-use std::io::Write as _;
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ pub const DEFAULT_VLM_REL: &str = "assets/models/afm-vl-demo";
 pub struct Args {
     /// Image files, directories or quoted glob patterns ("photos/*.jpg").
     #[arg(required = true, value_name = "IMAGE")]
-    pub images: Vec<String>,
+    pub images: Vec<std::ffi::OsString>,
     /// rapid (224-class thumbnail), balanced (one tile), high-res (4 crops + thumbnail) or auto.
     #[arg(long, default_value = "auto")]
     pub mode: String,
@@ -50,34 +50,45 @@ pub struct Args {
     pub sampling: SamplingArgs,
 }
 
-/// The default checkpoint: `$AFM_VL_VLM`, else `assets/models/afm-vl-demo` next to the repository
-/// this binary was built in, else relative to the working directory.
-pub fn default_vlm_dir() -> PathBuf {
-    super::find_default_dir("AFM_VL_VLM", DEFAULT_VLM_REL)
+/// The default checkpoint: `$AFM_VL_VLM`, else `assets/models/afm-vl-demo` next to the
+/// executable, else in the data directory (the rule of [`super::find_default_dir`]).
+pub fn default_vlm_dir() -> anyhow::Result<PathBuf> {
+    super::find_default_dir(
+        "AFM_VL_VLM",
+        DEFAULT_VLM_REL,
+        "--model",
+        "vision-language checkpoint",
+    )
 }
 
 /// Files named by the arguments, in order; an argument that names nothing is an error entry.
-pub fn expand_inputs(args: &[String]) -> Vec<Result<PathBuf, String>> {
+/// Paths are taken as the OS gives them (they need not be UTF-8); only a glob pattern has to be
+/// valid UTF-8.
+pub fn expand_inputs(args: &[std::ffi::OsString]) -> Vec<Result<PathBuf, String>> {
     let mut out = Vec::new();
     for a in args {
         let p = Path::new(a);
+        let shown = p.display();
+        let pattern = a.to_str().filter(|s| s.contains(['*', '?', '[']));
         if p.is_dir() {
             match afm_vision::tiler::list_images(p) {
-                Ok(v) if v.is_empty() => out.push(Err(format!("{a}: no images in this folder"))),
+                Ok(v) if v.is_empty() => {
+                    out.push(Err(format!("{shown}: no images in this folder")))
+                }
                 Ok(v) => out.extend(v.into_iter().map(Ok)),
                 Err(e) => out.push(Err(e.to_string())),
             }
-        } else if !p.exists() && a.contains(['*', '?', '[']) {
-            match glob::glob(a) {
+        } else if let (false, Some(pat)) = (p.exists(), pattern) {
+            match glob::glob(pat) {
                 Ok(paths) => {
                     let mut found: Vec<PathBuf> = paths.filter_map(|r| r.ok()).collect();
                     found.sort();
                     if found.is_empty() {
-                        out.push(Err(format!("{a}: no file matches this pattern")));
+                        out.push(Err(format!("{shown}: no file matches this pattern")));
                     }
                     out.extend(found.into_iter().map(Ok));
                 }
-                Err(e) => out.push(Err(format!("{a}: bad pattern: {e}"))),
+                Err(e) => out.push(Err(format!("{shown}: bad pattern: {e}"))),
             }
         } else {
             out.push(Ok(p.to_path_buf()));
@@ -86,12 +97,56 @@ pub fn expand_inputs(args: &[String]) -> Vec<Result<PathBuf, String>> {
     out
 }
 
+/// The path as JSON fields: `image` (the path, lossy only when it is not UTF-8) and, then,
+/// `image_b64` with the exact bytes of the path (base64), so no name is lost.
+fn path_fields(path: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("image".into(), path.to_string_lossy().into_owned().into());
+    if path.to_str().is_none() {
+        m.insert("image_b64".into(), base64(path.as_os_str().as_encoded_bytes()).into());
+    }
+    m
+}
+
+/// Standard base64 with padding (RFC 4648).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for k in 0..4 {
+            if k <= c.len() {
+                out.push(A[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Say once, on stderr, that a demo checkpoint cannot describe real photos.
+pub fn notice_demo(model: &VisionLanguageModel, dir: &Path, quiet: bool) {
+    if !quiet && model.config.is_demo() {
+        eprintln!(
+            "note: {} is the demo checkpoint: it knows only generated scenes of coloured shapes \
+             and describes real photos as such; pass --model DIR for a real vision-language checkpoint",
+            dir.display()
+        );
+    }
+}
+
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     let mode: TileMode = a.mode.parse()?;
     let opts = a.sampling.options()?;
     let device = ctx.device()?;
     let dtype = DType::parse(&a.dtype, device)?;
-    let dir = a.model.clone().unwrap_or_else(default_vlm_dir);
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => default_vlm_dir()?,
+    };
     let t0 = Instant::now();
     let mut model = VisionLanguageModel::load(&dir, device, dtype).with_context(|| {
         if a.model.is_none() && !dir.exists() {
@@ -115,6 +170,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         dir.display(),
         t0.elapsed().as_secs_f64()
     );
+    notice_demo(&model, &dir, ctx.quiet);
     let tiler = model.tiler(mode)?;
 
     let inputs = expand_inputs(&a.images);
@@ -132,70 +188,90 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         .collect();
 
     let mut failures = 0usize;
-    let stdout = std::io::stdout();
+    // Streamed text on a terminal shows progress itself; otherwise (--json, a pipe) a bar does.
+    let stream = !a.json && !ctx.quiet;
+    let bar_len = if stream && std::io::stdout().is_terminal() {
+        0
+    } else {
+        tiled.len()
+    };
+    let bar = super::progress::bar(bar_len as u64, "images", ctx.quiet || bar_len < 2);
     for item in tiled {
+        bar.inc(1);
         let (path, ti, tile_s) = match item {
             Ok(x) => x,
             Err(msg) => {
                 failures += 1;
-                eprintln!("error: {msg}");
+                bar.suspend(|| eprintln!("error: {msg}"));
                 if a.json {
-                    println!("{}", serde_json::json!({ "error": msg }));
+                    outln!("{}", serde_json::json!({ "error": msg }))?;
                 }
                 continue;
             }
         };
-        let stream = !a.json && !ctx.quiet;
-        if stream {
-            print!("{}: ", path.display());
-            let _ = stdout.lock().flush();
-        }
+        // The `PATH: ` prefix goes out with the first piece of text, so an image that fails
+        // before any text leaves no dangling prefix on stdout.
+        let mut sink = super::output::StreamSink::default();
+        let mut started = false;
         let result = model.describe_tiled(&ti, a.prompt.as_deref(), &opts, &mut |piece| {
             if stream {
-                print!("{}", piece.replace('\n', " "));
-                let _ = std::io::stdout().lock().flush();
+                if !started {
+                    started = true;
+                    sink.write(&format!("{}: ", path.display()));
+                }
+                sink.write(&piece.replace('\n', " "));
             }
         });
+        sink.finish()?;
         let mut d = match result {
             Ok(d) => d,
             Err(e) => {
-                if stream {
-                    println!();
+                if started {
+                    outln!()?;
                 }
                 failures += 1;
-                eprintln!("error: {}: {e}", path.display());
+                bar.suspend(|| eprintln!("error: {}: {e}", path.display()));
                 if a.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "image": path.display().to_string(), "error": e.to_string() })
-                    );
+                    let mut obj = path_fields(&path);
+                    obj.insert("error".into(), e.to_string().into());
+                    outln!("{}", serde_json::Value::Object(obj))?;
                 }
                 continue;
             }
         };
         d.timings.tile_s = tile_s;
         if a.json {
-            let mut obj = serde_json::json!({
-                "image": path.display().to_string(),
-                "description": d.text,
-                "mode": d.mode.as_str(),
-                "tiles": d.tiles,
-                "visual_tokens": d.visual_tokens,
-                "prompt_tokens": d.prompt_tokens,
-                "generated_tokens": d.generation.tokens.len(),
-            });
+            let mut obj = path_fields(&path);
+            obj.extend(
+                serde_json::json!({
+                    "description": d.text,
+                    "mode": d.mode.as_str(),
+                    "tiles": d.tiles,
+                    "visual_tokens": d.visual_tokens,
+                    "prompt_tokens": d.prompt_tokens,
+                    "generated_tokens": d.generation.tokens.len(),
+                })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            );
             if a.sampling.stats {
-                obj["stats"] = serde_json::to_value(d.timings)?;
+                obj.insert("stats".into(), serde_json::to_value(d.timings)?);
             }
-            println!("{obj}");
+            outln!("{}", serde_json::Value::Object(obj))?;
         } else {
-            if stream {
-                println!();
+            if stream && started {
+                outln!()?;
             } else {
-                println!("{}: {}", path.display(), d.text);
+                outln!("{}: {}", path.display(), d.text)?;
             }
+            super::generate::notice_stop(
+                ctx.quiet,
+                d.generation.stop_reason,
+                model.text.decoder.cfg.max_position_embeddings,
+            );
             if a.sampling.stats {
-                eprintln!(
+                bar.suspend(|| eprintln!(
                     "  [{} mode, {} tiles, {} visual tokens] tile {:.1} ms, encode {:.1} ms, prefill {:.1} ms ({} tokens), decode {:.1} ms ({} tokens, {:.1} tok/s)",
                     d.mode,
                     d.tiles,
@@ -207,14 +283,33 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
                     d.timings.decode_s * 1e3,
                     d.generation.tokens.len(),
                     d.generation.stats.decode_tok_s()
-                );
+                ));
             }
         }
     }
+    bar.finish_and_clear();
     if failures > 0 {
         anyhow::bail!(
             "{failures} of the images could not be described (see the error lines above)"
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (raw, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(raw.as_bytes()), enc);
+        }
+    }
 }

@@ -13,8 +13,6 @@ use anyhow::Context as _;
 
 use super::Context;
 
-const DEFAULT_MODEL: &str = "assets/models/smollm2-135m-instruct";
-
 #[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
@@ -47,9 +45,11 @@ pub struct RunArgs {
     /// (MGSM, with exemplars.json beside), *.jsonl.
     #[arg(required = true)]
     pub folders: Vec<PathBuf>,
-    /// Model folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: PathBuf,
+    /// Model folder (config.json, model.safetensors, tokenizer.json). Default: $AFM_VL_MODEL,
+    /// else the converted SmolLM2-135M-Instruct next to the executable, else in the data
+    /// directory (README, "Default paths").
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
     /// A LoRA adapter directory (PEFT layout) put on the model for the whole run; the report's
     /// model name then reads `MODEL+ADAPTER`.
     #[arg(long, value_name = "DIR")]
@@ -112,6 +112,9 @@ pub struct RunArgs {
     /// With `--backend hash`: sleep this long per item (tests kill a run midway).
     #[arg(long, default_value_t = 0, hide = true)]
     pub fake_delay_ms: u64,
+    /// With `--backend hash`: report this context length (tests of the prompt-length check).
+    #[arg(long, hide = true)]
+    pub fake_context: Option<usize>,
 }
 
 fn parse_tasks(names: &[String]) -> anyhow::Result<Vec<Task>> {
@@ -122,23 +125,17 @@ fn parse_tasks(names: &[String]) -> anyhow::Result<Vec<Task>> {
         .collect()
 }
 
-fn resolve_model(path: &std::path::Path) -> PathBuf {
-    if path.exists() || path != std::path::Path::new(DEFAULT_MODEL) {
-        return path.to_path_buf();
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)
-}
-
 fn open_backend(ctx: &Context, a: &RunArgs) -> anyhow::Result<Box<dyn EvalBackend>> {
     match a.backend.as_str() {
         "hash" => Ok(Box::new(afm_eval::fake_backend::HashBackend {
             delay: Duration::from_millis(a.fake_delay_ms),
+            context: a.fake_context,
             ..Default::default()
         })),
         "model" => {
             let device = ctx.device()?;
             let dtype = afm_eval::text_backend::parse_dtype(&a.dtype, device)?;
-            let dir = resolve_model(&a.model);
+            let dir = super::model_or_default(&a.model)?;
             let mut backend = afm_eval::text_backend::TextBackend::load(&dir, device, dtype)
                 .with_context(|| format!("loading the model {}", dir.display()))?;
             if let Some(adapter) = &a.adapter {
@@ -156,12 +153,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if let Some(EvalCommand::Merge(m)) = args.command {
         let results = afm_eval::merge::merge(&m.dirs, &m.out)?;
         if !ctx.quiet {
-            println!("{}", results.markdown());
+            outln!("{}", results.markdown())?;
             eprintln!("wrote {}/results.json and results.md", m.out.display());
         }
         return Ok(());
     }
     let a = *args.run;
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    if a.max_new_tokens == 0 {
+        anyhow::bail!("--max-new-tokens must be at least 1");
+    }
     let mut prompt = PromptConfig {
         chat: a.chat,
         max_new_tokens: a.max_new_tokens,
@@ -200,14 +203,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         dev_dir: a.dev_dir.clone(),
         skip_bad: a.skip_bad,
     };
+    // (discovery warns once per skipped row itself.)
     let suite = discovery::load(&a.folders, &load)?;
-    for s in &suite.skipped {
-        tracing::warn!("skipped {}:{}: {}", s.path, s.line, s.problem);
-    }
     let mut backend = open_backend(ctx, &a)?;
     if let Some(path) = &a.dump_requests {
         let dump = runner::dump_requests(&suite, backend.as_ref(), &cfg)?;
-        std::fs::write(path, serde_json::to_vec(&dump)?)
+        afm_text::atomic_write::write_atomic(path, &serde_json::to_vec(&dump)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!(
             "wrote the requests of {} items to {}",
@@ -219,7 +220,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let results = runner::run(&suite, backend.as_mut(), &cfg)
         .with_context(|| format!("evaluation into {}", a.out.display()))?;
     if !ctx.quiet {
-        println!("{}", results.markdown());
+        outln!("{}", results.markdown())?;
         eprintln!(
             "{} items scored in {:.1} s ({:.2} items/s); wrote {}/results.json and results.md",
             results.timings.scored,

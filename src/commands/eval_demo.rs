@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use afm_fusion::eval_demo::{evaluate, EvalReport};
+use afm_fusion::eval_demo::{evaluate_with_progress, EvalReport};
 use afm_fusion::scene::{generate_scene, HELDOUT_SEED_BASE};
 use afm_fusion::VisionLanguageModel;
 use afm_text::DType;
@@ -63,7 +63,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
                 .image
                 .save(&path)
                 .with_context(|| format!("writing {}", path.display()))?;
-            println!("{}: {}", path.display(), scene.caption());
+            outln!("{}: {}", path.display(), scene.caption())?;
         }
         if a.scenes == 0 {
             return Ok(());
@@ -71,7 +71,10 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     }
     let device = ctx.device()?;
     let dtype = DType::parse(&a.dtype, device)?;
-    let dir = a.model.clone().unwrap_or_else(default_vlm_dir);
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => default_vlm_dir()?,
+    };
     let model = VisionLanguageModel::load(&dir, device, dtype)
         .with_context(|| format!("loading {}", dir.display()))?;
     let mut reports: Vec<EvalReport> = Vec::new();
@@ -82,24 +85,29 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         if !ctx.quiet {
             eprintln!("evaluating {} held-out scenes in {mode} mode…", a.scenes);
         }
-        let r = evaluate(&model, a.scenes, mode, a.max_tokens, a.seed)
-            .with_context(|| format!("evaluating {mode} mode"))?;
+        let bar = super::progress::bar(a.scenes as u64, "scenes", ctx.quiet);
+        bar.set_message(mode.to_string());
+        let r = evaluate_with_progress(&model, a.scenes, mode, a.max_tokens, a.seed, &mut |n| {
+            bar.set_position(n as u64)
+        })
+        .with_context(|| format!("evaluating {mode} mode"))?;
+        bar.finish_and_clear();
         if a.examples {
             for e in r.examples.iter().take(5) {
-                println!(
+                outln!(
                     "[{mode}] truth:  {}\n[{mode}] output: {}",
                     e.truth, e.output
-                );
+                )?;
             }
         }
         reports.push(r);
     }
-    println!(
+    outln!(
         "\n| mode | scenes | tiles | visual tokens | pair precision | pair recall | exact counts | counts too few / many | exact captions | words read | time |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    )?;
+    outln!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
     for r in &reports {
-        println!(
+        outln!(
             "| {} | {} | {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% / {:.1}% | {:.1}% | {}/{} | {:.0} s |",
             r.mode,
             r.scenes,
@@ -114,11 +122,12 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             r.words_right,
             r.word_scenes,
             r.seconds
-        );
+        )?;
     }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&reports)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        afm_text::atomic_write::write_atomic(path, (text + "\n").as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `afm-vl generate` and `afm-vl chat`.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 
 use afm_text::{ChatMessage, GenerateOptions, SamplingConfig};
 
@@ -30,7 +30,8 @@ pub struct SamplingArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Stop when this string appears (repeatable).
+    /// Stop when this string appears (repeatable). `\n`, `\t` and `\\` are read as a newline,
+    /// a tab and a backslash, so `--stop '\n\n'` stops at a blank line.
     #[arg(long = "stop", value_name = "TEXT")]
     pub stop: Vec<String>,
     /// Print prefill and decode tokens/s to stderr.
@@ -55,6 +56,11 @@ impl SamplingArgs {
                 self.repetition_penalty
             );
         }
+        let stop_strings = self
+            .stop
+            .iter()
+            .map(|s| unescape_stop(s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(GenerateOptions {
             max_new_tokens: self.max_tokens,
             sampling: SamplingConfig {
@@ -65,9 +71,43 @@ impl SamplingArgs {
                 repetition_penalty: self.repetition_penalty,
                 seed: self.seed,
             },
-            stop_strings: self.stop.clone(),
+            stop_strings,
             stop_on_eos: true,
         })
+    }
+}
+
+/// A `--stop` value with `\n`, `\t`, `\r` and `\\` read as escapes; an empty string (which
+/// would stop before the first token) and an unknown escape are errors.
+pub fn unescape_stop(s: &str) -> anyhow::Result<String> {
+    if s.is_empty() {
+        anyhow::bail!("--stop needs a non-empty string (an empty one would stop at once)");
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('\\') => out.push('\\'),
+            Some(o) => anyhow::bail!(
+                "--stop {s:?}: unknown escape '\\{o}' (known: \\n, \\t, \\r, \\\\)"
+            ),
+            None => anyhow::bail!("--stop {s:?}: ends with a lone backslash (write \\\\)"),
+        }
+    }
+    Ok(out)
+}
+
+/// Tell the user (stderr) when a generation ended because the context was full.
+pub fn notice_stop(quiet: bool, reason: afm_text::StopReason, context: usize) {
+    if !quiet && reason == afm_text::StopReason::ContextFull {
+        eprintln!("note: generation stopped at the end of the model's context ({context} tokens)");
     }
 }
 
@@ -146,7 +186,7 @@ fn run_speculative(
         &opts,
         args.draft_tokens,
     )?;
-    println!("{}", g.text);
+    outln!("{}", g.text)?;
     if args.sampling.stats {
         print_stats(&g.stats);
         eprintln!(
@@ -181,13 +221,11 @@ pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(spec) = &args.draft {
         return run_speculative(ctx, &args, &model, spec);
     }
-    let mut stdout = std::io::stdout();
-    let out = model.generate_text(&args.prompt, args.raw, &opts, &mut |piece| {
-        // A closed stdout (e.g. `| head`) must not abort generation with a panic.
-        let _ = stdout.write_all(piece.as_bytes());
-        let _ = stdout.flush();
-    })?;
-    println!();
+    let mut sink = super::output::StreamSink::default();
+    let out = model.generate_text(&args.prompt, args.raw, &opts, &mut |piece| sink.write(piece))?;
+    sink.finish()?;
+    outln!()?;
+    notice_stop(ctx.quiet, out.stop_reason, model.decoder.cfg.max_position_embeddings);
     if args.sampling.stats {
         print_stats(&out.stats);
     }
@@ -207,7 +245,7 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
         model.source.display()
     );
     let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
+    let mut sink = super::output::StreamSink::default();
     loop {
         eprint!("> ");
         let mut line = String::new();
@@ -230,12 +268,13 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
         let ids = tok.encode(&text)?;
         let out =
             afm_text::generation::generate(&model.decoder, Some(tok), &ids, &opts, &mut |piece| {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
+                sink.write(piece)
             });
-        println!();
+        sink.finish()?;
+        outln!()?;
         match out {
             Ok(g) => {
+                notice_stop(ctx.quiet, g.stop_reason, model.decoder.cfg.max_position_embeddings);
                 if args.sampling.stats {
                     print_stats(&g.stats);
                 }
@@ -249,4 +288,19 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape_stop;
+
+    #[test]
+    fn stop_escapes() {
+        assert_eq!(unescape_stop("\\n\\n").unwrap(), "\n\n");
+        assert_eq!(unescape_stop("a\\tb\\\\n").unwrap(), "a\tb\\n");
+        assert_eq!(unescape_stop("plain").unwrap(), "plain");
+        assert!(unescape_stop("").is_err());
+        assert!(unescape_stop("\\x").is_err());
+        assert!(unescape_stop("end\\").is_err());
+    }
 }

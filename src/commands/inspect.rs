@@ -9,7 +9,7 @@ use afm_text::ptmoe::measure_local_kv_bytes;
 use afm_text::ptmoe_config::{is_ptmoe_preset, ptmoe_preset, PtMoeConfig, PTMOE_PRESETS};
 use afm_text::DType;
 
-use super::{default_model_dir, Context};
+use super::Context;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -36,7 +36,7 @@ pub struct Args {
 pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
     if args.list_presets {
         for (name, what) in PRESETS.iter().chain(PTMOE_PRESETS) {
-            println!("{name:<24} {what}");
+            outln!("{name:<24} {what}")?;
         }
         return Ok(());
     }
@@ -56,7 +56,7 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
     let (label, cfg) = match &args.preset {
         Some(p) => (format!("preset {p}"), preset(p)?),
         None => {
-            let dir = args.model.clone().unwrap_or_else(default_model_dir);
+            let dir = super::model_or_default(&args.model)?;
             (
                 dir.display().to_string(),
                 TextConfig::from_file(&dir.join("config.json"))?,
@@ -65,23 +65,23 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
     };
     let r = ModelReport::new(&cfg, dtype.bytes());
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({"model": label, "config": cfg, "report": r})
             )?
-        );
+        )?;
         return Ok(());
     }
-    println!("model: {label} ({})", cfg.model_type);
+    outln!("model: {label} ({})", cfg.model_type)?;
     match r.kv_source_layer {
-        Some(src) => println!(
+        Some(src) => outln!(
             "layers: {} = {} segment-0 (own K/V) + {} segment-1 (Q/O only, read the K/V of layer {src})",
             r.layers, r.segment0_layers, r.segment1_layers
-        ),
-        None => println!("layers: {} (all with their own K/V)", r.layers),
+        )?,
+        None => outln!("layers: {} (all with their own K/V)", r.layers)?,
     }
-    println!(
+    outln!(
         "width {}, {} query heads × {}, {} KV heads, FFN {}, vocab {}, {}{}RoPE θ {}, context {}",
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -97,35 +97,35 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         if cfg.qk_norm { "QK-norm, " } else { "" },
         cfg.rope_theta,
         cfg.max_position_embeddings
-    );
-    println!();
-    println!("| component | parameters |");
-    println!("| --- | ---: |");
+    )?;
+    outln!()?;
+    outln!("| component | parameters |")?;
+    outln!("| --- | ---: |")?;
     for c in &r.components {
-        println!("| {} | {} |", c.name, human_count(c.params));
+        outln!("| {} | {} |", c.name, human_count(c.params))?;
     }
-    println!(
+    outln!(
         "| **total** | **{}** ({}) |",
         human_count(r.total_params),
         r.total_params
-    );
-    println!();
-    println!(
+    )?;
+    outln!()?;
+    outln!(
         "KV cache per token ({}): {} bytes; same depth without KV reuse: {} bytes; ratio {:.3}",
         dtype.name(),
         r.kv_bytes_per_token,
         r.kv_bytes_per_token_dense,
         r.kv_ratio
-    );
-    println!(
+    )?;
+    outln!(
         "KV cache at the full context ({} tokens): {}",
         cfg.max_position_embeddings,
         human_bytes(r.kv_bytes_per_token * cfg.max_position_embeddings as u64)
-    );
+    )?;
     if let Some(bits) = args.kv_bits {
         let full = measured_kv_bytes_per_token(&cfg, dtype, 16)?;
         let q = measured_kv_bytes_per_token(&cfg, dtype, bits)?;
-        println!(
+        outln!(
             "KV cache per token, measured on a cache: {} bytes in {}; {} bytes with --kv-bits {bits} \
              ({:.3}× of {}; int8 codes + a {} scale per head and token)",
             full,
@@ -134,13 +134,13 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
             q as f64 / full as f64,
             dtype.name(),
             dtype.name()
-        );
+        )?;
     }
-    println!(
+    outln!(
         "weights ({}): {}",
         dtype.name(),
         human_bytes(r.weight_bytes)
-    );
+    )?;
     Ok(())
 }
 
@@ -149,20 +149,20 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
 fn inspect_ptmoe(label: &str, cfg: &PtMoeConfig, dtype: DType, json: bool) -> anyhow::Result<()> {
     let r = PtMoeReport::new(cfg, dtype.bytes());
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({"model": label, "config": cfg, "report": r})
             )?
-        );
+        )?;
         return Ok(());
     }
-    println!("model: {label} ({})", cfg.model_type);
-    println!(
+    outln!("model: {label} ({})", cfg.model_type)?;
+    outln!(
         "PT-MoE: {} track blocks × {} tracks × {} layers ({} layers per track path, {} in all), merge {:?}",
         r.track_blocks, r.tracks, r.track_block_depth, r.track_depth, r.total_layers, cfg.track_merge
-    );
-    println!(
+    )?;
+    outln!(
         "per track path: {} sliding-window layers (window {}, RoPE) + {} global (NoPE); {} MoE layers ({} experts, top-{}) + {} dense",
         r.local_layers_per_track,
         cfg.sliding_window,
@@ -171,8 +171,8 @@ fn inspect_ptmoe(label: &str, cfg: &PtMoeConfig, dtype: DType, json: bool) -> an
         cfg.num_local_experts,
         cfg.num_experts_per_tok,
         r.track_depth - r.moe_layers_per_track
-    );
-    println!(
+    )?;
+    outln!(
         "width {}, {} query heads × {}, {} KV heads, dense FFN {}, expert FFN {}, vocab {}, context {}",
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -182,53 +182,53 @@ fn inspect_ptmoe(label: &str, cfg: &PtMoeConfig, dtype: DType, json: bool) -> an
         cfg.moe_intermediate_size,
         cfg.vocab_size,
         cfg.max_position_embeddings
-    );
-    println!();
-    println!("| component | parameters |");
-    println!("| --- | ---: |");
+    )?;
+    outln!()?;
+    outln!("| component | parameters |")?;
+    outln!("| --- | ---: |")?;
     for c in &r.components {
-        println!("| {} | {} |", c.name, human_count(c.params));
+        outln!("| {} | {} |", c.name, human_count(c.params))?;
     }
-    println!(
+    outln!(
         "| **total** | **{}** ({}) |",
         human_count(r.total_params),
         r.total_params
-    );
-    println!(
+    )?;
+    outln!(
         "| **active per token** | **{}** ({}) |",
         human_count(r.active_params_per_token),
         r.active_params_per_token
-    );
-    println!();
-    println!(
+    )?;
+    outln!()?;
+    outln!(
         "sync points per forward: {} (one per track block) vs {} for tensor parallelism (2 per layer × {} layers)",
         r.sync_points_per_forward, r.sync_points_tensor_parallel, r.track_depth
-    );
-    println!(
+    )?;
+    outln!(
         "KV cache per token ({}): local (sliding-window) layers {} bytes, global layers {} bytes",
         dtype.name(),
         r.kv_bytes_per_token_local,
         r.kv_bytes_per_token_global
-    );
-    println!();
-    println!("| tokens | local-layer KV | local-layer KV, measured | global-layer KV |");
-    println!("| ---: | ---: | ---: | ---: |");
+    )?;
+    outln!()?;
+    outln!("| tokens | local-layer KV | local-layer KV, measured | global-layer KV |")?;
+    outln!("| ---: | ---: | ---: | ---: |")?;
     for (i, (tokens, l, g)) in r.kv_bytes_at_window_multiples.iter().enumerate() {
         // A real ring of this geometry, filled to `tokens`, times the local layers.
         let measured = measure_local_kv_bytes(cfg, *tokens, dtype.kind())?;
-        println!(
+        outln!(
             "| {tokens} ({}× window) | {} | {} | {} |",
             [1, 4, 16][i.min(2)],
             human_bytes(*l),
             human_bytes(measured),
             human_bytes(*g)
-        );
+        )?;
     }
-    println!(
+    outln!(
         "weights ({}): {}",
         dtype.name(),
         human_bytes(r.weight_bytes)
-    );
+    )?;
     Ok(())
 }
 

@@ -1,6 +1,9 @@
 //! One file per subcommand. Each `run` returns `anyhow::Result`; `main` turns an error into a
 //! one-line cause chain and exit code 1 (2 for a subcommand that is not built yet).
 
+#[macro_use]
+pub mod output;
+
 pub mod bench;
 pub mod bench_lora;
 pub mod bench_ptmoe;
@@ -12,6 +15,7 @@ pub mod eval;
 pub mod eval_demo;
 pub mod generate;
 pub mod inspect;
+pub mod progress;
 pub mod quantize;
 pub mod tile;
 pub mod train;
@@ -31,6 +35,15 @@ pub struct Context {
 }
 
 impl Context {
+    /// Parse `--device`, and for an explicit GPU check that it exists.
+    pub fn check_device(&self) -> anyhow::Result<()> {
+        let spec: DeviceSpec = self.device.parse()?;
+        if !matches!(spec, DeviceSpec::Auto | DeviceSpec::Cpu) {
+            spec.resolve()?;
+        }
+        Ok(())
+    }
+
     pub fn device(&self) -> anyhow::Result<tch::Device> {
         let spec: DeviceSpec = self.device.parse()?;
         Ok(spec.resolve()?)
@@ -52,35 +65,74 @@ impl std::error::Error for NotBuilt {}
 /// Where set-up puts the default text model, relative to the repository root.
 pub const DEFAULT_MODEL_REL: &str = "assets/models/smollm2-135m-instruct";
 
-/// The default text model directory: `$AFM_VL_MODEL`, else `assets/models/...` next to the
-/// repository this binary was built in (found from the executable's path), else relative to
-/// the working directory.
-pub fn default_model_dir() -> PathBuf {
-    find_default_dir("AFM_VL_MODEL", DEFAULT_MODEL_REL)
+/// The default text model directory (see [`find_default_dir`]).
+pub fn default_model_dir() -> anyhow::Result<PathBuf> {
+    find_default_dir("AFM_VL_MODEL", DEFAULT_MODEL_REL, "--model", "text model")
 }
 
-/// `$env`, else `rel` under the nearest ancestor of the executable that has `rel/config.json`,
-/// else `rel` relative to the working directory.
-pub fn find_default_dir(env: &str, rel: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        return PathBuf::from(p);
+/// The directory a `--model`-style flag names, else the default text model.
+pub fn model_or_default(flag: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match flag {
+        Some(p) => Ok(p.clone()),
+        None => default_model_dir(),
     }
+}
+
+/// The data directory: `$XDG_DATA_HOME/afm-vl`, else `~/.local/share/afm-vl`.
+pub fn data_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("afm-vl"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".local/share/afm-vl"))
+}
+
+/// Where a command finds a model it was not given, the same rule for every command (the flag
+/// itself is handled by the caller):
+/// 1. `$env`, when set (used as is, so a wrong value gives an error naming it);
+/// 2. `rel` (e.g. `assets/models/smollm2-135m-instruct`) under the nearest ancestor of the
+///    executable that has `rel/config.json` (a build inside the checkout finds its assets);
+/// 3. `DATA/rel` with DATA the data directory ([`data_dir`]), when it has a config.json.
+///
+/// The working directory is never searched. When nothing is found the error names every place
+/// looked at and how to fix it.
+pub fn find_default_dir(env: &str, rel: &str, flag: &str, what: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut looked = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1) {
             let cand = dir.join(rel);
-            if cand.join("config.json").exists() {
-                return cand;
+            if cand.join("config.json").is_file() {
+                return Ok(cand);
             }
         }
+        if let Some(d) = exe.parent() {
+            looked.push(format!("{} and its parents", d.join(rel).display()));
+        }
     }
-    PathBuf::from(rel)
+    if let Some(data) = data_dir() {
+        let cand = data.join(rel);
+        if cand.join("config.json").is_file() {
+            return Ok(cand);
+        }
+        looked.push(cand.display().to_string());
+    }
+    anyhow::bail!(
+        "no {what} found: pass {flag} DIR, set ${env}, or run `make setup` in the checkout \
+         (looked in {})",
+        looked.join(", ")
+    )
 }
 
 /// How a command picks its text model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json). Default: the
-    /// converted SmolLM2-135M-Instruct in assets/models/ (or $AFM_VL_MODEL).
+    /// Model directory (config.json, model.safetensors, tokenizer.json). Default: $AFM_VL_MODEL,
+    /// else the converted SmolLM2-135M-Instruct in the checkout's assets/models/, else in the
+    /// data directory (README, "Default paths").
     #[arg(long, value_name = "DIR", conflicts_with = "preset")]
     pub model: Option<PathBuf>,
     /// A named preset with random weights instead of a checkpoint (see `inspect --list-presets`).
@@ -90,13 +142,13 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// KV-cache bits: 16 (the compute dtype) or 8 (int8 with a scale per head and token).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(8..=16))]
+    #[arg(long, default_value_t = 16, value_parser = parse_kv_bits)]
     pub kv_bits: u8,
 }
 
 impl ModelArgs {
-    pub fn model_dir(&self) -> PathBuf {
-        self.model.clone().unwrap_or_else(default_model_dir)
+    pub fn model_dir(&self) -> anyhow::Result<PathBuf> {
+        model_or_default(&self.model)
     }
 
     pub fn load(&self, ctx: &Context) -> anyhow::Result<TextModel> {
@@ -106,7 +158,7 @@ impl ModelArgs {
         if let Some(p) = &self.preset {
             return Ok(TextModel::from_preset(p, 0, device, dtype)?);
         }
-        let dir = self.model_dir();
+        let dir = self.model_dir()?;
         load_model_dir(&dir, device, dtype)
     }
 }
@@ -146,4 +198,88 @@ pub fn load_model_dir(dir: &Path, device: tch::Device, dtype: DType) -> anyhow::
         t0.elapsed().as_secs_f64()
     );
     Ok(m)
+}
+
+/// `--threads N`: 1 to 4 × the cores (more threads than that only thrash, and libtorch crashes
+/// on absurd counts).
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = 4 * cores;
+    match s.trim().parse::<i64>() {
+        Ok(n) if (1..=max as i64).contains(&n) => Ok(n as usize),
+        Ok(n) => Err(format!(
+            "{n} threads: the value must be between 1 and {max} (4 × the {cores} cores)"
+        )),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+/// A clap usage error as one line: its first line (without `error: `), a negative number
+/// explained as such, no `-- -1` tip, no usage block.
+pub fn one_line_clap_error(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or("").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    // `invalid value '-3' for '--max-tokens <N>': invalid digit found in string`
+    let msg = if first.contains("invalid digit found in string") && first.contains("'-") {
+        first.replace("invalid digit found in string", "the value must be ≥ 0")
+    } else {
+        first.to_string()
+    };
+    format!("error: {msg} (see --help)")
+}
+
+/// The one-line form of an error: its cause chain joined by ": ", without a cause whose text
+/// the line already ends with (`path: Permission denied (os error 13)` is not followed by
+/// `Permission denied (os error 13)` again).
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.ends_with(text) || line.contains(&format!("{text}: ")) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line.replace('\n', " ")
+}
+
+/// `--kv-bits`: 8 or 16, nothing between.
+pub fn parse_kv_bits(s: &str) -> Result<u8, String> {
+    match s.trim() {
+        "8" => Ok(8),
+        "16" => Ok(16),
+        other => Err(format!("'{other}': the KV cache is 8 or 16 bits")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_line_drops_a_cause_the_line_already_ends_with() {
+        let io = std::io::Error::from_raw_os_error(13);
+        let e = anyhow::Error::new(afm_text::TextError::io("/m/config.json", io))
+            .context("loading model /m");
+        let line = error_line(&e);
+        assert_eq!(
+            line,
+            "loading model /m: /m/config.json: Permission denied (os error 13)"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_line(&e), "outer: inner");
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let rendered = "error: invalid value '-3' for '--max-tokens <N>': invalid digit found in string\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line_clap_error(rendered),
+            "error: invalid value '-3' for '--max-tokens <N>': the value must be ≥ 0 (see --help)"
+        );
+    }
 }

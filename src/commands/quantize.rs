@@ -71,7 +71,11 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     };
     let t0 = std::time::Instant::now();
     let quiet = ctx.quiet;
-    let r = quantize_dir(&a.input, &a.output, &opts, &mut |name| {
+    let bar = super::progress::bar(0, "tensors", quiet);
+    let r = quantize_dir(&a.input, &a.output, &opts, &mut |i, n, name| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+        bar.set_message(name.to_string());
         tracing::info!("quantizing {name}");
     })
     .with_context(|| {
@@ -81,11 +85,12 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             a.output.display()
         )
     })?;
+    bar.finish_and_clear();
     if a.verbose_plan {
-        println!("| tensor | shape | bits | method | rel. error |");
-        println!("| --- | --- | ---: | --- | ---: |");
+        outln!("| tensor | shape | bits | method | rel. error |")?;
+        outln!("| --- | --- | ---: | --- | ---: |")?;
         for t in &r.tensors {
-            println!(
+            outln!(
                 "| {} | {}×{} | {} | {} | {:.2e} |",
                 t.name,
                 t.rows,
@@ -93,7 +98,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
                 t.bits,
                 t.method.name(),
                 t.rel_error
-            );
+            )?;
         }
     }
     if !quiet {
@@ -110,7 +115,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        println!(
+        outln!(
             "wrote {} in {:.1}s: {} tensors quantized ({} weights; {}), {} dense ({} values); \
              {:.3} bits per quantized weight; model.safetensors {:.1} MiB",
             a.output.display(),
@@ -122,7 +127,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             r.dense_params,
             r.avg_bpw,
             r.file_bytes as f64 / (1024.0 * 1024.0)
-        );
+        )?;
     }
     Ok(())
 }

@@ -26,10 +26,10 @@ pub struct Args {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Normalisation mean, three comma-separated values in [0, 1] (overrides --config).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub mean: Option<Vec<f32>>,
     /// Normalisation std, three comma-separated values (overrides --config).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub std: Option<Vec<f32>>,
     /// Largest accepted image side in pixels.
     #[arg(long, default_value_t = 16_384)]
@@ -84,14 +84,19 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    tch::Tensor::write_safetensors(
-        &[("pixel_values", &pixels), ("content_boxes", &boxes)],
+    // Temporary file + rename: a failed write (full disk) keeps a previous --out intact.
+    afm_text::checkpoint::write_safetensors(
         &args.out,
+        &[
+            ("pixel_values".into(), pixels.shallow_clone()),
+            ("content_boxes".into(), boxes.shallow_clone()),
+        ],
+        None,
     )
     .with_context(|| format!("cannot write {}", args.out.display()))?;
     if !ctx.quiet {
         let (w, h) = tiled.source_size;
-        println!(
+        outln!(
             "{}: {w}×{h} → {} mode, {} tile(s) of {s}×{s} → {} (pixel_values {:?})",
             args.image.display(),
             tiled.mode,
@@ -99,7 +104,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             args.out.display(),
             pixels.size(),
             s = tiled.tile_size,
-        );
+        )?;
     }
     Ok(())
 }

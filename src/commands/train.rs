@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{default_model_dir, load_model_dir, Context};
+use super::{load_model_dir, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -93,7 +93,25 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 }
 
 fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
-    let dir = a.model.clone().unwrap_or_else(default_model_dir);
+    if a.rank == 0 {
+        anyhow::bail!("--rank must be at least 1");
+    }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        anyhow::bail!("--lr must be a positive number, got {}", a.lr);
+    }
+    if !(a.alpha.is_finite() && a.alpha > 0.0) {
+        anyhow::bail!("--alpha must be a positive number, got {}", a.alpha);
+    }
+    for (flag, v) in [
+        ("--steps", a.steps),
+        ("--batch-size", a.batch_size),
+        ("--grad-accum", a.grad_accum),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+    }
+    let dir = super::model_or_default(&a.model)?;
     let mut model = load_model_dir(&dir, ctx.device()?, DType::F32)?;
     let tok = model.tokenizer()?;
     let data = load_jsonl(&a.data, tok, !a.no_chat, a.max_len)?;
@@ -110,8 +128,8 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         lr: a.lr,
         weight_decay: a.weight_decay,
         steps: a.steps,
-        batch_size: a.batch_size.max(1),
-        grad_accum: a.grad_accum.max(1),
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
         max_len: a.max_len,
         save_every: a.save_every,
         seed: a.seed,

@@ -10,13 +10,15 @@ use afm_text::DType;
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{default_model_dir, load_model_dir, Context};
+use super::{load_model_dir, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Output checkpoint directory (config.json, vision_adapter.safetensors, train_log.jsonl).
-    #[arg(long, value_name = "DIR", default_value = "assets/models/afm-vl-demo")]
-    pub out: PathBuf,
+    /// Required: there is no default, so a run never overwrites the shipped checkpoint by
+    /// accident (retraining it means `--out assets/models/afm-vl-demo`).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     /// The frozen text model (default: the converted SmolLM2-135M-Instruct).
     #[arg(long, value_name = "DIR")]
     pub text_model: Option<PathBuf>,
@@ -77,14 +79,19 @@ pub struct DemoArgs {
     pub detector_weight: f64,
 }
 
-pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
+pub fn run(ctx: &Context, mut a: DemoArgs) -> anyhow::Result<()> {
+    let Some(out) = a.out.take() else {
+        anyhow::bail!(
+            "train demo needs --out DIR (no default, so the shipped checkpoint is never overwritten by accident)"
+        );
+    };
     let device = ctx.device()?;
-    let text_dir = a.text_model.clone().unwrap_or_else(default_model_dir);
+    let text_dir = super::model_or_default(&a.text_model)?;
     let dtype = DType::parse(&a.dtype, device)?;
     let text = load_model_dir(&text_dir, device, dtype)?;
     let text_ref = match &a.text_model_ref {
         Some(r) => r.clone(),
-        None => relative_ref(&a.out, &text_dir),
+        None => relative_ref(&out, &text_dir),
     };
     let mut config = demo_config(&text, &text_ref)?;
     if let Some(p) = a.pool {
@@ -109,7 +116,7 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
             );
         }
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let cfg = DemoTrainConfig {
         seed: a.seed,
         stage1_steps: a.stage1_steps,
@@ -124,10 +131,10 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
         aux_weight: a.aux_weight,
         detector_weight: a.detector_weight,
         tile_feature: a.tile_feature,
-        out: a.out.clone(),
+        out: out.clone(),
         ..DemoTrainConfig::default()
     };
-    let log_path = a.out.join("train_log.jsonl");
+    let log_path = out.join("train_log.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -193,12 +200,12 @@ pub fn run(ctx: &Context, a: DemoArgs) -> anyhow::Result<()> {
     if let Some(e) = log_err {
         tracing::warn!("{}: {e}", log_path.display());
     }
-    println!(
+    outln!(
         "trained in {:.1} min; checkpoint written to {} ({} encoder + adapter parameters)",
         t0.elapsed().as_secs_f64() / 60.0,
-        a.out.display(),
+        out.display(),
         model.vision_parameters()
-    );
+    )?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use afm_text::{DType, TextModel};
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{default_model_dir, Context};
+use super::Context;
 
 #[derive(clap::Args, Debug)]
 pub struct QatArgs {
@@ -52,7 +52,7 @@ pub fn run(ctx: &Context, a: QatArgs) -> anyhow::Result<()> {
     if ![2, 4, 8].contains(&a.bits) || ![2, 4, 8].contains(&a.embed_bits) {
         anyhow::bail!("--bits and --embed-bits must be 2, 4 or 8");
     }
-    let src = a.model.clone().unwrap_or_else(default_model_dir);
+    let src = super::model_or_default(&a.model)?;
     let device = ctx.device()?;
     let tok_model = TextModel::load(&src, tch::Device::Cpu, DType::F32)
         .with_context(|| format!("loading model {}", src.display()))?;
@@ -99,7 +99,7 @@ pub fn run(ctx: &Context, a: QatArgs) -> anyhow::Result<()> {
         "batch_size": cfg.batch_size, "seq_len": a.seq_len, "seed": a.seed,
         "windows": windows.len(), "steps": losses.len(), "losses": losses,
     });
-    std::fs::write(&log, serde_json::to_string(&record)?)
+    afm_text::atomic_write::write_atomic(&log, serde_json::to_string(&record)?.as_bytes())
         .with_context(|| format!("writing {}", log.display()))?;
     if !ctx.quiet {
         let k = losses.len().min(5);

@@ -81,8 +81,9 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
     })
 }
 
-/// Read one safetensors file into `map` (tensors stay in their stored dtype on the CPU).
-pub fn read_safetensors_into(path: &Path, map: &mut WeightMap) -> Result<()> {
+/// Read every tensor of one safetensors file (CPU copies in their stored dtype). Errors are
+/// one line naming the file (never the library's debug text).
+pub fn read_safetensors_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = std::fs::File::open(path).map_err(|e| TextError::io(path, e))?;
     // SAFETY: the file is opened read-only; we copy every tensor out before dropping the map.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TextError::io(path, e))?;
@@ -92,7 +93,7 @@ pub fn read_safetensors_into(path: &Path, map: &mut WeightMap) -> Result<()> {
             format!("not a valid safetensors file ({e}); truncated or corrupt?"),
         )
     })?;
-    let idx = map.add_file(path);
+    let mut out = Vec::new();
     for (name, view) in st.tensors() {
         let kind = kind_of(view.dtype()).ok_or_else(|| {
             TextError::checkpoint(
@@ -102,6 +103,16 @@ pub fn read_safetensors_into(path: &Path, map: &mut WeightMap) -> Result<()> {
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Read one safetensors file into `map` (tensors stay in their stored dtype on the CPU).
+pub fn read_safetensors_into(path: &Path, map: &mut WeightMap) -> Result<()> {
+    let tensors = read_safetensors_file(path)?;
+    let idx = map.add_file(path);
+    for (name, t) in tensors {
         map.insert(name, t, idx);
     }
     Ok(())
@@ -146,11 +157,10 @@ pub fn write_safetensors(
         })
         .collect::<Result<_>>()?;
     // Write to a temporary name, then rename: a crash never leaves a half-written checkpoint.
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, metadata, &tmp)
-        .map_err(|e| TextError::checkpoint(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| TextError::io(path, e))?;
-    Ok(())
+    crate::atomic_write::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp)
+            .map_err(|e| TextError::checkpoint(path, e.to_string()))
+    })
 }
 
 #[cfg(test)]

@@ -58,6 +58,17 @@ fn default_ctx() -> usize {
     4096
 }
 
+/// Limits of [`TextConfig::validate`] (generous: about 10× the largest open models).
+pub const MAX_VOCAB: usize = 4 << 20;
+pub const MAX_WIDTH: usize = 1 << 17;
+pub const MAX_FFN: usize = 1 << 20;
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_HEADS: usize = 1024;
+pub const MAX_HEAD_DIM: usize = 1024;
+/// Longest context (the RoPE table is allocated for all of it).
+pub const MAX_CONTEXT: usize = 1 << 21;
+pub const MAX_PARAMS: u128 = 10_000_000_000_000;
+
 /// The text decoder's configuration (HF field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextConfig {
@@ -174,6 +185,30 @@ impl TextConfig {
                 return Err(format!("{name} must be > 0"));
             }
         }
+        // Upper bounds, checked before anything is allocated: a config must not be able to ask
+        // for more memory than any machine has (generous: 10× today's largest open models).
+        let bounded = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_FFN),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads(), MAX_HEADS),
+            ("head_dim", self.head_dim(), MAX_HEAD_DIM),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_CONTEXT),
+        ];
+        for (name, v, max) in bounded {
+            if v > max {
+                return Err(format!("{name} {v} is larger than the limit of {max}"));
+            }
+        }
+        let params = self.approx_params();
+        if params > MAX_PARAMS {
+            return Err(format!(
+                "the geometry has about {:.3e} parameters, more than the limit of {MAX_PARAMS:.0e}",
+                params as f64
+            ));
+        }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -213,6 +248,26 @@ impl TextConfig {
             }
         }
         Ok(())
+    }
+
+    /// Parameters of this geometry (embedding, head, attention, MLP), computed in u128 so an
+    /// absurd config cannot overflow.
+    pub fn approx_params(&self) -> u128 {
+        let (h, v, f) = (
+            self.hidden_size as u128,
+            self.vocab_size as u128,
+            self.intermediate_size as u128,
+        );
+        let hd = self.head_dim.unwrap_or(1).max(1) as u128;
+        let hd = if self.head_dim.is_some() {
+            hd
+        } else {
+            h / (self.num_attention_heads.max(1) as u128)
+        };
+        let q = self.num_attention_heads as u128 * hd;
+        let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads) as u128 * hd;
+        let layer = h * (q + 2 * kv) + q * h + 3 * h * f;
+        2 * v * h + self.num_hidden_layers as u128 * layer
     }
 
     pub fn head_dim(&self) -> usize {

@@ -149,12 +149,28 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<TextConfig> {
 
 /// Convert `gguf` into a model directory `out`. `progress(done, total)` is called per tensor.
 /// `kind` is the stored dtype (fp32 keeps dequantised values exact).
+/// The files a conversion writes into its output directory.
+pub const OUTPUT_FILES: [&str; 4] = [
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+
 pub fn convert_gguf(
     gguf: &Path,
     out: &Path,
     kind: Kind,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ConvertSummary> {
+    for name in OUTPUT_FILES {
+        if crate::atomic_write::same_file(gguf, &out.join(name)) {
+            return Err(TextError::InvalidArgument(format!(
+                "{}: the output {name} would overwrite the GGUF being converted (choose another OUT_DIR)",
+                out.display()
+            )));
+        }
+    }
     let g = GgufFile::open(gguf)?;
     let cfg = config_from_gguf(&g)?;
     let (tok, tok_cfg) = tokenizer_files_from_gguf(&g)?;
@@ -187,7 +203,7 @@ pub fn convert_gguf(
     let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = out.join(name);
         let text = serde_json::to_string_pretty(v).unwrap_or_default();
-        std::fs::write(&p, text).map_err(|e| TextError::io(&p, e))
+        crate::atomic_write::write_atomic(&p, text.as_bytes())
     };
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());

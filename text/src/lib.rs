@@ -4,6 +4,7 @@
 //! layers is a Llama-style decoder), the server PT-MoE decoder, their KV cache, checkpoint
 //! loading (safetensors, GGUF), and generation.
 
+pub mod atomic_write;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

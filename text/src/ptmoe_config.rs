@@ -128,6 +128,25 @@ impl PtMoeConfig {
                 return Err(format!("{name} must be > 0"));
             }
         }
+        let bounded = [
+            ("num_tracks", self.num_tracks, 256),
+            ("num_track_blocks", self.num_track_blocks, 1024),
+            ("track_block_depth", self.track_block_depth, 256),
+            ("num_local_experts", self.num_local_experts, 4096),
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 20),
+        ];
+        for (name, v, max) in bounded {
+            if v > max {
+                return Err(format!("{name} {v} is larger than the limit of {max}"));
+            }
+        }
+        if self.total_layers() > crate::config::MAX_LAYERS * 4 {
+            return Err(format!(
+                "{} layers in all (tracks × blocks × depth) is more than the limit of {}",
+                self.total_layers(),
+                crate::config::MAX_LAYERS * 4
+            ));
+        }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return Err(format!(
                 "num_experts_per_tok {} must be in 1..={}",

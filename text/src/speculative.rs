@@ -204,6 +204,21 @@ pub fn generate_speculative<T: SpeculativeLm, D: SpeculativeLm>(
     if prompt.is_empty() {
         return Err(TextError::InvalidArgument("the prompt is empty".into()));
     }
+    if k == 0 {
+        return Err(TextError::InvalidArgument(
+            "draft tokens must be at least 1 (the draft proposes k tokens per target forward)"
+                .into(),
+        ));
+    }
+    if let Draft::SelfPrefix(n) = draft {
+        if n == 0 || n >= target.depth() {
+            return Err(TextError::InvalidArgument(format!(
+                "draft self:{n}: N must be between 1 and {} (the target has {} layers; a draft of all of them is the target itself)",
+                target.depth().saturating_sub(1),
+                target.depth()
+            )));
+        }
+    }
     if let Draft::Model(d) = draft {
         if d.vocab_size() != target.vocab_size() {
             return Err(TextError::InvalidArgument(format!(

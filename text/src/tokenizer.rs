@@ -118,6 +118,16 @@ impl Tokenizer {
         add_generation_prompt: bool,
     ) -> Result<String> {
         let Some(template) = &self.chat_template else {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            let dir = self.source.parent().unwrap_or(Path::new("."));
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "{}: no chat template (tokenizer_config.json is missing or has no \"chat_template\"): \
+                     chat prompts use a plain \"role: content\" transcript, which changes the model's answers; \
+                     add the model's tokenizer_config.json",
+                    dir.display()
+                )
+            });
             let mut s = String::new();
             for m in messages {
                 s.push_str(&format!("{}: {}\n", m.role, m.content));

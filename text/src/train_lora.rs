@@ -46,6 +46,56 @@ fn one() -> f64 {
     1.0
 }
 
+impl LoraTrainConfig {
+    /// Check the hyper-parameters; the message names the flag-like field that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TextError::InvalidArgument(m));
+        if self.rank == 0 || self.rank > 4096 {
+            return bad(format!("rank must be in 1..=4096, got {}", self.rank));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!("alpha must be a positive number, got {}", self.alpha));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr must be a positive number, got {}", self.lr));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight decay must be a number ≥ 0, got {}",
+                self.weight_decay
+            ));
+        }
+        for (name, v) in [
+            ("steps", self.steps),
+            ("batch size", self.batch_size),
+            ("grad accum", self.grad_accum),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.max_len < 2 {
+            return bad(format!(
+                "max len must be at least 2 tokens, got {}",
+                self.max_len
+            ));
+        }
+        if !(self.distill_temperature.is_finite() && self.distill_temperature > 0.0) {
+            return bad(format!(
+                "distillation temperature must be a positive number, got {}",
+                self.distill_temperature
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.distill_weight) {
+            return bad(format!(
+                "the distillation weight must be in [0, 1], got {}",
+                self.distill_weight
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for LoraTrainConfig {
     fn default() -> Self {
         Self {
@@ -348,11 +398,8 @@ impl LoraTrainer {
             "task_type": "CAUSAL_LM", "use_rslora": false,
         });
         let write = |name: &str, v: serde_json::Value| -> Result<()> {
-            let p = dir.join(name);
-            let tmp = p.with_extension("json.partial");
-            std::fs::write(&tmp, serde_json::to_string_pretty(&v).unwrap_or_default())
-                .map_err(|e| TextError::io(&tmp, e))?;
-            std::fs::rename(&tmp, &p).map_err(|e| TextError::io(&p, e))
+            let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+            crate::atomic_write::write_atomic(&dir.join(name), text.as_bytes())
         };
         write("adapter_config.json", cfg)?;
         let st = TrainState {
@@ -439,6 +486,7 @@ pub fn train(
             "LoRA training needs the base model in fp32 (--dtype fp32)".into(),
         ));
     }
+    cfg.validate()?;
     let (mut trainer, mut losses) = if resume && out.join("trainer_state.json").exists() {
         LoraTrainer::resume(decoder, out)?
     } else {
@@ -468,6 +516,19 @@ pub fn train(
     trainer.attach(decoder)?;
     while trainer.step < trainer.cfg.steps {
         let loss = trainer.train_step(decoder, data, teacher)?;
+        if !loss.is_finite() {
+            deactivate(decoder)?;
+            return Err(TextError::InvalidArgument(format!(
+                "step {}: the loss became {loss}; training stopped without writing this state \
+                 (try a lower learning rate{})",
+                trainer.step,
+                if trainer.step > trainer.cfg.save_every && trainer.cfg.save_every > 0 {
+                    "; the last checkpoint in the output folder is kept"
+                } else {
+                    ""
+                }
+            )));
+        }
         losses.push(loss);
         progress(trainer.step, loss);
         if trainer.cfg.save_every > 0 && trainer.step % trainer.cfg.save_every == 0 {

@@ -77,7 +77,7 @@ fn quantize(d: &Dirs, name: &str, method: Method, plan: BitPlan) -> (PathBuf, f6
         row_scale: true,
         seed: 0,
     };
-    let r = quantize_dir(&d.full, &out, &opts, &mut |_| {}).unwrap();
+    let r = quantize_dir(&d.full, &out, &opts, &mut |_, _, _| {}).unwrap();
     (out, r.avg_bpw)
 }
 
@@ -142,7 +142,7 @@ fn quantized_models_load_and_track_full_precision() {
         row_scale: true,
         seed: 0,
     };
-    let err = quantize_dir(&d.root.join("pal4"), &d.root.join("x"), &opts, &mut |_| {})
+    let err = quantize_dir(&d.root.join("pal4"), &d.root.join("x"), &opts, &mut |_, _, _| {})
         .unwrap_err()
         .to_string();
     assert!(err.contains("already quantized"), "{err}");

@@ -121,3 +121,53 @@ fn resume_is_identical_to_an_uninterrupted_run() {
         assert_eq!(max_abs_diff(&x, &y), 0.0, "{n}");
     }
 }
+
+#[test]
+fn bad_hyper_parameters_are_refused_and_a_diverging_loss_stops_training() {
+    tch::set_num_threads(1);
+    let mut d = tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = |c: LoraTrainConfig| -> String {
+        let mut d = tiny();
+        train(&mut d, &data(), c, tmp.path(), false, None, |_, _| {})
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(LoraTrainConfig { rank: 0, ..cfg(2) }).contains("rank"));
+    let e = bad(LoraTrainConfig {
+        lr: f64::NAN,
+        ..cfg(2)
+    });
+    assert!(e.contains("lr"), "{e}");
+    assert!(bad(LoraTrainConfig { lr: -1.0, ..cfg(2) }).contains("lr"));
+    assert!(bad(LoraTrainConfig { alpha: 0.0, ..cfg(2) }).contains("alpha"));
+    assert!(bad(LoraTrainConfig { steps: 0, ..cfg(2) }).contains("steps"));
+    assert!(bad(LoraTrainConfig {
+        batch_size: 0,
+        ..cfg(2)
+    })
+    .contains("batch"));
+    // Nothing was written by the refused runs.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+
+    // A learning rate this large makes the loss infinite or NaN within a few steps: training
+    // stops with an error naming the step, and writes no adapter of NaNs.
+    let out = tmp.path().join("diverged");
+    let e = train(
+        &mut d,
+        &data(),
+        LoraTrainConfig {
+            lr: 1e30,
+            save_every: 0,
+            ..cfg(20)
+        },
+        &out,
+        false,
+        None,
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("step ") && e.contains("loss became"), "{e}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}

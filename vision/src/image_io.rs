@@ -158,7 +158,7 @@ fn decode(
         other => VisionError::Decode {
             path: owned.clone(),
             format: fmt_name.clone(),
-            message: other.to_string(),
+            message: tidy_decoder_message(&other.to_string()),
         },
     };
 
@@ -167,6 +167,25 @@ fn decode(
         let mut decoder = reader.into_decoder().map_err(decode_err)?;
         let (width, height) = decoder.dimensions();
         if width == 0 || height == 0 {
+            // The WebP decoder reports 0×0 when it cannot use a header it has read (e.g. one
+            // that claims 16384² with no data behind it): say what the header claims.
+            if let Some((w, h)) = webp_header_size(data).filter(|&(w, h)| w > 0 && h > 0) {
+                if w > limits.max_side || h > limits.max_side {
+                    return Err(VisionError::TooLarge {
+                        path: owned.clone(),
+                        width: w,
+                        height: h,
+                        max_side: limits.max_side,
+                    });
+                }
+                return Err(VisionError::Decode {
+                    path: owned.clone(),
+                    format: fmt_name.clone(),
+                    message: format!(
+                        "the header claims {w}×{h} pixels but the image data is missing or corrupt"
+                    ),
+                });
+            }
             return Err(VisionError::ZeroSized {
                 path: owned.clone(),
                 width,
@@ -208,6 +227,54 @@ fn decode(
             format: format_name(format),
             message: "the decoder panicked on malformed data".into(),
         }),
+    }
+}
+
+/// Decoder messages without Rust debug text: the png crate prints chunk types as
+/// `ChunkType { type: IDAT, critical: true, … }`; that becomes `IDAT chunk`.
+pub fn tidy_decoder_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("ChunkType {") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        let Some(end) = after.find('}') else {
+            out.push_str(after);
+            return out;
+        };
+        let name = after["ChunkType {".len()..end]
+            .split(',')
+            .next()
+            .and_then(|f| f.trim().strip_prefix("type:"))
+            .map(str::trim)
+            .unwrap_or("PNG");
+        out.push_str(&format!("{name} chunk"));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The canvas size a WebP file's header claims (VP8, VP8L or VP8X), read without decoding.
+pub fn webp_header_size(data: &[u8]) -> Option<(u32, u32)> {
+    if data.len() < 30 || &data[0..4] != b"RIFF" || &data[8..12] != b"WEBP" {
+        return None;
+    }
+    let le16 = |i: usize| u32::from(data[i]) | u32::from(data[i + 1]) << 8;
+    let le24 = |i: usize| le16(i) | u32::from(data[i + 2]) << 16;
+    match &data[12..16] {
+        // Lossy: frame tag (3 bytes), start code 9d 01 2a, 14-bit width and height.
+        b"VP8 " if data[23..26] == [0x9d, 0x01, 0x2a] => {
+            Some((le16(26) & 0x3fff, le16(28) & 0x3fff))
+        }
+        // Lossless: signature 0x2f, then (width − 1) and (height − 1) in 14 bits each.
+        b"VP8L" if data[20] == 0x2f => {
+            let bits = le16(21) | le16(23) << 16;
+            Some(((bits & 0x3fff) + 1, ((bits >> 14) & 0x3fff) + 1))
+        }
+        // Extended: 4 bytes of flags, then (width − 1) and (height − 1) in 24 bits each.
+        b"VP8X" => Some((le24(24) + 1, le24(27) + 1)),
+        _ => None,
     }
 }
 

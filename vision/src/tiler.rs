@@ -90,6 +90,13 @@ pub enum AspectMode {
     Stretch,
 }
 
+/// Largest tile side a config may ask for (AFM uses 672, SigLIP up to 512).
+pub const MAX_TILE_SIDE: u32 = 4096;
+/// Largest `high_res_grid` (AFM uses 2: four crops).
+pub const MAX_HIGH_RES_GRID: u32 = 8;
+/// Most bytes of f32 tiles one image may need (all crops and the thumbnail).
+pub const MAX_TILED_BYTES: u64 = 1 << 30;
+
 /// Tiler configuration (HF image-processor names for mean/std).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -249,6 +256,30 @@ impl Tiler {
             return Err(VisionError::Config(
                 "rapid_size, tile_size and high_res_grid must be positive".into(),
             ));
+        }
+        // Bounds before anything is allocated: a config (or a downloaded checkpoint's tiler
+        // section) must not be able to ask for gigabytes of tiles.
+        for (name, v, max) in [
+            ("rapid_size", config.rapid_size, MAX_TILE_SIDE),
+            ("tile_size", config.tile_size, MAX_TILE_SIDE),
+            ("high_res_grid", config.high_res_grid, MAX_HIGH_RES_GRID),
+        ] {
+            if v > max {
+                return Err(VisionError::Config(format!(
+                    "{name} {v} is larger than the limit of {max}"
+                )));
+            }
+        }
+        let tiles = u64::from(config.high_res_grid).pow(2) + 1;
+        let bytes = tiles * 3 * u64::from(config.tile_size).pow(2) * 4;
+        if bytes > MAX_TILED_BYTES {
+            return Err(VisionError::Config(format!(
+                "tile_size {} with high_res_grid {} needs {} MiB of tiles per image, more than the limit of {} MiB",
+                config.tile_size,
+                config.high_res_grid,
+                bytes >> 20,
+                MAX_TILED_BYTES >> 20
+            )));
         }
         let mut lut = [[0f32; 256]; 3];
         for (c, table) in lut.iter_mut().enumerate() {

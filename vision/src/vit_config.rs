@@ -77,6 +77,23 @@ impl VitConfig {
         if self.hidden_size <= 0 || self.num_attention_heads <= 0 || self.num_hidden_layers < 0 {
             return bad("hidden_size, num_attention_heads must be positive".into());
         }
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("num_hidden_layers", self.num_hidden_layers, 1024),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("patch_size", self.patch_size, 1024),
+            ("pretrain_image_size", self.pretrain_image_size, 8192),
+            ("image_size", self.image_size, 8192),
+            ("num_channels", self.num_channels, 64),
+            ("conv_stem channels", self.conv_stem.iter().copied().max().unwrap_or(0), 1 << 16),
+            ("num_register_tokens", self.num_register_tokens, 4096),
+            ("window_size", self.window_size, 4096),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is larger than the limit of {max}"));
+            }
+        }
         if self.hidden_size % self.num_attention_heads != 0 {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

@@ -52,6 +52,33 @@ pub fn map_checkpoint_name(name: &str) -> Option<String> {
 
 /// Copies the tensors of `path` into the variables of `vs` whose names start with `prefix`
 /// (`prefix` is stripped before matching; pass `""` for a VarStore holding only the encoder).
+/// Every tensor of a safetensors file as f32/f16/bf16 CPU tensors; the error is one readable
+/// line (tch's own reader shows the safetensors library's debug names).
+fn read_tensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    use safetensors::Dtype;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    // SAFETY: read-only mapping; every tensor is copied out before the map is dropped.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map: {e}"))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| format!("not a valid safetensors file ({e}); truncated or corrupt?"))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => tch::Kind::Float,
+            Dtype::F16 => tch::Kind::Half,
+            Dtype::BF16 => tch::Kind::BFloat16,
+            Dtype::F64 => tch::Kind::Double,
+            Dtype::I64 => tch::Kind::Int64,
+            other => return Err(format!("tensor '{name}' has unsupported dtype {other:?}")),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| format!("tensor '{name}': {e}"))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
 pub fn load_safetensors(vs: &nn::VarStore, prefix: &str, path: &Path) -> Result<LoadReport> {
     let ck_err = |message: String| VisionError::Checkpoint {
         path: path.to_path_buf(),
@@ -60,8 +87,7 @@ pub fn load_safetensors(vs: &nn::VarStore, prefix: &str, path: &Path) -> Result<
     if !path.is_file() {
         return Err(ck_err("checkpoint not found".into()));
     }
-    let tensors = Tensor::read_safetensors(path)
-        .map_err(|e| ck_err(format!("cannot read safetensors: {e}")))?;
+    let tensors = read_tensors(path).map_err(ck_err)?;
     let mut by_name: HashMap<String, Tensor> = HashMap::new();
     let mut report = LoadReport::default();
     for (name, t) in tensors {

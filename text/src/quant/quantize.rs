@@ -118,8 +118,9 @@ pub fn quantize_dir(
     src: &Path,
     dst: &Path,
     opts: &QuantizeOptions,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport> {
+    crate::atomic_write::check_output_dir(src, dst, "quantize")?;
     let _cfg = TextConfig::from_file(&src.join("config.json"))?;
     let weights = load_weights(src, Device::Cpu, Kind::Float)?;
     if let Some(n) = weights.names().find(|n| n.ends_with(".qcodes")) {
@@ -145,7 +146,8 @@ pub fn quantize_dir(
     let mut dense_params = 0i64;
     // name → candidate quantizations (bits → (weight, error))
     let mut cands: Vec<Candidate> = Vec::new();
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
+        progress(i, names.len(), name);
         let t = weights.get_any(name)?;
         let shape = t.size();
         let fits = shape.len() == 2 && shape[1] % packed::block_codes(2) as i64 == 0;
@@ -158,7 +160,6 @@ pub fn quantize_dir(
             dense.push((name.clone(), t));
             continue;
         }
-        progress(name);
         let embed = name == "model.embed_tokens.weight";
         let widths: Vec<u8> = match (embed, opts.plan) {
             (true, _) => vec![embed_bits],
@@ -275,7 +276,7 @@ pub fn write_model_dir(
         {
             continue;
         }
-        std::fs::copy(&path, dst.join(&fname)).map_err(|e| TextError::io(&path, e))?;
+        crate::atomic_write::copy_atomic(&path, &dst.join(&fname))?;
     }
     let cfg_path = src.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| TextError::io(&cfg_path, e))?;
@@ -285,11 +286,12 @@ pub fn write_model_dir(
         obj.insert("quantization".into(), quantization);
     }
     let dst_cfg = dst.join("config.json");
-    std::fs::write(
+    crate::atomic_write::write_atomic(
         &dst_cfg,
-        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
-    )
-    .map_err(|e| TextError::io(&dst_cfg, e))?;
+        serde_json::to_string_pretty(&cfg)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     Ok(std::fs::metadata(&st)
         .map_err(|e| TextError::io(&st, e))?
         .len())
