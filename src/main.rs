@@ -87,7 +87,10 @@ fn parse_cli() -> Result<Cli, ExitCode> {
     ) {
         err.exit();
     }
-    eprintln!("{}", commands::one_line_clap_error(&err.render().to_string()));
+    eprintln!(
+        "{}",
+        commands::one_line_clap_error(&err.render().to_string())
+    );
     Err(ExitCode::from(1))
 }
 
@@ -131,7 +134,11 @@ fn main() -> ExitCode {
     // Every command checks --device, including those that never touch it (inspect): a typo
     // or an absent GPU is an error, not silently ignored. `auto` is resolved where it is used.
     if let Err(e) = ctx.check_device() {
-        eprintln!("error: --device {}: {}", cli.device, commands::error_line(&e));
+        eprintln!(
+            "error: --device {}: {}",
+            cli.device,
+            commands::error_line(&e)
+        );
         return ExitCode::from(1);
     }
     let result = match cli.command {

@@ -80,7 +80,11 @@ fn tiny_model_dir(dir: &Path) {
     afm_text::checkpoint::write_safetensors(&dir.join("model.safetensors"), &tensors, None)
         .unwrap();
     std::fs::write(dir.join("tokenizer.json"), "{\"stand-in\": true}\n").unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), "{\"chat_template\": \"x\"}\n").unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        "{\"chat_template\": \"x\"}\n",
+    )
+    .unwrap();
 }
 
 /// Every file of a directory with its bytes.
@@ -145,7 +149,16 @@ fn d01_quantize_into_its_input_is_refused_and_the_input_is_unchanged() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::hard_link(input.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
-    let o = afm(&["-q", "quantize", s(&input), s(&out), "--bits", "8", "--method", "rtn"]);
+    let o = afm(&[
+        "-q",
+        "quantize",
+        s(&input),
+        s(&out),
+        "--bits",
+        "8",
+        "--method",
+        "rtn",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(snapshot(&input), before);
     assert_eq!(
@@ -166,13 +179,26 @@ fn d01_interrupted_writes_keep_the_previous_files() {
     let good = std::fs::read(&out).unwrap();
     let st = run_with_file_size_limit(64, &["-q", "tile", s(&image), "--out", s(&out)]);
     assert!(!st.success(), "the limited write should have been stopped");
-    assert_eq!(std::fs::read(&out).unwrap(), good, "tile --out lost the old file");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        good,
+        "tile --out lost the old file"
+    );
 
     // quantize over an existing output model: its files stay whole.
     let input = tmp.path().join("in");
     tiny_model_dir(&input);
     let q = tmp.path().join("q");
-    let o = afm(&["-q", "quantize", s(&input), s(&q), "--bits", "8", "--method", "rtn"]);
+    let o = afm(&[
+        "-q",
+        "quantize",
+        s(&input),
+        s(&q),
+        "--bits",
+        "8",
+        "--method",
+        "rtn",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let before = snapshot(&q);
     let st = run_with_file_size_limit(8, &["-q", "quantize", s(&input), s(&q)]);
@@ -214,10 +240,18 @@ fn write_eval_data(dir: &Path, n: usize) {
 
 fn eval_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = bin();
-    c.args(["-q", "eval", "--backend", "hash", "--batch-size", "2", "--out"])
-        .arg(out)
-        .arg(data)
-        .args(extra);
+    c.args([
+        "-q",
+        "eval",
+        "--backend",
+        "hash",
+        "--batch-size",
+        "2",
+        "--out",
+    ])
+    .arg(out)
+    .arg(data)
+    .args(extra);
     c
 }
 
@@ -246,14 +280,7 @@ fn d03_two_evals_on_one_out_the_second_refuses() {
     // A second run (other options) and a second --resume are both refused while it runs.
     for extra in [&["--limit", "10"][..], &["--resume"][..]] {
         let o = eval_cmd(&data, &out, extra).output().unwrap();
-        assert_one_line_error(
-            &o,
-            &[
-                s(&out),
-                "in use",
-                &format!("pid {}", first.id()),
-            ],
-        );
+        assert_one_line_error(&o, &[s(&out), "in use", &format!("pid {}", first.id())]);
     }
     assert!(first.wait().unwrap().success());
     // The first run's results are complete and consistent: 60 journal lines, 60 keys.
@@ -266,7 +293,11 @@ fn d03_two_evals_on_one_out_the_second_refuses() {
     assert_eq!(keys.len(), 60);
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    assert_eq!(results["items"].as_array().map(Vec::len), Some(60), "{results}");
+    assert_eq!(
+        results["items"].as_array().map(Vec::len),
+        Some(60),
+        "{results}"
+    );
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["items_shard"], 60);
@@ -323,7 +354,11 @@ fn d04_resume_checks_the_manifest_and_every_journal_line() {
     std::fs::write(out.join("journal.jsonl"), with_garbage.join("\n") + "\n").unwrap();
     let o = eval_cmd(&data, &out, &["--resume"]).output().unwrap();
     assert_one_line_error(&o, &["journal.jsonl:4", "not a journal entry"]);
-    assert_eq!(journal_lines(&out).len(), lines.len() + 1, "lines were discarded");
+    assert_eq!(
+        journal_lines(&out).len(),
+        lines.len() + 1,
+        "lines were discarded"
+    );
 
     // The genuine journal with a torn last line still resumes to the full result.
     let mut torn = lines.join("\n") + "\n";
@@ -366,16 +401,14 @@ fn d06_broken_pipe_ends_quietly_and_a_full_stdout_is_an_error() {
         .spawn()
         .unwrap();
     let mut head = [0u8; 5];
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_exact(&mut head)
-        .unwrap();
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
     // The pipe is closed here (`| head -c 5`).
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);
-    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
     use std::os::unix::process::ExitStatusExt;
     assert!(
         o.status.success() || o.status.signal() == Some(13),
@@ -384,7 +417,10 @@ fn d06_broken_pipe_ends_quietly_and_a_full_stdout_is_an_error() {
     );
 
     for cmd in [&args[..], &["inspect", "--preset", "tiny-dense"][..]] {
-        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
         let o = bin().args(cmd).stdout(full).output().unwrap();
         assert_one_line_error(&o, &["writing to stdout", "No space left"]);
     }
@@ -421,11 +457,9 @@ fn d07_absurd_config_sizes_are_refused_before_allocating() {
         v[field] = serde_json::from_str(value).unwrap();
         std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
         for cmd in ["inspect", "generate"] {
-            let o = afm(&[cmd, "--model", s(&dir), "--raw", "hi"][..if cmd == "inspect" {
-                3
-            } else {
-                5
-            }]);
+            let o =
+                afm(&[cmd, "--model", s(&dir), "--raw", "hi"]
+                    [..if cmd == "inspect" { 3 } else { 5 }]);
             assert_one_line_error(&o, &["config.json", field]);
         }
     }
@@ -487,7 +521,14 @@ fn d08_bad_lora_hyper_parameters_are_refused() {
 fn d09_demo_checkpoint_notice() {
     let image = repo().join("assets/images/landscape.jpg");
     let demo = demo_model();
-    let args = ["describe", "--model", s(&demo), "--max-tokens", "4", s(&image)];
+    let args = [
+        "describe",
+        "--model",
+        s(&demo),
+        "--max-tokens",
+        "4",
+        s(&image),
+    ];
     let o = afm(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
@@ -518,7 +559,14 @@ fn d10_missing_chat_template_is_announced() {
         "{err}"
     );
     // With the chat template present, no warning.
-    let o = afm(&["generate", "--model", s(&default_model()), "--max-tokens", "2", "Hi"]);
+    let o = afm(&[
+        "generate",
+        "--model",
+        s(&default_model()),
+        "--max-tokens",
+        "2",
+        "Hi",
+    ]);
     assert!(!stderr(&o).contains("no chat template"), "{}", stderr(&o));
 }
 
@@ -537,8 +585,13 @@ fn d11_too_long_eval_items_are_named_and_skippable() {
     text.push_str(&long);
     std::fs::write(data.join("items.jsonl"), text).unwrap();
     let out = tmp.path().join("out");
-    let o = eval_cmd(&data, &out, &["--fake-context", "300"]).output().unwrap();
-    assert_one_line_error(&o, &["items.jsonl:7", "tokens", "context of 300", "--skip-bad"]);
+    let o = eval_cmd(&data, &out, &["--fake-context", "300"])
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &o,
+        &["items.jsonl:7", "tokens", "context of 300", "--skip-bad"],
+    );
     assert!(!out.join("results.json").exists());
     let o = eval_cmd(&data, &out, &["--fake-context", "300", "--skip-bad"])
         .output()
@@ -563,17 +616,36 @@ fn d12_stop_strings_read_escapes_and_empty_is_refused() {
     // `--stop '\n'`: the text stops before its first newline.
     let model = default_model();
     let prompt = "Write a poem of five lines about the sea.";
-    let free = afm(&["generate", "--model", s(&model), "--max-tokens", "60", prompt]);
+    let free = afm(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--max-tokens",
+        "60",
+        prompt,
+    ]);
     assert!(free.status.success());
     let free_text = stdout(&free);
     assert!(
         free_text.trim_end().contains('\n'),
         "the model writes several lines: {free_text}"
     );
-    let o = afm(&["generate", "--model", s(&model), "--max-tokens", "60", "--stop", "\\n", prompt]);
+    let o = afm(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--max-tokens",
+        "60",
+        "--stop",
+        "\\n",
+        prompt,
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert_eq!(text.trim_end_matches('\n'), free_text.split('\n').next().unwrap());
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        free_text.split('\n').next().unwrap()
+    );
 }
 
 // 13. --mean / --std with commas.
@@ -584,8 +656,17 @@ fn d13_tile_mean_and_std_take_commas() {
     let image = repo().join("assets/images/chart.png");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let o = afm(&[
-        "-q", "tile", s(&image), "--mode", "rapid", "--out", s(&a), "--mean",
-        "0.485,0.456,0.406", "--std", "0.229,0.224,0.225",
+        "-q",
+        "tile",
+        s(&image),
+        "--mode",
+        "rapid",
+        "--out",
+        s(&a),
+        "--mean",
+        "0.485,0.456,0.406",
+        "--std",
+        "0.229,0.224,0.225",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let cfg = tmp.path().join("c.json");
@@ -594,7 +675,17 @@ fn d13_tile_mean_and_std_take_commas() {
         r#"{"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}"#,
     )
     .unwrap();
-    let o = afm(&["-q", "tile", s(&image), "--mode", "rapid", "--out", s(&b), "--config", s(&cfg)]);
+    let o = afm(&[
+        "-q",
+        "tile",
+        s(&image),
+        "--mode",
+        "rapid",
+        "--out",
+        s(&b),
+        "--config",
+        s(&cfg),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     let o = afm(&["tile", s(&image), "--out", s(&a), "--mean", "0.5,0.5"]);
@@ -618,7 +709,9 @@ fn d14_describe_takes_non_utf8_paths_and_keeps_them_in_json() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    let b64 = v["image_b64"].as_str().expect("image_b64 for a non-UTF-8 path");
+    let b64 = v["image_b64"]
+        .as_str()
+        .expect("image_b64 for a non-UTF-8 path");
     assert_eq!(b64, base64(path.as_os_str().as_bytes()));
     assert!(v["description"].is_string());
 }
@@ -710,7 +803,15 @@ fn d15_one_rule_for_default_paths() {
         &["generate", "hi"][..],
     ] {
         let o = run(args, &[]);
-        assert_one_line_error(&o, &["no text model found", "--model", "$AFM_VL_MODEL", ".local/share/afm-vl"]);
+        assert_one_line_error(
+            &o,
+            &[
+                "no text model found",
+                "--model",
+                "$AFM_VL_MODEL",
+                ".local/share/afm-vl",
+            ],
+        );
     }
     // $AFM_VL_MODEL is used by every command (eval used to ignore it).
     let missing = tmp.path().join("no-such-model");
@@ -735,12 +836,39 @@ fn d16_silently_accepted_values_are_errors() {
     let model = default_model();
     let m = s(&model);
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
-        (vec!["generate", "--model", m, "--draft", "self:999", "hi"], vec!["self:999", "between 1 and"]),
-        (vec!["generate", "--model", m, "--draft", "self:2", "--draft-tokens", "0", "hi"], vec!["draft tokens"]),
-        (vec!["--device", "tpu", "inspect", "--preset", "tiny-dense"], vec!["--device tpu", "unknown device"]),
-        (vec!["--device", "cuda:7", "inspect", "--preset", "tiny-dense"], vec!["cuda:7"]),
-        (vec!["generate", "--kv-bits", "4", "--preset", "tiny-dense", "x"], vec!["--kv-bits", "8 or 16"]),
-        (vec!["generate", "--kv-bits", "12", "--preset", "tiny-dense", "x"], vec!["--kv-bits", "8 or 16"]),
+        (
+            vec!["generate", "--model", m, "--draft", "self:999", "hi"],
+            vec!["self:999", "between 1 and"],
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                m,
+                "--draft",
+                "self:2",
+                "--draft-tokens",
+                "0",
+                "hi",
+            ],
+            vec!["draft tokens"],
+        ),
+        (
+            vec!["--device", "tpu", "inspect", "--preset", "tiny-dense"],
+            vec!["--device tpu", "unknown device"],
+        ),
+        (
+            vec!["--device", "cuda:7", "inspect", "--preset", "tiny-dense"],
+            vec!["cuda:7"],
+        ),
+        (
+            vec!["generate", "--kv-bits", "4", "--preset", "tiny-dense", "x"],
+            vec!["--kv-bits", "8 or 16"],
+        ),
+        (
+            vec!["generate", "--kv-bits", "12", "--preset", "tiny-dense", "x"],
+            vec!["--kv-bits", "8 or 16"],
+        ),
     ];
     for (args, needles) in cases {
         let o = afm(&args);
@@ -749,11 +877,15 @@ fn d16_silently_accepted_values_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let mmlu = repo().join("eval/tests/fixtures/mmlu");
-    let o = eval_cmd(&mmlu, &out, &["--batch-size", "0"]).output().unwrap();
+    let o = eval_cmd(&mmlu, &out, &["--batch-size", "0"])
+        .output()
+        .unwrap();
     assert_one_line_error(&o, &["--batch-size"]);
     let data = tmp.path().join("data");
     write_eval_data(&data, 2);
-    let o = eval_cmd(&data, &out, &["--subjects", "items,typo"]).output().unwrap();
+    let o = eval_cmd(&data, &out, &["--subjects", "items,typo"])
+        .output()
+        .unwrap();
     assert_one_line_error(&o, &["--subjects", "'typo'"]);
 }
 
@@ -818,7 +950,12 @@ fn d17_messages_are_one_clean_line() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stderr(&o).matches("items.jsonl:4").count(), 1, "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("items.jsonl:4").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
 
     // A WebP header claiming 16384² with no data: its size is reported, not 0×0.
     let mut webp = b"RIFF\0\0\0\0WEBPVP8L".to_vec();
@@ -837,20 +974,38 @@ fn d17_messages_are_one_clean_line() {
     assert!(stderr(&o).contains("16384"), "{}", stderr(&o));
 
     // A negative number: the value's range, not clap's `-- -1` advice.
-    let o = afm(&["generate", "--preset", "tiny-dense", "--max-tokens", "-1", "x"]);
+    let o = afm(&[
+        "generate",
+        "--preset",
+        "tiny-dense",
+        "--max-tokens",
+        "-1",
+        "x",
+    ]);
     assert_one_line_error(&o, &["--max-tokens", "≥ 0"]);
     assert!(!stderr(&o).contains("-- -1"));
 
     // An image that fails before any text leaves no dangling `PATH: ` on stdout.
     let long = "describe ".repeat(9000);
-    let o = afm(&["describe", "--model", s(&demo), "--prompt", &long, s(&image)]);
+    let o = afm(&[
+        "describe",
+        "--model",
+        s(&demo),
+        "--prompt",
+        &long,
+        s(&image),
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(stdout(&o), "", "dangling output");
 
     // Generation that ends at the end of the context says so.
     let small = tmp.path().join("small");
     std::fs::create_dir(&small).unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::os::unix::fs::symlink(default_model().join(f), small.join(f)).unwrap();
     }
     let mut c: serde_json::Value = serde_json::from_str(
@@ -859,9 +1014,21 @@ fn d17_messages_are_one_clean_line() {
     .unwrap();
     c["max_position_embeddings"] = 24.into();
     std::fs::write(small.join("config.json"), c.to_string()).unwrap();
-    let o = afm(&["generate", "--model", s(&small), "--raw", "--max-tokens", "100", "Once upon a time"]);
+    let o = afm(&[
+        "generate",
+        "--model",
+        s(&small),
+        "--raw",
+        "--max-tokens",
+        "100",
+        "Once upon a time",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("end of the model's context (24 tokens)"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("end of the model's context (24 tokens)"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 // 18. Progress bars on a terminal.
@@ -890,7 +1057,15 @@ fn d18_long_commands_draw_progress_on_a_terminal_only() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("tensors"), "{}", stdout(&o));
     // ... and with stderr on a pipe it is not.
-    let o = afm(&["quantize", s(&input), s(&tmp.path().join("q2")), "--bits", "8", "--method", "rtn"]);
+    let o = afm(&[
+        "quantize",
+        s(&input),
+        s(&tmp.path().join("q2")),
+        "--bits",
+        "8",
+        "--method",
+        "rtn",
+    ]);
     assert!(o.status.success());
     assert!(!stderr(&o).contains("tensors"), "{}", stderr(&o));
 }

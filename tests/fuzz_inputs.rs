@@ -1,7 +1,8 @@
 //! Fuzz-style robustness (issue 18): a few hundred mutated images, GGUF headers and safetensors
 //! headers, each read by the same loaders the commands use. No case may panic; every error is
 //! one line naming the file. Mutations come from a fixed-seed generator, so a failure repeats.
-//! (PyTorch `.pt` / tamm checkpoints join this list once afm-vl reads them.)
+//! PyTorch `.pt` checkpoints (tamm's format) are fuzzed the same way: their zip directory and
+//! pickle are mutated, and no mutation may make the reader panic or run code.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,13 +73,24 @@ fn fuzz(
             Ok(Ok(())) => ok += 1,
             Ok(Err(msg)) => {
                 errors += 1;
-                assert!(!msg.contains('\n'), "{name} case {case}: multi-line error: {msg}");
+                assert!(
+                    !msg.contains('\n'),
+                    "{name} case {case}: multi-line error: {msg}"
+                );
                 assert!(
                     msg.contains(&format!("case-{case}-{name}")),
                     "{name} case {case}: the error does not name the file: {msg}"
                 );
-                for debug in ["Os {", "IoError(", "MetadataIncompleteBuffer", "ChunkType {"] {
-                    assert!(!msg.contains(debug), "{name} case {case}: debug text: {msg}");
+                for debug in [
+                    "Os {",
+                    "IoError(",
+                    "MetadataIncompleteBuffer",
+                    "ChunkType {",
+                ] {
+                    assert!(
+                        !msg.contains(debug),
+                        "{name} case {case}: debug text: {msg}"
+                    );
                 }
             }
         }
@@ -100,7 +112,10 @@ fn mutated_images() {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         });
-        assert!(errors > 10, "{image}: the mutations should break most files");
+        assert!(
+            errors > 10,
+            "{image}: the mutations should break most files"
+        );
     }
     // A WebP of a few bytes with every header kind.
     let mut webp = b"RIFF\x40\0\0\0WEBPVP8X\x0a\0\0\0".to_vec();
@@ -224,4 +239,37 @@ fn mutated_files_through_the_cli() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(&format!("c{case}.gguf")), "{err}");
     }
+}
+
+#[test]
+fn mutated_pytorch_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.pt");
+    let st = Command::new(repo().join(".venv/bin/python"))
+        .args([
+            "-c",
+            "import sys,torch; torch.save({'a': torch.arange(6.).reshape(2, 3), \
+             'b': torch.ones(3, dtype=torch.bfloat16), 'c': torch.arange(4).t()}, sys.argv[1])",
+        ])
+        .arg(&good)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pt = afm_text::pt::PtFile::open(&good).unwrap();
+    assert_eq!(pt.tensors.len(), 3);
+    let a = pt.tensor(&pt.tensors[0].1).unwrap();
+    assert_eq!(
+        Vec::<f32>::try_from(a.flatten(0, -1)).unwrap(),
+        vec![0., 1., 2., 3., 4., 5.]
+    );
+    let base = std::fs::read(&good).unwrap();
+    // Mutations anywhere: the zip directory is at the end, the pickle near the start.
+    let (errors, _) = fuzz("m.pt", 21, 300, &base, base.len(), |p| {
+        let f = afm_text::pt::PtFile::open(p).map_err(|e| e.to_string())?;
+        for (_, t) in &f.tensors {
+            let _ = f.tensor(t).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    });
+    assert!(errors > 50);
 }

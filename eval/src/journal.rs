@@ -131,8 +131,11 @@ pub fn read_records(path: &Path) -> Result<(BTreeMap<String, ItemResult>, u64)> 
     ))
 }
 
+/// Journal records by key, each with its 1-based line number.
+pub type NumberedRecords = BTreeMap<String, (usize, ItemResult)>;
+
 /// [`read_records`] with the 1-based line number of each record.
-pub fn read_records_lines(path: &Path) -> Result<(BTreeMap<String, (usize, ItemResult)>, u64)> {
+pub fn read_records_lines(path: &Path) -> Result<(NumberedRecords, u64)> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((BTreeMap::new(), 0)),

@@ -340,6 +340,9 @@ fn request_tokens(prefix: usize, r: &Request) -> usize {
     }
 }
 
+/// Token groups, and the items too long for the context with the tokens each needs.
+type TokenizedSuite<'a> = (Vec<TokenGroup<'a>>, Vec<(&'a Item, usize)>);
+
 /// Every prompt of `suite` in tokens, and the items too long for `context` (with the tokens
 /// each needs). Checked for the whole suite, not one shard, so every shard skips the same items.
 fn tokenize_suite<'a>(
@@ -347,7 +350,7 @@ fn tokenize_suite<'a>(
     backend: &dyn EvalBackend,
     cfg: &RunConfig,
     chat: Option<&ChatFrame>,
-) -> Result<(Vec<TokenGroup<'a>>, Vec<(&'a Item, usize)>)> {
+) -> Result<TokenizedSuite<'a>> {
     let all: Vec<&Item> = suite.items.iter().collect();
     let groups = group_prompts(&all, suite, &cfg.prompt, chat)?;
     let mut tokenized = Vec::with_capacity(groups.len());
@@ -498,7 +501,9 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
     let mut timings = Timings::default();
     let batch_size = cfg.batch_size.max(1);
     for mut group in all_groups {
-        group.requests.retain(|(item, _)| pending.contains(&item.key()));
+        group
+            .requests
+            .retain(|(item, _)| pending.contains(&item.key()));
         if group.requests.is_empty() {
             continue;
         }

@@ -195,7 +195,11 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         .max(5);
     outln!(
         "| {:<nw$} | {:>7} | {:>6} | {:>8} | {:>8} |",
-        "tiler", "threads", "images", "seconds", "images/s"
+        "tiler",
+        "threads",
+        "images",
+        "seconds",
+        "images/s"
     )?;
     outln!(
         "|{}|{:->9}|{:->8}|{:->10}|{:->10}|",
@@ -208,7 +212,11 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
     for r in &rows {
         outln!(
             "| {:<nw$} | {:>7} | {:>6} | {:>8.2} | {:>8.2} |",
-            r.name, r.threads, r.images, r.seconds, r.images_per_s
+            r.name,
+            r.threads,
+            r.images,
+            r.seconds,
+            r.images_per_s
         )?;
     }
     let hf = rows.iter().find(|r| r.name.starts_with("HF "));

@@ -103,7 +103,10 @@ fn path_fields(path: &Path) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
     m.insert("image".into(), path.to_string_lossy().into_owned().into());
     if path.to_str().is_none() {
-        m.insert("image_b64".into(), base64(path.as_os_str().as_encoded_bytes()).into());
+        m.insert(
+            "image_b64".into(),
+            base64(path.as_os_str().as_encoded_bytes()).into(),
+        );
     }
     m
 }

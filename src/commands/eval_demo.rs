@@ -96,7 +96,8 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             for e in r.examples.iter().take(5) {
                 outln!(
                     "[{mode}] truth:  {}\n[{mode}] output: {}",
-                    e.truth, e.output
+                    e.truth,
+                    e.output
                 )?;
             }
         }

@@ -95,9 +95,9 @@ pub fn unescape_stop(s: &str) -> anyhow::Result<String> {
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
             Some('\\') => out.push('\\'),
-            Some(o) => anyhow::bail!(
-                "--stop {s:?}: unknown escape '\\{o}' (known: \\n, \\t, \\r, \\\\)"
-            ),
+            Some(o) => {
+                anyhow::bail!("--stop {s:?}: unknown escape '\\{o}' (known: \\n, \\t, \\r, \\\\)")
+            }
             None => anyhow::bail!("--stop {s:?}: ends with a lone backslash (write \\\\)"),
         }
     }
@@ -222,10 +222,16 @@ pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
         return run_speculative(ctx, &args, &model, spec);
     }
     let mut sink = super::output::StreamSink::default();
-    let out = model.generate_text(&args.prompt, args.raw, &opts, &mut |piece| sink.write(piece))?;
+    let out = model.generate_text(&args.prompt, args.raw, &opts, &mut |piece| {
+        sink.write(piece)
+    })?;
     sink.finish()?;
     outln!()?;
-    notice_stop(ctx.quiet, out.stop_reason, model.decoder.cfg.max_position_embeddings);
+    notice_stop(
+        ctx.quiet,
+        out.stop_reason,
+        model.decoder.cfg.max_position_embeddings,
+    );
     if args.sampling.stats {
         print_stats(&out.stats);
     }
@@ -274,7 +280,11 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
         outln!()?;
         match out {
             Ok(g) => {
-                notice_stop(ctx.quiet, g.stop_reason, model.decoder.cfg.max_position_embeddings);
+                notice_stop(
+                    ctx.quiet,
+                    g.stop_reason,
+                    model.decoder.cfg.max_position_embeddings,
+                );
                 if args.sampling.stats {
                     print_stats(&g.stats);
                 }

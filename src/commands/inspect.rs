@@ -59,7 +59,7 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
             let dir = super::model_or_default(&args.model)?;
             (
                 dir.display().to_string(),
-                TextConfig::from_file(&dir.join("config.json"))?,
+                afm_text::TextModel::dir_config(&dir)?,
             )
         }
     };
@@ -94,7 +94,11 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         } else {
             ""
         },
-        if cfg.qk_norm { "QK-norm, " } else { "" },
+        match (cfg.qk_norm, cfg.qk_norm_after_rope) {
+            (false, _) => "",
+            (true, false) => "QK-norm, ",
+            (true, true) => "QK-norm after RoPE, ",
+        },
         cfg.rope_theta,
         cfg.max_position_embeddings
     )?;

@@ -163,6 +163,8 @@ pub struct Attention {
     layer: usize,
     /// Rotate Q and K (false: no positional encoding, NoPE).
     rope: bool,
+    /// Apply the QK-norm after RoPE (tamm) instead of before (HF).
+    norm_after_rope: bool,
 }
 
 impl Attention {
@@ -237,6 +239,7 @@ impl Attention {
             head_dim,
             layer,
             rope,
+            norm_after_rope: cfg.qk_norm_after_rope,
         })
     }
 
@@ -280,14 +283,17 @@ impl Attention {
             .forward(x)?
             .f_view([b, s, self.heads, self.head_dim])?
             .f_transpose(1, 2)?;
-        if let Some(n) = &self.q_norm {
+        if let (Some(n), false) = (&self.q_norm, self.norm_after_rope) {
             q = n.forward(&q)?;
         }
-        let q = if self.rope {
+        let mut q = if self.rope {
             Rope::apply(&q, cos, sin)?
         } else {
             q
         };
+        if let (Some(n), true) = (&self.q_norm, self.norm_after_rope) {
+            q = n.forward(&q)?;
+        }
         let (k_all, v_all) = match (&self.k_proj, &self.v_proj) {
             (Some(kp), Some(vp)) => {
                 // [batch, kv_heads, seq, head_dim]
@@ -295,14 +301,17 @@ impl Attention {
                     .forward(x)?
                     .f_view([b, s, self.kv_heads, self.head_dim])?
                     .f_transpose(1, 2)?;
-                if let Some(n) = &self.k_norm {
+                if let (Some(n), false) = (&self.k_norm, self.norm_after_rope) {
                     k = n.forward(&k)?;
                 }
-                let k = if self.rope {
+                let mut k = if self.rope {
                     Rope::apply(&k, cos, sin)?
                 } else {
                     k
                 };
+                if let (Some(n), true) = (&self.k_norm, self.norm_after_rope) {
+                    k = n.forward(&k)?;
+                }
                 let v = vp
                     .forward(x)?
                     .f_view([b, s, self.kv_heads, self.head_dim])?

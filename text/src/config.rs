@@ -101,6 +101,10 @@ pub struct TextConfig {
     /// RMSNorm over head_dim on queries and keys (AFM 2025, Qwen3).
     #[serde(default)]
     pub qk_norm: bool,
+    /// QK-norm after RoPE (tamm's AFMTextV7: norm → qkv → RoPE → QK-norm → cache); the default
+    /// (false) normalises before RoPE, as HF Qwen3 does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm_after_rope: bool,
     /// Layers at the end of the stack that have no K/V projections and read the K/V cache of
     /// `kv_source_layer` (AFM 2025 segment 1). 0 = a standard stack.
     #[serde(default)]
@@ -195,7 +199,11 @@ impl TextConfig {
             ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
             ("num_key_value_heads", self.num_kv_heads(), MAX_HEADS),
             ("head_dim", self.head_dim(), MAX_HEAD_DIM),
-            ("max_position_embeddings", self.max_position_embeddings, MAX_CONTEXT),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
         ];
         for (name, v, max) in bounded {
             if v > max {

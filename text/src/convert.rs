@@ -120,6 +120,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<TextConfig> {
         max_position_embeddings: opt_num("context_length").unwrap_or(4096) as usize,
         tie_word_embeddings: tied,
         qk_norm: arch == "qwen3",
+        qk_norm_after_rope: false,
         num_segment1_layers: 0,
         kv_source_layer: None,
         attention_bias: arch == "qwen2",

@@ -97,6 +97,15 @@ pub struct TextModel {
 
 impl TextModel {
     /// Load a model directory.
+    /// The decoder configuration of a model directory, without loading weights: `config.json`,
+    /// or a tamm directory's config translated.
+    pub fn dir_config(dir: &Path) -> Result<TextConfig> {
+        match crate::tamm::tamm_files(dir) {
+            Some((tcfg, _)) => Ok(crate::tamm::read_config(&tcfg)?.1),
+            None => TextConfig::from_file(&dir.join("config.json")),
+        }
+    }
+
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         if !dir.is_dir() {
@@ -105,8 +114,18 @@ impl TextModel {
                 "model directory not found (expected config.json, model.safetensors, tokenizer.json)",
             ));
         }
-        let cfg = TextConfig::from_file(&cfg_path)?;
-        let weights = load_weights(dir, device, dtype.kind())?;
+        // A tamm model directory (the adapter toolkit's `assets/`): translated at load time.
+        let (cfg, weights) = match crate::tamm::tamm_files(dir) {
+            Some((tcfg, tpt)) => {
+                let (t, cfg) = crate::tamm::read_config(&tcfg)?;
+                let w = crate::tamm::load_weights(&tpt, &t, device, dtype.kind())?;
+                (cfg, w)
+            }
+            None => (
+                TextConfig::from_file(&cfg_path)?,
+                load_weights(dir, device, dtype.kind())?,
+            ),
+        };
         let decoder = Decoder::new(&cfg, &weights).map_err(|e| match e {
             // Name the directory for shape/missing-tensor errors from a map of several files.
             TextError::Checkpoint { path, msg } if path.as_os_str() == "<weights>" => {

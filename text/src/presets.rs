@@ -34,6 +34,7 @@ fn base(
         max_position_embeddings: ctx,
         tie_word_embeddings: true,
         qk_norm,
+        qk_norm_after_rope: false,
         num_segment1_layers: seg1,
         kv_source_layer: None,
         attention_bias: false,

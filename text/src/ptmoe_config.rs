@@ -211,6 +211,7 @@ impl PtMoeConfig {
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             qk_norm: self.qk_norm,
+            qk_norm_after_rope: false,
             num_segment1_layers: 0,
             kv_source_layer: None,
             attention_bias: false,

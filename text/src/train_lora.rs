@@ -54,7 +54,10 @@ impl LoraTrainConfig {
             return bad(format!("rank must be in 1..=4096, got {}", self.rank));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return bad(format!("alpha must be a positive number, got {}", self.alpha));
+            return bad(format!(
+                "alpha must be a positive number, got {}",
+                self.alpha
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("lr must be a positive number, got {}", self.lr));

@@ -142,9 +142,14 @@ fn quantized_models_load_and_track_full_precision() {
         row_scale: true,
         seed: 0,
     };
-    let err = quantize_dir(&d.root.join("pal4"), &d.root.join("x"), &opts, &mut |_, _, _| {})
-        .unwrap_err()
-        .to_string();
+    let err = quantize_dir(
+        &d.root.join("pal4"),
+        &d.root.join("x"),
+        &opts,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("already quantized"), "{err}");
 
     // Malformed packed checkpoints: clear errors naming the file and the tensor.

@@ -140,7 +140,11 @@ fn bad_hyper_parameters_are_refused_and_a_diverging_loss_stops_training() {
     });
     assert!(e.contains("lr"), "{e}");
     assert!(bad(LoraTrainConfig { lr: -1.0, ..cfg(2) }).contains("lr"));
-    assert!(bad(LoraTrainConfig { alpha: 0.0, ..cfg(2) }).contains("alpha"));
+    assert!(bad(LoraTrainConfig {
+        alpha: 0.0,
+        ..cfg(2)
+    })
+    .contains("alpha"));
     assert!(bad(LoraTrainConfig { steps: 0, ..cfg(2) }).contains("steps"));
     assert!(bad(LoraTrainConfig {
         batch_size: 0,

@@ -86,7 +86,11 @@ impl VitConfig {
             ("pretrain_image_size", self.pretrain_image_size, 8192),
             ("image_size", self.image_size, 8192),
             ("num_channels", self.num_channels, 64),
-            ("conv_stem channels", self.conv_stem.iter().copied().max().unwrap_or(0), 1 << 16),
+            (
+                "conv_stem channels",
+                self.conv_stem.iter().copied().max().unwrap_or(0),
+                1 << 16,
+            ),
             ("num_register_tokens", self.num_register_tokens, 4096),
             ("window_size", self.window_size, 4096),
         ] {

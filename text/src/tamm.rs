@@ -1,0 +1,477 @@
+//! Apple's tamm checkpoints: a model directory in the layout of the Foundation Models adapter
+//! toolkit's `assets/` (`base-model-config.json` + `base-model.pt`), translated at load time into
+//! our decoder's configuration and tensor names.
+//!
+//! tamm (PyPI `tamm` 0.2.0) is the reference. Its `AFMTextV7` is our two-segment decoder with
+//! two differences of convention that the translation handles:
+//! - QK-norm comes *after* RoPE (`norm → qkv → RoPE → QK-norm → cache → attention`): the
+//!   config gets `qk_norm_after_rope`.
+//! - RoPE rotates adjacent pairs `(2i, 2i+1)` of each head; ours rotates halves `(i, i + d/2)`.
+//!   The rows of every query/key projection (and the QK-norm weights) are permuted per head
+//!   `[0, 2, 4, …, 1, 3, 5, …]`, which makes the two exactly equal (attention scores are
+//!   invariant under one permutation of both queries and keys; values are untouched).
+//!
+//! Names: `layers.segment_0.layer_{i}.attention.qkv_transform.fused_linear.weight`
+//! `[H + 2·kv, H]` is split into q/k/v; segment 1's `attention.q_transform.weight` and
+//! `q_norm.query_norm.weight`; `feed_forward.hidden_transform.linear_{0,1}` are gate and up;
+//! `output_transform` is tied to `embedding`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::TextConfig;
+use crate::error::{Result, TextError};
+use crate::pt::PtFile;
+use crate::weights::WeightMap;
+
+/// The toolkit's file names.
+pub const CONFIG_FILE: &str = "base-model-config.json";
+pub const WEIGHTS_FILE: &str = "base-model.pt";
+pub const DRAFT_CONFIG_FILE: &str = "draft-model-config.json";
+pub const DRAFT_WEIGHTS_FILE: &str = "draft-model.pt";
+
+/// Context length given to tamm models (tamm computes RoPE on the fly and has no limit; our
+/// RoPE table is allocated for this many positions).
+pub const TAMM_CONTEXT: usize = 32_768;
+
+/// The tamm config and weights of a directory, if it is a tamm model directory: the toolkit's
+/// `base-model-config.json` + `base-model.pt`, or a `config.json` with a `__tamm_type__`
+/// beside a `*.pt`.
+pub fn tamm_files(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let (c, w) = (dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE));
+    if c.is_file() {
+        return Some((c, w));
+    }
+    let c = dir.join("config.json");
+    let text = std::fs::read_to_string(&c).ok()?;
+    if !text.contains("__tamm_type__") {
+        return None;
+    }
+    let v: Json = serde_json::from_str(&text).ok()?;
+    v.get("__tamm_type__")?;
+    let w = ["model.pt", WEIGHTS_FILE]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| dir.join("model.pt"));
+    Some((c, w))
+}
+
+/// The geometry of a tamm `AFMTextV7Config`, with tamm's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TammConfig {
+    pub vocab_size: usize,
+    pub hidden_dim: usize,
+    pub num_layers: usize,
+    pub num_kv_reuse_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub hidden_dim_scale_factor: f64,
+    pub rope_theta: f64,
+}
+
+impl Default for TammConfig {
+    /// `AFMTextV7.create_basic_builder`'s defaults: the 3B on-device model.
+    fn default() -> Self {
+        TammConfig {
+            vocab_size: 153_600,
+            hidden_dim: 2048,
+            num_layers: 56,
+            num_kv_reuse_layers: 21,
+            num_heads: 16,
+            num_kv_heads: 2,
+            hidden_dim_scale_factor: 3.25,
+            rope_theta: 500_000.0,
+        }
+    }
+}
+
+/// Fields of an `AFMTextV7Config` that do not change the model's numbers at inference.
+const INERT_FIELDS: &[&str] = &[
+    "attention_dropout_p",
+    "hidden_dropout_p",
+    "include_loss_layer",
+    "output_hidden_states",
+    "output_attentions",
+    "sdpa_implementation",
+    "device",
+    "dtype",
+    "pretrained",
+    "pretrained_path",
+    "freeze_params",
+    "metadata",
+    "active_adapter",
+];
+
+impl TammConfig {
+    /// Parse tamm's JSON (`{"__tamm_type__": "module_configs:AFMTextV7Config", …}`). An unknown
+    /// type or field is an error naming it; so is a part we do not run yet.
+    pub fn from_json(v: &Json) -> std::result::Result<Self, String> {
+        let obj = v.as_object().ok_or("not a JSON object")?;
+        let ty = obj
+            .get("__tamm_type__")
+            .and_then(Json::as_str)
+            .ok_or("no \"__tamm_type__\" (not a tamm config)")?;
+        let name = ty.rsplit(':').next().unwrap_or(ty);
+        if name != "AFMTextV7Config" {
+            return Err(format!(
+                "__tamm_type__ {ty:?} is not supported (afm-vl reads AFMTextV7Config)"
+            ));
+        }
+        let mut c = TammConfig::default();
+        for (k, val) in obj {
+            let int = || -> std::result::Result<usize, String> {
+                val.as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| format!("{k} must be a non-negative integer, got {val}"))
+            };
+            let float = || -> std::result::Result<f64, String> {
+                val.as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| format!("{k} must be a number, got {val}"))
+            };
+            match k.as_str() {
+                "__tamm_type__" => {}
+                "vocab_size" => c.vocab_size = int()?,
+                "hidden_dim" => c.hidden_dim = int()?,
+                "num_layers" => c.num_layers = int()?,
+                "num_kv_reuse_layers" => c.num_kv_reuse_layers = int()?,
+                "num_heads" => c.num_heads = int()?,
+                "num_kv_heads" => {
+                    c.num_kv_heads = if val.is_null() { c.num_heads } else { int()? }
+                }
+                "hidden_dim_scale_factor" => c.hidden_dim_scale_factor = float()?,
+                "rope_theta" => c.rope_theta = float()?,
+                "adapters" | "arch_optimizers" if val.is_null() => {}
+                "adapters" => {
+                    return Err(
+                        "adapters in the base config are not supported yet (load adapter checkpoints with --adapter)"
+                            .into(),
+                    )
+                }
+                "arch_optimizers" => {
+                    return Err(format!(
+                        "arch_optimizers {} are not supported yet (tamm's KV quantiser changes the model's numbers)",
+                        val.as_object()
+                            .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
+                            .unwrap_or_default()
+                    ))
+                }
+                f if INERT_FIELDS.contains(&f) => {}
+                other => return Err(format!("unknown AFMTextV7Config field {other:?}")),
+            }
+        }
+        if c.num_heads == 0 || c.hidden_dim % c.num_heads != 0 {
+            return Err(format!(
+                "hidden_dim {} is not a multiple of num_heads {}",
+                c.hidden_dim, c.num_heads
+            ));
+        }
+        if c.num_kv_reuse_layers >= c.num_layers {
+            return Err(format!(
+                "num_kv_reuse_layers {} leaves no regular layer out of {}",
+                c.num_kv_reuse_layers, c.num_layers
+            ));
+        }
+        Ok(c)
+    }
+
+    /// FFN width: Python's `round(hidden_dim * hidden_dim_scale_factor)` (ties to even).
+    pub fn ffn_dim(&self) -> usize {
+        (self.hidden_dim as f64 * self.hidden_dim_scale_factor).round_ties_even() as usize
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_dim / self.num_heads.max(1)
+    }
+
+    /// Our decoder configuration for this model.
+    pub fn text_config(&self) -> TextConfig {
+        let mut cfg = crate::presets::preset("afm-2025-ondevice-3b")
+            .unwrap_or_else(|_| unreachable!("the AFM preset exists"));
+        cfg.vocab_size = self.vocab_size;
+        cfg.hidden_size = self.hidden_dim;
+        cfg.intermediate_size = self.ffn_dim();
+        cfg.num_hidden_layers = self.num_layers;
+        cfg.num_segment1_layers = self.num_kv_reuse_layers;
+        cfg.num_attention_heads = self.num_heads;
+        cfg.num_key_value_heads = Some(self.num_kv_heads);
+        cfg.head_dim = Some(self.head_dim());
+        cfg.rope_theta = self.rope_theta;
+        cfg.rms_norm_eps = 1e-5;
+        cfg.max_position_embeddings = TAMM_CONTEXT;
+        cfg.tie_word_embeddings = true;
+        cfg.qk_norm = true;
+        cfg.qk_norm_after_rope = true;
+        cfg.kv_source_layer = None;
+        cfg.attention_bias = false;
+        cfg
+    }
+
+    /// Every tensor of tamm's state dict for this geometry, with its shape (what
+    /// `AFMTextV7.state_dict()` holds, in its order).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (h, v, f) = (
+            self.hidden_dim as i64,
+            self.vocab_size as i64,
+            self.ffn_dim() as i64,
+        );
+        let hd = self.head_dim() as i64;
+        let kv = self.num_kv_heads as i64 * hd;
+        let n0 = self.num_layers - self.num_kv_reuse_layers;
+        let mut out = vec![("embedding.weight".to_string(), vec![v, h])];
+        let ffn = |out: &mut Vec<(String, Vec<i64>)>, p: &str| {
+            out.push((format!("{p}.feed_forward.norm.weight"), vec![h]));
+            for i in 0..2 {
+                out.push((
+                    format!("{p}.feed_forward.hidden_transform.linear_{i}.weight"),
+                    vec![f, h],
+                ));
+            }
+            out.push((
+                format!("{p}.feed_forward.output_transform.weight"),
+                vec![h, f],
+            ));
+        };
+        for i in 0..n0 {
+            let p = format!("layers.segment_0.layer_{i}");
+            out.push((format!("{p}.attention.norm.weight"), vec![h]));
+            out.push((
+                format!("{p}.attention.qkv_transform.fused_linear.weight"),
+                vec![h + 2 * kv, h],
+            ));
+            out.push((format!("{p}.attention.qk_norm.query_norm.weight"), vec![hd]));
+            out.push((format!("{p}.attention.qk_norm.key_norm.weight"), vec![hd]));
+            out.push((format!("{p}.attention.output_transform.weight"), vec![h, h]));
+            ffn(&mut out, &p);
+        }
+        for j in 0..self.num_kv_reuse_layers {
+            let p = format!("layers.segment_1.layer_{j}");
+            out.push((format!("{p}.attention.norm.weight"), vec![h]));
+            out.push((format!("{p}.attention.q_transform.weight"), vec![h, h]));
+            out.push((format!("{p}.attention.q_norm.query_norm.weight"), vec![hd]));
+            out.push((format!("{p}.attention.output_transform.weight"), vec![h, h]));
+            ffn(&mut out, &p);
+        }
+        out.push(("output_norm.weight".into(), vec![h]));
+        out.push(("output_transform.weight".into(), vec![v, h]));
+        out
+    }
+}
+
+/// Read and translate a tamm config file.
+pub fn read_config(path: &Path) -> Result<(TammConfig, TextConfig)> {
+    let text = std::fs::read_to_string(path).map_err(|e| TextError::io(path, e))?;
+    let bad = |msg: String| TextError::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let v: Json = serde_json::from_str(&text).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let t = TammConfig::from_json(&v).map_err(bad)?;
+    let cfg = t.text_config();
+    cfg.validate().map_err(bad)?;
+    Ok((t, cfg))
+}
+
+/// `[rows = heads · d, cols]` with each head's rows reordered from tamm's adjacent RoPE pairs
+/// to our halves: new row `j` = old `2j`, new row `d/2 + j` = old `2j + 1`.
+pub fn pairs_to_halves(w: &Tensor, heads: i64) -> Result<Tensor> {
+    let size = w.size();
+    let (rows, rest) = (size[0], &size[1..]);
+    let d = rows / heads;
+    let mut shape = vec![heads, d / 2, 2];
+    shape.extend_from_slice(rest);
+    let mut back = vec![rows];
+    back.extend_from_slice(rest);
+    Ok(w.f_reshape(shape.as_slice())?
+        .f_transpose(1, 2)?
+        .f_contiguous()?
+        .f_reshape(back.as_slice())?)
+}
+
+/// Load a tamm `.pt` state dict into our tensor names, for `t`'s geometry: every tensor tamm
+/// has must be there with its shape; q/k rows and QK-norm weights are permuted (module docs).
+pub fn load_weights(
+    pt_path: &Path,
+    t: &TammConfig,
+    device: Device,
+    kind: Kind,
+) -> Result<WeightMap> {
+    let pt = PtFile::open(pt_path)?;
+    let err = |m: String| TextError::checkpoint(pt_path, m);
+    let by_name: std::collections::HashMap<&str, &crate::pt::TensorRef> =
+        pt.tensors.iter().map(|(n, r)| (n.as_str(), r)).collect();
+    let expected = t.tensor_shapes();
+    for (name, shape) in &expected {
+        let r = by_name
+            .get(name.as_str())
+            .ok_or_else(|| err(format!("missing tensor '{name}'")))?;
+        if &r.size != shape {
+            return Err(err(format!(
+                "tensor '{name}' has shape {:?}, the config needs {shape:?}",
+                r.size
+            )));
+        }
+    }
+    if let Some((extra, _)) = pt
+        .tensors
+        .iter()
+        .find(|(n, _)| !expected.iter().any(|(e, _)| e == n))
+    {
+        return Err(err(format!(
+            "unexpected tensor '{extra}' (not part of an AFMTextV7 of this config)"
+        )));
+    }
+    let get = |name: &str| -> Result<Tensor> { pt.tensor(by_name[name]) };
+    let mut map = WeightMap::new(device, kind);
+    let file = map.add_file(pt_path);
+    let (h, hd) = (t.hidden_dim as i64, t.head_dim() as i64);
+    let (heads, kvh) = (t.num_heads as i64, t.num_kv_heads as i64);
+    let n0 = t.num_layers - t.num_kv_reuse_layers;
+    map.insert("model.embed_tokens.weight", get("embedding.weight")?, file);
+    map.insert("model.norm.weight", get("output_norm.weight")?, file);
+    let norm_perm = |w: Tensor| -> Result<Tensor> {
+        Ok(pairs_to_halves(&w.f_reshape([hd, 1])?, 1)?.f_reshape([hd])?)
+    };
+    for layer in 0..t.num_layers {
+        let (p, ours) = if layer < n0 {
+            (
+                format!("layers.segment_0.layer_{layer}"),
+                format!("model.layers.{layer}"),
+            )
+        } else {
+            (
+                format!("layers.segment_1.layer_{}", layer - n0),
+                format!("model.layers.{layer}"),
+            )
+        };
+        let a = format!("{p}.attention");
+        map.insert(
+            format!("{ours}.input_layernorm.weight"),
+            get(&format!("{a}.norm.weight"))?,
+            file,
+        );
+        if layer < n0 {
+            let qkv = get(&format!("{a}.qkv_transform.fused_linear.weight"))?;
+            let parts = qkv.f_split_with_sizes([h, kvh * hd, kvh * hd], 0)?;
+            map.insert(
+                format!("{ours}.self_attn.q_proj.weight"),
+                pairs_to_halves(&parts[0], heads)?,
+                file,
+            );
+            map.insert(
+                format!("{ours}.self_attn.k_proj.weight"),
+                pairs_to_halves(&parts[1], kvh)?,
+                file,
+            );
+            map.insert(
+                format!("{ours}.self_attn.v_proj.weight"),
+                parts[2].f_contiguous()?,
+                file,
+            );
+            map.insert(
+                format!("{ours}.self_attn.q_norm.weight"),
+                norm_perm(get(&format!("{a}.qk_norm.query_norm.weight"))?)?,
+                file,
+            );
+            map.insert(
+                format!("{ours}.self_attn.k_norm.weight"),
+                norm_perm(get(&format!("{a}.qk_norm.key_norm.weight"))?)?,
+                file,
+            );
+        } else {
+            map.insert(
+                format!("{ours}.self_attn.q_proj.weight"),
+                pairs_to_halves(&get(&format!("{a}.q_transform.weight"))?, heads)?,
+                file,
+            );
+            map.insert(
+                format!("{ours}.self_attn.q_norm.weight"),
+                norm_perm(get(&format!("{a}.q_norm.query_norm.weight"))?)?,
+                file,
+            );
+        }
+        map.insert(
+            format!("{ours}.self_attn.o_proj.weight"),
+            get(&format!("{a}.output_transform.weight"))?,
+            file,
+        );
+        let f = format!("{p}.feed_forward");
+        map.insert(
+            format!("{ours}.post_attention_layernorm.weight"),
+            get(&format!("{f}.norm.weight"))?,
+            file,
+        );
+        for (ours_name, theirs) in [
+            ("mlp.gate_proj", "hidden_transform.linear_0"),
+            ("mlp.up_proj", "hidden_transform.linear_1"),
+            ("mlp.down_proj", "output_transform"),
+        ] {
+            map.insert(
+                format!("{ours}.{ours_name}.weight"),
+                get(&format!("{f}.{theirs}.weight"))?,
+                file,
+            );
+        }
+    }
+    // The head is tied to the embedding in AFMTextV7; a checkpoint whose head differs is not
+    // an AFMTextV7.
+    let emb = get("embedding.weight")?;
+    let head = get("output_transform.weight")?;
+    if !emb.equal(&head) {
+        return Err(err(
+            "output_transform.weight differs from embedding.weight (AFMTextV7 ties them)".into(),
+        ));
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_permutation_maps_adjacent_pairs_to_halves() {
+        // One head of 6 rows: pairs (0,1) (2,3) (4,5) → halves [0,2,4 | 1,3,5].
+        let w = Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([6, 2]);
+        let p = pairs_to_halves(&w, 1).unwrap();
+        let rows: Vec<f32> = Vec::try_from(p.select(1, 0)).unwrap();
+        assert_eq!(rows, vec![0., 4., 8., 2., 6., 10.]);
+        // Two heads permute independently.
+        let w = Tensor::arange(8, (Kind::Float, Device::Cpu)).reshape([8, 1]);
+        let p: Vec<f32> = Vec::try_from(pairs_to_halves(&w, 2).unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(p, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+    }
+
+    #[test]
+    fn config_fields_and_errors() {
+        let v: Json = serde_json::json!({
+            "__tamm_type__": "module_configs:AFMTextV7Config",
+            "hidden_dim": 32, "num_heads": 4, "num_kv_reuse_layers": 1, "num_layers": 3,
+            "vocab_size": 64
+        });
+        let c = TammConfig::from_json(&v).unwrap();
+        assert_eq!((c.hidden_dim, c.num_kv_heads, c.ffn_dim()), (32, 2, 104));
+        let mut bad = v.clone();
+        bad["colour"] = 1.into();
+        assert!(TammConfig::from_json(&bad)
+            .unwrap_err()
+            .contains("\"colour\""));
+        let mut bad = v.clone();
+        bad["__tamm_type__"] = "models:SomethingElse".into();
+        assert!(TammConfig::from_json(&bad)
+            .unwrap_err()
+            .contains("SomethingElse"));
+        // The default geometry is the 3B model: 3,111,368,064 parameters without the tied head.
+        let d = TammConfig::default();
+        let n: i64 = d
+            .tensor_shapes()
+            .iter()
+            .filter(|(n, _)| n != "output_transform.weight")
+            .map(|(_, s)| s.iter().product::<i64>())
+            .sum();
+        assert_eq!(n, 3_111_368_064);
+    }
+}

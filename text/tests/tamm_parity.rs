@@ -1,0 +1,169 @@
+//! Apple's tamm as the oracle (issue 19, acceptance 1, fp32): a random `AFMTextV7` built and
+//! saved in the adapter toolkit's layout by tamm itself (tests/reference/tamm_afm.py: KV
+//! reuse, 2 KV heads, random QK-norm weights that differ within rotary pairs, random norm
+//! weights, logits of order 3–10) loads through our normal model-directory path and gives
+//! tamm's logits: full forward, incremental decoding through our KV cache, a left-padded batch,
+//! and identical 32-token greedy continuations.
+
+mod common;
+
+use afm_text::generation::{generate, GenerateOptions};
+use afm_text::{DType, Logits, TextModel};
+use common::*;
+use tch::{Device, Kind, Tensor};
+
+const TOL: f64 = 1e-4;
+
+fn reference() -> (tempfile::TempDir, std::collections::HashMap<String, Tensor>) {
+    let py = venv_python_with("tamm").expect("tamm is a pinned test requirement (make setup)");
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(py)
+        .arg(repo_root().join("text/tests/reference/tamm_afm.py"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "reference script failed");
+    let r = Tensor::read_safetensors(dir.path().join("reference.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    (dir, r)
+}
+
+#[test]
+fn tamm_afm_text_v7_logits_and_greedy_match() {
+    tch::set_num_threads(1);
+    let (dir, r) = reference();
+    // The toolkit layout: base-model-config.json + base-model.pt, nothing of ours.
+    let m = TextModel::load(dir.path(), Device::Cpu, DType::F32).unwrap();
+    assert!(m.decoder.cfg.qk_norm_after_rope);
+    let mut scale = 0f64;
+    for i in 0..3 {
+        let ids: Vec<i64> = Vec::try_from(&r[&format!("ids_{i}")]).unwrap();
+        let want = &r[&format!("logits_{i}")];
+        scale = scale.max(want.abs().max().double_value(&[]));
+        let _g = tch::no_grad_guard();
+
+        // Full forward.
+        let mut c = m.decoder.new_cache(1);
+        let full = m
+            .decoder
+            .forward(&common::ids(&ids), None, &mut c, Logits::All)
+            .unwrap()
+            .squeeze_dim(0);
+        let d = max_abs_diff(&full, want);
+        assert!(d <= TOL, "prompt {i}: full forward max |Δ| {d}");
+
+        // Incremental: the first token, then one at a time through the cache.
+        let mut c = m.decoder.new_cache(1);
+        let mut rows = Vec::new();
+        for &t in &ids {
+            rows.push(
+                m.decoder
+                    .forward(&common::ids(&[t]), None, &mut c, Logits::All)
+                    .unwrap()
+                    .squeeze_dim(0),
+            );
+        }
+        let inc = Tensor::cat(&rows, 0);
+        let d = max_abs_diff(&inc, want);
+        assert!(d <= TOL, "prompt {i}: incremental max |Δ| {d}");
+
+        // Greedy continuation (our generation loop, with the cache).
+        let opts = GenerateOptions {
+            max_new_tokens: 32,
+            stop_on_eos: false,
+            ..GenerateOptions::default()
+        };
+        let ids_u: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+        let g = generate(&m.decoder, None, &ids_u, &opts, &mut |_| {}).unwrap();
+        let want_gen: Vec<i64> = Vec::try_from(&r[&format!("gen_{i}")]).unwrap();
+        let got: Vec<i64> = g.tokens.iter().map(|&x| i64::from(x)).collect();
+        assert_eq!(got, want_gen, "prompt {i}: greedy continuation");
+    }
+    assert!((3.0..=15.0).contains(&scale), "logit scale {scale}");
+
+    // A left-padded batch of prompts 0 and 2: each row's real positions give tamm's logits.
+    let a: Vec<i64> = Vec::try_from(&r["ids_0"]).unwrap();
+    let b: Vec<i64> = Vec::try_from(&r["ids_2"]).unwrap();
+    let n = a.len().max(b.len());
+    let pad = |v: &[i64]| {
+        let mut p = vec![0i64; n - v.len()];
+        p.extend_from_slice(v);
+        p
+    };
+    let mask_row = |v: &[i64]| {
+        let mut p = vec![0i64; n - v.len()];
+        p.extend(std::iter::repeat_n(1i64, v.len()));
+        p
+    };
+    let ids = Tensor::from_slice(&[pad(&a), pad(&b)].concat()).view([2, n as i64]);
+    let mask = Tensor::from_slice(&[mask_row(&a), mask_row(&b)].concat())
+        .view([2, n as i64])
+        .to_kind(Kind::Int64);
+    let _g = tch::no_grad_guard();
+    let mut c = m.decoder.new_cache(2);
+    let out = m
+        .decoder
+        .forward(&ids, Some(&mask), &mut c, Logits::All)
+        .unwrap();
+    for (row, (v, key)) in [(&a, "logits_0"), (&b, "logits_2")].iter().enumerate() {
+        let got = out
+            .get(row as i64)
+            .narrow(0, (n - v.len()) as i64, v.len() as i64);
+        let d = max_abs_diff(&got, &r[*key]);
+        assert!(d <= TOL, "batch row {row}: max |Δ| {d}");
+    }
+}
+
+#[test]
+fn full_size_names_and_shapes_equal_tamm_default_afm_text_v7() {
+    let py = venv_python_with("tamm").expect("tamm is a pinned test requirement (make setup)");
+    let out = std::process::Command::new(py)
+        .arg(repo_root().join("text/tests/reference/tamm_cases.py"))
+        .arg("shapes")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: Vec<(String, Vec<i64>)> = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = afm_text::tamm::TammConfig::default().tensor_shapes();
+    assert_eq!(ours.len(), 486);
+    assert_eq!(ours, theirs);
+    // Our preset is the same model: its geometry equals the translated tamm default.
+    let p = afm_text::presets::preset("afm-2025-ondevice-3b").unwrap();
+    let t = afm_text::tamm::TammConfig::default().text_config();
+    assert_eq!(
+        (
+            p.vocab_size,
+            p.hidden_size,
+            p.intermediate_size,
+            p.num_hidden_layers,
+            p.num_segment1_layers,
+            p.num_attention_heads,
+            p.num_kv_heads(),
+            p.head_dim(),
+            p.rope_theta,
+        ),
+        (
+            t.vocab_size,
+            t.hidden_size,
+            t.intermediate_size,
+            t.num_hidden_layers,
+            t.num_segment1_layers,
+            t.num_attention_heads,
+            t.num_kv_heads(),
+            t.head_dim(),
+            t.rope_theta,
+        )
+    );
+    let ours_params: i64 = afm_text::decoder::weight_shapes(&t)
+        .iter()
+        .filter(|(n, _)| n != "lm_head.weight")
+        .map(|(_, s)| s.iter().product::<i64>())
+        .sum();
+    assert_eq!(ours_params, 3_111_368_064);
+}
