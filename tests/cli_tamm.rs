@@ -94,3 +94,44 @@ fn tamm_folders_load_and_bad_ones_are_clear_errors() {
     }
     assert!(!marker.exists(), "a pickle ran code");
 }
+
+/// `afm-vl generate --model DIR` on a tamm folder with its tokenizer: the text equals tamm's
+/// greedy continuation decoded by tamm's AFMTokenizer.
+#[test]
+fn generate_on_a_tamm_folder_equals_tamm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("text/tests/reference/tamm_afm.py"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("cli_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+        .args([
+            "-q",
+            "--device",
+            "cpu",
+            "generate",
+            "--raw",
+            "--dtype",
+            "fp32",
+            "--max-tokens",
+            "32",
+            "--model",
+        ])
+        .arg(tmp.path())
+        .arg(r["prompt"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        text.strip_suffix('\n').unwrap(),
+        r["text"].as_str().unwrap()
+    );
+    assert!(!r["ids"].as_array().unwrap().is_empty());
+}

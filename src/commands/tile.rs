@@ -25,11 +25,11 @@ pub struct Args {
     /// other tiler fields (`tile_size`, `rapid_size`, ...) are read too when present.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Normalisation mean, three comma-separated values in [0, 1] (overrides --config).
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    /// Normalisation mean, three values in [0, 1], comma- or space-separated (overrides --config).
+    #[arg(long, value_delimiter = ',', num_args = 1..=3, allow_negative_numbers = true)]
     pub mean: Option<Vec<f32>>,
-    /// Normalisation std, three comma-separated values (overrides --config).
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    /// Normalisation std, three values, comma- or space-separated (overrides --config).
+    #[arg(long, value_delimiter = ',', num_args = 1..=3, allow_negative_numbers = true)]
     pub std: Option<Vec<f32>>,
     /// Largest accepted image side in pixels.
     #[arg(long, default_value_t = 16_384)]

@@ -33,6 +33,7 @@ pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod speculative;
+pub mod spm;
 pub mod tamm;
 pub mod tokenizer;
 pub mod train_lora;

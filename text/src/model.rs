@@ -115,10 +115,11 @@ impl TextModel {
             ));
         }
         // A tamm model directory (the adapter toolkit's `assets/`): translated at load time.
-        let (cfg, weights) = match crate::tamm::tamm_files(dir) {
+        let tamm = crate::tamm::tamm_files(dir);
+        let (cfg, weights) = match &tamm {
             Some((tcfg, tpt)) => {
-                let (t, cfg) = crate::tamm::read_config(&tcfg)?;
-                let w = crate::tamm::load_weights(&tpt, &t, device, dtype.kind())?;
+                let (t, cfg) = crate::tamm::read_config(tcfg)?;
+                let w = crate::tamm::load_weights(tpt, &t, device, dtype.kind())?;
                 (cfg, w)
             }
             None => (
@@ -126,7 +127,7 @@ impl TextModel {
                 load_weights(dir, device, dtype.kind())?,
             ),
         };
-        let decoder = Decoder::new(&cfg, &weights).map_err(|e| match e {
+        let mut decoder = Decoder::new(&cfg, &weights).map_err(|e| match e {
             // Name the directory for shape/missing-tensor errors from a map of several files.
             TextError::Checkpoint { path, msg } if path.as_os_str() == "<weights>" => {
                 TextError::Checkpoint {
@@ -136,7 +137,25 @@ impl TextModel {
             }
             e => e,
         })?;
-        let tokenizer = if dir.join("tokenizer.json").exists() {
+        let tokenizer = if tamm.is_some() && dir.join(crate::tamm::TOKENIZER_MODEL).is_file() {
+            // tamm's AFM tokenizer: SentencePiece + its config; generation stops at EOS and at
+            // the end of the assistant's turn.
+            let tc = dir.join(crate::tamm::TOKENIZER_CONFIG);
+            let t = Tokenizer::from_tamm(
+                &dir.join(crate::tamm::TOKENIZER_MODEL),
+                tc.is_file().then_some(tc.as_path()),
+            )?;
+            if t.vocab_size() > cfg.vocab_size {
+                return Err(TextError::Tokenizer(format!(
+                    "{}: {} pieces, more than the model's vocabulary of {}",
+                    dir.join(crate::tamm::TOKENIZER_MODEL).display(),
+                    t.vocab_size(),
+                    cfg.vocab_size
+                )));
+            }
+            decoder.cfg.eos_token_id = Some(crate::config::TokenIds::Many(t.stop_ids()));
+            Some(t)
+        } else if dir.join("tokenizer.json").exists() {
             Some(Tokenizer::from_dir(dir)?)
         } else {
             None
@@ -173,12 +192,11 @@ impl TextModel {
     /// The prompt's token ids: through the chat template (one user turn) unless `raw`.
     pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
         let tok = self.tokenizer()?;
-        let text = if raw {
-            prompt.to_string()
+        if raw {
+            tok.encode(prompt)
         } else {
-            tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?
-        };
-        tok.encode(&text)
+            tok.encode_chat(&[ChatMessage::new("user", prompt)], true)
+        }
     }
 
     /// Generate from a text prompt, streaming text pieces to `on_text`.

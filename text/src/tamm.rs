@@ -31,6 +31,8 @@ pub const CONFIG_FILE: &str = "base-model-config.json";
 pub const WEIGHTS_FILE: &str = "base-model.pt";
 pub const DRAFT_CONFIG_FILE: &str = "draft-model-config.json";
 pub const DRAFT_WEIGHTS_FILE: &str = "draft-model.pt";
+pub const TOKENIZER_MODEL: &str = "tokenizer.model";
+pub const TOKENIZER_CONFIG: &str = "tokenizer-config.json";
 
 /// Context length given to tamm models (tamm computes RoPE on the fly and has no limit; our
 /// RoPE table is allocated for this many positions).
@@ -163,7 +165,7 @@ impl TammConfig {
                 other => return Err(format!("unknown AFMTextV7Config field {other:?}")),
             }
         }
-        if c.num_heads == 0 || c.hidden_dim % c.num_heads != 0 {
+        if c.num_heads == 0 || !c.hidden_dim.is_multiple_of(c.num_heads) {
             return Err(format!(
                 "hidden_dim {} is not a multiple of num_heads {}",
                 c.hidden_dim, c.num_heads

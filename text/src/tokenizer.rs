@@ -27,13 +27,47 @@ impl ChatMessage {
     }
 }
 
+/// How text becomes token ids.
+enum Backend {
+    /// An HF `tokenizers` model (`tokenizer.json`, or rebuilt from GGUF metadata).
+    Hf(Box<tokenizers::Tokenizer>),
+    /// A SentencePiece model run natively; `"\n"` is written as the user-defined symbol
+    /// `<n>` first when `newline_symbol` (Apple's AFM tokenizer).
+    Spm {
+        model: Box<crate::spm::SpmModel>,
+        newline_symbol: bool,
+    },
+}
+
+/// How chat turns become a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// The HF Jinja template (`chat_template`), or a plain transcript without one.
+    Template,
+    /// tamm's AFM v6 format: `<turn_start> role<n>content<turn_end>` turns, the default system
+    /// message when none is given, the leading dummy-prefix token dropped and EOS prepended.
+    AfmV6,
+}
+
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    backend: Backend,
     chat_template: Option<String>,
+    chat_format: ChatFormat,
     bos_token: Option<String>,
     eos_token: Option<String>,
     source: PathBuf,
 }
+
+/// tamm's AFM v6 chat template (`tamm.preprocessors.instruct_lm.afm.afm_v6`), on one line: tamm
+/// renders it with Jinja's block trimming, so no newline between its blocks reaches the text.
+pub const AFM_V6_TEMPLATE: &str = "{{- '<turn_start> ' + messages[0]['role'] + '<n>' + messages[0]['content'] -}}\
+{% if tools %}{{- ('<n>system tools: ' + (tools | map('tojson') | join('<n>'))) -}}{% endif %}\
+{{- '<turn_end>' -}}\
+{% for message in messages[1:] %}{{- '<turn_start> ' + message['role'] + '<n>' + message['content'] + '<turn_end>' -}}{% endfor %}\
+{% if add_generation_prompt is defined and add_generation_prompt %}{% if messages[-1]['role'] != target_role %}{{- '<turn_start> ' + target_role + '<n>' -}}{% endif %}{% endif %}";
+
+/// tamm's default AFM system message.
+pub const AFM_DEFAULT_SYSTEM: &str = "A conversation between a user and a helpful assistant.";
 
 fn token_string(v: Option<&Json>) -> Option<String> {
     match v? {
@@ -64,7 +98,8 @@ impl Tokenizer {
             json!({})
         };
         Ok(Self {
-            inner,
+            backend: Backend::Hf(Box::new(inner)),
+            chat_format: ChatFormat::Template,
             chat_template: cfg
                 .get("chat_template")
                 .and_then(|c| c.as_str())
@@ -75,16 +110,143 @@ impl Tokenizer {
         })
     }
 
+    /// tamm's `AFMTokenizer`: `tokenizer.model` (SentencePiece) with its user-defined tokens,
+    /// `"\n"` written as `<n>`, and the AFM v6 chat format. `config` is tamm's
+    /// `tokenizer-config.json` (`{"__tamm_type__": "tokenizers:AFMTokenizerConfig", ...}`), when
+    /// the folder has one.
+    pub fn from_tamm(model_path: &Path, config: Option<&Path>) -> Result<Self> {
+        let mut model = crate::spm::SpmModel::from_file(model_path)?;
+        let mut newline_symbol = true;
+        if let Some(cp) = config {
+            let bad = |m: String| TextError::Tokenizer(format!("{}: {m}", cp.display()));
+            let text = std::fs::read_to_string(cp).map_err(|e| TextError::io(cp, e))?;
+            let v: Json = serde_json::from_str(&text).map_err(|e| bad(format!("bad JSON: {e}")))?;
+            let obj = v
+                .as_object()
+                .ok_or_else(|| bad("not a JSON object".into()))?;
+            let ty = obj
+                .get("__tamm_type__")
+                .and_then(Json::as_str)
+                .unwrap_or("");
+            if ty.rsplit(':').next() != Some("AFMTokenizerConfig") {
+                return Err(bad(format!(
+                    "__tamm_type__ {ty:?} is not supported (afm-vl reads AFMTokenizerConfig)"
+                )));
+            }
+            for (k, val) in obj {
+                match k.as_str() {
+                    "__tamm_type__" | "vocab_path" | "extra_properties" => {}
+                    "user_defined_tokens" if val.is_null() => {}
+                    "user_defined_tokens" => {
+                        let toks: Vec<String> =
+                            serde_json::from_value(val.clone()).map_err(|_| {
+                                bad("user_defined_tokens must be a list of strings".into())
+                            })?;
+                        model.add_user_defined(&toks);
+                    }
+                    "text_processor" => {
+                        let s = val.as_str().unwrap_or("");
+                        if val.is_null() {
+                            newline_symbol = false;
+                        } else if !s.eq_ignore_ascii_case("afm_text_find_and_replace") {
+                            return Err(bad(format!("text_processor {val} is not supported")));
+                        }
+                    }
+                    other => {
+                        return Err(bad(format!("unknown AFMTokenizerConfig field {other:?}")))
+                    }
+                }
+            }
+        }
+        if newline_symbol && model.piece_to_id("<n>").is_none() {
+            return Err(TextError::Tokenizer(format!(
+                "{}: the AFM tokenizer needs the user-defined token <n>",
+                model_path.display()
+            )));
+        }
+        let piece = |id: Option<u32>| {
+            id.and_then(|i| model.pieces.get(i as usize))
+                .map(|p| p.piece.clone())
+        };
+        Ok(Self {
+            bos_token: piece(model.bos_id),
+            eos_token: piece(model.eos_id),
+            backend: Backend::Spm {
+                model: Box::new(model),
+                newline_symbol,
+            },
+            chat_template: Some(AFM_V6_TEMPLATE.to_string()),
+            chat_format: ChatFormat::AfmV6,
+            source: model_path.to_path_buf(),
+        })
+    }
+
+    pub fn chat_format(&self) -> ChatFormat {
+        self.chat_format
+    }
+
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.backend {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::Spm { model, .. } => model.len(),
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.backend {
+            Backend::Hf(t) => t.token_to_id(token),
+            Backend::Spm { model, .. } => model.piece_to_id(token),
+        }
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.backend {
+            Backend::Hf(t) => t.id_to_token(id),
+            Backend::Spm { model, .. } => model.pieces.get(id as usize).map(|p| p.piece.clone()),
+        }
+    }
+
+    /// The ids that end a generation: EOS, and for AFM chat also `<turn_end>`.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .eos_token
+            .iter()
+            .filter_map(|t| self.token_to_id(t))
+            .collect();
+        if self.chat_format == ChatFormat::AfmV6 {
+            v.extend(self.token_to_id("<turn_end>"));
+        }
+        v
+    }
+
+    /// Token ids of a conversation in the model's chat format (what generation is fed).
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        match self.chat_format {
+            ChatFormat::Template => {
+                self.encode(&self.apply_chat_template(messages, add_generation_prompt)?)
+            }
+            ChatFormat::AfmV6 => {
+                let text = self.apply_chat_template(messages, add_generation_prompt)?;
+                let mut ids = self.encode(&text)?;
+                // tamm: strip_first_token (the dummy prefix) and prepend_eos.
+                if !ids.is_empty() {
+                    ids.remove(0);
+                }
+                let eos = self
+                    .eos_token
+                    .as_deref()
+                    .and_then(|t| self.token_to_id(t))
+                    .ok_or_else(|| {
+                        TextError::Tokenizer("the AFM chat format needs an EOS token".into())
+                    })?;
+                ids.insert(0, eos);
+                Ok(ids)
+            }
+        }
     }
 
     pub fn eos_token(&self) -> Option<&str> {
@@ -97,17 +259,41 @@ impl Tokenizer {
 
     /// Token ids of `text` (special-token strings in the text are recognised; nothing added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TextError::Tokenizer(format!("{}: {e}", self.source.display())))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.backend {
+            Backend::Hf(t) => {
+                let enc = t
+                    .encode(text, false)
+                    .map_err(|e| TextError::Tokenizer(format!("{}: {e}", self.source.display())))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Backend::Spm {
+                model,
+                newline_symbol,
+            } => Ok(if *newline_symbol {
+                model.encode(&text.replace('\n', "<n>"))
+            } else {
+                model.encode(text)
+            }),
+        }
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| TextError::Tokenizer(format!("{}: {e}", self.source.display())))
+        match &self.backend {
+            Backend::Hf(t) => t
+                .decode(ids, skip_special)
+                .map_err(|e| TextError::Tokenizer(format!("{}: {e}", self.source.display()))),
+            Backend::Spm {
+                model,
+                newline_symbol,
+            } => {
+                let text = model.decode(ids);
+                Ok(if *newline_symbol {
+                    text.replace("<n>", "\n")
+                } else {
+                    text
+                })
+            }
+        }
     }
 
     /// Render the chat template (HF semantics: `messages`, `add_generation_prompt`,
@@ -153,8 +339,14 @@ impl Tokenizer {
         let tmpl = env
             .get_template("chat")
             .map_err(|e| TextError::Tokenizer(format!("chat template: {e}")))?;
+        let mut messages = messages.to_vec();
+        if self.chat_format == ChatFormat::AfmV6 && !messages.iter().any(|m| m.role == "system") {
+            messages.insert(0, ChatMessage::new("system", AFM_DEFAULT_SYSTEM));
+        }
         tmpl.render(minijinja::context! {
             messages => messages,
+            target_role => "assistant",
+            tools => Option::<Vec<Json>>::None,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),

@@ -7,6 +7,10 @@ and weights scaled so the logits are of order 3-10, saves it in the adapter tool
 the state dict) and writes tamm's fp32 logits for a few prompts and 32-token greedy
 continuations (full forward every step) into `reference.safetensors`.
 
+With a tokenizer (a SentencePiece model trained here, in the toolkit's layout), it also records
+the text tamm's AFMTokenizer decodes from a 32-token greedy continuation of a raw prompt
+(stopping at EOS or <turn_end>, as afm-vl does), for the CLI test.
+
 usage: tamm_afm.py OUT_DIR
 """
 
@@ -26,10 +30,10 @@ PROMPTS = [
 ]
 
 
-def build(seed: int):
+def build(seed: int, vocab_size: int):
     torch.manual_seed(seed)
     cfg = AFMTextV7.Config(
-        vocab_size=320,
+        vocab_size=vocab_size,
         hidden_dim=64,
         num_layers=5,
         num_kv_reuse_layers=2,
@@ -63,7 +67,28 @@ def greedy(model, ids, n):
 def main():
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    cfg, model = build(0)
+    # The tokenizer and a raw-prompt continuation through it (for `afm-vl generate --raw`).
+    import sentencepiece as spm
+    from tamm.tokenizers.afm import AFMTokenizer
+    from tamm.utils import json as tamm_json2
+
+    corpus = out / "corpus.txt"
+    corpus.write_text(
+        "The quick brown fox jumps over the lazy dog.\nApple models run on device.\n" * 50
+        + "Once upon a time there was a small model that learned to speak.\n" * 50
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=400,
+        model_type="unigram", byte_fallback=True, user_defined_symbols=["<n>"],
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    corpus.unlink()
+    (out / "tokenizer.vocab").unlink()
+    tcfg = AFMTokenizer.Config(vocab_path="tokenizer.model", user_defined_tokens=["<turn_start>", "<turn_end>"])
+    (out / "tokenizer-config.json").write_text(tamm_json2.dumps(tcfg, indent=2))
+    tok = AFMTokenizer(vocab_path=str(out / "tokenizer.model"), user_defined_tokens=["<turn_start>", "<turn_end>"])
+    # The model's vocabulary is the tokenizer's, so every id it can emit decodes.
+    cfg, model = build(0, len(tok))
     (out / "base-model-config.json").write_text(tamm_json.dumps(cfg, indent=2))
     torch.save(model.state_dict(), out / "base-model.pt")
     ref = {}
@@ -71,6 +96,16 @@ def main():
         ref[f"ids_{i}"] = torch.tensor(ids, dtype=torch.int64)
         ref[f"logits_{i}"] = logits(model, ids).contiguous()
         ref[f"gen_{i}"] = torch.tensor(greedy(model, ids, 32), dtype=torch.int64)
+    stops = {tok.eos_id, tok.tokenizer.piece_to_id("<turn_end>")}
+    prompt = "Once upon a time"
+    seq = tok.encode(prompt)
+    gen = []
+    for _ in range(32):
+        nxt = int(logits(model, seq + gen)[-1].argmax())
+        if nxt in stops:
+            break
+        gen.append(nxt)
+    (out / "cli_reference.json").write_text(json.dumps({"prompt": prompt, "text": tok.decode(gen), "ids": gen}))
     save_file(ref, str(out / "reference.safetensors"))
     scale = max(float(ref[f"logits_{i}"].abs().max()) for i in range(len(PROMPTS)))
     print(json.dumps({"max_abs_logit": scale}))
