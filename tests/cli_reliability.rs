@@ -58,6 +58,14 @@ fn demo_model() -> PathBuf {
     d
 }
 
+/// A model folder `dir` holding symlinks to some files of the default model.
+fn linked_default_model(dir: &Path, files: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in files {
+        std::os::unix::fs::symlink(default_model().join(f), dir.join(f)).unwrap();
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -547,10 +555,7 @@ fn d09_demo_checkpoint_notice() {
 fn d10_missing_chat_template_is_announced() {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m");
-    std::fs::create_dir(&m).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::os::unix::fs::symlink(default_model().join(f), m.join(f)).unwrap();
-    }
+    linked_default_model(&m, &["config.json", "model.safetensors", "tokenizer.json"]);
     let o = afm(&["generate", "--model", s(&m), "--max-tokens", "2", "Hello"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
@@ -929,10 +934,7 @@ fn d17_messages_are_one_clean_line() {
 
     // No colour codes when stderr is not a terminal (a warning is logged here).
     let m = tmp.path().join("m");
-    std::fs::create_dir(&m).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::os::unix::fs::symlink(default_model().join(f), m.join(f)).unwrap();
-    }
+    linked_default_model(&m, &["config.json", "model.safetensors", "tokenizer.json"]);
     let o = afm(&["generate", "--model", s(&m), "--max-tokens", "1", "Hi"]);
     assert!(stderr(&o).contains("WARN"), "{}", stderr(&o));
     assert!(!stderr(&o).contains('\x1b'), "{:?}", stderr(&o));
@@ -1000,14 +1002,14 @@ fn d17_messages_are_one_clean_line() {
 
     // Generation that ends at the end of the context says so.
     let small = tmp.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    for f in [
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::os::unix::fs::symlink(default_model().join(f), small.join(f)).unwrap();
-    }
+    linked_default_model(
+        &small,
+        &[
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ],
+    );
     let mut c: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(default_model().join("config.json")).unwrap(),
     )

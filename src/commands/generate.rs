@@ -270,8 +270,7 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         history.push(ChatMessage::new("user", line));
-        let text = tok.apply_chat_template(&history, true)?;
-        let ids = tok.encode(&text)?;
+        let ids = tok.encode_chat(&history, true)?;
         let out =
             afm_text::generation::generate(&model.decoder, Some(tok), &ids, &opts, &mut |piece| {
                 sink.write(piece)

@@ -156,19 +156,23 @@ pub fn load_jsonl(
                 i + 1
             ))
         })?;
-        let (prompt, full) = if chat {
+        // In the model's chat format (token ids as generation is fed them), or raw text.
+        let (prompt_ids, mut ids) = if chat {
             let user = [ChatMessage::new("user", &p.prompt)];
-            let prompt = tok.apply_chat_template(&user, true)?;
             let both = [
                 ChatMessage::new("user", &p.prompt),
                 ChatMessage::new("assistant", &p.response),
             ];
-            (prompt, tok.apply_chat_template(&both, false)?)
+            (
+                tok.encode_chat(&user, true)?,
+                tok.encode_chat(&both, false)?,
+            )
         } else {
-            (p.prompt.clone(), format!("{}{}", p.prompt, p.response))
+            (
+                tok.encode(&p.prompt)?,
+                tok.encode(&format!("{}{}", p.prompt, p.response))?,
+            )
         };
-        let prompt_ids = tok.encode(&prompt)?;
-        let mut ids = tok.encode(&full)?;
         if !ids.starts_with(&prompt_ids) || ids.len() <= prompt_ids.len() {
             return Err(TextError::InvalidArgument(format!(
                 "{}:{}: the response adds no tokens after the prompt",

@@ -52,6 +52,7 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
             .unwrap()
             .squeeze_dim(0);
         let d = max_abs_diff(&full, want);
+        eprintln!("prompt {i}: full forward max |Δ| {d:.2e}");
         assert!(d <= TOL, "prompt {i}: full forward max |Δ| {d}");
 
         // Incremental: the first token, then one at a time through the cache.
@@ -67,6 +68,7 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
         }
         let inc = Tensor::cat(&rows, 0);
         let d = max_abs_diff(&inc, want);
+        eprintln!("prompt {i}: incremental max |Δ| {d:.2e}");
         assert!(d <= TOL, "prompt {i}: incremental max |Δ| {d}");
 
         // Greedy continuation (our generation loop, with the cache).
@@ -112,6 +114,7 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
             .get(row as i64)
             .narrow(0, (n - v.len()) as i64, v.len() as i64);
         let d = max_abs_diff(&got, &r[*key]);
+        eprintln!("left-padded batch row {row}: max |Δ| {d:.2e}");
         assert!(d <= TOL, "batch row {row}: max |Δ| {d}");
     }
 }
