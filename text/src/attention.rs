@@ -165,6 +165,8 @@ pub struct Attention {
     rope: bool,
     /// Apply the QK-norm after RoPE (tamm) instead of before (HF).
     norm_after_rope: bool,
+    /// Per-tensor int8 fake-quantisation scales of (keys, values) before the cache.
+    kv_quant: Option<(f32, f32)>,
 }
 
 impl Attention {
@@ -227,7 +229,31 @@ impl Attention {
         } else {
             (None, None)
         };
+        // tamm's SimpleEMAMinMaxObserver: scale = max(min / −128, max / 127) in fp32.
+        let kv_quant = if cfg.kv_fake_quant && owns_kv {
+            let scale = |name: &str| -> Result<f32> {
+                let r: Vec<f32> = Vec::try_from(
+                    w.get_kind(
+                        &format!("{p}.kv_quant.{name}_range"),
+                        &[2],
+                        tch::Kind::Float,
+                    )?
+                    .f_to_device(tch::Device::Cpu)?,
+                )?;
+                let s = (r[0] * (1.0f32 / -128.0)).max(r[1] * (1.0f32 / 127.0));
+                if !(s.is_finite() && s > 0.0) {
+                    return Err(crate::error::TextError::InvalidArgument(format!(
+                        "{p}.kv_quant.{name}_range {r:?} gives no positive scale"
+                    )));
+                }
+                Ok(s)
+            };
+            Some((scale("key")?, scale("value")?))
+        } else {
+            None
+        };
         Ok(Self {
+            kv_quant,
             q_proj: Linear::new(w, &format!("{p}.q_proj"), hidden, heads * head_dim, bias)?,
             k_proj,
             v_proj,
@@ -312,10 +338,14 @@ impl Attention {
                 if let (Some(n), true) = (&self.k_norm, self.norm_after_rope) {
                     k = n.forward(&k)?;
                 }
-                let v = vp
+                let mut v = vp
                     .forward(x)?
                     .f_view([b, s, self.kv_heads, self.head_dim])?
                     .f_transpose(1, 2)?;
+                if let Some((ks, vs)) = self.kv_quant {
+                    k = fake_quant_int8(&k, ks)?;
+                    v = fake_quant_int8(&v, vs)?;
+                }
                 cache.append(self.layer, &k, &v)?
             }
             // Segment 1: the source layer's keys (already rotated) and values.
@@ -356,4 +386,15 @@ impl Attention {
             .f_reshape([b, s, self.heads * self.head_dim])?;
         self.o_proj.forward(&out)
     }
+}
+
+/// `round(x / scale).clamp(−128, 127) · scale` in fp32, back in `x`'s dtype (tamm's
+/// `fake_quantize` with zero point 0).
+fn fake_quant_int8(x: &Tensor, scale: f32) -> Result<Tensor> {
+    Ok(x.f_to_kind(tch::Kind::Float)?
+        .f_div_scalar(f64::from(scale))?
+        .f_round()?
+        .f_clamp(-128.0, 127.0)?
+        .f_mul_scalar(f64::from(scale))?
+        .f_to_kind(x.kind())?)
 }

@@ -105,6 +105,11 @@ pub struct TextConfig {
     /// (false) normalises before RoPE, as HF Qwen3 does.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub qk_norm_after_rope: bool,
+    /// Keys and values of layers with their own K/V fake-quantised to int8 before the cache,
+    /// one scale per tensor from the calibrated range in `self_attn.kv_quant.{key,value}_range`
+    /// (tamm's `KVQuantArchOptimizer`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kv_fake_quant: bool,
     /// Layers at the end of the stack that have no K/V projections and read the K/V cache of
     /// `kv_source_layer` (AFM 2025 segment 1). 0 = a standard stack.
     #[serde(default)]

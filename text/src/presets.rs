@@ -35,6 +35,7 @@ fn base(
         tie_word_embeddings: true,
         qk_norm,
         qk_norm_after_rope: false,
+        kv_fake_quant: false,
         num_segment1_layers: seg1,
         kv_source_layer: None,
         attention_bias: false,

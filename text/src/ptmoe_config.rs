@@ -212,6 +212,7 @@ impl PtMoeConfig {
             tie_word_embeddings: self.tie_word_embeddings,
             qk_norm: self.qk_norm,
             qk_norm_after_rope: false,
+            kv_fake_quant: false,
             num_segment1_layers: 0,
             kv_source_layer: None,
             attention_bias: false,

@@ -72,6 +72,9 @@ pub struct TammConfig {
     pub num_kv_heads: usize,
     pub hidden_dim_scale_factor: f64,
     pub rope_theta: f64,
+    /// tamm's `KVQuantArchOptimizer`: keys and values of every segment-0 layer fake-quantised
+    /// to int8 (one calibrated scale per tensor) before the cache.
+    pub kv_quant: bool,
 }
 
 impl Default for TammConfig {
@@ -86,8 +89,39 @@ impl Default for TammConfig {
             num_kv_heads: 2,
             hidden_dim_scale_factor: 3.25,
             rope_theta: 500_000.0,
+            kv_quant: false,
         }
     }
+}
+
+/// One entry of `arch_optimizers`: only tamm's `KVQuantArchOptimizer` in its default form
+/// (int8, fp32 arithmetic, the first token quantised too) is run; anything else is refused.
+fn parse_kv_quant(name: &str, o: &Json) -> std::result::Result<(), String> {
+    let obj = o
+        .as_object()
+        .ok_or_else(|| format!("arch_optimizers.{name} is not an object"))?;
+    let ty = obj
+        .get("__tamm_type__")
+        .and_then(Json::as_str)
+        .unwrap_or("");
+    if ty.rsplit(':').next() != Some("KVQuantArchOptimizer") {
+        return Err(format!(
+            "arch_optimizers.{name}: {ty:?} is not supported (afm-vl runs KVQuantArchOptimizer)"
+        ));
+    }
+    for (k, v) in obj {
+        match k.as_str() {
+            "__tamm_type__" | "freeze_qparams" => {}
+            "cast_dtype" if v.as_str().is_some_and(|d| d.trim_start_matches("torch.") == "float32") => {}
+            "skip_quantize_for_first_token" if v == &Json::Bool(false) => {}
+            other => {
+                return Err(format!(
+                    "arch_optimizers.{name}: {other} = {v} is not supported (fp32 arithmetic, every token quantised)"
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fields of an `AFMTextV7Config` that do not change the model's numbers at inference.
@@ -154,12 +188,11 @@ impl TammConfig {
                     )
                 }
                 "arch_optimizers" => {
-                    return Err(format!(
-                        "arch_optimizers {} are not supported yet (tamm's KV quantiser changes the model's numbers)",
-                        val.as_object()
-                            .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
-                            .unwrap_or_default()
-                    ))
+                    let opts = val.as_object().ok_or("arch_optimizers must be an object")?;
+                    for (name, o) in opts {
+                        parse_kv_quant(name, o)?;
+                        c.kv_quant = true;
+                    }
                 }
                 f if INERT_FIELDS.contains(&f) => {}
                 other => return Err(format!("unknown AFMTextV7Config field {other:?}")),
@@ -209,6 +242,7 @@ impl TammConfig {
         cfg.qk_norm_after_rope = true;
         cfg.kv_source_layer = None;
         cfg.attention_bias = false;
+        cfg.kv_fake_quant = self.kv_quant;
         cfg
     }
 
@@ -247,6 +281,14 @@ impl TammConfig {
             out.push((format!("{p}.attention.qk_norm.query_norm.weight"), vec![hd]));
             out.push((format!("{p}.attention.qk_norm.key_norm.weight"), vec![hd]));
             out.push((format!("{p}.attention.output_transform.weight"), vec![h, h]));
+            if self.kv_quant {
+                for q in ["key", "value"] {
+                    let o =
+                        format!("{p}.attention.kv_quantizer.{q}_quantizer.activation_post_process");
+                    out.push((format!("{o}.range"), vec![2]));
+                    out.push((format!("{o}.num_samples"), vec![]));
+                }
+            }
             ffn(&mut out, &p);
         }
         for j in 0..self.num_kv_reuse_layers {
@@ -383,6 +425,14 @@ pub fn load_weights(
                 norm_perm(get(&format!("{a}.qk_norm.key_norm.weight"))?)?,
                 file,
             );
+            if t.kv_quant {
+                for q in ["key", "value"] {
+                    let r = get(&format!(
+                        "{a}.kv_quantizer.{q}_quantizer.activation_post_process.range"
+                    ))?;
+                    map.insert(format!("{ours}.self_attn.kv_quant.{q}_range"), r, file);
+                }
+            }
         } else {
             map.insert(
                 format!("{ours}.self_attn.q_proj.weight"),

@@ -85,6 +85,49 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
     }
     assert!((3.0..=15.0).contains(&scale), "logit scale {scale}");
 
+    // tamm's KVQuantArchOptimizer on (calibrated ranges in the state dict): same logits, full
+    // and incremental; and the quantiser changes them (it is really applied).
+    let kdir = dir.path().join("kvq");
+    let km = TextModel::load(&kdir, Device::Cpu, DType::F32).unwrap();
+    assert!(km.decoder.cfg.kv_fake_quant);
+    let kr: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(kdir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    for i in 0..3 {
+        let ids: Vec<i64> = Vec::try_from(&r[&format!("ids_{i}")]).unwrap();
+        let want = &kr[&format!("logits_{i}")];
+        let _g = tch::no_grad_guard();
+        let mut c = km.decoder.new_cache(1);
+        let full = km
+            .decoder
+            .forward(&common::ids(&ids), None, &mut c, Logits::All)
+            .unwrap()
+            .squeeze_dim(0);
+        let d = max_abs_diff(&full, want);
+        let effect = max_abs_diff(want, &kr[&format!("plain_{i}")]);
+        eprintln!("KV-quantised prompt {i}: full forward max |Δ| {d:.2e} (the quantiser moves logits by {effect:.2e})");
+        assert!(d <= TOL, "KV-quantised prompt {i}: max |Δ| {d}");
+        assert!(
+            ids.len() == 1 || effect > 1e-3,
+            "the quantiser had no effect"
+        );
+        let mut c = km.decoder.new_cache(1);
+        let rows: Vec<Tensor> = ids
+            .iter()
+            .map(|&t| {
+                km.decoder
+                    .forward(&common::ids(&[t]), None, &mut c, Logits::All)
+                    .unwrap()
+                    .squeeze_dim(0)
+            })
+            .collect();
+        let d = max_abs_diff(&Tensor::cat(&rows, 0), want);
+        eprintln!("KV-quantised prompt {i}: incremental max |Δ| {d:.2e}");
+        assert!(d <= TOL, "KV-quantised prompt {i}: incremental max |Δ| {d}");
+    }
+
     // A left-padded batch of prompts 0 and 2: each row's real positions give tamm's logits.
     let a: Vec<i64> = Vec::try_from(&r["ids_0"]).unwrap();
     let b: Vec<i64> = Vec::try_from(&r["ids_2"]).unwrap();

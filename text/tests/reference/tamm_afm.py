@@ -30,9 +30,15 @@ PROMPTS = [
 ]
 
 
-def build(seed: int, vocab_size: int):
+def build(seed: int, vocab_size: int, kv_quant: bool = False):
     torch.manual_seed(seed)
+    extra = {}
+    if kv_quant:
+        from tamm.ao.arch_optimizers.kv_quant import KVQuantArchOptimizer
+
+        extra["arch_optimizers"] = {"kv_quant": KVQuantArchOptimizer(freeze_qparams=True)}
     cfg = AFMTextV7.Config(
+        **extra,
         vocab_size=vocab_size,
         hidden_dim=64,
         num_layers=5,
@@ -49,6 +55,10 @@ def build(seed: int, vocab_size: int):
                 p.copy_(torch.rand_like(p) * 1.5 + 0.25)
             else:
                 p.normal_(0.0, 0.25)  # with the tied head: logits of order 3-10
+        # Calibrated KV-quantiser ranges (as training would leave them), a coarse grid.
+        for name, b in model.named_buffers():
+            if name.endswith("activation_post_process.range"):
+                b.copy_(torch.tensor([-(0.5 + torch.rand(1).item()), 0.5 + torch.rand(1).item()]))
     return cfg, model
 
 
@@ -107,6 +117,18 @@ def main():
         gen.append(nxt)
     (out / "cli_reference.json").write_text(json.dumps({"prompt": prompt, "text": tok.decode(gen), "ids": gen}))
     save_file(ref, str(out / "reference.safetensors"))
+    # The same model with tamm's KV quantiser on (the toolkit's config turns it on).
+    kcfg, kmodel = build(0, len(tok), kv_quant=True)
+    kdir = out / "kvq"
+    kdir.mkdir(exist_ok=True)
+    (kdir / "base-model-config.json").write_text(tamm_json.dumps(kcfg, indent=2))
+    torch.save(kmodel.state_dict(), kdir / "base-model.pt")
+    kref = {}
+    for i, ids in enumerate(PROMPTS):
+        kref[f"logits_{i}"] = logits(kmodel, ids).contiguous()
+        # The quantiser must matter: the same weights without it give other logits.
+        kref[f"plain_{i}"] = logits(model, ids).contiguous()
+    save_file(kref, str(kdir / "reference.safetensors"))
     scale = max(float(ref[f"logits_{i}"].abs().max()) for i in range(len(PROMPTS)))
     print(json.dumps({"max_abs_logit": scale}))
 
