@@ -134,4 +134,22 @@ fn generate_on_a_tamm_folder_equals_tamm() {
         r["text"].as_str().unwrap()
     );
     assert!(!r["ids"].as_array().unwrap().is_empty());
+    // Speculative decoding with the folder's draft-model-* gives the same text.
+    let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+        .args([
+            "-q", "--device", "cpu", "generate", "--raw", "--dtype", "fp32",
+        ])
+        .args(["--max-tokens", "32", "--model"])
+        .arg(tmp.path())
+        .arg("--draft")
+        .arg(tmp.path())
+        .arg(r["prompt"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let spec = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        spec.strip_suffix('\n').unwrap(),
+        r["text"].as_str().unwrap()
+    );
 }

@@ -2,6 +2,8 @@
 
 use std::io::BufRead;
 
+use anyhow::Context as _;
+
 use afm_text::{ChatMessage, GenerateOptions, SamplingConfig};
 
 use super::{Context, ModelArgs};
@@ -118,8 +120,8 @@ pub struct GenerateArgs {
     /// Feed the prompt as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
-    /// Speculative decoding: a draft model directory (same tokenizer) or `self:N` (the
-    /// target's own first N layers).
+    /// Speculative decoding: a draft model directory (same tokenizer; an adapter-toolkit folder
+    /// gives its `draft-model-*`) or `self:N` (the target's own first N layers).
     #[arg(long, value_name = "DIR|self:N")]
     pub draft: Option<String>,
     /// A LoRA adapter directory (PEFT layout: adapter_config.json + adapter_model.safetensors).
@@ -172,8 +174,14 @@ fn run_speculative(
     let draft = match parse_self_draft(spec) {
         Some(n) => Draft::SelfPrefix(n?),
         None => {
-            draft_model =
-                super::load_model_dir(std::path::Path::new(spec), ctx.device()?, model.dtype)?;
+            let dir = std::path::Path::new(spec);
+            // The adapter toolkit's folder carries its draft as draft-model-*.
+            draft_model = if afm_text::tamm::draft_files(dir).is_some() {
+                afm_text::TextModel::load_tamm_draft(dir, ctx.device()?, model.dtype)
+                    .with_context(|| format!("loading the draft in {}", dir.display()))?
+            } else {
+                super::load_model_dir(dir, ctx.device()?, model.dtype)?
+            };
             Draft::Model(&draft_model.decoder)
         }
     };

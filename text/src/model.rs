@@ -106,6 +106,23 @@ impl TextModel {
         }
     }
 
+    /// The adapter toolkit's draft model in `dir` (`draft-model-config.json` +
+    /// `draft-model.pt`), with the folder's tokenizer when it has one (for speculative decoding).
+    pub fn load_tamm_draft(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
+        let (cfg_path, pt) = crate::tamm::draft_files(dir).ok_or_else(|| {
+            TextError::checkpoint(dir, "no draft-model-config.json in this folder")
+        })?;
+        let (t, cfg) = crate::tamm::read_config(&cfg_path)?;
+        let weights = crate::tamm::load_weights(&pt, &t, device, dtype.kind())?;
+        let decoder = Decoder::new(&cfg, &weights)?;
+        Ok(Self {
+            decoder,
+            tokenizer: None,
+            dtype,
+            source: pt,
+        })
+    }
+
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         if !dir.is_dir() {

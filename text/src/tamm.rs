@@ -61,6 +61,13 @@ pub fn tamm_files(dir: &Path) -> Option<(PathBuf, PathBuf)> {
     Some((c, w))
 }
 
+/// The toolkit's draft model of a folder (`draft-model-config.json` + `draft-model.pt`), if it
+/// has one.
+pub fn draft_files(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let c = dir.join(DRAFT_CONFIG_FILE);
+    c.is_file().then(|| (c, dir.join(DRAFT_WEIGHTS_FILE)))
+}
+
 /// The geometry of a tamm `AFMTextV7Config`, with tamm's defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TammConfig {
@@ -246,6 +253,16 @@ impl TammConfig {
         cfg
     }
 
+    /// The state-dict prefix of layer `i` of segment 0: `layers.segment_0.layer_{i}`, or
+    /// `layers.layer_{i}` when the model has no KV-reuse layers (a uniform stack, e.g. the draft).
+    pub fn segment0_prefix(&self, i: usize) -> String {
+        if self.num_kv_reuse_layers == 0 {
+            format!("layers.layer_{i}")
+        } else {
+            format!("layers.segment_0.layer_{i}")
+        }
+    }
+
     /// Every tensor of tamm's state dict for this geometry, with its shape (what
     /// `AFMTextV7.state_dict()` holds, in its order).
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<i64>)> {
@@ -272,7 +289,7 @@ impl TammConfig {
             ));
         };
         for i in 0..n0 {
-            let p = format!("layers.segment_0.layer_{i}");
+            let p = self.segment0_prefix(i);
             out.push((format!("{p}.attention.norm.weight"), vec![h]));
             out.push((
                 format!("{p}.attention.qkv_transform.fused_linear.weight"),
@@ -381,10 +398,7 @@ pub fn load_weights(
     };
     for layer in 0..t.num_layers {
         let (p, ours) = if layer < n0 {
-            (
-                format!("layers.segment_0.layer_{layer}"),
-                format!("model.layers.{layer}"),
-            )
+            (t.segment0_prefix(layer), format!("model.layers.{layer}"))
         } else {
             (
                 format!("layers.segment_1.layer_{}", layer - n0),

@@ -85,6 +85,54 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
     }
     assert!((3.0..=15.0).contains(&scale), "logit scale {scale}");
 
+    // The toolkit's draft (draft-model-*, a uniform stack): tamm's logits, and speculative
+    // greedy decoding with it equals plain greedy, which equals tamm's.
+    let draft = TextModel::load_tamm_draft(dir.path(), Device::Cpu, DType::F32).unwrap();
+    let ids0: Vec<i64> = Vec::try_from(&r["ids_0"]).unwrap();
+    {
+        let _g = tch::no_grad_guard();
+        let mut c = draft.decoder.new_cache(1);
+        let dl = draft
+            .decoder
+            .forward(&common::ids(&ids0), None, &mut c, Logits::All)
+            .unwrap()
+            .squeeze_dim(0);
+        let d = max_abs_diff(&dl, &r["draft_logits_0"]);
+        eprintln!("draft: full forward max |Δ| {d:.2e}");
+        assert!(d <= TOL, "draft max |Δ| {d}");
+    }
+    for i in 0..3 {
+        let ids: Vec<u32> = Vec::<i64>::try_from(&r[&format!("ids_{i}")])
+            .unwrap()
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let opts = GenerateOptions {
+            max_new_tokens: 32,
+            stop_on_eos: false,
+            ..GenerateOptions::default()
+        };
+        let (g, st) = afm_text::speculative::generate_speculative(
+            &m.decoder,
+            afm_text::speculative::Draft::Model(&draft.decoder),
+            None,
+            &ids,
+            &opts,
+            4,
+        )
+        .unwrap();
+        let want: Vec<i64> = Vec::try_from(&r[&format!("gen_{i}")]).unwrap();
+        let got: Vec<i64> = g.tokens.iter().map(|&x| i64::from(x)).collect();
+        assert_eq!(
+            got, want,
+            "prompt {i}: speculative greedy with the tamm draft"
+        );
+        eprintln!(
+            "prompt {i}: speculative with the draft: {} accepted of {} proposed",
+            st.accepted, st.proposed
+        );
+    }
+
     // tamm's KVQuantArchOptimizer on (calibrated ranges in the state dict): same logits, full
     // and incremental; and the quantiser changes them (it is really applied).
     let kdir = dir.path().join("kvq");

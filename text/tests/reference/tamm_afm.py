@@ -117,6 +117,26 @@ def main():
         gen.append(nxt)
     (out / "cli_reference.json").write_text(json.dumps({"prompt": prompt, "text": tok.decode(gen), "ids": gen}))
     save_file(ref, str(out / "reference.safetensors"))
+    # A draft for speculative decoding (the toolkit's draft-model-*): a smaller AFMTextV7
+    # without KV reuse, same tokenizer.
+    # Its weights are the base's embedding, output norm and first two layers, so it agrees
+    # with the base often enough for acceptances and rejections both to happen.
+    dcfg = AFMTextV7.Config(
+        vocab_size=len(tok), hidden_dim=64, num_layers=2, num_kv_reuse_layers=0,
+        num_heads=4, num_kv_heads=2, rope_theta=10000.0,
+    )
+    draft = dcfg.create_model()
+    draft.eval()
+    base_sd = model.state_dict()
+    with torch.no_grad():
+        for name, p in draft.state_dict().items():
+            src = name.replace("layers.layer_", "layers.segment_0.layer_")
+            p.copy_(base_sd[src])
+    (out / "draft-model-config.json").write_text(tamm_json.dumps(dcfg, indent=2))
+    torch.save(draft.state_dict(), out / "draft-model.pt")
+    ref["draft_logits_0"] = logits(draft, PROMPTS[0]).contiguous()
+    save_file(ref, str(out / "reference.safetensors"))
+
     # The same model with tamm's KV quantiser on (the toolkit's config turns it on).
     kcfg, kmodel = build(0, len(tok), kv_quant=True)
     kdir = out / "kvq"
