@@ -275,7 +275,9 @@ fn d03_two_evals_on_one_out_the_second_refuses() {
     let data = tmp.path().join("data");
     write_eval_data(&data, 60);
     let out = tmp.path().join("out");
-    let mut first = eval_cmd(&data, &out, &["--fake-delay-ms=20"])
+    // Slow enough (60 items × 150 ms) that the first run is still going while the others start,
+    // even on a loaded machine.
+    let mut first = eval_cmd(&data, &out, &["--fake-delay-ms=150"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -288,6 +290,10 @@ fn d03_two_evals_on_one_out_the_second_refuses() {
     // A second run (other options) and a second --resume are both refused while it runs.
     for extra in [&["--limit", "10"][..], &["--resume"][..]] {
         let o = eval_cmd(&data, &out, extra).output().unwrap();
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended before the second started; the test needs a slower first run"
+        );
         assert_one_line_error(&o, &[s(&out), "in use", &format!("pid {}", first.id())]);
     }
     assert!(first.wait().unwrap().success());

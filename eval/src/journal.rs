@@ -225,9 +225,9 @@ pub struct Journal {
 impl Journal {
     /// Open `dir/journal.jsonl` for appending after cutting any torn tail; returns the records
     /// already there.
-    pub fn open(dir: &Path) -> Result<(Self, BTreeMap<String, ItemResult>)> {
+    pub fn open(dir: &Path) -> Result<(Self, NumberedRecords)> {
         let path = dir.join(JOURNAL);
-        let (records, valid) = read_records(&path)?;
+        let (records, valid) = read_records_lines(&path)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)

@@ -388,13 +388,19 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
     let chat = chat_frame(backend, cfg)?;
     let (all_groups, too_long) = tokenize_suite(suite, &*backend, cfg, chat.as_ref())?;
     let ctx_len = backend.context_len().unwrap_or(usize::MAX);
+    let too_long_problem = |item: &Item, n: usize| {
+        format!(
+            "item {} needs {n} tokens, more than the model's context of {ctx_len}",
+            item.key()
+        )
+    };
     if let Some((item, n)) = too_long.first().filter(|_| !cfg.skip_bad) {
         return Err(EvalError::data(
             &item.path,
             item.line,
             format!(
-                "item {} needs {n} tokens, more than the model's context of {ctx_len}{} (--skip-bad skips such items)",
-                item.key(),
+                "{}{} (--skip-bad skips such items)",
+                too_long_problem(item, *n),
                 if too_long.len() > 1 {
                     format!("; {} more items are too long", too_long.len() - 1)
                 } else {
@@ -417,10 +423,7 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
             let sk = crate::item::Skipped {
                 path: item.path.display().to_string(),
                 line: item.line,
-                problem: format!(
-                    "item {} needs {n} tokens, more than the model's context of {ctx_len}",
-                    item.key()
-                ),
+                problem: too_long_problem(item, *n),
             };
             tracing::warn!("skipped {}:{}: {}", sk.path, sk.line, sk.problem);
             s.skipped.push(sk);
@@ -470,16 +473,14 @@ pub fn run(suite: &Suite, backend: &mut dyn EvalBackend, cfg: &RunConfig) -> Res
     }
     manifest.write(out)?;
     let (mut journal, done) = Journal::open(out)?;
-    let done_lines = crate::journal::read_records_lines(&journal_path)?.0;
 
     let mine = &suite.items[cfg.shard.range(suite.items.len())];
     let mut records: BTreeMap<String, ItemResult> = BTreeMap::new();
     let mut pending: std::collections::HashSet<String> = std::collections::HashSet::new();
     for item in mine {
         match done.get(&item.key()) {
-            Some(r) => {
-                let line = done_lines.get(&item.key()).map_or(0, |(l, _)| *l);
-                rescore_check(item, r).map_err(|p| EvalError::data(&journal_path, line, p))?;
+            Some((line, r)) => {
+                rescore_check(item, r).map_err(|p| EvalError::data(&journal_path, *line, p))?;
                 records.insert(r.key.clone(), r.clone());
             }
             None => {

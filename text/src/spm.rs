@@ -481,17 +481,15 @@ impl SpmModel {
         let mut best: Vec<(f32, usize, Option<u32>)> = vec![(f32::MIN, 0, None); n + 1];
         best[0].0 = 0.0;
         let unk_score = self.min_score - UNK_PENALTY;
+        // The longest candidate, once per call (not per position).
+        let longest = self.max_piece_chars.max(self.longest_user_defined());
         for start in 0..n {
             let base = best[start].0;
             if base == f32::MIN {
                 continue;
             }
             let mut single = false;
-            for len in 1..=self
-                .max_piece_chars
-                .max(self.longest_user_defined())
-                .min(n - start)
-            {
+            for len in 1..=longest.min(n - start) {
                 let piece = &norm[bounds[start]..bounds[start + len]];
                 let Some(id) = self.segment_id(piece) else {
                     continue;
