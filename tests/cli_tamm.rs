@@ -153,3 +153,158 @@ fn generate_on_a_tamm_folder_equals_tamm() {
         r["text"].as_str().unwrap()
     );
 }
+
+fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Our fp32 logits `[T, vocab]` for one prompt (a full forward).
+fn our_logits(m: &afm_text::TextModel, ids: &tch::Tensor) -> tch::Tensor {
+    let _g = tch::no_grad_guard();
+    let mut c = m.decoder.new_cache(1);
+    m.decoder
+        .forward(&ids.view([1, -1]), None, &mut c, afm_text::Logits::All)
+        .unwrap()
+        .squeeze_dim(0)
+}
+
+/// Issue 19, acceptance 5: tamm LoRA adapters both ways. A toolkit-style folder (the adapter
+/// spec rank 32, α 16 on every target tamm adapts in the base config; the base checkpoint with
+/// its adapter still zero, base weights under `.wrapped.`) loads and gives tamm's base logits;
+/// the toolkit's adapter checkpoint (`.pt` of adapter tensors) as an overlay, merged, and
+/// saved inside the base checkpoint gives tamm's adapted logits; and an adapter trained here by
+/// `afm-vl train lora` is written in the toolkit's format, which tamm loads with
+/// `strict=False` to reproduce our logits.
+#[test]
+fn tamm_lora_adapters_both_ways() {
+    use afm_text::{DType, TextModel};
+    use tch::{Device, Tensor};
+    const TOL: f64 = 1e-4;
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let py = repo().join(".venv/bin/python");
+    let reference = repo().join("text/tests/reference");
+    let o = Command::new(&py)
+        .arg(reference.join("tamm_afm.py"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(&py)
+        .arg(reference.join("tamm_adapter.py"))
+        .arg("make")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = tmp.path().join("adapted");
+    let r: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let ids: Vec<Tensor> = (0..3)
+        .map(|i| r[&format!("ids_{i}")].shallow_clone())
+        .collect();
+
+    // The base folder: its zero adapter is not applied (it changes nothing) — tamm's base.
+    let mut m = TextModel::load(&dir, Device::Cpu, DType::F32).unwrap();
+    for (i, x) in ids.iter().enumerate() {
+        let d = max_abs_diff(&our_logits(&m, x), &r[&format!("base_{i}")]);
+        eprintln!("adapter folder, base: prompt {i} max |Δ| {d:.2e}");
+        assert!(d <= TOL, "base prompt {i}: {d}");
+    }
+    // The toolkit's adapter checkpoint as an overlay.
+    let adapter = m.load_adapter(&dir.join("adapter.pt")).unwrap();
+    let t = m.tamm.clone().unwrap();
+    let n0 = t.num_layers - t.num_kv_reuse_layers;
+    assert_eq!(
+        (adapter.rank, adapter.scale, adapter.modules().count()),
+        (32, 0.5, 7 * n0 + 5 * t.num_kv_reuse_layers)
+    );
+    adapter.activate(&mut m.decoder).unwrap();
+    for (i, x) in ids.iter().enumerate() {
+        let want = &r[&format!("adapted_{i}")];
+        let d = max_abs_diff(&our_logits(&m, x), want);
+        let effect = max_abs_diff(want, &r[&format!("base_{i}")]);
+        eprintln!("tamm adapter overlay: prompt {i} max |Δ| {d:.2e} (the adapter moves logits by {effect:.2e})");
+        assert!(d <= TOL, "adapted prompt {i}: {d}");
+        assert!(effect > 0.1, "the adapter has no effect");
+    }
+    // Merged into the base weights: the same.
+    afm_text::lora::merge_active(&mut m.decoder).unwrap();
+    for (i, x) in ids.iter().enumerate() {
+        let d = max_abs_diff(&our_logits(&m, x), &r[&format!("adapted_{i}")]);
+        eprintln!("tamm adapter merged: prompt {i} max |Δ| {d:.2e}");
+        assert!(d <= TOL, "merged prompt {i}: {d}");
+    }
+    // A base checkpoint saved with its (trained) adapter inside runs with it, as in tamm.
+    let e = TextModel::load(&tmp.path().join("embedded"), Device::Cpu, DType::F32).unwrap();
+    for (i, x) in ids.iter().enumerate() {
+        let d = max_abs_diff(&our_logits(&e, x), &r[&format!("adapted_{i}")]);
+        eprintln!("adapter inside the base checkpoint: prompt {i} max |Δ| {d:.2e}");
+        assert!(d <= TOL, "embedded prompt {i}: {d}");
+    }
+
+    // The other way: train here, save in the toolkit format, tamm reloads it.
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"Once upon a time\", \"response\": \"there was a small model.\"}\n\
+         {\"prompt\": \"The quick brown fox\", \"response\": \"jumps over the lazy dog.\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("trained");
+    let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+        .args(["-q", "--device", "cpu", "train", "lora", "--model"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--lr",
+            "0.01",
+            "--max-len",
+            "160",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut ours = TextModel::load(&dir, Device::Cpu, DType::F32).unwrap();
+    let trained = ours.load_adapter(&out.join("adapter.pt")).unwrap();
+    assert_eq!((trained.rank, trained.scale), (32, 0.5));
+    // The toolkit file and our PEFT file beside it hold the same adapter.
+    let peft = ours.load_adapter(&out).unwrap();
+    trained.activate(&mut ours.decoder).unwrap();
+    let from_pt: Vec<Tensor> = ids.iter().map(|x| our_logits(&ours, x)).collect();
+    peft.activate(&mut ours.decoder).unwrap();
+    let check = tmp.path().join("tamm_check.safetensors");
+    let o = Command::new(&py)
+        .arg(reference.join("tamm_adapter.py"))
+        .arg("check")
+        .arg(&dir)
+        .arg(out.join("adapter.pt"))
+        .arg(&check)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&check)
+        .unwrap()
+        .into_iter()
+        .collect();
+    for (i, x) in ids.iter().enumerate() {
+        let peft_logits = our_logits(&ours, x);
+        assert!(max_abs_diff(&peft_logits, &from_pt[i]) <= 1e-5);
+        let want = &theirs[&format!("logits_{i}")];
+        let d = max_abs_diff(&peft_logits, want);
+        let effect = max_abs_diff(want, &r[&format!("base_{i}")]);
+        eprintln!("trained here, loaded by tamm: prompt {i} max |Δ| {d:.2e} (training moved logits by {effect:.2e})");
+        assert!(d <= TOL, "round trip prompt {i}: {d}");
+        assert!(effect > 1e-3, "training changed nothing");
+    }
+}

@@ -43,11 +43,12 @@ impl TextBackend {
         Ok(Self::new(model, dir_name(dir)))
     }
 
-    /// Put the LoRA adapter in `dir` (PEFT layout) on the model for every later request; the
-    /// backend's name becomes `MODEL+ADAPTER`.
+    /// Put the LoRA adapter at `dir` (PEFT layout, or a toolkit `.pt` on a tamm model) on the
+    /// model for every later request; the backend's name becomes `MODEL+ADAPTER`.
     pub fn with_adapter(mut self, dir: &Path) -> Result<Self> {
-        let device = self.model.decoder.device();
-        let adapter = afm_text::lora::LoraAdapter::load(dir, device, self.model.dtype.kind())
+        let adapter = self
+            .model
+            .load_adapter(dir)
             .map_err(|e| EvalError::Backend(format!("adapter {}: {e}", dir.display())))?;
         adapter.activate(&mut self.model.decoder).map_err(be)?;
         self.name = format!("{}+{}", self.name, dir_name(dir));

@@ -502,10 +502,13 @@ impl Model {
         if self.is_vlm {
             return Err(PyValueError::new_err(VLM_ADAPTERS));
         }
-        let (device, kind) = (self.device, self.dtype.kind());
-        let mut adapter = py
-            .allow_threads(|| LoraAdapter::load(&path, device, kind))
-            .map_err(|e| errors::text(e, Some(&format!("loading adapter {}", path.display()))))?;
+        // A PEFT directory, or a tamm adapter checkpoint for a tamm model.
+        let mut adapter = self.with_inner(py, |inner| {
+            inner
+                .plain_text()?
+                .load_adapter(&path)
+                .map_err(|e| errors::text(e, Some(&format!("loading adapter {}", path.display()))))
+        })?;
         if let Some(n) = name {
             adapter.name = n;
         }

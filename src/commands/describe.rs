@@ -162,7 +162,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         }
     })?;
     if let Some(path) = &a.adapter {
-        let adapter = afm_text::lora::LoraAdapter::load(path, device, model.text.dtype.kind())
+        let adapter = model
+            .text
+            .load_adapter(path)
             .with_context(|| format!("loading the adapter {}", path.display()))?;
         model
             .set_text_adapter(Some(adapter))

@@ -124,8 +124,9 @@ pub struct GenerateArgs {
     /// gives its `draft-model-*`) or `self:N` (the target's own first N layers).
     #[arg(long, value_name = "DIR|self:N")]
     pub draft: Option<String>,
-    /// A LoRA adapter directory (PEFT layout: adapter_config.json + adapter_model.safetensors).
-    #[arg(long, value_name = "DIR")]
+    /// A LoRA adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors) or,
+    /// on a tamm model, an adapter-toolkit checkpoint (`.pt`, or a folder with adapter.pt).
+    #[arg(long, value_name = "PATH")]
     pub adapter: Option<std::path::PathBuf>,
     /// Fold the adapter into the base weights instead of running it as an overlay.
     #[arg(long, requires = "adapter")]
@@ -213,8 +214,7 @@ pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
     let opts = args.sampling.options()?;
     let mut model = args.model.load(ctx)?;
     if let Some(dir) = &args.adapter {
-        let device = model.decoder.device();
-        let adapter = afm_text::lora::LoraAdapter::load(dir, device, model.dtype.kind())?;
+        let adapter = model.load_adapter(dir)?;
         adapter.activate(&mut model.decoder)?;
         if args.merge_adapter {
             afm_text::lora::merge_active(&mut model.decoder)?;

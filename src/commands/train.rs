@@ -34,7 +34,9 @@ pub struct LoraArgs {
     /// Training data: JSONL with "prompt" and "response" fields.
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
-    /// Output directory: adapter_config.json, adapter_model.safetensors, optimizer and trainer state.
+    /// Output directory: adapter_config.json, adapter_model.safetensors, optimizer and trainer
+    /// state; on a tamm model also adapter.pt + adapter-config.json, the adapter toolkit's
+    /// format (tamm's `load_state_dict(strict=False)` reads it).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Base model directory (default: the converted SmolLM2-135M-Instruct). A quantized
@@ -42,10 +44,12 @@ pub struct LoraArgs {
     /// accuracy-recovery LoRA (`--base` is the same flag).
     #[arg(long, value_name = "DIR", alias = "base")]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value_t = 32)]
-    pub rank: usize,
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f64,
+    /// LoRA rank [default: 32, or the rank of a tamm model's adapter spec].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA α (the update is scaled by α/rank) [default: 16, or the tamm spec's].
+    #[arg(long)]
+    pub alpha: Option<f64>,
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 0.0)]
@@ -93,14 +97,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 }
 
 fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
-    if a.rank == 0 {
+    if a.rank == Some(0) {
         anyhow::bail!("--rank must be at least 1");
     }
     if !(a.lr.is_finite() && a.lr > 0.0) {
         anyhow::bail!("--lr must be a positive number, got {}", a.lr);
     }
-    if !(a.alpha.is_finite() && a.alpha > 0.0) {
-        anyhow::bail!("--alpha must be a positive number, got {}", a.alpha);
+    if let Some(alpha) = a.alpha.filter(|x| !(x.is_finite() && *x > 0.0)) {
+        anyhow::bail!("--alpha must be a positive number, got {alpha}");
     }
     for (flag, v) in [
         ("--steps", a.steps),
@@ -115,6 +119,45 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
     let mut model = load_model_dir(&dir, ctx.device()?, DType::F32)?;
     let tok = model.tokenizer()?;
     let data = load_jsonl(&a.data, tok, !a.no_chat, a.max_len)?;
+    // A tamm model: the adapter's layers, rank and α follow the config's LoRA spec (what the
+    // toolkit's tamm model builds), unless given.
+    let tamm_spec = model.tamm.as_ref().map(|t| {
+        let active = t
+            .adapters
+            .iter()
+            .find(|s| Some(&s.id) == t.active_adapter.as_ref());
+        let mut spec = active.cloned().unwrap_or_else(|| afm_text::tamm::TammLoraSpec {
+            id: "adapter".into(),
+            rank: 32,
+            alpha: 16.0,
+            queries: true,
+            keys: true,
+            values: true,
+            outputs: true,
+            ffn_hidden: true,
+            ffn_outputs: true,
+        });
+        let from_config = active.is_some();
+        if let Some(r) = a.rank {
+            spec.rank = r;
+        }
+        if let Some(al) = a.alpha {
+            spec.alpha = al;
+        }
+        if from_config && active.is_some_and(|c| c.rank != spec.rank) {
+            tracing::warn!(
+                "the base config's adapter '{}' has rank {}; tamm needs --out's adapter-config.json to load a rank-{} adapter",
+                spec.id,
+                active.map_or(0, |c| c.rank),
+                spec.rank
+            );
+        }
+        spec
+    });
+    let (rank, alpha) = match &tamm_spec {
+        Some(s) => (s.rank, s.alpha),
+        None => (a.rank.unwrap_or(32), a.alpha.unwrap_or(16.0)),
+    };
     let teacher = match &a.teacher {
         Some(t) => Some(
             load_model_dir(t, ctx.device()?, DType::F32)
@@ -123,8 +166,11 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         None => None,
     };
     let cfg = LoraTrainConfig {
-        rank: a.rank,
-        alpha: a.alpha,
+        rank,
+        alpha,
+        targets: tamm_spec
+            .as_ref()
+            .map_or_else(|| LoraTrainConfig::default().targets, |s| s.targets()),
         lr: a.lr,
         weight_decay: a.weight_decay,
         steps: a.steps,
@@ -139,7 +185,6 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
             0.0
         },
         distill_temperature: a.distill_temperature,
-        ..LoraTrainConfig::default()
     };
     let bar = if ctx.quiet {
         ProgressBar::hidden()
@@ -166,6 +211,21 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("training a LoRA adapter into {}", a.out.display()))?;
     bar.finish_and_clear();
+    if let (Some(t), Some(spec)) = (&model.tamm, &tamm_spec) {
+        // The toolkit's format too, from the adapter just written.
+        let adapter = model.load_adapter(&out)?;
+        afm_text::tamm_adapter::save_adapter(&out, &adapter, t, spec)
+            .with_context(|| format!("writing the tamm adapter into {}", out.display()))?;
+        if !ctx.quiet {
+            eprintln!(
+                "wrote {} (tamm adapter '{}', rank {}, alpha {}: tamm's load_state_dict(strict=False) reads it)",
+                out.join(afm_text::tamm_adapter::ADAPTER_FILE).display(),
+                spec.id,
+                spec.rank,
+                spec.alpha
+            );
+        }
+    }
     if !ctx.quiet {
         let tail = &losses[losses.len().saturating_sub(10)..];
         eprintln!(

@@ -69,6 +69,12 @@ impl LoraAdapter {
             .map(|(a, b)| a.numel() + b.numel())
             .sum()
     }
+    /// Whether every B is zero (a freshly initialised adapter: it changes nothing).
+    pub fn is_zero(&self) -> bool {
+        self.modules
+            .values()
+            .all(|(_, b)| b.abs().max().double_value(&[]) == 0.0)
+    }
     pub fn bytes(&self) -> usize {
         self.modules
             .values()

@@ -93,10 +93,11 @@ pub struct TextModel {
     pub tokenizer: Option<Tokenizer>,
     pub dtype: DType,
     pub source: PathBuf,
+    /// The tamm geometry of a model loaded from a tamm folder (its adapters' names need it).
+    pub tamm: Option<crate::tamm::TammConfig>,
 }
 
 impl TextModel {
-    /// Load a model directory.
     /// The decoder configuration of a model directory, without loading weights: `config.json`,
     /// or a tamm directory's config translated.
     pub fn dir_config(dir: &Path) -> Result<TextConfig> {
@@ -113,13 +114,17 @@ impl TextModel {
             TextError::checkpoint(dir, "no draft-model-config.json in this folder")
         })?;
         let (t, cfg) = crate::tamm::read_config(&cfg_path)?;
-        let weights = crate::tamm::load_weights(&pt, &t, device, dtype.kind())?;
-        let decoder = Decoder::new(&cfg, &weights)?;
+        let (weights, adapter) = crate::tamm::load_weights(&pt, &t, device, dtype.kind())?;
+        let mut decoder = Decoder::new(&cfg, &weights)?;
+        if let Some(a) = adapter {
+            a.activate(&mut decoder)?;
+        }
         Ok(Self {
             decoder,
             tokenizer: None,
             dtype,
             source: pt,
+            tamm: Some(t),
         })
     }
 
@@ -133,15 +138,17 @@ impl TextModel {
         }
         // A tamm model directory (the adapter toolkit's `assets/`): translated at load time.
         let tamm = crate::tamm::tamm_files(dir);
-        let (cfg, weights) = match &tamm {
+        let (cfg, weights, tamm_cfg, embedded) = match &tamm {
             Some((tcfg, tpt)) => {
                 let (t, cfg) = crate::tamm::read_config(tcfg)?;
-                let w = crate::tamm::load_weights(tpt, &t, device, dtype.kind())?;
-                (cfg, w)
+                let (w, adapter) = crate::tamm::load_weights(tpt, &t, device, dtype.kind())?;
+                (cfg, w, Some(t), adapter)
             }
             None => (
                 TextConfig::from_file(&cfg_path)?,
                 load_weights(dir, device, dtype.kind())?,
+                None,
+                None,
             ),
         };
         let mut decoder = Decoder::new(&cfg, &weights).map_err(|e| match e {
@@ -154,6 +161,15 @@ impl TextModel {
             }
             e => e,
         })?;
+        // A base checkpoint saved with a trained adapter runs with it, as in tamm.
+        if let Some(a) = embedded {
+            tracing::info!(
+                "{}: the checkpoint's adapter '{}' is active",
+                dir.display(),
+                a.name
+            );
+            a.activate(&mut decoder)?;
+        }
         let tokenizer = if tamm.is_some() && dir.join(crate::tamm::TOKENIZER_MODEL).is_file() {
             // tamm's AFM tokenizer: SentencePiece + its config; generation stops at EOS and at
             // the end of the assistant's turn.
@@ -182,7 +198,33 @@ impl TextModel {
             tokenizer,
             dtype,
             source: dir.to_path_buf(),
+            tamm: tamm_cfg,
         })
+    }
+
+    /// Load a LoRA adapter for this model: a PEFT directory (`adapter_config.json` +
+    /// `adapter_model.safetensors`), or, for a tamm model, the adapter toolkit's checkpoint (a
+    /// `.pt` of tamm adapter tensors, or a folder holding `adapter.pt`). Not activated.
+    pub fn load_adapter(&self, path: &Path) -> Result<crate::lora::LoraAdapter> {
+        let tamm_file = if path.is_dir() {
+            let f = path.join(crate::tamm_adapter::ADAPTER_FILE);
+            (!path.join("adapter_config.json").is_file() && f.is_file()).then_some(f)
+        } else {
+            path.extension()
+                .is_some_and(|e| e == "pt" || e == "pth")
+                .then(|| path.to_path_buf())
+        };
+        let device = self.decoder.device();
+        match (tamm_file, &self.tamm) {
+            (Some(f), Some(t)) => {
+                crate::tamm_adapter::load_adapter(&f, t, device, self.dtype.kind())
+            }
+            (Some(f), None) => Err(TextError::checkpoint(
+                &f,
+                "a tamm adapter checkpoint needs a tamm base model (the toolkit's assets/ folder)",
+            )),
+            (None, _) => crate::lora::LoraAdapter::load(path, device, self.dtype.kind()),
+        }
     }
 
     /// A preset with seeded random weights (no tokenizer).
@@ -193,6 +235,7 @@ impl TextModel {
             tokenizer: None,
             dtype,
             source: PathBuf::from(format!("preset:{name}")),
+            tamm: None,
         })
     }
 

@@ -23,7 +23,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{Result, TextError};
+use crate::lora::LoraAdapter;
 use crate::pt::PtFile;
+pub use crate::tamm_adapter::TammLoraSpec;
 use crate::weights::WeightMap;
 
 /// The toolkit's file names.
@@ -82,6 +84,11 @@ pub struct TammConfig {
     /// tamm's `KVQuantArchOptimizer`: keys and values of every segment-0 layer fake-quantised
     /// to int8 (one calibrated scale per tensor) before the cache.
     pub kv_quant: bool,
+    /// The config's `adapters` (tamm `LoRAModelAdapter`s), in order.
+    pub adapters: Vec<TammLoraSpec>,
+    /// The id of the active adapter (`active_adapter`, an index or an id; tamm's default is the
+    /// first), when the config has adapters.
+    pub active_adapter: Option<String>,
 }
 
 impl Default for TammConfig {
@@ -97,6 +104,8 @@ impl Default for TammConfig {
             hidden_dim_scale_factor: 3.25,
             rope_theta: 500_000.0,
             kv_quant: false,
+            adapters: Vec::new(),
+            active_adapter: None,
         }
     }
 }
@@ -145,7 +154,6 @@ const INERT_FIELDS: &[&str] = &[
     "pretrained_path",
     "freeze_params",
     "metadata",
-    "active_adapter",
 ];
 
 impl TammConfig {
@@ -164,6 +172,7 @@ impl TammConfig {
             ));
         }
         let mut c = TammConfig::default();
+        let mut active = Json::from(0);
         for (k, val) in obj {
             let int = || -> std::result::Result<usize, String> {
                 val.as_u64()
@@ -182,18 +191,17 @@ impl TammConfig {
                 "num_layers" => c.num_layers = int()?,
                 "num_kv_reuse_layers" => c.num_kv_reuse_layers = int()?,
                 "num_heads" => c.num_heads = int()?,
-                "num_kv_heads" => {
-                    c.num_kv_heads = if val.is_null() { c.num_heads } else { int()? }
-                }
+                "num_kv_heads" => c.num_kv_heads = if val.is_null() { c.num_heads } else { int()? },
                 "hidden_dim_scale_factor" => c.hidden_dim_scale_factor = float()?,
                 "rope_theta" => c.rope_theta = float()?,
                 "adapters" | "arch_optimizers" if val.is_null() => {}
                 "adapters" => {
-                    return Err(
-                        "adapters in the base config are not supported yet (load adapter checkpoints with --adapter)"
-                            .into(),
-                    )
+                    let specs = val.as_object().ok_or("adapters must be an object")?;
+                    for (id, spec) in specs {
+                        c.adapters.push(TammLoraSpec::from_json(id, spec)?);
+                    }
                 }
+                "active_adapter" => active = val.clone(),
                 "arch_optimizers" => {
                     let opts = val.as_object().ok_or("arch_optimizers must be an object")?;
                     for (name, o) in opts {
@@ -204,6 +212,19 @@ impl TammConfig {
                 f if INERT_FIELDS.contains(&f) => {}
                 other => return Err(format!("unknown AFMTextV7Config field {other:?}")),
             }
+        }
+        if !c.adapters.is_empty() {
+            let id = match &active {
+                Json::Number(n) => n
+                    .as_u64()
+                    .and_then(|i| c.adapters.get(i as usize))
+                    .map(|s| s.id.clone()),
+                Json::String(s) => c.adapters.iter().find(|a| &a.id == s).map(|a| a.id.clone()),
+                _ => None,
+            };
+            c.active_adapter = Some(id.ok_or_else(|| {
+                format!("active_adapter {active} names none of the config's adapters")
+            })?);
         }
         if c.num_heads == 0 || !c.hidden_dim.is_multiple_of(c.num_heads) {
             return Err(format!(
@@ -354,16 +375,26 @@ pub fn pairs_to_halves(w: &Tensor, heads: i64) -> Result<Tensor> {
 
 /// Load a tamm `.pt` state dict into our tensor names, for `t`'s geometry: every tensor tamm
 /// has must be there with its shape; q/k rows and QK-norm weights are permuted (module docs).
+/// A model saved with its adapters (base weights under `….wrapped.…`, adapter tensors beside
+/// them) also gives its active adapter, unless that adapter is still zero (an untrained one
+/// changes nothing).
 pub fn load_weights(
     pt_path: &Path,
     t: &TammConfig,
     device: Device,
     kind: Kind,
-) -> Result<WeightMap> {
+) -> Result<(WeightMap, Option<LoraAdapter>)> {
     let pt = PtFile::open(pt_path)?;
     let err = |m: String| TextError::checkpoint(pt_path, m);
+    // Base names without tamm's adapter wrapper; adapter tensors are read separately.
+    let unwrapped: Vec<(String, &crate::pt::TensorRef)> = pt
+        .tensors
+        .iter()
+        .filter(|(n, _)| !crate::tamm_adapter::is_adapter_tensor(n))
+        .map(|(n, r)| (n.replacen(".wrapped.", ".", 1), r))
+        .collect();
     let by_name: std::collections::HashMap<&str, &crate::pt::TensorRef> =
-        pt.tensors.iter().map(|(n, r)| (n.as_str(), r)).collect();
+        unwrapped.iter().map(|(n, r)| (n.as_str(), *r)).collect();
     let expected = t.tensor_shapes();
     for (name, shape) in &expected {
         let r = by_name
@@ -376,10 +407,11 @@ pub fn load_weights(
             )));
         }
     }
-    if let Some((extra, _)) = pt
-        .tensors
+    let expected_names: std::collections::HashSet<&str> =
+        expected.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some((extra, _)) = unwrapped
         .iter()
-        .find(|(n, _)| !expected.iter().any(|(e, _)| e == n))
+        .find(|(n, _)| !expected_names.contains(n.as_str()))
     {
         return Err(err(format!(
             "unexpected tensor '{extra}' (not part of an AFMTextV7 of this config)"
@@ -492,7 +524,12 @@ pub fn load_weights(
             "output_transform.weight differs from embedding.weight (AFMTextV7 ties them)".into(),
         ));
     }
-    Ok(map)
+    let adapters = crate::tamm_adapter::read_adapters(&pt, t, device, kind)?;
+    let active = adapters
+        .into_iter()
+        .find(|a| Some(&a.name) == t.active_adapter.as_ref())
+        .filter(|a| !a.is_zero());
+    Ok((map, active))
 }
 
 #[cfg(test)]

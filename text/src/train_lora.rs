@@ -145,6 +145,7 @@ pub fn load_jsonl(
 ) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).map_err(|e| TextError::io(path, e))?;
     let mut out = Vec::new();
+    let mut cut = 0;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -186,13 +187,19 @@ pub fn load_jsonl(
                 prompt_len: prompt_ids.len(),
                 ids,
             });
+        } else {
+            cut += 1;
         }
     }
     if out.is_empty() {
-        return Err(TextError::InvalidArgument(format!(
-            "{}: no training pairs",
-            path.display()
-        )));
+        return Err(TextError::InvalidArgument(if cut > 0 {
+            format!(
+                "{}: no training pairs: every prompt ({cut}) fills the --max-len of {max_len} tokens, leaving no response token",
+                path.display()
+            )
+        } else {
+            format!("{}: no training pairs", path.display())
+        }));
     }
     Ok(out)
 }

@@ -30,9 +30,11 @@ PROMPTS = [
 ]
 
 
-def build(seed: int, vocab_size: int, kv_quant: bool = False):
+def build(seed: int, vocab_size: int, kv_quant: bool = False, adapters=None):
     torch.manual_seed(seed)
     extra = {}
+    if adapters is not None:
+        extra["adapters"] = adapters
     if kv_quant:
         from tamm.ao.arch_optimizers.kv_quant import KVQuantArchOptimizer
 
@@ -53,6 +55,8 @@ def build(seed: int, vocab_size: int, kv_quant: bool = False):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(torch.rand_like(p) * 1.5 + 0.25)
+            elif "_transpose" in name:
+                p.normal_(0.0, 0.08)  # LoRA: an update of the order of a trained adapter's
             else:
                 p.normal_(0.0, 0.25)  # with the tied head: logits of order 3-10
         # Calibrated KV-quantiser ranges (as training would leave them), a coarse grid.

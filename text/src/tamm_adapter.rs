@@ -1,0 +1,560 @@
+//! LoRA adapters in tamm's layout (`tamm._adapters_v1`, what Apple's adapter toolkit trains),
+//! translated to and from our overlays ([`crate::lora::LoraAdapter`]).
+//!
+//! tamm wraps each adapted linear layer: its weight moves to `<layer>.wrapped.weight` and the
+//! adapter `<id>` adds `<layer>.adapters.<id>.a_transpose [in, r]` and `.b_transpose [r, out]`,
+//! `y += (x·a_transpose)·b_transpose · α/r`. The fused q/k/v projection of segment 0 carries
+//! three of them, `lora_0/1/2` (query, key, value). Ours are `A = a_transposeᵀ [r, in]`,
+//! `B = b_transposeᵀ [out, r]` on the split q/k/v projections; B's rows of the query and key
+//! projections get the same per-head RoPE permutation as their weights
+//! ([`crate::tamm::pairs_to_halves`]), so the adapted model equals tamm's exactly.
+//!
+//! The toolkit's adapter checkpoints are `torch.save` of the adapter tensors only (loaded with
+//! `strict=False`); α comes from the `LoRAModelAdapter` spec in the base config.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde_json::Value as Json;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TextError};
+use crate::lora::LoraAdapter;
+use crate::pt::PtFile;
+use crate::tamm::{pairs_to_halves, TammConfig};
+
+/// The name of the adapter checkpoint `train lora` writes for tamm (the toolkit's format).
+pub const ADAPTER_FILE: &str = "adapter.pt";
+/// Beside it: the `LoRAModelAdapter` spec that tamm needs to build the adapter (tamm JSON).
+pub const ADAPTER_SPEC_FILE: &str = "adapter-config.json";
+
+/// One `LoRAModelAdapter` of a tamm config: which linear layers it adapts, at what rank and α.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TammLoraSpec {
+    /// The adapter id (its key in `adapters`, and in the state-dict names).
+    pub id: String,
+    pub rank: usize,
+    /// tamm's default α is the rank (scale 1).
+    pub alpha: f64,
+    pub queries: bool,
+    pub keys: bool,
+    pub values: bool,
+    pub outputs: bool,
+    /// Both FFN input projections (gate and up).
+    pub ffn_hidden: bool,
+    pub ffn_outputs: bool,
+}
+
+/// Fields of a `LoRAModelAdapter` that do not change an adapter's numbers at inference.
+const INERT_SPEC_FIELDS: &[&str] = &[
+    "__tamm_type__",
+    "dropout_p",
+    "adapt_moe",
+    "layer_prefix",
+    "pretrained",
+    "device",
+    "dtype",
+    "freeze_params",
+];
+
+impl TammLoraSpec {
+    pub fn from_json(id: &str, v: &Json) -> std::result::Result<Self, String> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| format!("adapters.{id} is not an object"))?;
+        let ty = obj
+            .get("__tamm_type__")
+            .and_then(Json::as_str)
+            .unwrap_or("");
+        if ty.rsplit(':').next() != Some("LoRAModelAdapter") {
+            return Err(format!(
+                "adapters.{id}: {ty:?} is not supported (afm-vl runs LoRAModelAdapter)"
+            ));
+        }
+        let mut s = TammLoraSpec {
+            id: id.to_string(),
+            rank: 8,
+            alpha: f64::NAN,
+            queries: true,
+            keys: true,
+            values: true,
+            outputs: true,
+            ffn_hidden: true,
+            ffn_outputs: true,
+        };
+        for (k, val) in obj {
+            let flag = || {
+                val.as_bool()
+                    .ok_or_else(|| format!("adapters.{id}.{k} must be true or false, got {val}"))
+            };
+            match k.as_str() {
+                "rank" => {
+                    s.rank = val
+                        .as_u64()
+                        .filter(|&r| (1..=65_536).contains(&r))
+                        .ok_or_else(|| format!("adapters.{id}.rank must be 1..=65536, got {val}"))?
+                        as usize
+                }
+                "alpha" if val.is_null() => {}
+                "alpha" => {
+                    s.alpha = val
+                        .as_f64()
+                        .filter(|a| a.is_finite())
+                        .ok_or_else(|| format!("adapters.{id}.alpha must be a number, got {val}"))?
+                }
+                "adapt_attention_queries" => s.queries = flag()?,
+                "adapt_attention_keys" => s.keys = flag()?,
+                "adapt_attention_values" => s.values = flag()?,
+                "adapt_attention_outputs" => s.outputs = flag()?,
+                "adapt_feed_forward_hidden_states" => s.ffn_hidden = flag()?,
+                "adapt_feed_forward_outputs" => s.ffn_outputs = flag()?,
+                "layer_pattern" | "pretrained_path" if val.is_null() => {}
+                "layer_pattern" | "pretrained_path" => {
+                    return Err(format!("adapters.{id}.{k} = {val} is not supported"))
+                }
+                f if INERT_SPEC_FIELDS.contains(&f) => {}
+                other => {
+                    return Err(format!(
+                        "unknown LoRAModelAdapter field adapters.{id}.{other:?}"
+                    ))
+                }
+            }
+        }
+        if s.alpha.is_nan() {
+            s.alpha = s.rank as f64;
+        }
+        Ok(s)
+    }
+
+    /// The multiplier of the update, α/r.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Our module-name suffixes it adapts (`q_proj`, …), for `train lora`'s targets.
+    pub fn targets(&self) -> Vec<String> {
+        [
+            (self.queries, "q_proj"),
+            (self.keys, "k_proj"),
+            (self.values, "v_proj"),
+            (self.outputs, "o_proj"),
+            (self.ffn_hidden, "gate_proj"),
+            (self.ffn_hidden, "up_proj"),
+            (self.ffn_outputs, "down_proj"),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, t)| t.to_string())
+        .collect()
+    }
+
+    /// tamm JSON for this spec (`adapters:LoRAModelAdapter`).
+    pub fn to_json(&self) -> Json {
+        serde_json::json!({
+            "__tamm_type__": "adapters:LoRAModelAdapter",
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "adapt_attention_queries": self.queries,
+            "adapt_attention_keys": self.keys,
+            "adapt_attention_values": self.values,
+            "adapt_attention_outputs": self.outputs,
+            "adapt_feed_forward_hidden_states": self.ffn_hidden,
+            "adapt_feed_forward_outputs": self.ffn_outputs,
+        })
+    }
+}
+
+/// A linear layer tamm can adapt, in both namings.
+#[derive(Debug, Clone)]
+pub struct AdaptableLinear {
+    /// tamm's module path (`layers.segment_0.layer_0.attention.qkv_transform`).
+    pub module: String,
+    /// For the fused q/k/v projection: which of its three LoRAs (`lora_0/1/2`).
+    pub part: Option<usize>,
+    /// Our module name (`model.layers.0.self_attn.q_proj`).
+    pub ours: String,
+    /// Query/key projections: the head count of their per-head RoPE permutation.
+    pub rope_heads: Option<i64>,
+    pub in_features: i64,
+    pub out_features: i64,
+}
+
+impl AdaptableLinear {
+    /// `<module>.adapters.<id>.[lora_k.]{a,b}_transpose`
+    fn tensor_name(&self, id: &str, which: char) -> String {
+        match self.part {
+            Some(k) => format!("{}.adapters.{id}.lora_{k}.{which}_transpose", self.module),
+            None => format!("{}.adapters.{id}.{which}_transpose", self.module),
+        }
+    }
+}
+
+/// Every linear layer of `t`'s AFMTextV7 that a LoRA adapter can target.
+pub fn adaptable_linears(t: &TammConfig) -> Vec<AdaptableLinear> {
+    let (h, hd, f) = (t.hidden_dim as i64, t.head_dim() as i64, t.ffn_dim() as i64);
+    let (heads, kvh) = (t.num_heads as i64, t.num_kv_heads as i64);
+    let n0 = t.num_layers - t.num_kv_reuse_layers;
+    let mut out = Vec::new();
+    let lin = |module: String, part, ours: String, rope_heads, i, o| AdaptableLinear {
+        module,
+        part,
+        ours,
+        rope_heads,
+        in_features: i,
+        out_features: o,
+    };
+    for layer in 0..t.num_layers {
+        let p = if layer < n0 {
+            t.segment0_prefix(layer)
+        } else {
+            format!("layers.segment_1.layer_{}", layer - n0)
+        };
+        let ours = format!("model.layers.{layer}");
+        let a = format!("{p}.attention");
+        if layer < n0 {
+            let qkv = format!("{a}.qkv_transform");
+            out.push(lin(
+                qkv.clone(),
+                Some(0),
+                format!("{ours}.self_attn.q_proj"),
+                Some(heads),
+                h,
+                h,
+            ));
+            out.push(lin(
+                qkv.clone(),
+                Some(1),
+                format!("{ours}.self_attn.k_proj"),
+                Some(kvh),
+                h,
+                kvh * hd,
+            ));
+            out.push(lin(
+                qkv,
+                Some(2),
+                format!("{ours}.self_attn.v_proj"),
+                None,
+                h,
+                kvh * hd,
+            ));
+        } else {
+            out.push(lin(
+                format!("{a}.q_transform"),
+                None,
+                format!("{ours}.self_attn.q_proj"),
+                Some(heads),
+                h,
+                h,
+            ));
+        }
+        out.push(lin(
+            format!("{a}.output_transform"),
+            None,
+            format!("{ours}.self_attn.o_proj"),
+            None,
+            h,
+            h,
+        ));
+        let ff = format!("{p}.feed_forward");
+        out.push(lin(
+            format!("{ff}.hidden_transform.linear_0"),
+            None,
+            format!("{ours}.mlp.gate_proj"),
+            None,
+            h,
+            f,
+        ));
+        out.push(lin(
+            format!("{ff}.hidden_transform.linear_1"),
+            None,
+            format!("{ours}.mlp.up_proj"),
+            None,
+            h,
+            f,
+        ));
+        out.push(lin(
+            format!("{ff}.output_transform"),
+            None,
+            format!("{ours}.mlp.down_proj"),
+            None,
+            f,
+            h,
+        ));
+    }
+    out
+}
+
+/// Whether a state-dict name is an adapter tensor (`….adapters.<id>.…`).
+pub fn is_adapter_tensor(name: &str) -> bool {
+    name.contains(".adapters.")
+}
+
+/// The adapters in a tamm state dict (a toolkit adapter checkpoint, or the adapter tensors of a
+/// base checkpoint), by id in the file's order: our overlays, on `device` in `kind`.
+/// Each id needs its spec (its α) in `t.adapters`; an id without one is an error naming the file.
+pub fn read_adapters(
+    pt: &PtFile,
+    t: &TammConfig,
+    device: Device,
+    kind: Kind,
+) -> Result<Vec<LoraAdapter>> {
+    let err = |m: String| TextError::checkpoint(&pt.path, m);
+    let linears = adaptable_linears(t);
+    let by_module: HashMap<(&str, Option<usize>), &AdaptableLinear> = linears
+        .iter()
+        .map(|l| ((l.module.as_str(), l.part), l))
+        .collect();
+    // id → our module → (a_transpose, b_transpose)
+    let mut ids: Vec<String> = Vec::new();
+    let mut found: HashMap<String, BTreeMap<String, [Option<Tensor>; 2]>> = HashMap::new();
+    let mut lin_of: HashMap<String, &AdaptableLinear> = HashMap::new();
+    for (name, r) in &pt.tensors {
+        let Some((module, rest)) = name.split_once(".adapters.") else {
+            continue;
+        };
+        let unknown = || {
+            err(format!(
+                "unexpected adapter tensor '{name}' (no layer of this AFMTextV7 has it)"
+            ))
+        };
+        let (id, rest) = rest.split_once('.').ok_or_else(unknown)?;
+        let (part, which) = match rest.split_once('.') {
+            Some((lora, w)) => (
+                Some(
+                    lora.strip_prefix("lora_")
+                        .and_then(|k| k.parse::<usize>().ok())
+                        .ok_or_else(unknown)?,
+                ),
+                w,
+            ),
+            None => (None, rest),
+        };
+        let slot = match which {
+            "a_transpose" => 0,
+            "b_transpose" => 1,
+            _ => return Err(unknown()),
+        };
+        let l = *by_module.get(&(module, part)).ok_or_else(unknown)?;
+        let want = if slot == 0 {
+            [l.in_features, r.size.last().copied().unwrap_or(0)]
+        } else {
+            [r.size.first().copied().unwrap_or(0), l.out_features]
+        };
+        if r.size.len() != 2 || r.size != want || want.contains(&0) {
+            return Err(err(format!(
+                "adapter tensor '{name}' has shape {:?}; the layer needs {}",
+                r.size,
+                if slot == 0 {
+                    format!("[{}, rank]", l.in_features)
+                } else {
+                    format!("[rank, {}]", l.out_features)
+                }
+            )));
+        }
+        if !found.contains_key(id) {
+            ids.push(id.to_string());
+        }
+        let entry = found.entry(id.to_string()).or_default();
+        let pair = entry.entry(l.ours.clone()).or_default();
+        pair[slot] = Some(pt.tensor(r)?);
+        lin_of.insert(l.ours.clone(), l);
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        let spec = t.adapters.iter().find(|s| s.id == id).ok_or_else(|| {
+            err(format!(
+                "adapter '{id}' has no LoRAModelAdapter spec in the base config (its α is unknown); the config has {}",
+                if t.adapters.is_empty() {
+                    "none".to_string()
+                } else {
+                    t.adapters.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ")
+                }
+            ))
+        })?;
+        let mut modules = BTreeMap::new();
+        for (ours, [a, b]) in found.remove(&id).unwrap_or_default() {
+            let l = lin_of[&ours];
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(err(format!(
+                    "adapter '{id}' on {}{}: a_transpose and b_transpose must both be there",
+                    l.module,
+                    l.part.map(|k| format!(".lora_{k}")).unwrap_or_default()
+                )));
+            };
+            let rank = a.size()[1];
+            if b.size()[0] != rank || rank as usize != spec.rank {
+                return Err(err(format!(
+                    "adapter '{id}' on {}: rank {} / {} but the spec says {}",
+                    l.module,
+                    rank,
+                    b.size()[0],
+                    spec.rank
+                )));
+            }
+            // Ours: A [r, in], B [out, r] (rows of q/k permuted like their weights).
+            let a = a.f_transpose(0, 1)?.f_contiguous()?;
+            let mut b = b.f_transpose(0, 1)?.f_contiguous()?;
+            if let Some(heads) = l.rope_heads {
+                b = pairs_to_halves(&b, heads)?;
+            }
+            modules.insert(
+                ours,
+                (
+                    a.f_to_kind(kind)?.f_to_device(device)?,
+                    b.f_to_kind(kind)?.f_to_device(device)?,
+                ),
+            );
+        }
+        let mut adapter = LoraAdapter::from_modules(&id, spec.rank, spec.scale(), modules);
+        adapter.source = pt.path.clone();
+        out.push(adapter);
+    }
+    Ok(out)
+}
+
+/// Load a toolkit adapter checkpoint (`.pt` of adapter tensors) for the model `t`. With several
+/// adapters in the file, `id` picks one (default: the config's active adapter, else the first).
+pub fn load_adapter(
+    path: &Path,
+    t: &TammConfig,
+    device: Device,
+    kind: Kind,
+) -> Result<LoraAdapter> {
+    let pt = PtFile::open(path)?;
+    if let Some((name, _)) = pt.tensors.iter().find(|(n, _)| !is_adapter_tensor(n)) {
+        return Err(TextError::checkpoint(
+            path,
+            format!("'{name}' is not an adapter tensor (a toolkit adapter checkpoint holds only `….adapters.<id>.…`)"),
+        ));
+    }
+    let mut all = read_adapters(&pt, t, device, kind)?;
+    if all.is_empty() {
+        return Err(TextError::checkpoint(
+            path,
+            "no adapter tensors in the file",
+        ));
+    }
+    let pick = t
+        .active_adapter
+        .as_ref()
+        .and_then(|id| all.iter().position(|a| &a.name == id))
+        .unwrap_or(0);
+    Ok(all.swap_remove(pick))
+}
+
+/// `[rows = heads · d, cols]` back from our RoPE halves to tamm's adjacent pairs (the inverse of
+/// [`pairs_to_halves`]).
+pub fn halves_to_pairs(w: &Tensor, heads: i64) -> Result<Tensor> {
+    let size = w.size();
+    let (rows, rest) = (size[0], &size[1..]);
+    let d = rows / heads;
+    let mut shape = vec![heads, 2, d / 2];
+    shape.extend_from_slice(rest);
+    Ok(w.f_reshape(shape.as_slice())?
+        .f_transpose(1, 2)?
+        .f_contiguous()?
+        .f_reshape(size.as_slice())?)
+}
+
+/// Write `adapter` (ours, on a model loaded from `t`) as the toolkit's adapter checkpoint
+/// `dir/adapter.pt` (adapter id `spec.id`, tamm's names and layout, fp32) and `spec` as tamm
+/// JSON beside it. The update is kept exactly: when our scale differs from the spec's α/r, B
+/// carries the ratio. Every module of `adapter` must be one tamm's spec adapts.
+pub fn save_adapter(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    t: &TammConfig,
+    spec: &TammLoraSpec,
+) -> Result<()> {
+    let file = dir.join(ADAPTER_FILE);
+    let err = |m: String| TextError::checkpoint(&file, m);
+    if adapter.rank != spec.rank {
+        return Err(err(format!(
+            "the adapter has rank {}, the tamm spec '{}' rank {}",
+            adapter.rank, spec.rank, spec.id
+        )));
+    }
+    let targets = spec.targets();
+    let ratio = adapter.scale / spec.scale();
+    let mut tensors = Vec::new();
+    let mut used = 0;
+    for l in adaptable_linears(t) {
+        let Some((a, b)) = adapter.module(&l.ours) else {
+            continue;
+        };
+        if !targets.iter().any(|s| l.ours.ends_with(s.as_str())) {
+            return Err(err(format!(
+                "{} is adapted, but the tamm spec '{}' does not adapt {}",
+                l.ours,
+                spec.id,
+                l.ours.rsplit('.').next().unwrap_or("")
+            )));
+        }
+        used += 1;
+        let a_t = a
+            .f_detach()?
+            .f_to_kind(Kind::Float)?
+            .f_transpose(0, 1)?
+            .f_contiguous()?;
+        let mut b = b.f_detach()?.f_to_kind(Kind::Float)?;
+        if let Some(heads) = l.rope_heads {
+            b = halves_to_pairs(&b, heads)?;
+        }
+        if ratio != 1.0 {
+            b = b.f_mul_scalar(ratio)?;
+        }
+        let b_t = b.f_transpose(0, 1)?.f_contiguous()?;
+        tensors.push((l.tensor_name(&spec.id, 'a'), a_t));
+        tensors.push((l.tensor_name(&spec.id, 'b'), b_t));
+    }
+    if used != adapter.modules().count() {
+        let known: std::collections::HashSet<String> =
+            adaptable_linears(t).into_iter().map(|l| l.ours).collect();
+        let odd = adapter
+            .modules()
+            .find(|m| !known.contains(*m))
+            .cloned()
+            .unwrap_or_default();
+        return Err(err(format!("{odd} is not a linear layer tamm can adapt")));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| TextError::io(dir, e))?;
+    crate::pt_write::write_state_dict(&file, &tensors)?;
+    let spec_json = serde_json::json!({ spec.id.clone(): spec.to_json() });
+    let text = serde_json::to_string_pretty(&spec_json).unwrap_or_default();
+    crate::atomic_write::write_atomic(&dir.join(ADAPTER_SPEC_FILE), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halves_to_pairs_undoes_pairs_to_halves() {
+        let w = Tensor::arange(48, (Kind::Float, Device::Cpu)).reshape([12, 4]);
+        for heads in [1, 2, 3] {
+            let there = pairs_to_halves(&w, heads).unwrap();
+            assert!(!there.equal(&w));
+            assert!(halves_to_pairs(&there, heads).unwrap().equal(&w));
+        }
+    }
+
+    #[test]
+    fn spec_fields() {
+        let v = serde_json::json!({"__tamm_type__": "adapters:LoRAModelAdapter", "rank": 32, "alpha": 16,
+            "adapt_attention_keys": false, "dropout_p": 0.1});
+        let s = TammLoraSpec::from_json("base", &v).unwrap();
+        assert_eq!((s.rank, s.scale(), s.keys), (32, 0.5, false));
+        assert!(!s.targets().contains(&"k_proj".to_string()));
+        assert_eq!(TammLoraSpec::from_json("base", &s.to_json()).unwrap(), s);
+        let v = serde_json::json!({"__tamm_type__": "adapters:LoRAModelAdapter", "rank": 4});
+        assert_eq!(TammLoraSpec::from_json("x", &v).unwrap().scale(), 1.0);
+        let bad = serde_json::json!({"__tamm_type__": "adapters:LoRAModelAdapter", "rnak": 4});
+        assert!(TammLoraSpec::from_json("x", &bad)
+            .unwrap_err()
+            .contains("rnak"));
+        let bad = serde_json::json!({"__tamm_type__": "adapters:BottleneckModelAdapter"});
+        assert!(TammLoraSpec::from_json("x", &bad)
+            .unwrap_err()
+            .contains("Bottleneck"));
+    }
+}
