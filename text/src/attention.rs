@@ -214,16 +214,14 @@ impl Attention {
             .transpose()?;
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
-                Some(RmsNorm::new(
+                Some(RmsNorm::for_text(
+                    cfg,
                     w,
                     &format!("{p}.q_norm.weight"),
                     head_dim,
-                    cfg.rms_norm_eps,
                 )?),
                 owns_kv
-                    .then(|| {
-                        RmsNorm::new(w, &format!("{p}.k_norm.weight"), head_dim, cfg.rms_norm_eps)
-                    })
+                    .then(|| RmsNorm::for_text(cfg, w, &format!("{p}.k_norm.weight"), head_dim))
                     .transpose()?,
             )
         } else {

@@ -110,6 +110,11 @@ pub struct TextConfig {
     /// (tamm's `KVQuantArchOptimizer`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kv_fake_quant: bool,
+    /// RMSNorm in half precision applies its gain in fp32 and rounds once (tamm: the input is
+    /// cast to fp32, normalised and scaled, then cast back); the default (false) rounds the
+    /// normalised value before the gain, as HF Llama does. Same result in fp32.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub norm_gain_fp32: bool,
     /// Layers at the end of the stack that have no K/V projections and read the K/V cache of
     /// `kv_source_layer` (AFM 2025 segment 1). 0 = a standard stack.
     #[serde(default)]

@@ -111,7 +111,7 @@ impl Decoder {
             cfg: cfg.clone(),
             embed,
             layers,
-            norm: RmsNorm::new(w, "model.norm.weight", h, cfg.rms_norm_eps)?,
+            norm: RmsNorm::for_text(cfg, w, "model.norm.weight", h)?,
             lm_head,
             rope: Rope::new(cfg, w.device(), w.kind())?,
             device: w.device(),

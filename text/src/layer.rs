@@ -23,18 +23,13 @@ impl DecoderLayer {
         let p = format!("model.layers.{layer}");
         let hidden = cfg.hidden_size as i64;
         Ok(Self {
-            input_norm: RmsNorm::new(
-                w,
-                &format!("{p}.input_layernorm.weight"),
-                hidden,
-                cfg.rms_norm_eps,
-            )?,
+            input_norm: RmsNorm::for_text(cfg, w, &format!("{p}.input_layernorm.weight"), hidden)?,
             attn: Attention::new(cfg, w, layer)?,
-            post_norm: RmsNorm::new(
+            post_norm: RmsNorm::for_text(
+                cfg,
                 w,
                 &format!("{p}.post_attention_layernorm.weight"),
                 hidden,
-                cfg.rms_norm_eps,
             )?,
             mlp: SwiGlu::new(w, &format!("{p}.mlp"), hidden, cfg.intermediate_size as i64)?,
         })

@@ -2,6 +2,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::config::TextConfig;
 use crate::error::Result;
 use crate::weights::WeightMap;
 
@@ -10,6 +11,8 @@ pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
     dim: i64,
+    /// Half precision: the gain is applied in fp32 before the one rounding (tamm's order).
+    gain_fp32: bool,
 }
 
 impl RmsNorm {
@@ -18,7 +21,15 @@ impl RmsNorm {
             weight: w.get(name, &[dim])?,
             eps,
             dim,
+            gain_fp32: false,
         })
+    }
+
+    /// A norm of the text decoder: ε and the rounding order from its config.
+    pub fn for_text(cfg: &TextConfig, w: &WeightMap, name: &str, dim: i64) -> Result<Self> {
+        let mut n = Self::new(w, name, dim, cfg.rms_norm_eps)?;
+        n.gain_fp32 = cfg.norm_gain_fp32;
+        Ok(n)
     }
 
     pub fn num_params(&self) -> i64 {
@@ -31,10 +42,17 @@ impl RmsNorm {
             // One fused kernel (fp32 statistics, as HF computes them).
             return Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?);
         }
-        // Half precision: statistics in fp32, normalised value cast back before the gain,
-        // exactly HF's LlamaRMSNorm order.
         let kind = x.kind();
         let xf = x.f_to_kind(Kind::Float)?;
+        if self.gain_fp32 {
+            // tamm: all in fp32 (the gain as stored, promoted), one rounding at the end.
+            let w = self.weight.f_to_kind(Kind::Float)?;
+            return Ok(xf
+                .f_rms_norm([self.dim], Some(&w), self.eps)?
+                .f_to_kind(kind)?);
+        }
+        // Half precision: statistics in fp32, normalised value cast back before the gain,
+        // exactly HF's LlamaRMSNorm order.
         let normed = xf.f_rms_norm([self.dim], None::<Tensor>, self.eps)?;
         Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
     }

@@ -535,11 +535,55 @@ impl PtFile {
                 t.key
             )));
         }
-        let bytes = &self.mmap[start as usize..(start + len) as usize];
-        let storage = Tensor::f_from_data_size(bytes, &[numel as i64], t.kind)?;
-        Ok(storage
-            .f_as_strided(t.size.as_slice(), t.stride.as_slice(), Some(t.offset))?
-            .f_contiguous()?)
+        // Only the bytes this view covers are copied (a tensor may view part of a storage),
+        // in chunks whose mapped pages are handed back as soon as they are copied: loading a
+        // checkpoint keeps one copy of it resident, not two, even for a 1.2 GB embedding (the
+        // page cache still has the pages for a re-read).
+        let elt_us = elt as usize;
+        let (first, count) = if last < 0 {
+            (0usize, 0usize)
+        } else {
+            (t.offset as usize, (last - t.offset) as usize + 1)
+        };
+        let lo = start as usize + first * elt_us;
+        let nbytes = count * elt_us;
+        let flat = Tensor::f_empty([count as i64], (t.kind, tch::Device::Cpu))?;
+        let dst = flat.data_ptr() as *mut u8;
+        const CHUNK: usize = 64 << 20;
+        let mut done = 0;
+        while done < nbytes {
+            let n = CHUNK.min(nbytes - done);
+            let src = &self.mmap[lo + done..lo + done + n];
+            // SAFETY: `flat` is a fresh contiguous CPU tensor of exactly `nbytes` bytes, and
+            // `src` lies inside the map (checked against the storage's extent above).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(done), n) };
+            #[cfg(unix)]
+            // SAFETY: a read-only file mapping, and no slice of this range is alive: after
+            // MADV_DONTNEED a later read faults the file's pages back in.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo + done, n)
+            };
+            done += n;
+        }
+        let contiguous = {
+            let mut expect = 1i64;
+            let mut ok = true;
+            for (&s, &st) in t.size.iter().zip(&t.stride).rev() {
+                if s != 1 && st != expect {
+                    ok = false;
+                }
+                expect *= s;
+            }
+            ok
+        };
+        let out = if contiguous {
+            flat.f_view(t.size.as_slice())?
+        } else {
+            flat.f_as_strided(t.size.as_slice(), t.stride.as_slice(), Some(0))?
+                .f_contiguous()?
+        };
+        Ok(out)
     }
 }
 

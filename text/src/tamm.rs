@@ -271,6 +271,7 @@ impl TammConfig {
         cfg.kv_source_layer = None;
         cfg.attention_bias = false;
         cfg.kv_fake_quant = self.kv_quant;
+        cfg.norm_gain_fp32 = true;
         cfg
     }
 
@@ -417,7 +418,16 @@ pub fn load_weights(
             "unexpected tensor '{extra}' (not part of an AFMTextV7 of this config)"
         )));
     }
-    let get = |name: &str| -> Result<Tensor> { pt.tensor(by_name[name]) };
+    // Each tensor in the load dtype as soon as it is read (a bf16 load of an fp32 file holds
+    // the bf16 model plus one fp32 tensor at a time); the KV quantiser's calibrated ranges stay
+    // fp32.
+    let get = |name: &str| -> Result<Tensor> {
+        let t = pt.tensor(by_name[name])?;
+        if name.contains("kv_quantizer") || !t.is_floating_point() {
+            return Ok(t);
+        }
+        Ok(t.f_to_kind(kind)?)
+    };
     let mut map = WeightMap::new(device, kind);
     let file = map.add_file(pt_path);
     let (h, hd) = (t.hidden_dim as i64, t.head_dim() as i64);
@@ -460,7 +470,8 @@ pub fn load_weights(
             );
             map.insert(
                 format!("{ours}.self_attn.v_proj.weight"),
-                parts[2].f_contiguous()?,
+                // Its own storage: a view would keep the whole fused q/k/v alive.
+                parts[2].copy(),
                 file,
             );
             map.insert(
@@ -518,8 +529,13 @@ pub fn load_weights(
     }
     // The head is tied to the embedding in AFMTextV7; a checkpoint whose head differs is not
     // an AFMTextV7.
-    let head = get("output_transform.weight")?;
-    if !emb.equal(&head) {
+    // Saved tied, the two are one view of one storage and need no second read.
+    let (e, h) = (
+        by_name["embedding.weight"],
+        by_name["output_transform.weight"],
+    );
+    let same_view = e.key == h.key && e.offset == h.offset && e.stride == h.stride;
+    if !same_view && !emb.equal(&get("output_transform.weight")?) {
         return Err(err(
             "output_transform.weight differs from embedding.weight (AFMTextV7 ties them)".into(),
         ));

@@ -85,6 +85,59 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
     }
     assert!((3.0..=15.0).contains(&scale), "logit scale {scale}");
 
+    // bf16: tamm's model cast to bf16 (norms in fp32 with the gain applied before the one
+    // rounding, which our tamm config reproduces) against ours loaded in bf16. Two bf16
+    // computations in different kernel orders differ by bf16 rounding noise, so the bound is
+    // bf16's own error: ours may be no further from tamm's bf16 logits than tamm's bf16 logits
+    // are from its fp32 ones (and at most 3% of the logit scale).
+    let m16 = TextModel::load(dir.path(), Device::Cpu, DType::BF16).unwrap();
+    assert!(m16.decoder.cfg.norm_gain_fp32);
+    for i in 0..3 {
+        let ids: Vec<i64> = Vec::try_from(&r[&format!("ids_{i}")]).unwrap();
+        let _g = tch::no_grad_guard();
+        let mut c = m16.decoder.new_cache(1);
+        let got = m16
+            .decoder
+            .forward(&common::ids(&ids), None, &mut c, Logits::All)
+            .unwrap()
+            .squeeze_dim(0)
+            .to_kind(Kind::Float);
+        let theirs = &r[&format!("bf16_{i}")];
+        let d = max_abs_diff(&got, theirs);
+        let noise = max_abs_diff(theirs, &r[&format!("logits_{i}")]);
+        eprintln!("bf16 prompt {i}: max |Δ| vs tamm bf16 {d:.3e} (tamm bf16 vs fp32: {noise:.3e})");
+        assert!(
+            d <= noise.max(1e-2) && d <= 0.03 * scale,
+            "bf16 prompt {i}: {d} (noise {noise})"
+        );
+        if i == 0 {
+            // HF's order (the normalised value rounded before the gain) is another model in
+            // bf16: the config flag is what makes the two agree.
+            let (t, mut cfg) =
+                afm_text::tamm::read_config(&dir.path().join("base-model-config.json")).unwrap();
+            cfg.norm_gain_fp32 = false;
+            let (w, _) = afm_text::tamm::load_weights(
+                &dir.path().join("base-model.pt"),
+                &t,
+                Device::Cpu,
+                Kind::BFloat16,
+            )
+            .unwrap();
+            let hf = afm_text::Decoder::new(&cfg, &w).unwrap();
+            let mut c = hf.new_cache(1);
+            let other = hf
+                .forward(&common::ids(&ids), None, &mut c, Logits::All)
+                .unwrap()
+                .squeeze_dim(0)
+                .to_kind(Kind::Float);
+            let d_hf = max_abs_diff(&other, theirs);
+            eprintln!(
+                "bf16 prompt 0 with HF's norm rounding instead: max |Δ| vs tamm bf16 {d_hf:.3e}"
+            );
+            assert!(d_hf > d, "the norm rounding order made no difference");
+        }
+    }
+
     // The toolkit's draft (draft-model-*, a uniform stack): tamm's logits, and speculative
     // greedy decoding with it equals plain greedy, which equals tamm's.
     let draft = TextModel::load_tamm_draft(dir.path(), Device::Cpu, DType::F32).unwrap();

@@ -139,6 +139,11 @@ def main():
     (out / "draft-model-config.json").write_text(tamm_json.dumps(dcfg, indent=2))
     torch.save(draft.state_dict(), out / "draft-model.pt")
     ref["draft_logits_0"] = logits(draft, PROMPTS[0]).contiguous()
+    # tamm in bf16 (the model cast as a whole: weights and norm gains in bf16, norms computed
+    # in fp32), for the bf16 comparison.
+    model16 = build(0, len(tok))[1].to(torch.bfloat16)
+    for i, ids in enumerate(PROMPTS):
+        ref[f"bf16_{i}"] = logits(model16, ids).contiguous()
     save_file(ref, str(out / "reference.safetensors"))
 
     # The same model with tamm's KV quantiser on (the toolkit's config turns it on).

@@ -2,6 +2,8 @@
 
 usage: tamm_cases.py shapes            -> JSON [[name, shape], ...] of tamm's default AFMTextV7
        tamm_cases.py bad OUT_DIR MARKER -> one broken toolkit folder per case under OUT_DIR
+       tamm_cases.py big OUT_DIR        -> a toolkit folder of tamm's default (3B) AFMTextV7 in
+                                           fp32 (12.4 GB; small random weights, the head tied)
 
 The `evil-global` case holds a pickle that would run `touch MARKER` if it were unpickled; a
 reader that executes pickles creates the marker file.
@@ -23,6 +25,23 @@ from tamm.utils import json as tamm_json
 def shapes():
     model = AFMTextV7.Config(device="meta").create_model()
     print(json.dumps([[k, list(v.shape)] for k, v in model.state_dict().items()]))
+
+
+def big(out: Path):
+    cfg = AFMTextV7.Config()
+    meta = cfg.create_model(device="meta").state_dict()
+    torch.manual_seed(0)
+    state = {}
+    for k, v in meta.items():
+        if k == "output_transform.weight":
+            state[k] = state["embedding.weight"]  # tied: one storage in the file, as tamm saves it
+        elif k.endswith("norm.weight"):
+            state[k] = torch.ones(v.shape)
+        else:
+            state[k] = torch.empty(v.shape).uniform_(-0.02, 0.02)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base-model-config.json").write_text(tamm_json.dumps(cfg, indent=2))
+    torch.save(state, out / "base-model.pt")
 
 
 def small():
@@ -101,5 +120,7 @@ def bad(out: Path, marker: str):
 if __name__ == "__main__":
     if sys.argv[1] == "shapes":
         shapes()
+    elif sys.argv[1] == "big":
+        big(Path(sys.argv[2]))
     else:
         bad(Path(sys.argv[2]), sys.argv[3])
