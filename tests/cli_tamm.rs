@@ -152,6 +152,66 @@ fn generate_on_a_tamm_folder_equals_tamm() {
         spec.strip_suffix('\n').unwrap(),
         r["text"].as_str().unwrap()
     );
+    // `convert tamm`: our layout, same model, same tokenizer: the same text.
+    for dtype in ["fp32", "bf16"] {
+        let conv = tmp.path().join(format!("converted-{dtype}"));
+        let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+            .args(["-q", "convert", "tamm"])
+            .arg(tmp.path())
+            .arg(&conv)
+            .args(["--dtype", dtype])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.model",
+            "tokenizer-config.json",
+        ] {
+            assert!(conv.join(f).is_file(), "{f} missing");
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+            .args([
+                "-q", "--device", "cpu", "generate", "--raw", "--dtype", dtype,
+            ])
+            .args(["--max-tokens", "32", "--model"])
+            .arg(&conv)
+            .arg(r["prompt"].as_str().unwrap())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8(o.stdout).unwrap();
+        if dtype == "fp32" {
+            assert_eq!(
+                text.strip_suffix('\n').unwrap(),
+                r["text"].as_str().unwrap()
+            );
+        } else {
+            // bf16 on the original folder and on its bf16 conversion: one model.
+            let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+                .args([
+                    "-q", "--device", "cpu", "generate", "--raw", "--dtype", "bf16",
+                ])
+                .args(["--max-tokens", "32", "--model"])
+                .arg(tmp.path())
+                .arg(r["prompt"].as_str().unwrap())
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(o.stdout).unwrap(), text);
+        }
+    }
+    // Into the tamm folder itself: refused, nothing written.
+    let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+        .args(["-q", "convert", "tamm"])
+        .arg(tmp.path())
+        .arg(tmp.path().join("."))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!tmp.path().join("config.json").exists());
 }
 
 fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
@@ -244,6 +304,22 @@ fn tamm_lora_adapters_both_ways() {
         let d = max_abs_diff(&our_logits(&e, x), &r[&format!("adapted_{i}")]);
         eprintln!("adapter inside the base checkpoint: prompt {i} max |Δ| {d:.2e}");
         assert!(d <= TOL, "embedded prompt {i}: {d}");
+    }
+
+    // Converted to our layout, the embedded adapter is merged: still tamm's adapted logits.
+    let conv = tmp.path().join("embedded-converted");
+    let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+        .args(["-q", "convert", "tamm"])
+        .arg(tmp.path().join("embedded"))
+        .arg(&conv)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = TextModel::load(&conv, Device::Cpu, DType::F32).unwrap();
+    for (i, x) in ids.iter().enumerate() {
+        let d = max_abs_diff(&our_logits(&c, x), &r[&format!("adapted_{i}")]);
+        eprintln!("converted, adapter merged: prompt {i} max |Δ| {d:.2e}");
+        assert!(d <= TOL, "converted prompt {i}: {d}");
     }
 
     // The other way: train here, save in the toolkit format, tamm reloads it.

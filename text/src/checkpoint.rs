@@ -133,7 +133,9 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
-    let mut owned: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    // Contiguous CPU tensors (no copy when they already are), viewed in place: writing a
+    // model needs no second copy of it in memory.
+    let mut owned: BTreeMap<String, (Dtype, Vec<usize>, Tensor)> = BTreeMap::new();
     for (name, t) in tensors {
         let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
         let dtype = dtype_of(t.kind()).ok_or_else(|| {
@@ -142,16 +144,21 @@ pub fn write_safetensors(
                 format!("cannot store dtype {:?} of '{name}'", t.kind()),
             )
         })?;
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel)?;
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        owned.insert(name.clone(), (dtype, shape, bytes));
+        owned.insert(name.clone(), (dtype, shape, t));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
-        .map(|(n, (d, s, b))| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+        .map(|(n, (d, s, t))| {
+            let len = t.numel() * t.kind().elt_size_in_bytes();
+            let bytes: &[u8] = if len == 0 {
+                &[]
+            } else {
+                // SAFETY: `t` is a contiguous CPU tensor of `len` bytes, owned by `owned`,
+                // which outlives `views` and is not written while they exist.
+                unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+            };
+            safetensors::tensor::TensorView::new(*d, s.clone(), bytes)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| TextError::checkpoint(path, format!("tensor '{n}': {e}")))
         })

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
+pub mod convert_tamm;
 pub mod cuda_stream;
 pub mod decoder;
 pub mod device;

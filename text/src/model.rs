@@ -170,7 +170,13 @@ impl TextModel {
             );
             a.activate(&mut decoder)?;
         }
-        let tokenizer = if tamm.is_some() && dir.join(crate::tamm::TOKENIZER_MODEL).is_file() {
+        // tamm's tokenizer files: a tamm folder's, or those `convert tamm` copied (recognised
+        // by tamm's `tokenizer-config.json`, hyphenated, and no tokenizer.json).
+        let afm_tokenizer = dir.join(crate::tamm::TOKENIZER_MODEL).is_file()
+            && (tamm.is_some()
+                || (dir.join(crate::tamm::TOKENIZER_CONFIG).is_file()
+                    && !dir.join("tokenizer.json").exists()));
+        let tokenizer = if afm_tokenizer {
             // tamm's AFM tokenizer: SentencePiece + its config; generation stops at EOS and at
             // the end of the assistant's turn.
             let tc = dir.join(crate::tamm::TOKENIZER_CONFIG);
