@@ -115,7 +115,8 @@ def load(
     """Load a model.
 
     ``path_or_name``: a text-model directory (config.json, model.safetensors,
-    tokenizer.json), a vision-language checkpoint directory (config.json with a ``vision``
+    tokenizer.json), a tamm model folder (Apple's adapter toolkit ``assets/``:
+    base-model-config.json, base-model.pt, tokenizer.model), a vision-language checkpoint directory (config.json with a ``vision``
     section, vision_adapter.safetensors; ``describe`` and ``encode_image`` need one), the name of a folder of ``assets/models/``, ``"preset:NAME"`` for a
     preset with random weights (seeded by ``seed``), or None for the default model
     (``$AFM_VL_MODEL`` or the converted SmolLM2-135M-Instruct).
@@ -422,7 +423,8 @@ class Model:
     # -- adapters ------------------------------------------------------------------------
     def load_adapter(self, path: PathLike, name: Optional[str] = None) -> str:
         """Load a LoRA adapter (PEFT layout: adapter_config.json +
-        adapter_model.safetensors) into the cache under ``name`` (default: the folder's
+        adapter_model.safetensors; on a tamm model also the adapter toolkit's checkpoint, a
+        ``.pt`` of tamm adapter tensors) into the cache under ``name`` (default: the folder's
         name) without activating it. Returns the name."""
         return self._m.load_adapter(os.fspath(path), name)
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
 use afm_text::generation::{generate_lm, CausalLm, Generation};
-use afm_text::lora::{AdapterCache, LoraAdapter};
+use afm_text::lora::AdapterCache;
 use afm_text::{
     DType, Decoder, DeviceSpec, GenerateOptions, KvCache, Logits, SamplingConfig, StopReason,
     TextError, TextModel,

@@ -409,3 +409,39 @@ def test_eval_run_equals_cli(tmp_path):
     assert ours["tasks"]["mmmlu"]["n"] == 4
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
         afm_vl.eval.run(tmp_path / "no-such-folder", MODEL, device="cpu")
+
+
+# -- Apple's tamm checkpoints ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tamm_folder(tmp_path_factory):
+    """A toolkit folder written by tamm itself (text/tests/reference/tamm_afm.py), with an
+    adapted variant (tamm_adapter.py): tamm's logits and greedy texts beside it."""
+    pytest.importorskip("tamm")
+    safetensors = pytest.importorskip("safetensors.torch")
+    d = tmp_path_factory.mktemp("tamm")
+    ref = ROOT / "text/tests/reference"
+    import sys
+    subprocess.run([sys.executable, ref / "tamm_afm.py", d], check=True, capture_output=True)
+    subprocess.run([sys.executable, ref / "tamm_adapter.py", "make", d], check=True, capture_output=True)
+    return d, safetensors.load_file(d / "reference.safetensors"), safetensors.load_file(
+        d / "adapted/reference.safetensors")
+
+
+def test_tamm_folder_logits_greedy_and_adapter(tamm_folder):
+    d, ref, adapted_ref = tamm_folder
+    m = afm_vl.load(d, device="cpu", dtype="fp32")
+    for i in range(3):
+        ids = ref[f"ids_{i}"]
+        assert (m.logits(ids) - ref[f"logits_{i}"]).abs().max().item() <= 1e-4
+    # Greedy text equals tamm's (and the CLI's, tests/cli_tamm.rs).
+    cli = json.loads((d / "cli_reference.json").read_text())
+    assert m.generate(cli["prompt"], raw=True, max_tokens=32) == cli["text"]
+    # The toolkit's adapter checkpoint: tamm's adapted logits.
+    a = afm_vl.load(d / "adapted", device="cpu", dtype="fp32")
+    assert a.load_adapter(d / "adapted/adapter.pt", "toolkit") == "toolkit"
+    a.use_adapter("toolkit")
+    for i in range(3):
+        got = a.logits(adapted_ref[f"ids_{i}"])
+        assert (got - adapted_ref[f"adapted_{i}"]).abs().max().item() <= 1e-4
+    a.use_adapter(None)
+    assert (a.logits(adapted_ref["ids_0"]) - adapted_ref["base_0"]).abs().max().item() <= 1e-4

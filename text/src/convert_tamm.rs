@@ -33,7 +33,10 @@ pub fn convert_tamm(
     })?;
     // Into the folder itself, config.json could replace the source's; a folder inside it is
     // fine (no source file has an output's name there).
-    let (rin, rout) = (crate::atomic_write::resolve(dir), crate::atomic_write::resolve(out));
+    let (rin, rout) = (
+        crate::atomic_write::resolve(dir),
+        crate::atomic_write::resolve(out),
+    );
     if rin == rout || crate::atomic_write::same_file(dir, out) {
         return Err(TextError::InvalidArgument(format!(
             "{}: the output directory is the tamm folder itself; choose another OUT_DIR",
