@@ -306,6 +306,23 @@ fn tamm_lora_adapters_both_ways() {
         assert!(d <= TOL, "embedded prompt {i}: {d}");
     }
 
+    // `eval --chat` on a tamm model: the prompt frame is tokenized as tamm's AFM chat
+    // preprocessor does (leading EOS, no dummy prefix), not as plain text.
+    {
+        use afm_eval::backend::EvalBackend;
+        let b = afm_eval::text_backend::TextBackend::new(
+            TextModel::load(&dir, Device::Cpu, DType::F32).unwrap(),
+            "tamm".into(),
+        );
+        let user = "Question: 2 + 2 = ?\nAnswer:";
+        let tok = m.tokenizer().unwrap();
+        let want = tok
+            .encode_chat(&[afm_text::ChatMessage::new("user", user)], true)
+            .unwrap();
+        assert_eq!(b.encode(&b.chat_wrap(user).unwrap()).unwrap(), want);
+        assert_ne!(tok.encode(&b.chat_wrap(user).unwrap()).unwrap(), want);
+    }
+
     // Converted to our layout, the embedded adapter is merged: still tamm's adapted logits.
     let conv = tmp.path().join("embedded-converted");
     let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))

@@ -217,9 +217,19 @@ impl EvalBackend for TextBackend {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        // A prompt that opens with the AFM chat frame (`--chat` on a tamm model) is tokenized
+        // as tamm's chat preprocessor does (leading EOS, no dummy prefix).
         self.model
             .tokenizer()
-            .and_then(|t| t.encode(text))
+            .and_then(|t| {
+                if t.chat_format() == afm_text::tokenizer::ChatFormat::AfmV6
+                    && text.starts_with(afm_text::tokenizer::AFM_TURN_START)
+                {
+                    t.encode_formatted(text)
+                } else {
+                    t.encode(text)
+                }
+            })
             .map_err(be)
     }
 

@@ -66,6 +66,8 @@ pub const AFM_V6_TEMPLATE: &str = "{{- '<turn_start> ' + messages[0]['role'] + '
 {% for message in messages[1:] %}{{- '<turn_start> ' + message['role'] + '<n>' + message['content'] + '<turn_end>' -}}{% endfor %}\
 {% if add_generation_prompt is defined and add_generation_prompt %}{% if messages[-1]['role'] != target_role %}{{- '<turn_start> ' + target_role + '<n>' -}}{% endif %}{% endif %}";
 
+/// The token that opens every turn of the AFM v6 chat format.
+pub const AFM_TURN_START: &str = "<turn_start>";
 /// tamm's default AFM system message.
 pub const AFM_DEFAULT_SYSTEM: &str = "A conversation between a user and a helpful assistant.";
 
@@ -230,23 +232,31 @@ impl Tokenizer {
                 self.encode(&self.apply_chat_template(messages, add_generation_prompt)?)
             }
             ChatFormat::AfmV6 => {
-                let text = self.apply_chat_template(messages, add_generation_prompt)?;
-                let mut ids = self.encode(&text)?;
-                // tamm: strip_first_token (the dummy prefix) and prepend_eos.
-                if !ids.is_empty() {
-                    ids.remove(0);
-                }
-                let eos = self
-                    .eos_token
-                    .as_deref()
-                    .and_then(|t| self.token_to_id(t))
-                    .ok_or_else(|| {
-                        TextError::Tokenizer("the AFM chat format needs an EOS token".into())
-                    })?;
-                ids.insert(0, eos);
-                Ok(ids)
+                self.encode_formatted(&self.apply_chat_template(messages, add_generation_prompt)?)
             }
         }
+    }
+
+    /// Token ids of text already in the model's chat format (as [`Tokenizer::apply_chat_template`]
+    /// renders it), the way [`Tokenizer::encode_chat`] feeds it: for AFM v6, tamm's
+    /// preprocessor drops the dummy prefix and starts with EOS; otherwise plain `encode`.
+    pub fn encode_formatted(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if self.chat_format == ChatFormat::AfmV6 {
+            // tamm: strip_first_token (the dummy prefix) and prepend_eos.
+            if !ids.is_empty() {
+                ids.remove(0);
+            }
+            let eos = self
+                .eos_token
+                .as_deref()
+                .and_then(|t| self.token_to_id(t))
+                .ok_or_else(|| {
+                    TextError::Tokenizer("the AFM chat format needs an EOS token".into())
+                })?;
+            ids.insert(0, eos);
+        }
+        Ok(ids)
     }
 
     pub fn eos_token(&self) -> Option<&str> {
