@@ -306,6 +306,81 @@ fn tamm_lora_adapters_both_ways() {
         assert!(d <= TOL, "embedded prompt {i}: {d}");
     }
 
+    // Broken adapter checkpoints: one-line errors naming the file and the problem.
+    {
+        let pt = afm_text::pt::PtFile::open(&dir.join("adapter.pt")).unwrap();
+        let tensors: Vec<(String, Tensor)> = pt
+            .tensors
+            .iter()
+            .map(|(n, r)| (n.clone(), pt.tensor(r).unwrap()))
+            .collect();
+        let bad_dir = tmp.path().join("bad-adapters");
+        std::fs::create_dir_all(&bad_dir).unwrap();
+        let write = |name: &str, t: Vec<(String, Tensor)>| {
+            let p = bad_dir.join(name);
+            afm_text::pt_write::write_state_dict(&p, &t).unwrap();
+            p
+        };
+        let renamed = tensors
+            .iter()
+            .map(|(n, t)| (n.replace("base_adapter", "other"), t.shallow_clone()))
+            .collect();
+        let mut reshaped: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        reshaped[0].1 = reshaped[0].1.narrow(0, 0, 3).contiguous();
+        let mut with_base: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        with_base.push((
+            "embedding.weight".into(),
+            Tensor::zeros([2, 2], (tch::Kind::Float, Device::Cpu)),
+        ));
+        let truncated = bad_dir.join("truncated.pt");
+        let bytes = std::fs::read(dir.join("adapter.pt")).unwrap();
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let cases = [
+            (
+                write("unknown-id.pt", renamed),
+                "'other' has no LoRAModelAdapter spec",
+            ),
+            (write("wrong-shape.pt", reshaped), "has shape [3, 32]"),
+            (
+                write("base-tensor.pt", with_base),
+                "'embedding.weight' is not an adapter tensor",
+            ),
+            (truncated.clone(), "not a readable zip archive"),
+        ];
+        for (path, want) in cases {
+            let o = Command::new(env!("CARGO_BIN_EXE_afm-vl"))
+                .args([
+                    "-q",
+                    "--device",
+                    "cpu",
+                    "generate",
+                    "--raw",
+                    "--max-tokens",
+                    "2",
+                ])
+                .arg("--model")
+                .arg(&dir)
+                .arg("--adapter")
+                .arg(&path)
+                .arg("x")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{}: {err}", path.display());
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+            assert!(
+                err.contains(want) && err.contains(path.file_name().unwrap().to_str().unwrap()),
+                "{err}"
+            );
+        }
+    }
+
     // `eval --chat` on a tamm model: the prompt frame is tokenized as tamm's AFM chat
     // preprocessor does (leading EOS, no dummy prefix), not as plain text.
     {
