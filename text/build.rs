@@ -1,12 +1,12 @@
 //! afm-text's build script: the shared rpath (`../build.rs`) and the CUDA-stream shim
-//! (`src/cuda_stream.cpp`), compiled against the headers of the libtorch that torch-sys found.
+//! (`src/runtime/cuda_stream.cpp`), compiled against the headers of the libtorch that torch-sys found.
 #[path = "../build.rs"]
 #[allow(dead_code)]
 mod shared;
 
 fn main() {
     shared::emit_rpath();
-    println!("cargo:rerun-if-changed=src/cuda_stream.cpp");
+    println!("cargo:rerun-if-changed=src/runtime/cuda_stream.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         panic!("torch-sys did not report libtorch's folder (DEP_TCH_LIBTORCH_LIB)");
@@ -22,7 +22,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .std("c++17")
-        .file("src/cuda_stream.cpp")
+        .file("src/runtime/cuda_stream.cpp")
         .include(&include)
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .warnings(false)

@@ -2,45 +2,30 @@
 //!
 //! Tokenizer, the dense two-segment decoder of AFM 2025 on-device (which with zero segment-1
 //! layers is a Llama-style decoder), the server PT-MoE decoder, their KV cache, checkpoint
-//! loading (safetensors, GGUF), and generation.
+//! loading (safetensors, GGUF, PyTorch `.pt`, tamm folders), and generation. Four folders:
+//! - `model/`: configuration, presets and the modules of the decoders (a `forward` each);
+//! - `formats/`: checkpoint and tokenizer formats, translated into our modules at load time;
+//! - `runtime/`: KV cache, generation, sampling, speculative decoding, devices, CUDA streams;
+//! - `adapt/`: LoRA (overlays, training) and quantization.
+//!
+//! Every module is also reachable at the crate root (`afm_text::config`, `afm_text::tamm`, …).
 
-pub mod atomic_write;
-pub mod attention;
-pub mod checkpoint;
-pub mod config;
-pub mod convert;
-pub mod convert_tamm;
-pub mod cuda_stream;
-pub mod decoder;
-pub mod device;
-pub mod embedding;
+pub mod adapt;
 pub mod error;
-pub mod generation;
-pub mod gguf;
-pub mod inspect;
-pub mod kv_cache;
-pub mod layer;
-pub mod linear;
-pub mod lora;
-pub mod mlp;
+pub mod formats;
 pub mod model;
-pub mod moe;
-pub mod norm;
-pub mod presets;
-pub mod pt;
-pub mod pt_write;
-pub mod ptmoe;
-pub mod ptmoe_config;
-pub mod quant;
-pub mod rope;
-pub mod sampling;
-pub mod speculative;
-pub mod spm;
-pub mod tamm;
-pub mod tamm_adapter;
-pub mod tokenizer;
-pub mod train_lora;
-pub mod weights;
+pub mod runtime;
+
+pub use adapt::{lora, quant, train_lora};
+pub use formats::{
+    atomic_write, checkpoint, convert, convert_tamm, gguf, pt, pt_write, spm, tamm, tamm_adapter,
+    tokenizer, weights,
+};
+pub use model::{
+    attention, config, decoder, embedding, inspect, layer, linear, mlp, moe, norm, presets, ptmoe,
+    ptmoe_config, rope,
+};
+pub use runtime::{cuda_stream, device, generation, kv_cache, sampling, speculative};
 
 pub use config::TextConfig;
 pub use decoder::{Decoder, Logits};

@@ -1,0 +1,20 @@
+//! The models: configuration, presets, and the modules the decoders are built from, each with
+//! its `forward`. They know no file format (see `formats/`).
+
+pub mod attention;
+pub mod config;
+pub mod decoder;
+pub mod embedding;
+pub mod inspect;
+pub mod layer;
+pub mod linear;
+pub mod mlp;
+pub mod moe;
+pub mod norm;
+pub mod presets;
+pub mod ptmoe;
+pub mod ptmoe_config;
+pub mod rope;
+mod text_model;
+
+pub use text_model::{cpu_has_bf16, DType, TextModel};

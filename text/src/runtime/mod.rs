@@ -1,0 +1,9 @@
+//! Running the models: the KV cache, generation and sampling, speculative decoding, devices
+//! and CUDA streams.
+
+pub mod cuda_stream;
+pub mod device;
+pub mod generation;
+pub mod kv_cache;
+pub mod sampling;
+pub mod speculative;
