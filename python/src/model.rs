@@ -199,6 +199,9 @@ impl CausalLm for Interruptible<'_> {
     fn cache_len(cache: &KvCache) -> i64 {
         cache.len()
     }
+    fn set_first_token_pass(cache: &mut KvCache, on: bool) {
+        cache.set_first_token_pass(on);
+    }
     fn eos_ids(&self) -> Vec<u32> {
         self.decoder.cfg.eos_ids()
     }

@@ -229,6 +229,76 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
         assert!(d <= TOL, "KV-quantised prompt {i}: incremental max |Δ| {d}");
     }
 
+    // skip_quantize_for_first_token: a plain forward quantises everything (tamm without its
+    // first-token flag); generation's prefill attends to the prompt unquantised and caches it
+    // quantised, later steps read the quantised cache — tamm's cached greedy decoding with the
+    // prefill flagged, logits of every step and the tokens.
+    let sdir = dir.path().join("kvq_skip");
+    let sm = TextModel::load(&sdir, Device::Cpu, DType::F32).unwrap();
+    assert!(sm.decoder.cfg.kv_fake_quant_skip_first);
+    let sr: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(sdir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    for i in 0..3 {
+        let ids: Vec<i64> = Vec::try_from(&r[&format!("ids_{i}")]).unwrap();
+        let _g = tch::no_grad_guard();
+        let mut c = sm.decoder.new_cache(1);
+        let full = sm
+            .decoder
+            .forward(&common::ids(&ids), None, &mut c, Logits::All)
+            .unwrap()
+            .squeeze_dim(0);
+        let d = max_abs_diff(&full, &sr[&format!("plain_{i}")]);
+        eprintln!("skip-first prompt {i}: plain forward max |Δ| {d:.2e}");
+        assert!(d <= TOL, "skip-first plain prompt {i}: {d}");
+        let mut c = sm.decoder.new_cache(1);
+        c.set_first_token_pass(true);
+        let pre = sm
+            .decoder
+            .forward(&common::ids(&ids), None, &mut c, Logits::All)
+            .unwrap()
+            .squeeze_dim(0);
+        c.set_first_token_pass(false);
+        let mut tok = pre.get(-1).argmax(-1, false).int64_value(&[]);
+        let (mut rows, mut gen) = (vec![pre], vec![tok]);
+        for _ in 0..31 {
+            let row = sm
+                .decoder
+                .forward(&common::ids(&[tok]), None, &mut c, Logits::All)
+                .unwrap()
+                .squeeze_dim(0);
+            tok = row.get(-1).argmax(-1, false).int64_value(&[]);
+            rows.push(row);
+            gen.push(tok);
+        }
+        let want = &sr[&format!("cached_{i}")];
+        let d = max_abs_diff(&Tensor::cat(&rows, 0), want);
+        let effect = max_abs_diff(
+            &want.narrow(0, 0, ids.len() as i64),
+            &sr[&format!("plain_{i}")],
+        );
+        eprintln!("skip-first prompt {i}: generation's prefill + 31 steps max |Δ| {d:.2e} (the unquantised first pass moves logits by {effect:.2e})");
+        assert!(d <= TOL, "skip-first cached prompt {i}: {d}");
+        assert!(
+            ids.len() == 1 || effect > 1e-3,
+            "the first-token pass changed nothing"
+        );
+        let want_gen: Vec<i64> = Vec::try_from(&sr[&format!("gen_{i}")]).unwrap();
+        assert_eq!(gen, want_gen, "skip-first prompt {i}: greedy tokens");
+        // Our generation loop marks its prefill the same way.
+        let opts = GenerateOptions {
+            max_new_tokens: 32,
+            stop_on_eos: false,
+            ..GenerateOptions::default()
+        };
+        let ids_u: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+        let g = generate(&sm.decoder, None, &ids_u, &opts, &mut |_| {}).unwrap();
+        let got: Vec<i64> = g.tokens.iter().map(|&x| i64::from(x)).collect();
+        assert_eq!(got, want_gen, "skip-first prompt {i}: generate()");
+    }
+
     // A left-padded batch of prompts 0 and 2: each row's real positions give tamm's logits.
     let a: Vec<i64> = Vec::try_from(&r["ids_0"]).unwrap();
     let b: Vec<i64> = Vec::try_from(&r["ids_2"]).unwrap();

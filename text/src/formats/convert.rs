@@ -122,6 +122,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<TextConfig> {
         qk_norm: arch == "qwen3",
         qk_norm_after_rope: false,
         kv_fake_quant: false,
+        kv_fake_quant_skip_first: false,
         norm_gain_fp32: false,
         num_segment1_layers: 0,
         kv_source_layer: None,

@@ -84,6 +84,9 @@ pub struct TammConfig {
     /// tamm's `KVQuantArchOptimizer`: keys and values of every segment-0 layer fake-quantised
     /// to int8 (one calibrated scale per tensor) before the cache.
     pub kv_quant: bool,
+    /// `skip_quantize_for_first_token`: the first-token pass of generation (the prompt's
+    /// prefill) attends to its own keys and values unquantised while caching them quantised.
+    pub kv_quant_skip_first: bool,
     /// The config's `adapters` (tamm `LoRAModelAdapter`s), in order.
     pub adapters: Vec<TammLoraSpec>,
     /// The id of the active adapter (`active_adapter`, an index or an id; tamm's default is the
@@ -104,15 +107,16 @@ impl Default for TammConfig {
             hidden_dim_scale_factor: 3.25,
             rope_theta: 500_000.0,
             kv_quant: false,
+            kv_quant_skip_first: false,
             adapters: Vec::new(),
             active_adapter: None,
         }
     }
 }
 
-/// One entry of `arch_optimizers`: only tamm's `KVQuantArchOptimizer` in its default form
-/// (int8, fp32 arithmetic, the first token quantised too) is run; anything else is refused.
-fn parse_kv_quant(name: &str, o: &Json) -> std::result::Result<(), String> {
+/// One entry of `arch_optimizers`: only tamm's `KVQuantArchOptimizer` (int8, fp32 arithmetic)
+/// is run; anything else is refused. Returns its `skip_quantize_for_first_token`.
+fn parse_kv_quant(name: &str, o: &Json) -> std::result::Result<bool, String> {
     let obj = o
         .as_object()
         .ok_or_else(|| format!("arch_optimizers.{name} is not an object"))?;
@@ -125,19 +129,24 @@ fn parse_kv_quant(name: &str, o: &Json) -> std::result::Result<(), String> {
             "arch_optimizers.{name}: {ty:?} is not supported (afm-vl runs KVQuantArchOptimizer)"
         ));
     }
+    let mut skip_first = false;
     for (k, v) in obj {
         match k.as_str() {
             "__tamm_type__" | "freeze_qparams" => {}
             "cast_dtype" if v.as_str().is_some_and(|d| d.trim_start_matches("torch.") == "float32") => {}
-            "skip_quantize_for_first_token" if v == &Json::Bool(false) => {}
+            "skip_quantize_for_first_token" => {
+                skip_first = v.as_bool().ok_or_else(|| {
+                    format!("arch_optimizers.{name}: skip_quantize_for_first_token must be true or false, got {v}")
+                })?
+            }
             other => {
                 return Err(format!(
-                    "arch_optimizers.{name}: {other} = {v} is not supported (fp32 arithmetic, every token quantised)"
+                    "arch_optimizers.{name}: {other} = {v} is not supported (fp32 arithmetic)"
                 ))
             }
         }
     }
-    Ok(())
+    Ok(skip_first)
 }
 
 /// Fields of an `AFMTextV7Config` that do not change the model's numbers at inference.
@@ -205,7 +214,7 @@ impl TammConfig {
                 "arch_optimizers" => {
                     let opts = val.as_object().ok_or("arch_optimizers must be an object")?;
                     for (name, o) in opts {
-                        parse_kv_quant(name, o)?;
+                        c.kv_quant_skip_first = parse_kv_quant(name, o)?;
                         c.kv_quant = true;
                     }
                 }
@@ -271,8 +280,20 @@ impl TammConfig {
         cfg.kv_source_layer = None;
         cfg.attention_bias = false;
         cfg.kv_fake_quant = self.kv_quant;
+        cfg.kv_fake_quant_skip_first = self.kv_quant && self.kv_quant_skip_first;
         cfg.norm_gain_fp32 = true;
         cfg
+    }
+
+    /// Where the KV quantiser's observers sit in an attention layer's state dict: tamm inserts a
+    /// `kv_quantizer` before the cacher, or wraps the cacher (`kv_cacher.quantizer`) when the
+    /// first token is left unquantised.
+    pub fn kv_quantizer_module(&self) -> &'static str {
+        if self.kv_quant_skip_first {
+            "kv_cacher.quantizer"
+        } else {
+            "kv_quantizer"
+        }
     }
 
     /// The state-dict prefix of layer `i` of segment 0: `layers.segment_0.layer_{i}`, or
@@ -322,8 +343,10 @@ impl TammConfig {
             out.push((format!("{p}.attention.output_transform.weight"), vec![h, h]));
             if self.kv_quant {
                 for q in ["key", "value"] {
-                    let o =
-                        format!("{p}.attention.kv_quantizer.{q}_quantizer.activation_post_process");
+                    let o = format!(
+                        "{p}.attention.{}.{q}_quantizer.activation_post_process",
+                        self.kv_quantizer_module()
+                    );
                     out.push((format!("{o}.range"), vec![2]));
                     out.push((format!("{o}.num_samples"), vec![]));
                 }
@@ -423,7 +446,7 @@ pub fn load_weights(
     // fp32.
     let get = |name: &str| -> Result<Tensor> {
         let t = pt.tensor(by_name[name])?;
-        if name.contains("kv_quantizer") || !t.is_floating_point() {
+        if name.contains("_quantizer.") || !t.is_floating_point() {
             return Ok(t);
         }
         Ok(t.f_to_kind(kind)?)
@@ -487,7 +510,8 @@ pub fn load_weights(
             if t.kv_quant {
                 for q in ["key", "value"] {
                     let r = get(&format!(
-                        "{a}.kv_quantizer.{q}_quantizer.activation_post_process.range"
+                        "{a}.{}.{q}_quantizer.activation_post_process.range",
+                        t.kv_quantizer_module()
                     ))?;
                     map.insert(format!("{ours}.self_attn.kv_quant.{q}_range"), r, file);
                 }

@@ -167,6 +167,9 @@ pub struct Attention {
     norm_after_rope: bool,
     /// Per-tensor int8 fake-quantisation scales of (keys, values) before the cache.
     kv_quant: Option<(f32, f32)>,
+    /// In generation's first-token pass, attend to this pass's keys and values unquantised
+    /// (the cache still gets them quantised): tamm's `skip_quantize_for_first_token`.
+    kv_quant_skip_first: bool,
 }
 
 impl Attention {
@@ -252,6 +255,7 @@ impl Attention {
         };
         Ok(Self {
             kv_quant,
+            kv_quant_skip_first: cfg.kv_fake_quant_skip_first,
             q_proj: Linear::new(w, &format!("{p}.q_proj"), hidden, heads * head_dim, bias)?,
             k_proj,
             v_proj,
@@ -340,11 +344,30 @@ impl Attention {
                     .forward(x)?
                     .f_view([b, s, self.kv_heads, self.head_dim])?
                     .f_transpose(1, 2)?;
-                if let Some((ks, vs)) = self.kv_quant {
-                    k = fake_quant_int8(&k, ks)?;
-                    v = fake_quant_int8(&v, vs)?;
+                match self.kv_quant {
+                    Some((ks, vs)) if self.kv_quant_skip_first && cache.first_token_pass() => {
+                        // The cache keeps the quantised values; attention sees the cached
+                        // (quantised) past with this pass's own tokens unquantised, and so do
+                        // the layers that reuse this one's keys and values.
+                        let (kq, vq) = (fake_quant_int8(&k, ks)?, fake_quant_int8(&v, vs)?);
+                        let (ka, va) = cache.append(self.layer, &kq, &vq)?;
+                        let past = ka.size()[2] - s;
+                        let ka =
+                            Tensor::f_cat(&[ka.f_narrow(2, 0, past)?, k.f_to_kind(ka.kind())?], 2)?;
+                        let va =
+                            Tensor::f_cat(&[va.f_narrow(2, 0, past)?, v.f_to_kind(va.kind())?], 2)?;
+                        if cache.is_shared_source(self.layer) {
+                            cache.set_pass_view(self.layer, ka.shallow_clone(), va.shallow_clone());
+                        }
+                        (ka, va)
+                    }
+                    Some((ks, vs)) => {
+                        k = fake_quant_int8(&k, ks)?;
+                        v = fake_quant_int8(&v, vs)?;
+                        cache.append(self.layer, &k, &v)?
+                    }
+                    None => cache.append(self.layer, &k, &v)?,
                 }
-                cache.append(self.layer, &k, &v)?
             }
             // Segment 1: the source layer's keys (already rotated) and values.
             _ => cache.read(self.layer)?,

@@ -110,6 +110,12 @@ pub struct TextConfig {
     /// (tamm's `KVQuantArchOptimizer`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kv_fake_quant: bool,
+    /// With `kv_fake_quant`: in generation's first-token pass (the prefill), each layer attends
+    /// to the prompt's own keys and values unquantised while the cache keeps them quantised
+    /// (tamm's `skip_quantize_for_first_token`); later steps read the quantised cache. A forward
+    /// outside generation quantises everything, as tamm does without its first-token flag.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kv_fake_quant_skip_first: bool,
     /// RMSNorm in half precision applies its gain in fp32 and rounds once (tamm: the input is
     /// cast to fp32, normalised and scaled, then cast back); the default (false) rounds the
     /// normalised value before the gain, as HF Llama does. Same result in fp32.

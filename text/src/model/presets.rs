@@ -36,6 +36,7 @@ fn base(
         qk_norm,
         qk_norm_after_rope: false,
         kv_fake_quant: false,
+        kv_fake_quant_skip_first: false,
         norm_gain_fp32: false,
         num_segment1_layers: seg1,
         kv_source_layer: None,

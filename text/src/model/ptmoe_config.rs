@@ -213,6 +213,7 @@ impl PtMoeConfig {
             qk_norm: self.qk_norm,
             qk_norm_after_rope: false,
             kv_fake_quant: false,
+            kv_fake_quant_skip_first: false,
             norm_gain_fp32: false,
             num_segment1_layers: 0,
             kv_source_layer: None,

@@ -138,6 +138,9 @@ pub trait CausalLm {
     fn new_lm_cache(&self, batch: i64) -> Self::Cache;
     /// Tokens the cache holds.
     fn cache_len(cache: &Self::Cache) -> i64;
+    /// Mark (or end) generation's first-token pass, the prompt's prefill (a model with tamm's
+    /// `skip_quantize_for_first_token` attends to the prompt unquantised then). No-op by default.
+    fn set_first_token_pass(_cache: &mut Self::Cache, _on: bool) {}
     fn eos_ids(&self) -> Vec<u32>;
     /// The context length in tokens.
     fn context_len(&self) -> usize;
@@ -159,6 +162,9 @@ impl CausalLm for Decoder {
     }
     fn cache_len(cache: &KvCache) -> i64 {
         cache.len()
+    }
+    fn set_first_token_pass(cache: &mut KvCache, on: bool) {
+        cache.set_first_token_pass(on);
     }
     fn eos_ids(&self) -> Vec<u32> {
         self.cfg.eos_ids()
@@ -227,7 +233,10 @@ pub fn generate_lm<M: CausalLm>(
     let mut cache = decoder.new_lm_cache(1);
     let t0 = Instant::now();
     let ids = ids_tensor(prompt)?;
-    let logits = decoder.forward_lm(&ids, None, &mut cache, Logits::Last)?;
+    M::set_first_token_pass(&mut cache, true);
+    let logits = decoder.forward_lm(&ids, None, &mut cache, Logits::Last);
+    M::set_first_token_pass(&mut cache, false);
+    let logits = logits?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let mut out = generate_from_logits_lm(
         decoder, tokenizer, &mut cache, &logits, prompt, opts, on_text,

@@ -464,6 +464,12 @@ pub struct KvCache {
     len: i64,
     batch: i64,
     device: Device,
+    /// Generation's first-token pass (the prompt's prefill) is running
+    /// (`TextConfig::kv_fake_quant_skip_first`).
+    first_token_pass: bool,
+    /// During a first-token pass: the keys and values a layer attended to (its quantised cache
+    /// with this pass's own tokens unquantised), for the layers that reuse that layer's cache.
+    pass_views: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl KvCache {
@@ -497,6 +503,7 @@ impl KvCache {
                 }
             })
             .collect();
+        let n = kinds.len();
         Self {
             layers,
             key_mask: None,
@@ -504,6 +511,36 @@ impl KvCache {
             len: 0,
             batch,
             device,
+            first_token_pass: false,
+            pass_views: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    /// Mark (or end) generation's first-token pass: see
+    /// [`crate::config::TextConfig::kv_fake_quant_skip_first`]. Ending it drops the pass's views.
+    pub fn set_first_token_pass(&mut self, on: bool) {
+        self.first_token_pass = on;
+        if !on {
+            self.pass_views.iter_mut().for_each(|v| *v = None);
+        }
+    }
+
+    pub fn first_token_pass(&self) -> bool {
+        self.first_token_pass
+    }
+
+    /// Whether some layer reuses `layer`'s keys and values.
+    pub fn is_shared_source(&self, layer: usize) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(l, LayerCache::Shared { source } if *source == layer))
+    }
+
+    /// During a first-token pass, what `layer` attended to, so that the layers reusing its
+    /// cache read the same (tamm's reuse layers get the source's attention inputs).
+    pub fn set_pass_view(&mut self, layer: usize, k: Tensor, v: Tensor) {
+        if let Some(slot) = self.pass_views.get_mut(layer) {
+            *slot = Some((k, v));
         }
     }
 
@@ -619,17 +656,25 @@ impl KvCache {
         }
     }
 
-    /// The K/V a layer attends to: its own, or its source's for a shared layer.
+    /// The K/V a layer attends to: its own, or its source's for a shared layer (during a
+    /// first-token pass, what the source attended to, when it left that view).
     pub fn read(&self, layer: usize) -> Result<(Tensor, Tensor)> {
         match self.layers.get(layer) {
             Some(LayerCache::Normal(buf)) => buf.view(),
             Some(LayerCache::Rotating(ring)) => ring.view(),
-            Some(LayerCache::Shared { source }) => match self.layers.get(*source) {
-                Some(LayerCache::Normal(buf)) => buf.view(),
-                _ => Err(TextError::InvalidArgument(format!(
-                    "layer {layer} reads layer {source}, which has no cache of its own"
-                ))),
-            },
+            Some(LayerCache::Shared { source }) => {
+                if self.first_token_pass {
+                    if let Some(Some((k, v))) = self.pass_views.get(*source) {
+                        return Ok((k.shallow_clone(), v.shallow_clone()));
+                    }
+                }
+                match self.layers.get(*source) {
+                    Some(LayerCache::Normal(buf)) => buf.view(),
+                    _ => Err(TextError::InvalidArgument(format!(
+                        "layer {layer} reads layer {source}, which has no cache of its own"
+                    ))),
+                }
+            }
             None => Err(TextError::InvalidArgument(format!(
                 "no cache for layer {layer}"
             ))),
@@ -726,6 +771,8 @@ impl KvCache {
             len: self.len,
             batch: self.batch,
             device: self.device,
+            first_token_pass: false,
+            pass_views: (0..self.layers.len()).map(|_| None).collect(),
         })
     }
 
@@ -747,6 +794,8 @@ impl KvCache {
             len: self.len,
             batch: n,
             device: self.device,
+            first_token_pass: false,
+            pass_views: (0..self.layers.len()).map(|_| None).collect(),
         })
     }
 }

@@ -30,7 +30,7 @@ PROMPTS = [
 ]
 
 
-def build(seed: int, vocab_size: int, kv_quant: bool = False, adapters=None):
+def build(seed: int, vocab_size: int, kv_quant: bool = False, adapters=None, skip_first: bool = False):
     torch.manual_seed(seed)
     extra = {}
     if adapters is not None:
@@ -38,7 +38,9 @@ def build(seed: int, vocab_size: int, kv_quant: bool = False, adapters=None):
     if kv_quant:
         from tamm.ao.arch_optimizers.kv_quant import KVQuantArchOptimizer
 
-        extra["arch_optimizers"] = {"kv_quant": KVQuantArchOptimizer(freeze_qparams=True)}
+        extra["arch_optimizers"] = {
+            "kv_quant": KVQuantArchOptimizer(freeze_qparams=True, skip_quantize_for_first_token=skip_first)
+        }
     cfg = AFMTextV7.Config(
         **extra,
         vocab_size=vocab_size,
@@ -69,6 +71,26 @@ def build(seed: int, vocab_size: int, kv_quant: bool = False, adapters=None):
 def logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def cached_greedy(model, ids, n, kv_heads=2, head_dim=16, cache_layers=3):
+    """Greedy decoding through tamm's KV cache, the prompt's prefill flagged as the first-token
+    pass (what a generator does): every position's logits of the prefill, then one row per
+    decode step, and the tokens."""
+    from tamm import first_token_generation_context
+    from tamm.layers.transformer.kv_cache import VanillaKVCache
+
+    cache = VanillaKVCache(num_layers=cache_layers, batch_size=1, length=len(ids) + n,
+                           hidden_dim=kv_heads * head_dim, dtype=torch.float32)
+    with torch.no_grad():
+        with first_token_generation_context():
+            rows = [model(torch.tensor([ids]), kv_cache=cache.up_to_index(len(ids))).logits[0]]
+        gen = [int(rows[0][-1].argmax())]
+        for i in range(n - 1):
+            row = model(torch.tensor([[gen[-1]]]), kv_cache=cache.up_to_index(len(ids) + i + 1)).logits[0]
+            rows.append(row)
+            gen.append(int(row[-1].argmax()))
+    return torch.cat(rows).float(), gen
 
 
 def greedy(model, ids, n):
@@ -158,6 +180,21 @@ def main():
         # The quantiser must matter: the same weights without it give other logits.
         kref[f"plain_{i}"] = logits(model, ids).contiguous()
     save_file(kref, str(kdir / "reference.safetensors"))
+
+    # skip_quantize_for_first_token: generation's first-token pass (the prefill) attends to
+    # the prompt unquantised, caching it quantised; a plain forward quantises everything.
+    scfg, smodel = build(0, len(tok), kv_quant=True, skip_first=True)
+    sdir = out / "kvq_skip"
+    sdir.mkdir(exist_ok=True)
+    (sdir / "base-model-config.json").write_text(tamm_json.dumps(scfg, indent=2))
+    torch.save(smodel.state_dict(), sdir / "base-model.pt")
+    sref = {}
+    for i, ids in enumerate(PROMPTS):
+        sref[f"plain_{i}"] = logits(smodel, ids).contiguous()
+        rows, gen = cached_greedy(smodel, ids, 32)
+        sref[f"cached_{i}"] = rows.contiguous()
+        sref[f"gen_{i}"] = torch.tensor(gen, dtype=torch.int64)
+    save_file(sref, str(sdir / "reference.safetensors"))
     scale = max(float(ref[f"logits_{i}"].abs().max()) for i in range(len(PROMPTS)))
     print(json.dumps({"max_abs_logit": scale}))
 
