@@ -49,7 +49,23 @@ fn tamm_folders_load_and_bad_ones_are_clear_errors() {
         "{text}"
     );
 
+    // A tokenizer.model that is not SentencePiece, beside good weights.
+    let bt = root.join("bad-tokenizer");
+    std::fs::create_dir_all(&bt).unwrap();
+    for f in ["base-model-config.json", "base-model.pt"] {
+        std::fs::copy(root.join("good").join(f), bt.join(f)).unwrap();
+    }
+    std::fs::write(
+        bt.join("tokenizer.model"),
+        "this is not a sentencepiece model\n",
+    )
+    .unwrap();
+
     for (case, needles) in [
+        (
+            "bad-tokenizer",
+            vec!["tokenizer.model", "not a SentencePiece model"],
+        ),
         (
             "truncated",
             vec!["base-model.pt", "truncated, or not a torch.save checkpoint"],
