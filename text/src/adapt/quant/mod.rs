@@ -28,7 +28,8 @@
 //! # Inference
 //!
 //! A decode step (at most [`GEMV_MAX_ROWS`] input rows, CPU, no autograd) runs the packed
-//! matrix–vector kernel ([`packed::gemv`]: AVX-512 table look-ups, rayon over rows); longer
+//! matrix–vector kernel ([`packed::gemv`]: table look-ups with AVX-512F, AVX2 + FMA or portable
+//! code, chosen at run time ([`packed::Isa`]), rayon over rows); longer
 //! inputs (prefill, training, GPUs) unpack the layer through libtorch into the compute dtype
 //! and run one matmul.
 

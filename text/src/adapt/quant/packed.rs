@@ -135,15 +135,93 @@ pub enum Table<'a> {
 /// Rows handled by one rayon task.
 const ROWS_PER_TASK: usize = 32;
 
-/// `y[r] = Σ_c W[r, c]·x[c]` for a packed `[rows, cols]` matrix (`y.len() = rows`).
+/// The instruction sets the packed kernels are written for, chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust (the reference the others are tested against).
+    Scalar,
+    /// x86-64 AVX2 + FMA (8 lanes).
+    Avx2,
+    /// x86-64 AVX-512F (16 lanes).
+    Avx512,
+}
+
+impl Isa {
+    /// Every kernel set this CPU can run, the portable one first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                v.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    /// The kernels in use: the best this CPU has, or `AFM_VL_ISA` (`scalar`, `avx2`,
+    /// `avx512`) when set to one it has (benchmarks compare them in one run).
+    pub fn current() -> Isa {
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let have = Isa::available();
+            let best = *have.last().unwrap_or(&Isa::Scalar);
+            match std::env::var("AFM_VL_ISA").ok().as_deref() {
+                Some(name) => match have.iter().find(|i| i.name() == name) {
+                    Some(i) => *i,
+                    None => {
+                        tracing::warn!(
+                            "AFM_VL_ISA={name}: this CPU has {:?}; using {}",
+                            have.iter().map(|i| i.name()).collect::<Vec<_>>(),
+                            best.name()
+                        );
+                        best
+                    }
+                },
+                None => best,
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// `y[r] = Σ_c W[r, c]·x[c]` for a packed `[rows, cols]` matrix (`y.len() = rows`), with the
+/// kernels of [`Isa::current`].
 pub fn gemv(packed: &[u8], table: Table<'_>, bits: u8, cols: usize, x: &[f32], y: &mut [f32]) {
+    gemv_isa(Isa::current(), packed, table, bits, cols, x, y)
+}
+
+/// [`gemv`] with the kernels of `isa`, which must be one of [`Isa::available`] (another falls
+/// back to the portable kernels).
+pub fn gemv_isa(
+    isa: Isa,
+    packed: &[u8],
+    table: Table<'_>,
+    bits: u8,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let rb = packed_row_bytes(cols, bits);
     debug_assert_eq!(packed.len(), rb * y.len());
     debug_assert_eq!(x.len(), cols);
-    #[cfg(target_arch = "x86_64")]
-    let simd = std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
+    let isa = if Isa::available().contains(&isa) {
+        isa
+    } else {
+        Isa::Scalar
+    };
     let sum_x: f32 = x.iter().sum();
     y.par_chunks_mut(ROWS_PER_TASK)
         .enumerate()
@@ -152,11 +230,11 @@ pub fn gemv(packed: &[u8], table: Table<'_>, bits: u8, cols: usize, x: &[f32], y
             let r0 = task * ROWS_PER_TASK;
             // Four rows at a time: four independent load streams and accumulator chains, and
             // each block of x is loaded once for the four (a single row is latency-bound).
-            #[cfg(target_arch = "x86_64")]
-            let done = if simd {
+            let mut done = 0;
+            if isa != Isa::Scalar {
                 let mut luts = [[0f32; 16]; 4];
-                let mut i = 0;
-                while i + 4 <= ys.len() {
+                while done + 4 <= ys.len() {
+                    let i = done;
                     let rows: [&[u8]; 4] =
                         std::array::from_fn(|j| &packed[(r0 + i + j) * rb..(r0 + i + j + 1) * rb]);
                     match table {
@@ -170,28 +248,21 @@ pub fn gemv(packed: &[u8], table: Table<'_>, bits: u8, cols: usize, x: &[f32], y
                                 let g = (r0 + i + j) / group_rows;
                                 l[..k].copy_from_slice(&lut[g * k..(g + 1) * k]);
                             }
-                            // SAFETY: avx512f was detected; rows and x hold whole blocks.
-                            let v = unsafe { avx512::rows4_lut(rows, &luts, bits, x) };
+                            let v = rows4_lut(isa, rows, &luts, bits, x);
                             for j in 0..4 {
                                 ys[i + j] = row_scale.map_or(v[j], |s| v[j] * s[r0 + i + j]);
                             }
                         }
                         Table::Scale { scale, offset } => {
-                            // SAFETY: as above.
-                            let v = unsafe { avx512::rows4_u8(rows, x) };
+                            let v = rows4_u8(isa, rows, x);
                             for j in 0..4 {
                                 ys[i + j] = scale[r0 + i + j] * (v[j] - offset * sum_x);
                             }
                         }
                     }
-                    i += 4;
+                    done += 4;
                 }
-                i
-            } else {
-                0
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let done = 0;
+            }
             for (i, yr) in ys.iter_mut().enumerate().skip(done) {
                 let r = r0 + i;
                 let row = &packed[r * rb..(r + 1) * rb];
@@ -204,24 +275,53 @@ pub fn gemv(packed: &[u8], table: Table<'_>, bits: u8, cols: usize, x: &[f32], y
                     } => {
                         let g = r / group_rows;
                         lut16[..k].copy_from_slice(&lut[g * k..(g + 1) * k]);
-                        let v = row_lut(row, &lut16, bits, x, simd);
+                        let v = row_lut(row, &lut16, bits, x, isa);
                         row_scale.map_or(v, |s| v * s[r])
                     }
                     Table::Scale { scale, offset } => {
-                        scale[r] * (row_u8(row, x, simd) - offset * sum_x)
+                        scale[r] * (row_u8(row, x, isa) - offset * sum_x)
                     }
                 };
             }
         });
 }
 
-fn row_lut(row: &[u8], lut: &[f32; 16], bits: u8, x: &[f32], simd: bool) -> f32 {
+/// Four rows of LUT codes with a SIMD kernel set (`isa` is available and not scalar).
+fn rows4_lut(isa: Isa, rows: [&[u8]; 4], luts: &[[f32; 16]; 4], bits: u8, x: &[f32]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: avx512f was detected at run time; `row` and `x` hold whole blocks.
-        return unsafe { avx512::row_lut(row, lut, bits, x) };
+    match isa {
+        // SAFETY: the instruction set was detected at run time (Isa::available); the rows and
+        // x hold whole blocks.
+        Isa::Avx512 => return unsafe { avx512::rows4_lut(rows, luts, bits, x) },
+        Isa::Avx2 => return unsafe { avx2::rows_lut::<4>(rows, luts, bits, x) },
+        Isa::Scalar => {}
     }
-    let _ = simd;
+    let _ = isa;
+    std::array::from_fn(|j| row_lut(rows[j], &luts[j], bits, x, Isa::Scalar))
+}
+
+/// Four rows of 8-bit codes with a SIMD kernel set.
+fn rows4_u8(isa: Isa, rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: as in rows4_lut.
+        Isa::Avx512 => return unsafe { avx512::rows4_u8(rows, x) },
+        Isa::Avx2 => return unsafe { avx2::rows_u8::<4>(rows, x) },
+        Isa::Scalar => {}
+    }
+    let _ = isa;
+    std::array::from_fn(|j| row_u8(rows[j], x, Isa::Scalar))
+}
+
+fn row_lut(row: &[u8], lut: &[f32; 16], bits: u8, x: &[f32], isa: Isa) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: the instruction set was detected at run time; `row` and `x` hold whole blocks.
+        Isa::Avx512 => return unsafe { avx512::row_lut(row, lut, bits, x) },
+        Isa::Avx2 => return unsafe { avx2::row_lut(row, lut, bits, x) },
+        Isa::Scalar => {}
+    }
+    let _ = isa;
     let per = 8 / bits as usize;
     let mask = (1u8 << bits) - 1;
     let mut acc = [0f32; 16];
@@ -236,13 +336,15 @@ fn row_lut(row: &[u8], lut: &[f32; 16], bits: u8, x: &[f32], simd: bool) -> f32 
     acc.iter().sum()
 }
 
-fn row_u8(row: &[u8], x: &[f32], simd: bool) -> f32 {
+fn row_u8(row: &[u8], x: &[f32], isa: Isa) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: avx512f was detected at run time; `row` and `x` hold whole blocks.
-        return unsafe { avx512::row_u8(row, x) };
+    match isa {
+        // SAFETY: the instruction set was detected at run time; `row` and `x` hold whole blocks.
+        Isa::Avx512 => return unsafe { avx512::row_u8(row, x) },
+        Isa::Avx2 => return unsafe { avx2::rows_u8::<1>([row], x)[0] },
+        Isa::Scalar => {}
     }
-    let _ = simd;
+    let _ = isa;
     let mut acc = [0f32; 16];
     for (blk, xs) in row.chunks_exact(16).zip(x.chunks_exact(16)) {
         for j in 0..16 {
@@ -390,6 +492,100 @@ mod avx512 {
     }
 }
 
+/// The same kernels for AVX2 + FMA (8 lanes): a 16-byte block widens as two halves of 8; a
+/// 16-entry table is two registers, looked up with `vpermps` in each and blended on bit 3 of
+/// the code.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Codes `8·h .. 8·h + 8` of a 16-byte block, one per 32-bit lane.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn widen(block: *const u8, h: usize) -> __m256i {
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(8 * h) as *const __m128i))
+    }
+
+    /// `table[idx]` per lane for a table of up to 16 entries held in (`lo`, `hi`).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lookup(idx: __m256i, lo: __m256, hi: __m256, wide: bool) -> __m256 {
+        let a = _mm256_permutevar8x32_ps(lo, idx);
+        if !wide {
+            return a;
+        }
+        let b = _mm256_permutevar8x32_ps(hi, idx);
+        // Bit 3 of the code to the sign bit selects the upper half of the table.
+        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
+    }
+
+    /// Σ lut[code]·x over one row (see the AVX-512 `row_lut`).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_lut(row: &[u8], lut: &[f32; 16], bits: u8, x: &[f32]) -> f32 {
+        rows_lut::<1>([row], &[*lut], bits, x)[0]
+    }
+
+    /// [`row_lut`] for `N` rows at once (each block of x is loaded once for all of them).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_lut<const N: usize>(
+        rows: [&[u8]; N],
+        luts: &[[f32; 16]; N],
+        bits: u8,
+        x: &[f32],
+    ) -> [f32; N] {
+        let per = 8 / bits as usize;
+        let wide = bits == 4;
+        let lo: [__m256; N] = std::array::from_fn(|j| _mm256_loadu_ps(luts[j].as_ptr()));
+        let hi: [__m256; N] = std::array::from_fn(|j| _mm256_loadu_ps(luts[j].as_ptr().add(8)));
+        let mask = _mm256_set1_epi32((1i32 << bits) - 1);
+        // One accumulator per row and half block: 2·N independent FMA chains.
+        let mut acc = [[_mm256_setzero_ps(); N]; 2];
+        let nblk = rows[0].len() / 16;
+        let xp = x.as_ptr();
+        for b in 0..nblk {
+            let xb = xp.add(b * 16 * per);
+            for (h, acc_h) in acc.iter_mut().enumerate() {
+                for j in 0..N {
+                    let v = widen(rows[j].as_ptr().add(b * 16), h);
+                    for t in 0..per {
+                        let shift = _mm256_set1_epi32((bits as usize * t) as i32);
+                        let c = _mm256_and_si256(_mm256_srlv_epi32(v, shift), mask);
+                        let xv = _mm256_loadu_ps(xb.add(16 * t + 8 * h));
+                        acc_h[j] = _mm256_fmadd_ps(lookup(c, lo[j], hi[j], wide), xv, acc_h[j]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|j| hsum(_mm256_add_ps(acc[0][j], acc[1][j])))
+    }
+
+    /// Σ code·x over `N` rows of 8-bit codes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_u8<const N: usize>(rows: [&[u8]; N], x: &[f32]) -> [f32; N] {
+        // 16 codes per step in two halves, one accumulator each: 2·N independent chains.
+        let mut acc = [[_mm256_setzero_ps(); N]; 2];
+        let nblk = rows[0].len() / 16;
+        for b in 0..nblk {
+            let x0 = _mm256_loadu_ps(x.as_ptr().add(b * 16));
+            let x1 = _mm256_loadu_ps(x.as_ptr().add(b * 16 + 8));
+            for j in 0..N {
+                let p = rows[j].as_ptr().add(b * 16);
+                let v0 = _mm256_cvtepi32_ps(widen(p, 0));
+                let v1 = _mm256_cvtepi32_ps(widen(p, 1));
+                acc[0][j] = _mm256_fmadd_ps(v0, x0, acc[0][j]);
+                acc[1][j] = _mm256_fmadd_ps(v1, x1, acc[1][j]);
+            }
+        }
+        std::array::from_fn(|j| hsum(_mm256_add_ps(acc[0][j], acc[1][j])))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,75 +629,104 @@ mod tests {
         assert!(unpack(&[0u8; 15], 1, 32, 4).is_err());
     }
 
+    /// Every kernel set this CPU has = the dense product (and the portable kernels) on ragged
+    /// shapes: row counts that are not multiples of 4 or of a task, 2/4/8-bit, LUT and scale.
     #[test]
-    fn gemv_matches_dense() {
-        let (rows, cols) = (70, 192);
+    fn gemv_matches_dense_on_every_instruction_set() {
+        let isas = Isa::available();
+        eprintln!("instruction sets tested: {:?}", isas);
         let mut rng = Rng::new(9);
-        let x: Vec<f32> = (0..cols).map(|_| rng.next_f64() as f32 - 0.5).collect();
-        for bits in [2u8, 4, 8] {
-            let c = codes(rows * cols, bits, 11);
-            let p = pack(&c, rows, cols, bits).unwrap();
-            let k = 1usize << bits;
-            let mut y = vec![0f32; rows];
-            let (want, table_lut, scale): (Vec<f32>, Vec<f32>, Vec<f32>) = if bits == 8 {
-                let scale: Vec<f32> = (0..rows).map(|r| 0.01 * (r + 1) as f32).collect();
-                let w = (0..rows)
-                    .map(|r| {
-                        (0..cols)
-                            .map(|j| scale[r] * (c[r * cols + j] as f32 - 128.0) * x[j])
-                            .sum()
-                    })
-                    .collect();
-                (w, vec![], scale)
-            } else {
-                let groups = rows.div_ceil(16);
-                let lut: Vec<f32> = (0..groups * k)
-                    .map(|_| rng.next_f64() as f32 - 0.5)
-                    .collect();
-                let w = (0..rows)
-                    .map(|r| {
-                        (0..cols)
-                            .map(|j| lut[(r / 16) * k + c[r * cols + j] as usize] * x[j])
-                            .sum()
-                    })
-                    .collect();
-                (w, lut, vec![])
-            };
-            let table = if bits == 8 {
-                Table::Scale {
-                    scale: &scale,
-                    offset: 128.0,
-                }
-            } else {
-                Table::Lut {
-                    lut: &table_lut,
-                    k,
-                    group_rows: 16,
-                    row_scale: None,
-                }
-            };
-            gemv(&p, table, bits, cols, &x, &mut y);
-            for (a, b) in y.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                    "bits {bits}: {a} vs {b}"
-                );
-            }
-            // The portable path agrees with the SIMD one.
-            let rb = packed_row_bytes(cols, bits);
-            for r in [0usize, 17, 69] {
-                let row = &p[r * rb..(r + 1) * rb];
-                let v = match table {
-                    Table::Lut { lut, k, .. } => {
-                        let mut l16 = [0f32; 16];
-                        l16[..k].copy_from_slice(&lut[(r / 16) * k..(r / 16 + 1) * k]);
-                        row_lut(row, &l16, bits, &x, false)
-                    }
-                    Table::Scale { scale, offset } => {
-                        scale[r] * (row_u8(row, &x, false) - offset * x.iter().sum::<f32>())
-                    }
+        for (rows, cols) in [(1usize, 64usize), (3, 192), (5, 64), (33, 320), (70, 192)] {
+            let x: Vec<f32> = (0..cols).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            for bits in [2u8, 4, 8] {
+                let c = codes(rows * cols, bits, 11 + rows as u64);
+                let p = pack(&c, rows, cols, bits).unwrap();
+                let k = 1usize << bits;
+                let (want, table_lut, scale): (Vec<f32>, Vec<f32>, Vec<f32>) = if bits == 8 {
+                    let scale: Vec<f32> = (0..rows).map(|r| 0.01 * (r + 1) as f32).collect();
+                    let w = (0..rows)
+                        .map(|r| {
+                            (0..cols)
+                                .map(|j| scale[r] * (c[r * cols + j] as f32 - 128.0) * x[j])
+                                .sum()
+                        })
+                        .collect();
+                    (w, vec![], scale)
+                } else {
+                    let groups = rows.div_ceil(16);
+                    let lut: Vec<f32> = (0..groups * k)
+                        .map(|_| rng.next_f64() as f32 - 0.5)
+                        .collect();
+                    let w = (0..rows)
+                        .map(|r| {
+                            (0..cols)
+                                .map(|j| lut[(r / 16) * k + c[r * cols + j] as usize] * x[j])
+                                .sum()
+                        })
+                        .collect();
+                    (w, lut, vec![])
                 };
-                assert!((v - want[r]).abs() < 1e-4 * (1.0 + want[r].abs()));
+                let row_scale: Vec<f32> = (0..rows).map(|r| 1.0 + 0.1 * r as f32).collect();
+                let tables = if bits == 8 {
+                    vec![Table::Scale {
+                        scale: &scale,
+                        offset: 128.0,
+                    }]
+                } else {
+                    vec![
+                        Table::Lut {
+                            lut: &table_lut,
+                            k,
+                            group_rows: 16,
+                            row_scale: None,
+                        },
+                        Table::Lut {
+                            lut: &table_lut,
+                            k,
+                            group_rows: 16,
+                            row_scale: Some(&row_scale),
+                        },
+                    ]
+                };
+                // The size of the terms summed (the 8-bit path subtracts the offset's share at
+                // the end): float rounding is relative to it, not to the (cancelled) result.
+                let mag: Vec<f32> = (0..rows)
+                    .map(|r| {
+                        (0..cols)
+                            .map(|j| {
+                                let code = c[r * cols + j] as usize;
+                                let w = if bits == 8 {
+                                    scale[r] * (code as f32 + 128.0)
+                                } else {
+                                    table_lut[(r / 16) * k + code].abs() * row_scale[r]
+                                };
+                                w * x[j].abs()
+                            })
+                            .sum()
+                    })
+                    .collect();
+                for (ti, &table) in tables.iter().enumerate() {
+                    let mut reference = vec![0f32; rows];
+                    gemv_isa(Isa::Scalar, &p, table, bits, cols, &x, &mut reference);
+                    for (r, (a, b)) in reference.iter().zip(&want).enumerate() {
+                        let b = if ti == 1 { b * row_scale[r] } else { *b };
+                        assert!(
+                            (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                            "scalar {bits}: {a} vs {b}"
+                        );
+                    }
+                    for &isa in &isas {
+                        let mut y = vec![0f32; rows];
+                        gemv_isa(isa, &p, table, bits, cols, &x, &mut y);
+                        for ((a, b), m) in y.iter().zip(&reference).zip(&mag) {
+                            // The same products, summed in another order: float rounding only.
+                            assert!(
+                                (a - b).abs() <= 1e-6 * (1.0 + m),
+                                "{isa:?} {rows}x{cols} bits {bits}: {a} vs scalar {b}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
