@@ -126,17 +126,9 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
             .adapters
             .iter()
             .find(|s| Some(&s.id) == t.active_adapter.as_ref());
-        let mut spec = active.cloned().unwrap_or_else(|| afm_text::tamm::TammLoraSpec {
-            id: "adapter".into(),
-            rank: 32,
-            alpha: 16.0,
-            queries: true,
-            keys: true,
-            values: true,
-            outputs: true,
-            ffn_hidden: true,
-            ffn_outputs: true,
-        });
+        let mut spec = active
+            .cloned()
+            .unwrap_or_else(|| afm_text::tamm::TammLoraSpec::new("adapter", 32, 16.0));
         let from_config = active.is_some();
         if let Some(r) = a.rank {
             spec.rank = r;

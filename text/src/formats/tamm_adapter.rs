@@ -58,6 +58,21 @@ const INERT_SPEC_FIELDS: &[&str] = &[
 ];
 
 impl TammLoraSpec {
+    /// A spec adapting every projection tamm can (q, k, v, o, gate, up, down).
+    pub fn new(id: &str, rank: usize, alpha: f64) -> Self {
+        TammLoraSpec {
+            id: id.to_string(),
+            rank,
+            alpha,
+            queries: true,
+            keys: true,
+            values: true,
+            outputs: true,
+            ffn_hidden: true,
+            ffn_outputs: true,
+        }
+    }
+
     pub fn from_json(id: &str, v: &Json) -> std::result::Result<Self, String> {
         let obj = v
             .as_object()
@@ -71,17 +86,8 @@ impl TammLoraSpec {
                 "adapters.{id}: {ty:?} is not supported (afm-vl runs LoRAModelAdapter)"
             ));
         }
-        let mut s = TammLoraSpec {
-            id: id.to_string(),
-            rank: 8,
-            alpha: f64::NAN,
-            queries: true,
-            keys: true,
-            values: true,
-            outputs: true,
-            ffn_hidden: true,
-            ffn_outputs: true,
-        };
+        // tamm's defaults: rank 8, α = the rank, every projection.
+        let mut s = TammLoraSpec::new(id, 8, f64::NAN);
         for (k, val) in obj {
             let flag = || {
                 val.as_bool()
