@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{bench_lora, bench_text, bench_tiler, Context};
+use super::{bench_kernels, bench_lora, bench_text, bench_tiler, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -18,6 +18,9 @@ pub enum Which {
     Adapters(bench_lora::Args),
     /// The image tiler: images/s per mode, single-thread and all threads.
     Tiler(bench_tiler::Args),
+    /// Packed-weight matrix-vector kernels per instruction set vs the portable ones and
+    /// libtorch's dense fp32 product.
+    Kernels(bench_kernels::Args),
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
@@ -25,5 +28,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         Which::Text(a) => bench_text::run(ctx, a),
         Which::Tiler(a) => bench_tiler::run(ctx, a),
         Which::Adapters(a) => bench_lora::run(ctx, a),
+        Which::Kernels(a) => bench_kernels::run(ctx, a),
     }
 }

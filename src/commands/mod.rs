@@ -5,6 +5,7 @@
 pub mod output;
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_lora;
 pub mod bench_ptmoe;
 pub mod bench_text;

@@ -1,0 +1,151 @@
+//! `afm-vl bench kernels`: the packed-weight matrix–vector kernels (a decode step's work) on
+//! every instruction set this CPU has, against the portable kernels and libtorch's dense fp32
+//! matrix–vector product, in one run with interleaved rounds.
+
+use std::time::Instant;
+
+use afm_text::quant::packed::{gemv_isa, pack, Isa, Table};
+use afm_text::sampling::Rng;
+use tch::{Kind, Tensor};
+
+use super::Context;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Matrix shapes ROWSxCOLS, comma-separated (default: SmolLM2-135M's attention, FFN up and
+    /// FFN down projections).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "576x576,1536x576,576x1536"
+    )]
+    pub shapes: Vec<String>,
+    /// Interleaved rounds; the median per kernel is reported.
+    #[arg(long, default_value_t = 7)]
+    pub rounds: usize,
+    /// Calls per timed round.
+    #[arg(long, default_value_t = 200)]
+    pub calls: usize,
+}
+
+fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (r, c) = s
+        .split_once('x')
+        .ok_or_else(|| anyhow::anyhow!("--shapes: {s:?} is not ROWSxCOLS"))?;
+    let (r, c): (usize, usize) = (
+        r.trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--shapes: bad row count in {s:?}"))?,
+        c.trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--shapes: bad column count in {s:?}"))?,
+    );
+    if !(1..=65_536).contains(&r) || !(64..=65_536).contains(&c) || c % 64 != 0 {
+        anyhow::bail!(
+            "--shapes: {s:?} needs 1..=65536 rows and a multiple of 64 columns (64..=65536)"
+        );
+    }
+    Ok((r, c))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
+    if a.rounds == 0 || a.calls == 0 {
+        anyhow::bail!("--rounds and --calls must be at least 1");
+    }
+    let shapes: Vec<(usize, usize)> = a
+        .shapes
+        .iter()
+        .map(|s| parse_shape(s))
+        .collect::<anyhow::Result<_>>()?;
+    let isas = Isa::available();
+    let _ = ctx;
+    println!(
+        "packed matrix-vector kernels, {} rayon threads, instruction sets: {} (in use: {})",
+        rayon::current_num_threads(),
+        isas.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "),
+        Isa::current().name()
+    );
+    println!();
+    println!(
+        "| shape | weights | kernel | µs / call | weight GB/s | vs portable | vs dense fp32 |"
+    );
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: |");
+    let mut rng = Rng::new(1);
+    for &(rows, cols) in &shapes {
+        let x: Vec<f32> = (0..cols).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        // libtorch's dense fp32 product on the same shape, for scale.
+        let w = Tensor::randn([rows as i64, cols as i64], (Kind::Float, tch::Device::Cpu));
+        let xt = Tensor::from_slice(&x).view([1, cols as i64]);
+        for (bits, label) in [
+            (2u8, "2-bit LUT"),
+            (4, "4-bit LUT + row scale"),
+            (8, "8-bit scale"),
+        ] {
+            let k = 1usize << bits;
+            let codes: Vec<u8> = (0..rows * cols)
+                .map(|_| (rng.next_u64() % k as u64) as u8)
+                .collect();
+            let packed = pack(&codes, rows, cols, bits)?;
+            let lut: Vec<f32> = (0..rows.div_ceil(16) * k)
+                .map(|_| rng.next_f64() as f32)
+                .collect();
+            let scale: Vec<f32> = (0..rows).map(|_| 0.01 + rng.next_f64() as f32).collect();
+            let table = if bits == 8 {
+                Table::Scale {
+                    scale: &scale,
+                    offset: 128.0,
+                }
+            } else {
+                Table::Lut {
+                    lut: &lut,
+                    k,
+                    group_rows: 16,
+                    row_scale: (bits == 4).then_some(scale.as_slice()),
+                }
+            };
+            let mut y = vec![0f32; rows];
+            // kernel index → per-round µs/call; the last entry is libtorch dense fp32.
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); isas.len() + 1];
+            for _ in 0..a.rounds {
+                for (i, &isa) in isas.iter().enumerate() {
+                    gemv_isa(isa, &packed, table, bits, cols, &x, &mut y);
+                    let t0 = Instant::now();
+                    for _ in 0..a.calls {
+                        gemv_isa(isa, &packed, table, bits, cols, &x, &mut y);
+                    }
+                    times[i].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
+                }
+                let _g = tch::no_grad_guard();
+                let _ = xt.matmul(&w.tr());
+                let t0 = Instant::now();
+                for _ in 0..a.calls {
+                    let _ = xt.matmul(&w.tr());
+                }
+                times[isas.len()].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
+            }
+            let med: Vec<f64> = times.into_iter().map(median).collect();
+            let dense = med[isas.len()];
+            let bytes = packed.len() as f64;
+            for (i, isa) in isas.iter().enumerate() {
+                println!(
+                    "| {rows}×{cols} | {label} | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
+                    isa.name(),
+                    med[i],
+                    bytes / (med[i] * 1e3),
+                    med[0] / med[i],
+                    dense / med[i]
+                );
+            }
+            println!(
+                "| {rows}×{cols} | fp32 dense | libtorch | {dense:.1} | {:.1} | | 1.00× |",
+                (rows * cols * 4) as f64 / (dense * 1e3)
+            );
+        }
+    }
+    Ok(())
+}
