@@ -322,6 +322,41 @@ fn tamm_lora_adapters_both_ways() {
         assert!(d <= TOL, "embedded prompt {i}: {d}");
     }
 
+    // Through the CLI: generate and chat with the toolkit adapter give the same reply, and it
+    // is not the base model's.
+    let reply = |cmd: &str, adapter: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_afm-vl"));
+        c.args(["-q", "--device", "cpu", cmd, "--max-tokens", "8", "--model"])
+            .arg(&dir);
+        if adapter {
+            c.arg("--adapter").arg(dir.join("adapter.pt"));
+        }
+        if cmd == "generate" {
+            c.arg("hello");
+        }
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            if cmd == "chat" {
+                stdin.write_all(b"hello\n").unwrap();
+            }
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    let adapted = reply("generate", true);
+    assert_eq!(reply("chat", true), adapted);
+    assert_ne!(reply("generate", false), adapted);
+
     // Broken adapter checkpoints: one-line errors naming the file and the problem.
     {
         let pt = afm_text::pt::PtFile::open(&dir.join("adapter.pt")).unwrap();

@@ -145,6 +145,10 @@ pub struct ChatArgs {
     /// System prompt (default: the template's own).
     #[arg(long)]
     pub system: Option<String>,
+    /// A LoRA adapter for the whole conversation: a PEFT directory or, on a tamm model, an
+    /// adapter-toolkit checkpoint (`.pt`, or a folder with adapter.pt).
+    #[arg(long, value_name = "PATH")]
+    pub adapter: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -248,7 +252,10 @@ pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
 
 pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
     let opts = args.sampling.options()?;
-    let model = args.model.load(ctx)?;
+    let mut model = args.model.load(ctx)?;
+    if let Some(path) = &args.adapter {
+        model.load_adapter(path)?.activate(&mut model.decoder)?;
+    }
     let tok = model.tokenizer()?;
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &args.system {
