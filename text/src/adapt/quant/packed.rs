@@ -306,7 +306,10 @@ fn rows4_u8(isa: Isa, rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
     match isa {
         // SAFETY: as in rows4_lut.
         Isa::Avx512 => return unsafe { avx512::rows4_u8(rows, x) },
-        Isa::Avx2 => return unsafe { avx2::rows_u8::<4>(rows, x) },
+        // One row at a time: the rows stream through memory in order (for a large matrix the
+        // hardware prefetcher follows one stream better than four interleaved ones: the 8-bit
+        // kernel is memory-bound there, 1.5× faster this way on a 49152×576 head).
+        Isa::Avx2 => return std::array::from_fn(|j| unsafe { avx2::row_u8(rows[j], x) }),
         Isa::Scalar => {}
     }
     let _ = isa;
@@ -341,7 +344,7 @@ fn row_u8(row: &[u8], x: &[f32], isa: Isa) -> f32 {
     match isa {
         // SAFETY: the instruction set was detected at run time; `row` and `x` hold whole blocks.
         Isa::Avx512 => return unsafe { avx512::row_u8(row, x) },
-        Isa::Avx2 => return unsafe { avx2::rows_u8::<1>([row], x)[0] },
+        Isa::Avx2 => return unsafe { avx2::row_u8(row, x) },
         Isa::Scalar => {}
     }
     let _ = isa;
@@ -565,24 +568,34 @@ mod avx2 {
         std::array::from_fn(|j| hsum(_mm256_add_ps(acc[0][j], acc[1][j])))
     }
 
-    /// Σ code·x over `N` rows of 8-bit codes.
+    /// Σ code·x over one row of 8-bit codes: 32 codes per step, four accumulators.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_u8<const N: usize>(rows: [&[u8]; N], x: &[f32]) -> [f32; N] {
-        // 16 codes per step in two halves, one accumulator each: 2·N independent chains.
-        let mut acc = [[_mm256_setzero_ps(); N]; 2];
-        let nblk = rows[0].len() / 16;
-        for b in 0..nblk {
-            let x0 = _mm256_loadu_ps(x.as_ptr().add(b * 16));
-            let x1 = _mm256_loadu_ps(x.as_ptr().add(b * 16 + 8));
-            for j in 0..N {
-                let p = rows[j].as_ptr().add(b * 16);
-                let v0 = _mm256_cvtepi32_ps(widen(p, 0));
-                let v1 = _mm256_cvtepi32_ps(widen(p, 1));
-                acc[0][j] = _mm256_fmadd_ps(v0, x0, acc[0][j]);
-                acc[1][j] = _mm256_fmadd_ps(v1, x1, acc[1][j]);
+    pub unsafe fn row_u8(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (p, xp) = (row.as_ptr(), x.as_ptr());
+        let n = row.len();
+        let mut i = 0;
+        while i + 32 <= n {
+            for (q, a) in acc.iter_mut().enumerate() {
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    p.add(i + 8 * q) as *const __m128i
+                )));
+                *a = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp.add(i + 8 * q)), *a);
             }
+            i += 32;
         }
-        std::array::from_fn(|j| hsum(_mm256_add_ps(acc[0][j], acc[1][j])))
+        // A last half step (rows are whole 16-code blocks).
+        while i + 8 <= n {
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                p.add(i) as *const __m128i
+            )));
+            acc[0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp.add(i)), acc[0]);
+            i += 8;
+        }
+        hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
     }
 }
 
