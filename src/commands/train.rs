@@ -129,18 +129,17 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         let mut spec = active
             .cloned()
             .unwrap_or_else(|| afm_text::tamm::TammLoraSpec::new("adapter", 32, 16.0));
-        let from_config = active.is_some();
         if let Some(r) = a.rank {
             spec.rank = r;
         }
         if let Some(al) = a.alpha {
             spec.alpha = al;
         }
-        if from_config && active.is_some_and(|c| c.rank != spec.rank) {
+        if let Some(c) = active.filter(|c| c.rank != spec.rank) {
             tracing::warn!(
                 "the base config's adapter '{}' has rank {}; tamm needs --out's adapter-config.json to load a rank-{} adapter",
                 spec.id,
-                active.map_or(0, |c| c.rank),
+                c.rank,
                 spec.rank
             );
         }

@@ -47,8 +47,9 @@ pub fn convert_tamm(
     let (mut map, adapter) = tamm::load_weights(&pt_path, &t, tch::Device::Cpu, kind)?;
     if let Some(a) = &adapter {
         // W += s·B·A in fp32, stored back in `kind`.
-        for m in a.modules().cloned().collect::<Vec<_>>() {
-            let Some((la, lb)) = a.module(&m) else {
+        let file = map.add_file(&pt_path);
+        for m in a.modules() {
+            let Some((la, lb)) = a.module(m) else {
                 continue;
             };
             let name = format!("{m}.weight");
@@ -57,7 +58,6 @@ pub fn convert_tamm(
                 .f_to_kind(Kind::Float)?
                 .f_matmul(&la.f_to_kind(Kind::Float)?)?
                 .f_mul_scalar(a.scale)?;
-            let file = map.add_file(&pt_path);
             map.insert(name, w.f_add(&delta)?.f_to_kind(kind)?, file);
         }
         tracing::info!(
@@ -73,13 +73,12 @@ pub fn convert_tamm(
         let t = map
             .raw(n)
             .ok_or_else(|| TextError::checkpoint(&pt_path, format!("missing tensor '{n}'")))?;
-        let t = if n.contains(".kv_quant.") || !t.is_floating_point() {
-            t.shallow_clone()
-        } else {
+        // Already in `kind` (load_weights converts as it reads; the KV quantiser's calibrated
+        // ranges stay fp32 and are no parameters).
+        if !n.contains(".kv_quant.") && t.is_floating_point() {
             params += t.numel() as u64;
-            t.f_to_kind(kind)?
-        };
-        tensors.push((n.clone(), t));
+        }
+        tensors.push((n.clone(), t.shallow_clone()));
         progress(i + 1, names.len());
     }
     // The tokenizer as it is (AFM SentencePiece + tamm's config); stop at EOS and <turn_end>.

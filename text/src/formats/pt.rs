@@ -566,24 +566,10 @@ impl PtFile {
             };
             done += n;
         }
-        let contiguous = {
-            let mut expect = 1i64;
-            let mut ok = true;
-            for (&s, &st) in t.size.iter().zip(&t.stride).rev() {
-                if s != 1 && st != expect {
-                    ok = false;
-                }
-                expect *= s;
-            }
-            ok
-        };
-        let out = if contiguous {
-            flat.f_view(t.size.as_slice())?
-        } else {
-            flat.f_as_strided(t.size.as_slice(), t.stride.as_slice(), Some(0))?
-                .f_contiguous()?
-        };
-        Ok(out)
+        // A view with the usual strides is already contiguous (no further copy).
+        Ok(flat
+            .f_as_strided(t.size.as_slice(), t.stride.as_slice(), Some(0))?
+            .f_contiguous()?)
     }
 }
 

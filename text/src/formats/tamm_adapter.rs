@@ -310,10 +310,9 @@ pub fn read_adapters(
         .iter()
         .map(|l| ((l.module.as_str(), l.part), l))
         .collect();
-    // id → our module → (a_transpose, b_transpose)
-    let mut ids: Vec<String> = Vec::new();
-    let mut found: HashMap<String, BTreeMap<String, [Option<Tensor>; 2]>> = HashMap::new();
-    let mut lin_of: HashMap<String, &AdaptableLinear> = HashMap::new();
+    // Per adapter id, in the file's order: our module → (its layer, [a_transpose, b_transpose]).
+    type Found<'l> = BTreeMap<String, (&'l AdaptableLinear, [Option<Tensor>; 2])>;
+    let mut found: Vec<(String, Found)> = Vec::new();
     for (name, r) in &pt.tensors {
         let Some((module, rest)) = name.split_once(".adapters.") else {
             continue;
@@ -357,16 +356,21 @@ pub fn read_adapters(
                 }
             )));
         }
-        if !found.contains_key(id) {
-            ids.push(id.to_string());
-        }
-        let entry = found.entry(id.to_string()).or_default();
-        let pair = entry.entry(l.ours.clone()).or_default();
+        let at = match found.iter().position(|(x, _)| x == id) {
+            Some(at) => at,
+            None => {
+                found.push((id.to_string(), BTreeMap::new()));
+                found.len() - 1
+            }
+        };
+        let (_, pair) = found[at]
+            .1
+            .entry(l.ours.clone())
+            .or_insert((l, [None, None]));
         pair[slot] = Some(pt.tensor(r)?);
-        lin_of.insert(l.ours.clone(), l);
     }
     let mut out = Vec::new();
-    for id in ids {
+    for (id, layers) in found {
         let spec = t.adapters.iter().find(|s| s.id == id).ok_or_else(|| {
             err(format!(
                 "adapter '{id}' has no LoRAModelAdapter spec in the base config (its α is unknown); the config has {}",
@@ -378,8 +382,7 @@ pub fn read_adapters(
             ))
         })?;
         let mut modules = BTreeMap::new();
-        for (ours, [a, b]) in found.remove(&id).unwrap_or_default() {
-            let l = lin_of[&ours];
+        for (ours, (l, [a, b])) in layers {
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(err(format!(
                     "adapter '{id}' on {}{}: a_transpose and b_transpose must both be there",

@@ -227,14 +227,7 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        match self.chat_format {
-            ChatFormat::Template => {
-                self.encode(&self.apply_chat_template(messages, add_generation_prompt)?)
-            }
-            ChatFormat::AfmV6 => {
-                self.encode_formatted(&self.apply_chat_template(messages, add_generation_prompt)?)
-            }
-        }
+        self.encode_formatted(&self.apply_chat_template(messages, add_generation_prompt)?)
     }
 
     /// Token ids of text already in the model's chat format (as [`Tokenizer::apply_chat_template`]
