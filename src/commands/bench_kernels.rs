@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use afm_text::gguf::GgmlType;
+use afm_text::quant::ggml;
 use afm_text::quant::packed::{gemv_isa, pack, Isa, Table};
 use afm_text::sampling::Rng;
 use tch::{Kind, Tensor};
@@ -146,6 +148,65 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
                 (rows * cols * 4) as f64 / (dense * 1e3)
             );
         }
+        bench_ggml(&a, &isas, rows, cols, &x, &w, &xt);
     }
     Ok(())
+}
+
+/// GGUF's blocks read natively (activations quantised to int8 inside each call, as a decode
+/// step does once per input), per instruction set.
+fn bench_ggml(
+    a: &Args,
+    isas: &[Isa],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    w: &Tensor,
+    xt: &Tensor,
+) {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ] {
+        if cols % ty.block().0 != 0 {
+            continue;
+        }
+        let data = ggml::random_blocks(ty, rows, cols, rows as u64 * 31 + cols as u64);
+        let mut acts = ggml::Q8Acts::default();
+        let mut y = vec![0f32; rows];
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); isas.len() + 1];
+        for _ in 0..a.rounds {
+            for (i, &isa) in isas.iter().enumerate() {
+                let t0 = Instant::now();
+                for _ in 0..a.calls {
+                    acts.quantize(x);
+                    ggml::gemv(isa, ty, &data, cols, &acts, &mut y);
+                }
+                times[i].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
+            }
+            let _g = tch::no_grad_guard();
+            let t0 = Instant::now();
+            for _ in 0..a.calls {
+                let _ = xt.matmul(&w.tr());
+            }
+            times[isas.len()].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
+        }
+        let med: Vec<f64> = times.into_iter().map(median).collect();
+        let dense = med[isas.len()];
+        for (i, isa) in isas.iter().enumerate() {
+            println!(
+                "| {rows}×{cols} | GGUF {} | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
+                ty.name(),
+                isa.name(),
+                med[i],
+                data.len() as f64 / (med[i] * 1e3),
+                med[0] / med[i],
+                dense / med[i]
+            );
+        }
+    }
 }

@@ -28,6 +28,12 @@ pub enum What {
         /// Stored dtype: fp32 keeps dequantised weights exact; bf16 halves the size.
         #[arg(long, default_value = "fp32")]
         dtype: String,
+        /// Keep GGUF's quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) byte for byte
+        /// instead of dequantising them: the model is as small as the GGUF and decodes with
+        /// the block kernels (int8 activations, as llama.cpp). Norms and unquantized tensors
+        /// are stored in --dtype.
+        #[arg(long)]
+        keep_blocks: bool,
     },
     /// A tamm model folder (Apple's adapter toolkit `assets/`: base-model-config.json +
     /// base-model.pt + tokenizer files) → config.json + model.safetensors (our names and RoPE
@@ -50,6 +56,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             input,
             out_dir,
             dtype,
+            keep_blocks,
         } => {
             let dtype = DType::parse(&dtype, tch::Device::Cpu)?;
             let bar = if ctx.quiet {
@@ -62,10 +69,16 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_message("converting");
-            let summary = convert_gguf(&input, &out_dir, dtype.kind(), |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            })
+            let summary = convert_gguf(
+                &input,
+                &out_dir,
+                dtype.kind(),
+                keep_blocks,
+                |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )
             .with_context(|| format!("converting {}", input.display()))?;
             bar.finish_and_clear();
             report(ctx, &summary);

@@ -25,7 +25,9 @@ pub use model::{
     attention, config, decoder, embedding, inspect, layer, linear, mlp, moe, norm, presets, ptmoe,
     ptmoe_config, rope,
 };
-pub use runtime::{cuda_stream, device, generation, kv_cache, sampling, speculative};
+pub use runtime::{
+    cpu_decode, cpu_pool, cuda_stream, device, generation, kv_cache, sampling, speculative,
+};
 
 pub use config::TextConfig;
 pub use decoder::{Decoder, Logits};

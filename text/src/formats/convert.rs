@@ -161,10 +161,16 @@ pub const OUTPUT_FILES: [&str; 4] = [
     "tokenizer_config.json",
 ];
 
+///
+/// With `keep_blocks`, 2-D weights stored in GGUF's quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K,
+/// Q5_K, Q6_K) are written byte for byte as U8 `NAME.{type}` tensors (rows reordered for our
+/// RoPE layout where llama.cpp permuted them), which the block kernels read directly
+/// ([`crate::quant::ggml`]); other tensors are stored in `kind`.
 pub fn convert_gguf(
     gguf: &Path,
     out: &Path,
     kind: Kind,
+    keep_blocks: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ConvertSummary> {
     for name in OUTPUT_FILES {
@@ -190,17 +196,31 @@ pub fn convert_gguf(
             );
             continue;
         };
-        let data = g.dequantize(info)?;
-        params += data.len() as u64;
-        let mut t = Tensor::f_from_slice(&data)?.f_reshape(info.shape().as_slice())?;
+        let shape = info.shape();
+        let (ty, bytes) = g.raw_bytes(info)?;
+        let native = keep_blocks && shape.len() == 2 && crate::quant::ggml::is_block_type(ty);
+        let (name, mut t) = if native {
+            params += info.numel();
+            let rows = shape[0];
+            let t = Tensor::f_from_slice(bytes)?.f_view([rows, -1])?;
+            (format!("{name}.{}", crate::quant::ggml::suffix(ty)), t)
+        } else {
+            let data = g.dequantize(info)?;
+            params += data.len() as u64;
+            (
+                name,
+                Tensor::f_from_slice(&data)?.f_reshape(shape.as_slice())?,
+            )
+        };
         if arch == "llama" {
-            if name.ends_with("q_proj.weight") {
+            if name.contains("q_proj.weight") {
                 t = unpermute(&t, cfg.num_attention_heads as i64)?;
-            } else if name.ends_with("k_proj.weight") {
+            } else if name.contains("k_proj.weight") {
                 t = unpermute(&t, cfg.num_kv_heads() as i64)?;
             }
         }
-        tensors.push((name, t.f_to_kind(kind)?));
+        let t = if native { t } else { t.f_to_kind(kind)? };
+        tensors.push((name, t));
         progress(i + 1, g.tensors.len());
     }
     std::fs::create_dir_all(out).map_err(|e| TextError::io(out, e))?;

@@ -380,6 +380,11 @@ impl GgufFile {
         Ok((ty, &self.mmap[start as usize..end as usize]))
     }
 
+    /// A tensor's type and its bytes as the file stores them.
+    pub fn raw_bytes(&self, t: &TensorInfo) -> Result<(GgmlType, &[u8])> {
+        self.tensor_bytes(t)
+    }
+
     /// Dequantise a tensor to f32 (row-major, PyTorch-order shape from [`TensorInfo::shape`]).
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let (ty, bytes) = self.tensor_bytes(t)?;

@@ -148,6 +148,22 @@ impl StepMask {
     }
 }
 
+/// An attention layer's shape and options, read-only.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnParts<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// The cache layer its K/V live in (its own, or its source's for a segment-1 layer).
+    pub cache_layer: usize,
+    pub rope: bool,
+    pub q_norm: Option<&'a RmsNorm>,
+    pub k_norm: Option<&'a RmsNorm>,
+    pub norm_after_rope: bool,
+    /// K/V are fake-quantised before the cache.
+    pub kv_quant: bool,
+}
+
 #[derive(Debug)]
 pub struct Attention {
     pub q_proj: Linear,
@@ -269,6 +285,21 @@ impl Attention {
             rope,
             norm_after_rope: cfg.qk_norm_after_rope,
         })
+    }
+
+    /// What the fused CPU decode step ([`crate::cpu_decode`]) needs besides the projections.
+    pub fn parts(&self) -> AttnParts<'_> {
+        AttnParts {
+            heads: self.heads as usize,
+            kv_heads: self.kv_heads as usize,
+            head_dim: self.head_dim as usize,
+            cache_layer: self.layer,
+            rope: self.rope,
+            q_norm: self.q_norm.as_ref(),
+            k_norm: self.k_norm.as_ref(),
+            norm_after_rope: self.norm_after_rope,
+            kv_quant: self.kv_quant.is_some(),
+        }
     }
 
     /// Whether Q and K are rotated (false: NoPE).

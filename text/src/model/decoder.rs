@@ -39,6 +39,9 @@ pub struct Decoder {
     rope: Rope,
     device: Device,
     kind: Kind,
+    /// Decode single tokens through the fused CPU step ([`crate::cpu_decode`]) when the model
+    /// and cache allow it (default on; `AFM_VL_FUSED_DECODE=0` turns it off).
+    fused_decode: bool,
 }
 
 /// Every tensor name of a configuration with its shape (HF Llama names).
@@ -116,7 +119,23 @@ impl Decoder {
             rope: Rope::new(cfg, w.device(), w.kind())?,
             device: w.device(),
             kind: w.kind(),
+            fused_decode: std::env::var("AFM_VL_FUSED_DECODE").map_or(true, |v| v != "0"),
         })
+    }
+
+    /// Turn the fused CPU decode step on or off (both paths compute the same function).
+    pub fn set_fused_decode(&mut self, on: bool) {
+        self.fused_decode = on;
+    }
+
+    /// Whether a one-token step with `cache` would take the fused CPU path.
+    pub fn fused_decode_applies(&self, cache: &KvCache) -> bool {
+        self.fused_decode && crate::cpu_decode::Plan::new(self).is_some_and(|p| p.fits(cache))
+    }
+
+    /// RoPE's cos and sign-folded sin at `pos` as fp32 rows (fused CPU step).
+    pub fn rope_row_f32(&self, pos: i64) -> Option<(&[f32], &[f32])> {
+        self.rope.row_f32(pos)
     }
 
     /// Random weights (N(0, 0.02²)) for a configuration, seeded: presets for tests and benches.
@@ -214,8 +233,45 @@ impl Decoder {
         logits: Logits,
         depth: usize,
     ) -> Result<Tensor> {
+        if let Some(l) = self.try_fused_step(x, mask, cache, depth)? {
+            return Ok(l);
+        }
         let x = self.forward_stack(x, mask, cache, logits, depth)?;
         Ok(self.lm_head.forward(&x)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// One token of one sequence on the CPU through [`crate::cpu_decode::step`], when the
+    /// model, the input and the cache allow it; `None` sends the step through libtorch.
+    fn try_fused_step(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        depth: usize,
+    ) -> Result<Option<Tensor>> {
+        let h = self.cfg.hidden_size as i64;
+        if !self.fused_decode
+            || depth < self.layers.len()
+            || mask.is_some()
+            || x.size() != [1, 1, h]
+            || x.requires_grad()
+            || cache.len() + 1 > self.cfg.max_position_embeddings as i64
+        {
+            return Ok(None);
+        }
+        let Some(plan) = crate::cpu_decode::Plan::new(self) else {
+            return Ok(None);
+        };
+        if !plan.fits(cache) {
+            return Ok(None);
+        }
+        let xv = Vec::<f32>::try_from(x.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
+        let logits = crate::cpu_decode::step(self, &plan, &xv, cache)?;
+        Ok(Some(Tensor::f_from_slice(&logits)?.f_view([
+            1,
+            1,
+            self.cfg.vocab_size as i64,
+        ])?))
     }
 
     /// The layers and the final norm (no head).

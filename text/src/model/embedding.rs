@@ -4,6 +4,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Result, TextError};
 use crate::linear::Linear;
+use crate::quant::ggml::GgmlWeight;
 use crate::quant::QuantizedWeight;
 use crate::weights::WeightMap;
 
@@ -12,6 +13,8 @@ enum Table {
     Dense(Tensor), // [vocab, hidden]
     /// Packed codes ([`crate::quant`]): lookups unpack only the rows they need.
     Quantized(QuantizedWeight, Kind),
+    /// GGUF blocks ([`crate::quant::ggml`]): lookups dequantise only the rows they need.
+    Ggml(GgmlWeight, Kind),
 }
 
 #[derive(Debug)]
@@ -25,7 +28,10 @@ impl Embedding {
     pub fn new(w: &WeightMap, name: &str, vocab: i64, hidden: i64) -> Result<Self> {
         let table = match QuantizedWeight::from_map(w, name, vocab, hidden)? {
             Some(q) => Table::Quantized(q, w.kind()),
-            None => Table::Dense(w.get(name, &[vocab, hidden])?),
+            None => match GgmlWeight::from_map(w, name, vocab, hidden)? {
+                Some(g) => Table::Ggml(g, w.kind()),
+                None => Table::Dense(w.get(name, &[vocab, hidden])?),
+            },
         };
         Ok(Self {
             table,
@@ -38,7 +44,7 @@ impl Embedding {
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.table {
             Table::Dense(t) => Some(t),
-            Table::Quantized(..) => None,
+            Table::Quantized(..) | Table::Ggml(..) => None,
         }
     }
 
@@ -46,7 +52,7 @@ impl Embedding {
     pub fn quantized(&self) -> Option<&QuantizedWeight> {
         match &self.table {
             Table::Quantized(q, _) => Some(q),
-            Table::Dense(_) => None,
+            Table::Dense(_) | Table::Ggml(..) => None,
         }
     }
 
@@ -59,6 +65,7 @@ impl Embedding {
         match &self.table {
             Table::Dense(t) => Linear::from_dense(t.shallow_clone(), None),
             Table::Quantized(q, kind) => Linear::from_quantized(q.shallow_clone(), None, *kind),
+            Table::Ggml(g, kind) => Linear::from_ggml(g.shallow_clone(), None, *kind),
         }
     }
 
@@ -74,6 +81,7 @@ impl Embedding {
         match &self.table {
             Table::Dense(t) => Ok(Tensor::f_embedding(t, ids, -1, false, false)?),
             Table::Quantized(q, kind) => q.rows_of(ids, *kind),
+            Table::Ggml(g, kind) => g.rows_of(ids, *kind),
         }
     }
 }

@@ -7,6 +7,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::quant::ggml::GgmlWeight;
 use crate::quant::QuantizedWeight;
 use crate::weights::WeightMap;
 
@@ -22,6 +23,9 @@ pub enum LinearWeight {
     /// fake-quantizer ([`crate::quant::qat::fake_quant`]) with a learnable clipping factor
     /// `f` (`[out, 1]`) on every forward; both are trained.
     FakeQuant(Box<crate::quant::qat::FakeQuantWeight>),
+    /// GGUF's quantized blocks as the file stores them ([`crate::quant::ggml`]); the matmul
+    /// reads them directly with int8 activations.
+    Ggml(Box<GgmlWeight>),
 }
 
 /// A low-rank update `s·B·A` applied on the fly.
@@ -85,6 +89,9 @@ impl Linear {
         if let Some(q) = QuantizedWeight::from_map(w, &name, out_features, in_features)? {
             return Ok(Self::from_quantized(q, bias, w.kind()));
         }
+        if let Some(g) = GgmlWeight::from_map(w, &name, out_features, in_features)? {
+            return Ok(Self::from_ggml(g, bias, w.kind()));
+        }
         let weight = w.get(&name, &[out_features, in_features])?;
         Ok(Self::from_dense(weight, bias))
     }
@@ -99,6 +106,23 @@ impl Linear {
             bias,
             kind,
         }
+    }
+
+    /// Wrap GGUF blocks; activations run in `kind`.
+    pub fn from_ggml(g: GgmlWeight, bias: Option<Tensor>, kind: Kind) -> Self {
+        Self {
+            in_features: g.cols(),
+            out_features: g.rows(),
+            weight: LinearWeight::Ggml(Box::new(g)),
+            lora: None,
+            bias,
+            kind,
+        }
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// Wrap an existing `[out, in]` tensor (shared storage, e.g. tied embeddings).
@@ -134,6 +158,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
             LinearWeight::Quantized(q) => q.stored_bytes(),
+            LinearWeight::Ggml(g) => g.stored_bytes(),
             LinearWeight::FakeQuant(q) => {
                 (q.w.numel() + q.f.numel()) * q.w.kind().elt_size_in_bytes()
             }
@@ -153,13 +178,17 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => w.device(),
             LinearWeight::Quantized(q) => q.device(),
+            LinearWeight::Ggml(_) => tch::Device::Cpu,
             LinearWeight::FakeQuant(q) => q.w.device(),
         }
     }
 
     /// Whether the weight is stored quantized.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Quantized(_))
+        matches!(
+            self.weight,
+            LinearWeight::Quantized(_) | LinearWeight::Ggml(_)
+        )
     }
 
     /// Replace the weight (QAT swaps a dense weight for a fake-quantized one and back).
@@ -231,6 +260,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
             LinearWeight::Quantized(q) => q.forward(x, self.bias.as_ref())?,
+            LinearWeight::Ggml(g) => g.forward(x, self.bias.as_ref())?,
             LinearWeight::FakeQuant(q) => {
                 let wq = crate::quant::qat::fake_quant(&q.w, &q.f, &q.spec)?.f_to_kind(x.kind())?;
                 x.f_linear(&wq, self.bias.as_ref())?

@@ -36,6 +36,11 @@ impl RmsNorm {
         self.dim
     }
 
+    /// The gain `[dim]` and ε.
+    pub fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
+    }
+
     // x: [..., dim] → [..., dim]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.kind() == Kind::Float {

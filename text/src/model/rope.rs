@@ -60,6 +60,29 @@ impl Rope {
         })
     }
 
+    /// cos and sign-folded sin of position `pos` as fp32 rows of `head_dim`, when the tables
+    /// are fp32 CPU tensors and the position lies in them without dynamic rescaling.
+    pub fn row_f32(&self, pos: i64) -> Option<(&[f32], &[f32])> {
+        let dynamic = matches!(self.scaling, Some((RopeScalingKind::Dynamic, _)));
+        if dynamic || pos < 0 || pos >= self.max_positions {
+            return None;
+        }
+        let ok = |t: &Tensor| crate::quant::packed::is_cpu_contiguous(t, Kind::Float);
+        if !ok(&self.cos_table) || !ok(&self.sin_table) {
+            return None;
+        }
+        let d = self.head_dim as usize;
+        let p = pos as usize;
+        // SAFETY: contiguous fp32 CPU tables owned by self (checked above).
+        let (c, s) = unsafe {
+            (
+                crate::quant::packed::cpu_slice::<f32>(&self.cos_table),
+                crate::quant::packed::cpu_slice::<f32>(&self.sin_table),
+            )
+        };
+        Some((&c[p * d..(p + 1) * d], &s[p * d..(p + 1) * d]))
+    }
+
     /// cos and sign-folded sin for `positions` [batch, seq] → each [batch, 1, seq, head_dim]
     /// in `kind`. `seq_len_hint` is the total sequence length (for dynamic NTK).
     pub fn cos_sin(

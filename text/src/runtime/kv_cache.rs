@@ -65,6 +65,18 @@ pub fn dequantize_kv(q: &Tensor, scale: &Tensor, kind: Kind) -> Result<Tensor> {
     Ok(q.f_to_kind(kind)?.f_mul(scale)?)
 }
 
+/// Where a batch-1 fp32 buffer's keys and values lie: head `h`'s token `t` starts at
+/// `(h·capacity + t)·head_dim`. Valid until the buffer grows or is dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct RawKv {
+    pub k: *const f32,
+    pub v: *const f32,
+    pub len: usize,
+    pub capacity: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
 /// One layer's own K/V storage.
 #[derive(Debug)]
 pub struct KvBuffer {
@@ -188,6 +200,74 @@ impl KvBuffer {
         }
         self.len += n;
         self.view()
+    }
+
+    /// A batch-1, unquantised fp32 CPU buffer: append one token's keys and values
+    /// (`[kv_heads·head_dim]` each, head after head) straight into the storage (the fused CPU
+    /// decode step).
+    pub fn append_token_f32(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let d = head_dim;
+        if self.bits != 16 || k.len() != kv_heads * d || v.len() != kv_heads * d {
+            return Err(TextError::InvalidArgument(
+                "append_token_f32 needs an unquantised buffer and [kv_heads·head_dim] inputs"
+                    .into(),
+            ));
+        }
+        if self.len + 1 > self.capacity() {
+            let like = Tensor::f_empty(
+                [1, kv_heads as i64, 1, d as i64],
+                (Kind::Float, Device::Cpu),
+            )?;
+            self.grow(self.len + 1, &like)?;
+        }
+        let Some(raw) = self.raw_f32() else {
+            return Err(TextError::InvalidArgument(
+                "append_token_f32 needs a batch-1 fp32 CPU buffer".into(),
+            ));
+        };
+        if raw.kv_heads != kv_heads || raw.head_dim != d {
+            return Err(TextError::InvalidArgument(format!(
+                "KV buffer holds {}×{} heads, the layer gives {kv_heads}×{d}",
+                raw.kv_heads, raw.head_dim
+            )));
+        }
+        let at = self.len as usize;
+        for h in 0..kv_heads {
+            let off = (h * raw.capacity + at) * d;
+            // SAFETY: the buffers are contiguous fp32 [1, kv_heads, capacity, d] CPU tensors
+            // owned by self, and at < capacity (grown above).
+            unsafe {
+                std::ptr::copy_nonoverlapping(k.as_ptr().add(h * d), raw.k.add(off) as *mut f32, d);
+                std::ptr::copy_nonoverlapping(v.as_ptr().add(h * d), raw.v.add(off) as *mut f32, d);
+            }
+        }
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Pointers into a batch-1, unquantised fp32 CPU buffer (`None` for any other).
+    pub fn raw_f32(&self) -> Option<RawKv> {
+        let (k, v) = (self.k.as_ref()?, self.v.as_ref()?);
+        let s = k.size();
+        let ok =
+            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
+        if self.bits != 16 || s[0] != 1 || !ok(k) || !ok(v) || v.size() != s {
+            return None;
+        }
+        Some(RawKv {
+            k: k.data_ptr() as *const f32,
+            v: v.data_ptr() as *const f32,
+            len: self.len as usize,
+            capacity: s[2] as usize,
+            kv_heads: s[1] as usize,
+            head_dim: s[3] as usize,
+        })
     }
 
     /// Views `[batch, kv_heads, len, head_dim]` of the cached keys and values.
@@ -679,6 +759,49 @@ impl KvCache {
                 "no cache for layer {layer}"
             ))),
         }
+    }
+
+    /// [`KvBuffer::append_token_f32`] for `layer` (a layer with its own, normal buffer).
+    pub fn append_token_f32(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        match self.layers.get_mut(layer) {
+            Some(LayerCache::Normal(buf)) => buf.append_token_f32(k, v, kv_heads, head_dim),
+            _ => Err(TextError::InvalidArgument(format!(
+                "layer {layer} has no normal KV buffer of its own"
+            ))),
+        }
+    }
+
+    /// [`KvBuffer::raw_f32`] of the buffer `layer` reads (its own or its source's); `None`
+    /// for rings, quantised or non-fp32 buffers, and during a first-token pass.
+    pub fn raw_f32(&self, layer: usize) -> Option<RawKv> {
+        if self.first_token_pass {
+            return None;
+        }
+        match self.layers.get(layer)? {
+            LayerCache::Normal(buf) => buf.raw_f32(),
+            LayerCache::Shared { source } => match self.layers.get(*source)? {
+                LayerCache::Normal(buf) => buf.raw_f32(),
+                _ => None,
+            },
+            LayerCache::Rotating(_) => None,
+        }
+    }
+
+    /// Whether `layer` has a normal buffer of its own that [`KvCache::append_token_f32`] can
+    /// extend (allocated or not yet), 16-bit.
+    pub fn can_append_token_f32(&self, layer: usize) -> bool {
+        !self.first_token_pass
+            && self.batch == 1
+            && self.device == Device::Cpu
+            && matches!(self.layers.get(layer), Some(LayerCache::Normal(b)) if b.bits == 16
+                && (b.k.is_none() || b.raw_f32().is_some()))
     }
 
     /// Keep only the first `len` tokens (unpadded caches: every row advanced together).

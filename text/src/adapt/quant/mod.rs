@@ -33,6 +33,7 @@
 //! inputs (prefill, training, GPUs) unpack the layer through libtorch into the compute dtype
 //! and run one matmul.
 
+pub mod ggml;
 pub mod packed;
 pub mod palette;
 pub mod qat;
@@ -360,14 +361,10 @@ impl QuantizedWeight {
         self.rows_of(&idx, kind)
     }
 
-    /// `x·Wᵀ (+ b)` for `x: [..., cols]`.
-    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let mut shape = x.size();
-        let n = x.numel() as i64 / self.cols.max(1);
-        let fast = n <= GEMV_MAX_ROWS
-            && x.device() == Device::Cpu
-            && !x.requires_grad()
-            && is_cpu_contiguous(&self.packed, Kind::Uint8)
+    /// The packed codes and their table for the CPU kernels ([`packed::gemv_rows`]), when
+    /// they are contiguous CPU tensors.
+    pub fn kernel_view(&self) -> Option<(&[u8], Table<'_>)> {
+        let ok = is_cpu_contiguous(&self.packed, Kind::Uint8)
             && self
                 .lut
                 .as_ref()
@@ -376,17 +373,12 @@ impl QuantizedWeight {
                 .scale
                 .as_ref()
                 .is_none_or(|s| is_cpu_contiguous(s, Kind::Float));
-        if !fast {
-            let w = self.dequantize(x.kind())?;
-            return Ok(x.f_linear(&w, bias)?);
+        if !ok {
+            return None;
         }
-        let xf = x
-            .f_reshape([n, self.cols])?
-            .f_to_kind(Kind::Float)?
-            .f_contiguous()?;
-        // SAFETY: every tensor read here is contiguous fp32/uint8 on the CPU (checked above) and
-        // lives until the end of this function.
-        let (xs, packed) = unsafe { (cpu_slice::<f32>(&xf), cpu_slice::<u8>(&self.packed)) };
+        // SAFETY: every tensor read here is contiguous fp32/uint8 on the CPU (checked above)
+        // and owned by self, which the returned slices borrow.
+        let packed = unsafe { cpu_slice::<u8>(&self.packed) };
         let table = match (&self.lut, &self.scale) {
             (Some(l), s) => Table::Lut {
                 lut: unsafe { cpu_slice::<f32>(l) },
@@ -399,10 +391,32 @@ impl QuantizedWeight {
             },
             (None, Some(s)) => Table::Scale {
                 scale: unsafe { cpu_slice::<f32>(s) },
-                offset: UniformSpec::new(self.bits)?.code_offset() as f32,
+                offset: UniformSpec::new(self.bits).ok()?.code_offset() as f32,
             },
-            (None, None) => unreachable!("assemble checks the tables"),
+            (None, None) => return None,
         };
+        Some((packed, table))
+    }
+
+    /// `x·Wᵀ (+ b)` for `x: [..., cols]`.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let mut shape = x.size();
+        let n = x.numel() as i64 / self.cols.max(1);
+        let view = if n <= GEMV_MAX_ROWS && x.device() == Device::Cpu && !x.requires_grad() {
+            self.kernel_view()
+        } else {
+            None
+        };
+        let Some((packed, table)) = view else {
+            let w = self.dequantize(x.kind())?;
+            return Ok(x.f_linear(&w, bias)?);
+        };
+        let xf = x
+            .f_reshape([n, self.cols])?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?;
+        // SAFETY: xf is contiguous fp32 on the CPU and lives until the end of this function.
+        let xs = unsafe { cpu_slice::<f32>(&xf) };
         let (rows, cols) = (self.rows as usize, self.cols as usize);
         let mut y = vec![0f32; n as usize * rows];
         for (xr, yr) in xs.chunks_exact(cols).zip(y.chunks_exact_mut(rows)) {

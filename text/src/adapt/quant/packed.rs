@@ -226,8 +226,38 @@ pub fn gemv_isa(
     y.par_chunks_mut(ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, ys)| {
+            gemv_rows(
+                isa,
+                packed,
+                table,
+                bits,
+                cols,
+                x,
+                sum_x,
+                task * ROWS_PER_TASK,
+                ys,
+            )
+        });
+}
+
+/// Rows `r0..r0 + ys.len()` of [`gemv_isa`] on the calling thread (`isa` available; `sum_x`
+/// = Σx, used by the 8-bit offset).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_rows(
+    isa: Isa,
+    packed: &[u8],
+    table: Table<'_>,
+    bits: u8,
+    cols: usize,
+    x: &[f32],
+    sum_x: f32,
+    r0: usize,
+    ys: &mut [f32],
+) {
+    let rb = packed_row_bytes(cols, bits);
+    {
+        {
             let mut lut16 = [0f32; 16];
-            let r0 = task * ROWS_PER_TASK;
             // Four rows at a time: four independent load streams and accumulator chains, and
             // each block of x is loaded once for the four (a single row is latency-bound).
             let mut done = 0;
@@ -283,7 +313,8 @@ pub fn gemv_isa(
                     }
                 };
             }
-        });
+        }
+    }
 }
 
 /// Four rows of LUT codes with a SIMD kernel set (`isa` is available and not scalar).

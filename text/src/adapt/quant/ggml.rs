@@ -1,0 +1,903 @@
+//! GGUF's quantized blocks, run natively: the weights stay exactly as a GGUF file stores them
+//! (llama.cpp's Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and the matrix–vector kernels read them
+//! directly, with the activations quantised on the fly to int8 per 32 values, as llama.cpp
+//! does.
+//!
+//! # Activations
+//!
+//! [`Q8Acts`]: for every 32 values `x`, `d = max|x| / 127`, `q = round(x / d)` (int8), and the
+//! sums `Σq` per 16 and per 32 values. The scale stays fp32 (llama.cpp rounds it to fp16).
+//!
+//! # Dot products (per weight block; integer sums exact, one float multiply-add per block)
+//!
+//! | weights | value                    | block term                                        |
+//! |---------|--------------------------|---------------------------------------------------|
+//! | Q4_0    | `d·(q − 8)`              | `d·dₓ·(Σ q·qₓ − 8·Σqₓ)`                            |
+//! | Q4_1    | `d·q + m`                | `d·dₓ·Σ q·qₓ + m·dₓ·Σqₓ`                           |
+//! | Q8_0    | `d·q`                    | `d·dₓ·Σ q·qₓ`                                     |
+//! | Q4_K    | `d·sⱼ·q − dmin·mⱼ` (32s) | `Σⱼ dₓⱼ·(d·sⱼ·Σ q·qₓ − dmin·mⱼ·Σqₓ)`                 |
+//! | Q5_K    | as Q4_K, 5-bit `q`       | as Q4_K                                           |
+//! | Q6_K    | `d·sⱼ·(q − 32)` (16s)    | `Σⱼ d·sⱼ·dₓ·(Σ q·qₓ − 32·Σqₓ)` over 16-value groups |
+//!
+//! [`row_dot_scalar`] is the portable reference; the AVX2 kernels compute the same integer
+//! sums (exactly) and differ only in the order the float block terms are added.
+
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TextError};
+use crate::gguf::GgmlType;
+use crate::quant::packed::Isa;
+use crate::weights::WeightMap;
+
+/// Values per activation block.
+pub const QK: usize = 32;
+
+/// The GGUF block types the kernels read (F32/F16/BF16 tensors are loaded dense instead).
+pub fn is_block_type(ty: GgmlType) -> bool {
+    BLOCK_TYPES.contains(&ty)
+}
+
+/// Activations quantised to int8 per 32 values (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Q8Acts {
+    pub q: Vec<i8>,
+    /// One scale per 32 values.
+    pub d: Vec<f32>,
+    /// `d·Σq` per 32 values (the offset term of Q4_1).
+    pub s: Vec<f32>,
+    /// `Σq` per 32 values.
+    pub sum32: Vec<i32>,
+    /// `Σq` per 16 values.
+    pub sum16: Vec<i32>,
+}
+
+impl Q8Acts {
+    /// Quantise `x` (its length a multiple of 32) into `self`, reusing its buffers.
+    pub fn quantize(&mut self, x: &[f32]) {
+        let nb = x.len() / QK;
+        self.q.resize(nb * QK, 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        self.sum32.resize(nb, 0);
+        self.sum16.resize(2 * nb, 0);
+        for b in 0..nb {
+            let xs = &x[b * QK..(b + 1) * QK];
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let qs = &mut self.q[b * QK..(b + 1) * QK];
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            }
+            let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
+            let hi: i32 = qs[16..].iter().map(|&q| q as i32).sum();
+            self.d[b] = d;
+            self.sum16[2 * b] = lo;
+            self.sum16[2 * b + 1] = hi;
+            self.sum32[b] = lo + hi;
+            self.s[b] = d * (lo + hi) as f32;
+        }
+    }
+
+    pub fn from_slice(x: &[f32]) -> Self {
+        let mut a = Self::default();
+        a.quantize(x);
+        a
+    }
+
+    /// The quantised values back as floats (what the kernels effectively multiply with).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| self.d[i / QK] * q as f32)
+            .collect()
+    }
+}
+
+/// Bytes of one row of `cols` values of `ty`.
+pub fn row_bytes(ty: GgmlType, cols: usize) -> usize {
+    let (bs, bb) = ty.block();
+    cols / bs * bb
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// The 6-bit scale and min of sub-block `j` in a K-quant's packed `scales[12]`.
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// `Σ w·x` for one row of `ty` blocks and its quantised activations: the portable reference.
+pub fn row_dot_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
+    let (bs, bb) = ty.block();
+    let mut acc = 0f32;
+    for (b, w) in row.chunks_exact(bb).enumerate() {
+        let x0 = b * bs / QK; // first activation block
+        acc += match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let off = if ty == GgmlType::Q4_0 { 2 } else { 4 };
+                let qs = &w[off..off + 16];
+                let xq = &a.q[x0 * QK..(x0 + 1) * QK];
+                let mut isum = 0i32;
+                for j in 0..16 {
+                    isum += (qs[j] & 0xF) as i32 * xq[j] as i32;
+                    isum += (qs[j] >> 4) as i32 * xq[j + 16] as i32;
+                }
+                let d = f16_at(w, 0);
+                if ty == GgmlType::Q4_0 {
+                    d * a.d[x0] * (isum - 8 * a.sum32[x0]) as f32
+                } else {
+                    d * a.d[x0] * isum as f32 + f16_at(w, 2) * a.s[x0]
+                }
+            }
+            GgmlType::Q8_0 => {
+                let xq = &a.q[x0 * QK..(x0 + 1) * QK];
+                let isum: i32 = w[2..34]
+                    .iter()
+                    .zip(xq)
+                    .map(|(&q, &x)| (q as i8) as i32 * x as i32)
+                    .sum();
+                f16_at(w, 0) * a.d[x0] * isum as f32
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (d, dmin) = (f16_at(w, 0), f16_at(w, 2));
+                let scales = &w[4..16];
+                let five = ty == GgmlType::Q5K;
+                let (qh, ql) = if five {
+                    (&w[16..48], &w[48..176])
+                } else {
+                    (&w[0..0], &w[16..144])
+                };
+                let mut t = 0f32;
+                for j in 0..8 {
+                    // Sub-block j: 32 values, low nibbles of ql[32·(j/2)..] for even j, high
+                    // nibbles for odd j; the fifth bit is bit j of qh[l].
+                    let (sc, m) = scale_min_k4(j, scales);
+                    let q = &ql[32 * (j / 2)..32 * (j / 2) + 32];
+                    let xb = x0 + j;
+                    let xq = &a.q[xb * QK..(xb + 1) * QK];
+                    let mut isum = 0i32;
+                    for l in 0..32 {
+                        let mut v = if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 } as i32;
+                        if five && qh[l] & (1 << j) != 0 {
+                            v += 16;
+                        }
+                        isum += v * xq[l] as i32;
+                    }
+                    t += a.d[xb]
+                        * (d * sc as f32 * isum as f32 - dmin * m as f32 * a.sum32[xb] as f32);
+                }
+                t
+            }
+            GgmlType::Q6K => {
+                let d = f16_at(w, 208);
+                let (ql, qh, sc) = (&w[0..128], &w[128..192], &w[192..208]);
+                let mut t = 0f32;
+                // Values n = 128·h + 32·k + l (h half, k quarter, l < 32).
+                for g in 0..16 {
+                    // 16-value group g covers values 16g..16g+16.
+                    let (h, k, l0) = (g / 8, (g / 2) % 4, 16 * (g % 2));
+                    let xb = x0 + g / 2;
+                    let xq = &a.q[xb * QK + l0..xb * QK + l0 + 16];
+                    let mut isum = 0i32;
+                    for i in 0..16 {
+                        let l = l0 + i;
+                        let lo = ql[64 * h + l + 32 * (k % 2)];
+                        let lo = if k < 2 { lo & 0xF } else { lo >> 4 };
+                        let hi = (qh[32 * h + l] >> (2 * k)) & 3;
+                        isum += ((lo | (hi << 4)) as i32) * xq[i] as i32;
+                    }
+                    let sub = a.sum16[2 * xb + (g % 2)];
+                    // Scale index: 8·h + (l / 16) + 2·k.
+                    let s = sc[8 * h + l0 / 16 + 2 * k] as i8 as f32;
+                    t += d * s * a.d[xb] * (isum - 32 * sub) as f32;
+                }
+                t
+            }
+            _ => 0.0,
+        };
+    }
+    acc
+}
+
+/// `Σ w·x` for one row with the kernels of `isa` (one of [`Isa::available`]).
+pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) {
+        // SAFETY: AVX2 + FMA + F16C were detected at run time (Isa::available requires AVX2
+        // and FMA; every such CPU has F16C, checked again here); the row holds whole blocks and
+        // the activations cover them.
+        if std::arch::is_x86_feature_detected!("f16c") {
+            match ty {
+                GgmlType::Q4_0 => {
+                    return unsafe { avx2::rows32::<{ avx2::T_Q4_0 }, 1>([row], a)[0] }
+                }
+                GgmlType::Q4_1 => {
+                    return unsafe { avx2::rows32::<{ avx2::T_Q4_1 }, 1>([row], a)[0] }
+                }
+                GgmlType::Q8_0 => {
+                    return unsafe { avx2::rows32::<{ avx2::T_Q8_0 }, 1>([row], a)[0] }
+                }
+                GgmlType::Q4K => return unsafe { avx2::q4_k(row, a) },
+                GgmlType::Q6K => return unsafe { avx2::q6_k(row, a) },
+                _ => {}
+            }
+        }
+    }
+    let _ = isa;
+    row_dot_scalar(ty, row, a)
+}
+
+/// `y[r] = Σ_c W[r, c]·x[c]` for rows `r0..r0 + y.len()` of a `[rows, cols]` matrix of `ty`
+/// blocks (no threading: callers split the rows).
+pub fn gemv_rows(
+    isa: Isa,
+    ty: GgmlType,
+    data: &[u8],
+    cols: usize,
+    a: &Q8Acts,
+    r0: usize,
+    y: &mut [f32],
+) {
+    let rb = row_bytes(ty, cols);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512)
+        && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        while done + 4 <= y.len() {
+            let rows: [&[u8]; 4] =
+                std::array::from_fn(|j| &data[(r0 + done + j) * rb..(r0 + done + j + 1) * rb]);
+            // SAFETY: as in row_dot.
+            let v = unsafe {
+                match ty {
+                    GgmlType::Q4_0 => avx2::rows32::<{ avx2::T_Q4_0 }, 4>(rows, a),
+                    GgmlType::Q4_1 => avx2::rows32::<{ avx2::T_Q4_1 }, 4>(rows, a),
+                    _ => avx2::rows32::<{ avx2::T_Q8_0 }, 4>(rows, a),
+                }
+            };
+            y[done..done + 4].copy_from_slice(&v);
+            done += 4;
+        }
+    }
+    for (i, yr) in y.iter_mut().enumerate().skip(done) {
+        let r = r0 + i;
+        *yr = row_dot(isa, ty, &data[r * rb..(r + 1) * rb], a);
+    }
+}
+
+/// [`gemv_rows`] over all rows, rayon-parallel.
+pub fn gemv(isa: Isa, ty: GgmlType, data: &[u8], cols: usize, a: &Q8Acts, y: &mut [f32]) {
+    const ROWS_PER_TASK: usize = 64;
+    y.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, ys)| gemv_rows(isa, ty, data, cols, a, t * ROWS_PER_TASK, ys));
+}
+
+/// One row of `ty` blocks as floats, `out.len() = cols` (an embedding lookup).
+pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    out.copy_from_slice(&crate::gguf::dequantize(ty, row));
+}
+
+/// Quantise one row to `ty` blocks as llama.cpp's reference quantisers do (Q4_0, Q4_1, Q8_0;
+/// the K-quants' search-based quantisers are not reimplemented). `x.len()` is a multiple of 32.
+pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(row_bytes(ty, x.len()));
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    for b in x.chunks(QK) {
+        if b.len() != QK {
+            return Err(TextError::InvalidArgument(format!(
+                "{} rows are whole 32-value blocks, got {} values",
+                ty.name(),
+                x.len()
+            )));
+        }
+        match ty {
+            GgmlType::Q8_0 => {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16(d));
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            GgmlType::Q4_0 => {
+                // The value of largest magnitude maps to −8.
+                let max = b
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16(d));
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+            GgmlType::Q4_1 => {
+                let min = b.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                let max = b.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16(d));
+                out.extend(f16(min));
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+            _ => {
+                return Err(TextError::InvalidArgument(format!(
+                    "quantising to {} is not supported (Q4_0, Q4_1, Q8_0 are)",
+                    ty.name()
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The tensor-name suffix a weight `NAME` of `ty` blocks is stored under (`NAME.q4_1`, …).
+pub fn suffix(ty: GgmlType) -> String {
+    ty.name().to_ascii_lowercase()
+}
+
+/// A `[rows, cols]` weight kept as GGUF blocks: uint8 `[rows, row_bytes]`, each row its
+/// blocks in order, byte for byte as the GGUF file holds them.
+#[derive(Debug)]
+pub struct GgmlWeight {
+    data: Tensor,
+    ty: GgmlType,
+    rows: i64,
+    cols: i64,
+}
+
+impl GgmlWeight {
+    /// From the raw bytes of a GGUF tensor of PyTorch shape `[rows, cols]`.
+    pub fn from_bytes(ty: GgmlType, bytes: &[u8], rows: i64, cols: i64) -> Result<Self> {
+        let rb = Self::check(ty, rows, cols, bytes.len())?;
+        let data = Tensor::f_from_slice(bytes)?.f_view([rows, rb as i64])?;
+        Ok(Self {
+            data,
+            ty,
+            rows,
+            cols,
+        })
+    }
+
+    /// Quantise a row-major fp32 `[rows, cols]` matrix ([`quantize_row`]).
+    pub fn quantize(ty: GgmlType, w: &[f32], rows: i64, cols: i64) -> Result<Self> {
+        if rows <= 0 || cols <= 0 || w.len() != (rows * cols) as usize {
+            return Err(TextError::InvalidArgument(format!(
+                "{} values for a [{rows}, {cols}] weight",
+                w.len()
+            )));
+        }
+        let mut bytes = Vec::new();
+        for r in w.chunks(cols as usize) {
+            bytes.extend(quantize_row(ty, r)?);
+        }
+        Self::from_bytes(ty, &bytes, rows, cols)
+    }
+
+    fn check(ty: GgmlType, rows: i64, cols: i64, len: usize) -> Result<usize> {
+        if !is_block_type(ty) || rows <= 0 || cols <= 0 || cols as usize % ty.block().0 != 0 {
+            return Err(TextError::InvalidArgument(format!(
+                "{} blocks cannot hold a [{rows}, {cols}] weight (rows of whole {}-value blocks)",
+                ty.name(),
+                ty.block().0
+            )));
+        }
+        let rb = row_bytes(ty, cols as usize);
+        if len != rows as usize * rb {
+            return Err(TextError::InvalidArgument(format!(
+                "{len} bytes for a [{rows}, {cols}] {} weight (expected {})",
+                ty.name(),
+                rows as usize * rb
+            )));
+        }
+        Ok(rb)
+    }
+
+    /// `name.{type}` (U8 `[rows, row_bytes]`) from a weight map, if present for one of the
+    /// block types; the shape is checked, errors name the file and tensor.
+    pub fn from_map(w: &WeightMap, name: &str, rows: i64, cols: i64) -> Result<Option<Self>> {
+        for ty in BLOCK_TYPES {
+            let tname = format!("{name}.{}", suffix(ty));
+            let Some(t) = w.raw(&tname) else { continue };
+            let err = |msg: String| TextError::checkpoint(w.file_of(&tname), msg);
+            let ok_shape = cols > 0 && cols as usize % ty.block().0 == 0 && {
+                let rb = row_bytes(ty, cols as usize) as i64;
+                t.size() == [rows, rb]
+            };
+            if t.kind() != Kind::Uint8 || !ok_shape {
+                return Err(err(format!(
+                    "tensor '{tname}' is {:?} {:?}: a [{rows}, {cols}] weight in {} blocks is U8 \
+                     [{rows}, {}]",
+                    t.kind(),
+                    t.size(),
+                    ty.name(),
+                    if cols > 0 && cols as usize % ty.block().0 == 0 {
+                        row_bytes(ty, cols as usize).to_string()
+                    } else {
+                        format!("(columns not a multiple of {})", ty.block().0)
+                    }
+                )));
+            }
+            let data = t.f_to_device(Device::Cpu)?.f_contiguous()?;
+            return Ok(Some(Self {
+                data,
+                ty,
+                rows,
+                cols,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The tensor this weight is stored as under `name`.
+    pub fn tensors(&self, name: &str) -> Vec<(String, Tensor)> {
+        vec![(
+            format!("{name}.{}", suffix(self.ty)),
+            self.data.shallow_clone(),
+        )]
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    pub fn rows(&self) -> i64 {
+        self.rows
+    }
+    pub fn cols(&self) -> i64 {
+        self.cols
+    }
+    pub fn stored_bytes(&self) -> usize {
+        self.data.numel()
+    }
+    pub fn bits_per_weight(&self) -> f64 {
+        let (bs, bb) = self.ty.block();
+        8.0 * bb as f64 / bs as f64
+    }
+
+    /// The blocks, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `data` is a contiguous CPU uint8 tensor (checked on construction) owned by
+        // self.
+        unsafe { crate::quant::packed::cpu_slice::<u8>(&self.data) }
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            data: self.data.shallow_clone(),
+            ..*self
+        }
+    }
+
+    /// Rows `idx` (any shape, int64) as floats in `kind`: `[..idx, cols]` (embedding lookups).
+    pub fn rows_of(&self, idx: &Tensor, kind: Kind) -> Result<Tensor> {
+        let ids = Vec::<i64>::try_from(idx.f_flatten(0, -1)?.f_to_device(Device::Cpu)?)?;
+        let (cols, rb) = (self.cols as usize, row_bytes(self.ty, self.cols as usize));
+        let bytes = self.bytes();
+        let mut out = vec![0f32; ids.len() * cols];
+        for (o, &r) in out.chunks_exact_mut(cols).zip(&ids) {
+            if r < 0 || r >= self.rows {
+                return Err(TextError::InvalidArgument(format!(
+                    "row {r} of a {}-row table",
+                    self.rows
+                )));
+            }
+            let r = r as usize;
+            dequantize_row(self.ty, &bytes[r * rb..(r + 1) * rb], o);
+        }
+        let mut shape = idx.size();
+        shape.push(self.cols);
+        Ok(Tensor::f_from_slice(&out)?
+            .f_view(shape.as_slice())?
+            .f_to_kind(kind)?)
+    }
+
+    /// The whole `[rows, cols]` matrix in `kind` (bit-exact fp32 values, as gguf-py gives).
+    pub fn dequantize(&self, kind: Kind) -> Result<Tensor> {
+        let v = crate::gguf::dequantize(self.ty, self.bytes());
+        Ok(Tensor::f_from_slice(&v)?
+            .f_view([self.rows, self.cols])?
+            .f_to_kind(kind)?)
+    }
+
+    /// `x·Wᵀ (+ b)` for `x: [..., cols]`: a decode step (at most
+    /// [`crate::quant::GEMV_MAX_ROWS`] rows, CPU, no autograd) runs the block kernels with
+    /// int8 activations; longer inputs dequantise the matrix and run one matmul.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let n = x.numel() as i64 / self.cols.max(1);
+        if n > crate::quant::GEMV_MAX_ROWS || x.device() != Device::Cpu || x.requires_grad() {
+            let w = self.dequantize(x.kind())?.f_to_device(x.device())?;
+            return Ok(x.f_linear(
+                &w,
+                bias.map(|b| b.f_to_device(x.device()))
+                    .transpose()?
+                    .as_ref(),
+            )?);
+        }
+        let mut shape = x.size();
+        let xf = x
+            .f_reshape([n, self.cols])?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?;
+        let xs = Vec::<f32>::try_from(xf.f_flatten(0, -1)?)?;
+        let (rows, cols) = (self.rows as usize, self.cols as usize);
+        let mut y = vec![0f32; n as usize * rows];
+        let mut acts = Q8Acts::default();
+        let isa = Isa::current();
+        for (xr, yr) in xs.chunks_exact(cols).zip(y.chunks_exact_mut(rows)) {
+            acts.quantize(xr);
+            gemv(isa, self.ty, self.bytes(), cols, &acts, yr);
+        }
+        shape.pop();
+        shape.push(self.rows);
+        let mut out = Tensor::f_from_slice(&y)?.f_view(shape.as_slice())?;
+        if let Some(b) = bias {
+            out = out.f_add(&b.f_to_kind(Kind::Float)?)?;
+        }
+        Ok(out.f_to_kind(x.kind())?)
+    }
+}
+
+const BLOCK_TYPES: [GgmlType; 6] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+/// Random blocks for `rows` rows of `ty` with sane fp16 scales in every block (kernel tests
+/// and benchmarks), seeded.
+pub fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Lcg(seed);
+    let (_, bb) = ty.block();
+    let mut out = vec![0u8; rows * row_bytes(ty, cols)];
+    for blk in out.chunks_exact_mut(bb) {
+        for v in blk.iter_mut() {
+            *v = rng.next() as u8;
+        }
+        let mut put = |at: usize, v: f32| {
+            blk[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
+        };
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => put(0, 0.01 + 0.02 * rng.f().abs()),
+            GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K => {
+                put(0, 0.01 + 0.02 * rng.f().abs());
+                put(2, 0.02 * rng.f());
+            }
+            GgmlType::Q6K => put(208, 0.001 + 0.002 * rng.f().abs()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A deterministic pseudo-random stream (tests and benchmarks).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    /// Uniform in [−1, 1).
+    pub fn f(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Q8Acts, QK};
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16(p: *const u8) -> f32 {
+        let h = std::ptr::read_unaligned(p as *const u16);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    /// 16 bytes of nibbles → 32 bytes: low nibbles in the low lane, high nibbles in the high.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(v), v);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+
+    /// Σ u·s over 32 unsigned × signed byte pairs, as 8 i32 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_us(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    /// Block `b` of a 32-value block row: its integer sums with the activations (8 lanes),
+    /// and its scale `d` (and min `m` for Q4_1; Q4_0's −8 offset is folded in by the caller).
+    #[inline(always)]
+    unsafe fn block32<const TY: u8>(w: *const u8, xq: *const i8, b: usize) -> (__m256i, f32, f32) {
+        let x = _mm256_loadu_si256(xq.add(QK * b) as *const __m256i);
+        match TY {
+            T_Q4_0 => {
+                let wb = w.add(18 * b);
+                (dot_us(nibbles(wb.add(2)), x), f16(wb), 0.0)
+            }
+            T_Q4_1 => {
+                let wb = w.add(20 * b);
+                (dot_us(nibbles(wb.add(4)), x), f16(wb), f16(wb.add(2)))
+            }
+            _ => {
+                let wb = w.add(34 * b);
+                let q = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                // Signed × signed through maddubs: |q| × (x with q's sign).
+                (
+                    dot_us(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+                    f16(wb),
+                    0.0,
+                )
+            }
+        }
+    }
+
+    pub const T_Q4_0: u8 = 0;
+    pub const T_Q4_1: u8 = 1;
+    pub const T_Q8_0: u8 = 2;
+
+    /// `N` rows of 32-value blocks at once: `N` independent accumulator chains; the
+    /// activations' per-block factors are read once for all rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows32<const TY: u8, const N: usize>(rows: [&[u8]; N], a: &Q8Acts) -> [f32; N] {
+        let nb = a.d.len().min(rows[0].len() / [18, 20, 34][TY as usize]);
+        let (xq, xd, xs) = (a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offs = [0f32; N];
+        for b in 0..nb {
+            let (dx, sx) = (*xd.add(b), *xs.add(b));
+            for j in 0..N {
+                let (p, d, m) = block32::<TY>(rows[j].as_ptr(), xq, b);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(p), acc[j]);
+                match TY {
+                    T_Q4_1 => offs[j] += m * sx,
+                    T_Q4_0 => offs[j] -= 8.0 * d * sx,
+                    _ => {}
+                }
+            }
+        }
+        std::array::from_fn(|j| hsum(acc[j]) + offs[j])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_k(row: &[u8], a: &Q8Acts) -> f32 {
+        let nb = row.len() / 144;
+        let xq = a.q.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        let mut offs = 0f32;
+        for b in 0..nb {
+            let w = &row[144 * b..144 * (b + 1)];
+            let (d, dmin) = (f16(w.as_ptr()), f16(w.as_ptr().add(2)));
+            let ql = w.as_ptr().add(16);
+            for jj in 0..4 {
+                // Sub-blocks 2·jj (low nibbles) and 2·jj + 1 (high nibbles) share 32 bytes.
+                let v = _mm256_loadu_si256(ql.add(32 * jj) as *const __m256i);
+                let lo = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), _mm256_set1_epi8(0x0F));
+                for (h, q) in [(0, lo), (1, hi)] {
+                    let j = 2 * jj + h;
+                    let xb = 8 * b + j;
+                    let (sc, m) = super::scale_min_k4(j, &w[4..16]);
+                    let p = dot_us(q, _mm256_loadu_si256(xq.add(QK * xb) as *const __m256i));
+                    acc = _mm256_fmadd_ps(
+                        _mm256_set1_ps(a.d[xb] * d * sc as f32),
+                        _mm256_cvtepi32_ps(p),
+                        acc,
+                    );
+                    offs -= a.d[xb] * dmin * m as f32 * a.sum32[xb] as f32;
+                }
+            }
+        }
+        hsum(acc) + offs
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6_k(row: &[u8], a: &Q8Acts) -> f32 {
+        let nb = row.len() / 210;
+        let xq = a.q.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        let mut offs = 0f32;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        for b in 0..nb {
+            let w = row.as_ptr().add(210 * b);
+            let d = f16(w.add(208));
+            let sc = w.add(192) as *const i8;
+            for h in 0..2 {
+                let ql0 = _mm256_loadu_si256(w.add(64 * h) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(w.add(64 * h + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(w.add(128 + 32 * h) as *const __m256i);
+                for k in 0..4 {
+                    let lo = match k {
+                        0 => _mm256_and_si256(ql0, m4),
+                        1 => _mm256_and_si256(ql1, m4),
+                        2 => _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                        _ => _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                    };
+                    let hi =
+                        _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k as i32)), m2);
+                    let q = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi));
+                    let xb = 8 * b + 4 * h + k;
+                    let x = _mm256_loadu_si256(xq.add(QK * xb) as *const __m256i);
+                    // i16 pair sums: lanes 0..8 are values 0..16, lanes 8..16 values 16..32.
+                    let p16 = _mm256_maddubs_epi16(q, x);
+                    let s0 = *sc.add(8 * h + 2 * k) as i16;
+                    let s1 = *sc.add(8 * h + 2 * k + 1) as i16;
+                    let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                    let p = _mm256_madd_epi16(p16, scales);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[xb]), _mm256_cvtepi32_ps(p), acc);
+                    let sub = s0 as i32 * a.sum16[2 * xb] + s1 as i32 * a.sum16[2 * xb + 1];
+                    offs -= d * a.d[xb] * (32 * sub) as f32;
+                }
+            }
+        }
+        hsum(acc) + offs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Lcg) -> Vec<u8> {
+        super::random_blocks(ty, rows, cols, rng.next() as u64)
+    }
+
+    const TYPES: [GgmlType; 6] = BLOCK_TYPES;
+
+    #[test]
+    fn scalar_reference_equals_the_dequantized_dot_product() {
+        // Σ dequant(w)·dequant(x_q) in f64 = the block-wise integer formula.
+        let mut rng = Lcg(7);
+        for ty in TYPES {
+            let cols = ty.block().0 * 3;
+            let w = random_blocks(ty, 5, cols, &mut rng);
+            let x: Vec<f32> = (0..cols).map(|_| rng.f() * 3.0).collect();
+            let a = Q8Acts::from_slice(&x);
+            let xd = a.dequantize();
+            for r in 0..5 {
+                let row = &w[r * row_bytes(ty, cols)..(r + 1) * row_bytes(ty, cols)];
+                let wd = crate::gguf::dequantize(ty, row);
+                let want: f64 = wd.iter().zip(&xd).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let scale: f64 = wd
+                    .iter()
+                    .zip(&xd)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                let got = row_dot_scalar(ty, row, &a) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * scale + 1e-6,
+                    "{}: {got} vs {want} (scale {scale})",
+                    ty.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reference_quantisers_round_trip_within_half_a_step() {
+        let mut rng = Lcg(9);
+        let x: Vec<f32> = (0..96).map(|_| rng.f() * 2.0).collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let b = quantize_row(ty, &x).unwrap();
+            assert_eq!(b.len(), row_bytes(ty, 96));
+            let back = crate::gguf::dequantize(ty, &b);
+            for (blk, (xs, ys)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+                let (lo, hi) = xs
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, c), &v| (a.min(v), c.max(v)));
+                let step = match ty {
+                    GgmlType::Q8_0 => lo.abs().max(hi.abs()) / 127.0,
+                    GgmlType::Q4_0 => lo.abs().max(hi.abs()) / 8.0,
+                    _ => (hi - lo) / 15.0,
+                };
+                // Half a step, plus the fp16 rounding of the scale (and min); Q4_0 maps the
+                // largest magnitude to −8, so the other end (+8) clamps to 7: one step there.
+                let bound = if ty == GgmlType::Q4_0 {
+                    step
+                } else {
+                    0.5 * step
+                };
+                for (a, b) in xs.iter().zip(ys) {
+                    assert!(
+                        (a - b).abs() <= bound * 1.01 + 2e-3,
+                        "{} block {blk}",
+                        ty.name()
+                    );
+                }
+            }
+        }
+        assert!(quantize_row(GgmlType::Q6K, &x).is_err());
+        assert!(quantize_row(GgmlType::Q8_0, &x[..40]).is_err());
+    }
+
+    #[test]
+    fn activation_quantization_is_within_half_a_step() {
+        let mut rng = Lcg(3);
+        let x: Vec<f32> = (0..96).map(|i| rng.f() * (1 + i % 7) as f32).collect();
+        let a = Q8Acts::from_slice(&x);
+        for (i, (v, q)) in x.iter().zip(a.dequantize()).enumerate() {
+            assert!((v - q).abs() <= a.d[i / QK] * 0.5 + 1e-7);
+        }
+        assert_eq!(
+            a.sum32[1],
+            a.q[32..64].iter().map(|&q| q as i32).sum::<i32>()
+        );
+        assert_eq!(
+            a.sum16[3],
+            a.q[48..64].iter().map(|&q| q as i32).sum::<i32>()
+        );
+        // An all-zero block quantises to zeros with a zero scale (no NaN).
+        let z = Q8Acts::from_slice(&[0.0; 32]);
+        assert_eq!((z.d[0], z.q.iter().all(|&q| q == 0)), (0.0, true));
+    }
+
+    #[test]
+    fn every_kernel_set_equals_the_scalar_reference() {
+        let mut rng = Lcg(11);
+        for isa in Isa::available() {
+            for ty in TYPES {
+                let bs = ty.block().0;
+                for nblk in [1usize, 2, 3, 7, 18] {
+                    let cols = bs * nblk;
+                    let rows = 1 + (rng.next() % 9) as usize;
+                    let w = random_blocks(ty, rows, cols, &mut rng);
+                    let x: Vec<f32> = (0..cols).map(|_| rng.f() * 2.0).collect();
+                    let a = Q8Acts::from_slice(&x);
+                    let mut got = vec![0f32; rows];
+                    gemv(isa, ty, &w, cols, &a, &mut got);
+                    let rb = row_bytes(ty, cols);
+                    for (r, g) in got.iter().enumerate() {
+                        let row = &w[r * rb..(r + 1) * rb];
+                        let want = row_dot_scalar(ty, row, &a);
+                        // Same integer block sums; only the order of the float block terms
+                        // differs: bound by the size of the terms.
+                        let wd = crate::gguf::dequantize(ty, row);
+                        let scale: f32 = wd
+                            .iter()
+                            .zip(a.dequantize())
+                            .map(|(a, b)| (a * b).abs())
+                            .sum();
+                        assert!(
+                            (g - want).abs() <= 2e-6 * scale + 1e-6,
+                            "{} {} {rows}x{cols} row {r}: {g} vs {want}",
+                            isa.name(),
+                            ty.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The fused CPU decode step: one new token of one sequence through the whole dense stack in
+//! Rust, on one persistent thread pool ([`crate::cpu_pool`]), with no libtorch op between the
+//! embedding and the logits.
+//!
+//! Per layer: RMSNorm → Q, K, V in one job (their rows are the chunks) → QK-norm / RoPE →
+//! K, V written straight into the layer's cache buffer → attention, one head per chunk → O →
+//! residual → RMSNorm → gate and up in one job with SiLU(gate)·up applied per chunk → down →
+//! residual. Activations are quantised to int8 once per input when a projection holds GGUF
+//! blocks ([`crate::quant::ggml`]). Every other weight format runs its own kernel: dense fp32,
+//! our packed LUT / 8-bit codes ([`crate::quant::packed`]).
+//!
+//! [`Plan::new`] says whether a decoder can take this path (fp32 on the CPU, no LoRA overlay,
+//! no KV fake-quantisation, no dynamic RoPE); [`crate::decoder::Decoder`] falls back to
+//! libtorch otherwise, and for prefill, batches and training. Both paths are tested equal.
+
+use crate::decoder::Decoder;
+use crate::error::{Result, TextError};
+use crate::gguf::GgmlType;
+use crate::kv_cache::KvCache;
+use crate::linear::{Linear, LinearWeight};
+use crate::norm::RmsNorm;
+use crate::quant::ggml::{self, Q8Acts};
+use crate::quant::packed::{self, is_cpu_contiguous, Isa, Table};
+use crate::runtime::cpu_kernels::{axpy, dense_rows, dot};
+use crate::runtime::cpu_pool::{self, Pool};
+use tch::Kind;
+
+/// Rows per chunk of a projection job.
+const ROWS_PER_CHUNK: usize = 32;
+
+/// A weight as the kernels read it.
+enum Mat<'a> {
+    Dense(&'a [f32]),
+    Ggml(GgmlType, &'a [u8]),
+    Packed {
+        packed: &'a [u8],
+        table: Table<'a>,
+        bits: u8,
+    },
+}
+
+/// One projection: weight, shape, bias.
+struct Proj<'a> {
+    mat: Mat<'a>,
+    rows: usize,
+    cols: usize,
+    bias: Option<&'a [f32]>,
+}
+
+fn f32_slice(t: &tch::Tensor) -> Option<&[f32]> {
+    // SAFETY: checked contiguous fp32 on the CPU; the slice borrows the tensor.
+    is_cpu_contiguous(t, Kind::Float).then(|| unsafe { packed::cpu_slice::<f32>(t) })
+}
+
+impl<'a> Proj<'a> {
+    fn new(l: &'a Linear) -> Option<Self> {
+        if l.lora().is_some() {
+            return None;
+        }
+        let mat = match l.weight() {
+            LinearWeight::Dense(w) => Mat::Dense(f32_slice(w)?),
+            LinearWeight::Ggml(g) => Mat::Ggml(g.ty(), g.bytes()),
+            LinearWeight::Quantized(q) => {
+                let (packed, table) = q.kernel_view()?;
+                Mat::Packed {
+                    packed,
+                    table,
+                    bits: q.bits(),
+                }
+            }
+            LinearWeight::FakeQuant(_) => return None,
+        };
+        let bias = match l.bias() {
+            Some(b) => Some(f32_slice(b)?),
+            None => None,
+        };
+        Some(Self {
+            mat,
+            rows: l.out_features() as usize,
+            cols: l.in_features() as usize,
+            bias,
+        })
+    }
+
+    fn needs_q8(&self) -> bool {
+        matches!(self.mat, Mat::Ggml(..))
+    }
+
+    /// Rows `r0..r0 + y.len()` of `W·x (+ b)`.
+    fn rows_into(&self, isa: Isa, inp: &Input<'_>, r0: usize, y: &mut [f32]) {
+        match &self.mat {
+            Mat::Dense(w) => dense_rows(isa, w, self.cols, inp.x, r0, y),
+            Mat::Ggml(ty, data) => ggml::gemv_rows(isa, *ty, data, self.cols, inp.q8, r0, y),
+            Mat::Packed {
+                packed: p,
+                table,
+                bits,
+            } => packed::gemv_rows(isa, p, *table, *bits, self.cols, inp.x, inp.sum, r0, y),
+        }
+        if let Some(b) = self.bias {
+            for (v, bv) in y.iter_mut().zip(&b[r0..]) {
+                *v += bv;
+            }
+        }
+    }
+}
+
+/// One input vector in the forms the kernels read.
+struct Input<'a> {
+    x: &'a [f32],
+    sum: f32,
+    q8: &'a Q8Acts,
+}
+
+struct Norm<'a> {
+    w: &'a [f32],
+    eps: f32,
+}
+
+impl<'a> Norm<'a> {
+    fn new(n: &'a RmsNorm) -> Option<Self> {
+        let (w, eps) = n.parts();
+        Some(Self {
+            w: f32_slice(w)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// `x / sqrt(mean(x²) + ε) · g` into `out` (fp32 statistics, as libtorch's rms_norm).
+    fn apply(&self, x: &[f32], out: &mut [f32]) {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let r = 1.0 / (ms + self.eps).sqrt();
+        for ((o, v), g) in out.iter_mut().zip(x).zip(self.w) {
+            *o = v * r * g;
+        }
+    }
+}
+
+struct LayerPlan<'a> {
+    in_norm: Norm<'a>,
+    post_norm: Norm<'a>,
+    q: Proj<'a>,
+    kv: Option<(Proj<'a>, Proj<'a>)>,
+    o: Proj<'a>,
+    gate: Proj<'a>,
+    up: Proj<'a>,
+    down: Proj<'a>,
+    q_norm: Option<Norm<'a>>,
+    k_norm: Option<Norm<'a>>,
+    norm_after_rope: bool,
+    rope: bool,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// This layer's own cache index (segment 0) and the one it reads.
+    layer: usize,
+    cache_layer: usize,
+}
+
+/// What a decoder's fused step reads: borrowed views of its weights.
+pub struct Plan<'a> {
+    layers: Vec<LayerPlan<'a>>,
+    final_norm: Norm<'a>,
+    head: Proj<'a>,
+    hidden: usize,
+    vocab: usize,
+}
+
+impl<'a> Plan<'a> {
+    /// The plan for `dec`, or `None` when some part needs libtorch (see the module docs).
+    pub fn new(dec: &'a Decoder) -> Option<Self> {
+        if dec.kind() != Kind::Float || dec.device() != tch::Device::Cpu {
+            return None;
+        }
+        let mut layers = Vec::with_capacity(dec.layers.len());
+        for (i, l) in dec.layers.iter().enumerate() {
+            let p = l.attn.parts();
+            if p.kv_quant || p.heads % p.kv_heads.max(1) != 0 {
+                return None;
+            }
+            let kv = match (&l.attn.k_proj, &l.attn.v_proj) {
+                (Some(k), Some(v)) => Some((Proj::new(k)?, Proj::new(v)?)),
+                (None, None) => None,
+                _ => return None,
+            };
+            let norm = |n: Option<&'a RmsNorm>| -> Option<Option<Norm<'a>>> {
+                match n {
+                    Some(n) => Some(Some(Norm::new(n)?)),
+                    None => Some(None),
+                }
+            };
+            layers.push(LayerPlan {
+                in_norm: Norm::new(&l.input_norm)?,
+                post_norm: Norm::new(&l.post_norm)?,
+                q: Proj::new(&l.attn.q_proj)?,
+                kv,
+                o: Proj::new(&l.attn.o_proj)?,
+                gate: Proj::new(&l.mlp.gate)?,
+                up: Proj::new(&l.mlp.up)?,
+                down: Proj::new(&l.mlp.down)?,
+                q_norm: norm(p.q_norm)?,
+                k_norm: norm(p.k_norm)?,
+                norm_after_rope: p.norm_after_rope,
+                rope: p.rope,
+                heads: p.heads,
+                kv_heads: p.kv_heads,
+                head_dim: p.head_dim,
+                layer: i,
+                cache_layer: p.cache_layer,
+            });
+        }
+        Some(Self {
+            layers,
+            final_norm: Norm::new(&dec.norm)?,
+            head: Proj::new(&dec.lm_head)?,
+            hidden: dec.cfg.hidden_size,
+            vocab: dec.cfg.vocab_size,
+        })
+    }
+
+    /// Whether `cache` can take a fused step (batch 1, fp32 CPU buffers, no padding).
+    pub fn fits(&self, cache: &KvCache) -> bool {
+        cache.batch() == 1
+            && cache.key_mask().is_none()
+            && !cache.first_token_pass()
+            && self.layers.iter().all(|l| {
+                if l.kv.is_some() {
+                    cache.can_append_token_f32(l.layer)
+                } else {
+                    cache.raw_f32(l.cache_layer).is_some()
+                }
+            })
+    }
+}
+
+/// A raw pointer that may cross to the pool's threads; each chunk writes its own range.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// SAFETY: `r0..r0 + n` lies inside the buffer and no other chunk writes it.
+    unsafe fn range<'b>(self, r0: usize, n: usize) -> &'b mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(r0), n)
+    }
+}
+
+/// Run projections `(proj, out)` on `inp` as one pool job, chunked by rows.
+fn project(pool: &Pool, isa: Isa, inp: &Input<'_>, jobs: &mut [(&Proj<'_>, &mut [f32])]) {
+    let mut chunks: Vec<(usize, usize, usize)> = Vec::new(); // (job, r0, r1)
+    for (j, (p, _)) in jobs.iter().enumerate() {
+        // Large matrices (the head) in larger chunks: fewer claims, same balance.
+        let step = if p.rows > 8192 {
+            8 * ROWS_PER_CHUNK
+        } else {
+            ROWS_PER_CHUNK
+        };
+        let mut r = 0;
+        while r < p.rows {
+            chunks.push((j, r, (r + step).min(p.rows)));
+            r += step;
+        }
+    }
+    let outs: Vec<(Out, &Proj<'_>)> = jobs
+        .iter_mut()
+        .map(|(p, o)| (Out(o.as_mut_ptr()), &**p))
+        .collect();
+    pool.run(chunks.len(), &|c| {
+        let (j, r0, r1) = chunks[c];
+        let (out, p) = outs[j];
+        // SAFETY: chunks of one job cover disjoint row ranges of its output.
+        let y = unsafe { out.range(r0, r1 - r0) };
+        p.rows_into(isa, inp, r0, y);
+    });
+}
+
+fn input<'b>(x: &'b [f32], q8: &'b mut Q8Acts, need_q8: bool) -> Input<'b> {
+    if need_q8 {
+        q8.quantize(x);
+    }
+    Input {
+        x,
+        sum: x.iter().sum(),
+        q8,
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` in place for one head (`sin` sign-folded: [−sin, sin]).
+fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * cos[i] + b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/// Reusable buffers of one step.
+#[derive(Default)]
+struct Scratch {
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    h: Vec<f32>,
+    q8: Q8Acts,
+}
+
+/// One decode step: `x` (the new token's embedding, `[hidden]`) through every layer, the
+/// final norm and the head, extending `cache` by one token. Returns the logits `[vocab]`.
+pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    if x.len() != plan.hidden {
+        return Err(TextError::InvalidArgument(format!(
+            "fused step: embedding of {} values for hidden size {}",
+            x.len(),
+            plan.hidden
+        )));
+    }
+    let pool = cpu_pool::global();
+    let isa = Isa::current();
+    let pos = cache.next_positions()[0];
+    let rope = if plan.layers.iter().any(|l| l.rope) {
+        Some(dec.rope_row_f32(pos).ok_or_else(|| {
+            TextError::InvalidArgument(format!("fused step: no RoPE row for position {pos}"))
+        })?)
+    } else {
+        None
+    };
+    let _ = cache.begin_step(1, None)?;
+    let mut x = x.to_vec();
+    let mut s = Scratch::default();
+    s.xn.resize(plan.hidden, 0.0);
+    for l in &plan.layers {
+        let (hd, nh, nkv) = (l.head_dim, l.heads, l.kv_heads);
+        l.in_norm.apply(&x, &mut s.xn);
+        s.q.resize(nh * hd, 0.0);
+        s.k.resize(nkv * hd, 0.0);
+        s.v.resize(nkv * hd, 0.0);
+        {
+            let need = l.q.needs_q8()
+                || l.kv
+                    .as_ref()
+                    .is_some_and(|(k, v)| k.needs_q8() || v.needs_q8());
+            let inp = input(&s.xn, &mut s.q8, need);
+            let mut jobs: Vec<(&Proj<'_>, &mut [f32])> = vec![(&l.q, &mut s.q[..])];
+            if let Some((kp, vp)) = &l.kv {
+                jobs.push((kp, &mut s.k[..]));
+                jobs.push((vp, &mut s.v[..]));
+            }
+            project(pool, isa, &inp, &mut jobs);
+        }
+        // QK-norm and RoPE, head by head.
+        let norm_rope = |buf: &mut [f32], n: &Option<Norm<'_>>| {
+            for hbuf in buf.chunks_exact_mut(hd) {
+                if let (Some(n), false) = (n, l.norm_after_rope) {
+                    let t = hbuf.to_vec();
+                    n.apply(&t, hbuf);
+                }
+                if let (true, Some((c, sn))) = (l.rope, rope) {
+                    rope_head(hbuf, c, sn);
+                }
+                if let (Some(n), true) = (n, l.norm_after_rope) {
+                    let t = hbuf.to_vec();
+                    n.apply(&t, hbuf);
+                }
+            }
+        };
+        norm_rope(&mut s.q, &l.q_norm);
+        if l.kv.is_some() {
+            norm_rope(&mut s.k, &l.k_norm);
+            cache.append_token_f32(l.layer, &s.k, &s.v, nkv, hd)?;
+        }
+        let raw = cache.raw_f32(l.cache_layer).ok_or_else(|| {
+            TextError::InvalidArgument(format!("fused step: layer {} has no fp32 cache", l.layer))
+        })?;
+        if raw.kv_heads != nkv || raw.head_dim != hd {
+            return Err(TextError::InvalidArgument(format!(
+                "fused step: layer {} cache holds {}×{} heads, expected {nkv}×{hd}",
+                l.layer, raw.kv_heads, raw.head_dim
+            )));
+        }
+        // Attention over the cache, one query head per chunk.
+        s.att.resize(nh * hd, 0.0);
+        {
+            let groups = nh / nkv;
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (q, out) = (&s.q, Out(s.att.as_mut_ptr()));
+            let n = raw.len;
+            let cap = raw.capacity;
+            // SAFETY: RawKv's buffers hold kv_heads × capacity × head_dim values, and the
+            // cache is not touched while the job runs.
+            let (kall, vall) = unsafe {
+                (
+                    std::slice::from_raw_parts(raw.k, nkv * cap * hd),
+                    std::slice::from_raw_parts(raw.v, nkv * cap * hd),
+                )
+            };
+            pool.run(nh, &|h| {
+                let g = h / groups;
+                let qh = &q[h * hd..(h + 1) * hd];
+                let base = g * cap * hd;
+                let (kh, vh) = (&kall[base..base + n * hd], &vall[base..base + n * hd]);
+                let mut sc: Vec<f32> = kh
+                    .chunks_exact(hd)
+                    .map(|k| dot(isa, qh, k) * scale)
+                    .collect();
+                let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut z = 0f32;
+                for v in sc.iter_mut() {
+                    *v = (*v - m).exp();
+                    z += *v;
+                }
+                // SAFETY: head h's output range is written by this chunk only.
+                let o = unsafe { out.range(h * hd, hd) };
+                o.fill(0.0);
+                for (p, vrow) in sc.iter().zip(vh.chunks_exact(hd)) {
+                    axpy(isa, p / z, vrow, o);
+                }
+            });
+        }
+        // Output projection and residual.
+        s.o.resize(plan.hidden, 0.0);
+        {
+            let inp = input(&s.att, &mut s.q8, l.o.needs_q8());
+            project(pool, isa, &inp, &mut [(&l.o, &mut s.o[..])]);
+        }
+        for (a, b) in x.iter_mut().zip(&s.o) {
+            *a += b;
+        }
+        // Feed-forward: gate and up in one job, SiLU(gate)·up per chunk.
+        l.post_norm.apply(&x, &mut s.xn);
+        let f = l.gate.rows;
+        s.g.resize(f, 0.0);
+        s.u.resize(f, 0.0);
+        s.h.resize(f, 0.0);
+        {
+            let inp = input(&s.xn, &mut s.q8, l.gate.needs_q8() || l.up.needs_q8());
+            let nchunks = f.div_ceil(ROWS_PER_CHUNK);
+            let (go, uo, ho) = (
+                Out(s.g.as_mut_ptr()),
+                Out(s.u.as_mut_ptr()),
+                Out(s.h.as_mut_ptr()),
+            );
+            let inp = &inp;
+            pool.run(nchunks, &|c| {
+                let r0 = c * ROWS_PER_CHUNK;
+                let n = (f - r0).min(ROWS_PER_CHUNK);
+                // SAFETY: chunk c alone writes rows r0..r0 + n of g, u and h.
+                let (g, u, h) = unsafe { (go.range(r0, n), uo.range(r0, n), ho.range(r0, n)) };
+                l.gate.rows_into(isa, inp, r0, g);
+                l.up.rows_into(isa, inp, r0, u);
+                for ((hv, gv), uv) in h.iter_mut().zip(g.iter()).zip(u.iter()) {
+                    *hv = gv / (1.0 + (-gv).exp()) * uv;
+                }
+            });
+        }
+        {
+            let inp = input(&s.h, &mut s.q8, l.down.needs_q8());
+            project(pool, isa, &inp, &mut [(&l.down, &mut s.o[..])]);
+        }
+        for (a, b) in x.iter_mut().zip(&s.o) {
+            *a += b;
+        }
+    }
+    plan.final_norm.apply(&x, &mut s.xn);
+    let mut logits = vec![0f32; plan.vocab];
+    let inp = input(&s.xn, &mut s.q8, plan.head.needs_q8());
+    project(pool, isa, &inp, &mut [(&plan.head, &mut logits[..])]);
+    Ok(logits)
+}

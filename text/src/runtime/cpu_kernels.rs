@@ -1,0 +1,149 @@
+//! Small fp32 CPU kernels of the fused decode step: dense matrix–vector rows, dot products and
+//! `y += a·x`, each with an AVX2 + FMA version chosen at run time and a portable one.
+
+use crate::quant::packed::Isa;
+
+fn simd(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx2 | Isa::Avx512)
+}
+
+/// `y[i] = W[r0 + i]·x` for a row-major fp32 `[rows, cols]` matrix.
+pub fn dense_rows(isa: Isa, w: &[f32], cols: usize, x: &[f32], r0: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd(isa) {
+        let mut i = 0;
+        while i + 4 <= y.len() {
+            let rows: [&[f32]; 4] =
+                std::array::from_fn(|j| &w[(r0 + i + j) * cols..(r0 + i + j + 1) * cols]);
+            // SAFETY: AVX2 + FMA detected at run time (Isa::available); rows and x have
+            // `cols` values.
+            let v = unsafe { avx2::dot4(rows, x) };
+            y[i..i + 4].copy_from_slice(&v);
+            i += 4;
+        }
+        for (j, yr) in y.iter_mut().enumerate().skip(i) {
+            let r = r0 + j;
+            *yr = dot(isa, &w[r * cols..(r + 1) * cols], x);
+        }
+        return;
+    }
+    for (j, yr) in y.iter_mut().enumerate() {
+        let r = r0 + j;
+        *yr = dot(isa, &w[r * cols..(r + 1) * cols], x);
+    }
+}
+
+/// `Σ a·b`.
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd(isa) {
+        // SAFETY: as in dense_rows.
+        return unsafe { avx2::dot4([a], b)[0] };
+    }
+    let _ = isa;
+    let mut acc = [0f32; 8];
+    let n = a.len().min(b.len());
+    for i in 0..n {
+        acc[i % 8] += a[i] * b[i];
+    }
+    acc.iter().sum()
+}
+
+/// `y += s·x`.
+pub fn axpy(isa: Isa, s: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd(isa) {
+        // SAFETY: as in dense_rows.
+        unsafe { avx2::axpy(s, x, y) };
+        return;
+    }
+    let _ = isa;
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += s * xv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `N` dot products with one `x`: two accumulators per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4<const N: usize>(rows: [&[f32]; N], x: &[f32]) -> [f32; N] {
+        let n = x.len().min(rows.iter().map(|r| r.len()).min().unwrap_or(0));
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let xp = x.as_ptr();
+        let mut i = 0;
+        while i + 16 <= n {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+            for j in 0..N {
+                let r = rows[j].as_ptr();
+                acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(r.add(i)), x0, acc[j][0]);
+                acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(r.add(i + 8)), x1, acc[j][1]);
+            }
+            i += 16;
+        }
+        std::array::from_fn(|j| {
+            let mut s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+            for k in i..n {
+                s += rows[j][k] * x[k];
+            }
+            s
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(s: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let sv = _mm256_set1_ps(s);
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(sv, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)));
+            _mm256_storeu_ps(yp.add(i), v);
+            i += 8;
+        }
+        for k in i..n {
+            y[k] += s * x[k];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_set_equals_the_portable_one() {
+        let mut rng = crate::quant::ggml::Lcg(5);
+        for isa in Isa::available() {
+            for cols in [1usize, 7, 16, 33, 64, 200] {
+                let rows = 9;
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let x: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
+                let mut y = vec![0f32; rows - 2];
+                dense_rows(isa, &w, cols, &x, 2, &mut y);
+                for (i, v) in y.iter().enumerate() {
+                    let r = i + 2;
+                    let want: f64 = (0..cols)
+                        .map(|c| w[r * cols + c] as f64 * x[c] as f64)
+                        .sum();
+                    assert!((*v as f64 - want).abs() < 1e-5, "{} {cols}", isa.name());
+                }
+                let mut a = x.clone();
+                axpy(isa, 0.5, &w[..cols], &mut a);
+                for c in 0..cols {
+                    assert!((a[c] - (x[c] + 0.5 * w[c])).abs() < 1e-6);
+                }
+            }
+        }
+    }
+}
