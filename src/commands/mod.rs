@@ -6,6 +6,7 @@ pub mod output;
 
 pub mod bench;
 pub mod bench_kernels;
+pub mod bench_llama;
 pub mod bench_lora;
 pub mod bench_ptmoe;
 pub mod bench_text;
@@ -179,10 +180,13 @@ pub fn load_model_dir(dir: &Path, device: tch::Device, dtype: DType) -> anyhow::
     })?;
     // Packed layers decode with a rayon kernel; libtorch's OpenMP workers spin between ops and
     // starve it (measured 3 ms vs 26 ms for the 49152×576 head on 2 cores). Unless the user
-    // chose a thread count, a quantized model on the CPU runs libtorch on one intra-op thread.
+    // chose a thread count, a quantized model on the CPU runs libtorch on one intra-op thread —
+    // unless its decode steps take the fused CPU path, where libtorch runs only the prefill
+    // (which wants every core) and the step runs on its own pool.
     let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
     if device == tch::Device::Cpu
         && m.decoder.lm_head.is_quantized()
+        && !m.decoder.fused_decode_possible()
         && tch::get_num_threads() == default_threads
         && std::env::var_os("OMP_NUM_THREADS").is_none()
     {

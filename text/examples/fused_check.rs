@@ -13,7 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut m = TextModel::load(std::path::Path::new(&dir), Device::Cpu, DType::F32)?;
     let prompt: Vec<u32> = (0..20).map(|i| 100 + 37 * i).collect();
     let mut res = vec![];
-    for fused in [false, true] {
+    let modes: Vec<bool> = if std::env::var_os("FUSED_ONLY").is_some() {
+        vec![true]
+    } else {
+        vec![false, true]
+    };
+    for fused in modes {
         m.decoder.set_fused_decode(fused);
         let d = &m.decoder;
         let mut cache = d.new_cache(1);

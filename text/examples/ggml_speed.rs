@@ -3,7 +3,11 @@ use afm_text::quant::ggml;
 use afm_text::quant::packed::Isa;
 use std::time::Instant;
 fn main() {
-    let (rows, cols) = (4096usize, 576usize);
+    let rows: usize = std::env::var("ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
+    let cols = 576usize;
     for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
         let data = ggml::random_blocks(ty, rows, cols, 5);
         let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -22,6 +26,19 @@ fn main() {
                 dt * 1e6,
                 data.len() as f64 / dt / 1e9,
                 dt * 1e9 / (rows * cols / 32) as f64
+            );
+        }
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            for _ in 0..5 {
+                ggml::gemv(Isa::Avx2, ty, &data, cols, &a, &mut y);
+            }
+            let dt = t0.elapsed().as_secs_f64() / 5.0;
+            println!(
+                "{} rayon {} threads: {:.2} GB/s",
+                ty.name(),
+                rayon::current_num_threads(),
+                data.len() as f64 / dt / 1e9
             );
         }
         let t0 = Instant::now();

@@ -411,6 +411,14 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
+/// [`dequantize`] on the calling thread into `out` (a row: no thread-pool round trip).
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let (bs, bb) = ty.block();
+    for (yb, xb) in out.chunks_mut(bs).zip(bytes.chunks_exact(bb)) {
+        dequantize_block(ty, xb, yb);
+    }
+}
+
 fn dequantize_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
     match ty {
         GgmlType::F32 => y[0] = f32::from_le_bytes([x[0], x[1], x[2], x[3]]),

@@ -128,6 +128,11 @@ impl Decoder {
         self.fused_decode = on;
     }
 
+    /// Whether the model's weights allow the fused CPU step (the cache decides the rest).
+    pub fn fused_decode_possible(&self) -> bool {
+        self.fused_decode && crate::cpu_decode::Plan::new(self).is_some()
+    }
+
     /// Whether a one-token step with `cache` would take the fused CPU path.
     pub fn fused_decode_applies(&self, cache: &KvCache) -> bool {
         self.fused_decode && crate::cpu_decode::Plan::new(self).is_some_and(|p| p.fits(cache))
@@ -267,11 +272,10 @@ impl Decoder {
         }
         let xv = Vec::<f32>::try_from(x.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
         let logits = crate::cpu_decode::step(self, &plan, &xv, cache)?;
-        Ok(Some(Tensor::f_from_slice(&logits)?.f_view([
-            1,
-            1,
-            self.cfg.vocab_size as i64,
-        ])?))
+        Ok(Some(crate::cpu_decode::f32_tensor(
+            &logits,
+            &[1, 1, self.cfg.vocab_size as i64],
+        )?))
     }
 
     /// The layers and the final norm (no head).
@@ -365,6 +369,30 @@ impl Decoder {
             out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down));
         }
         out
+    }
+
+    /// Weight bytes a decode step reads: every layer's projections and the head (the bandwidth
+    /// floor of decoding is this over the memory bandwidth).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                [
+                    Some(&a.q_proj),
+                    a.k_proj.as_ref(),
+                    a.v_proj.as_ref(),
+                    Some(&a.o_proj),
+                ]
+                .into_iter()
+                .flatten()
+                .chain([&l.mlp.gate, &l.mlp.up, &l.mlp.down])
+                .map(Linear::weight_bytes)
+                .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
     }
 
     /// Parameter counts: (embedding, segment-0 layers, segment-1 layers, final norm, untied head).

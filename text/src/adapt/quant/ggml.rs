@@ -68,7 +68,9 @@ impl Q8Acts {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let qs = &mut self.q[b * QK..(b + 1) * QK];
             for (q, v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                // Round half away from zero (as `f32::round`, without the libm call).
+                let t = v * id;
+                *q = (t + 0.5f32.copysign(t)).clamp(-127.0, 127.0) as i8;
             }
             let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
             let hi: i32 = qs[16..].iter().map(|&q| q as i32).sum();
@@ -288,7 +290,7 @@ pub fn gemv(isa: Isa, ty: GgmlType, data: &[u8], cols: usize, a: &Q8Acts, y: &mu
 
 /// One row of `ty` blocks as floats, `out.len() = cols` (an embedding lookup).
 pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
-    out.copy_from_slice(&crate::gguf::dequantize(ty, row));
+    crate::gguf::dequantize_into(ty, row, out);
 }
 
 /// Quantise one row to `ty` blocks as llama.cpp's reference quantisers do (Q4_0, Q4_1, Q8_0;

@@ -1,0 +1,204 @@
+//! The fused CPU decode step ([`afm_text::cpu_decode`]) computes what the libtorch path
+//! computes: the same prompt through libtorch's prefill, then decode steps through each path,
+//! logits compared step by step, for every weight format and layer option the step handles.
+
+use afm_text::decoder::Decoder;
+use afm_text::generation::ids_tensor;
+use afm_text::gguf::GgmlType;
+use afm_text::linear::LinearWeight;
+use afm_text::presets::preset;
+use afm_text::quant::ggml::GgmlWeight;
+use afm_text::quant::{palette, qat, QuantizedWeight};
+use afm_text::{Logits, TextConfig};
+use tch::{Device, Kind, Tensor};
+
+const STEPS: u32 = 12;
+
+/// Logits of `STEPS` decode steps after a 9-token prefill, through the fused step or not.
+fn decode(dec: &mut Decoder, fused: bool) -> Vec<Tensor> {
+    let _g = tch::no_grad_guard();
+    dec.set_fused_decode(fused);
+    let mut cache = dec.new_cache(1);
+    let prompt: Vec<u32> = (0..9).map(|i| 3 + 17 * i).collect();
+    let _ = dec
+        .forward(
+            &ids_tensor(&prompt).unwrap(),
+            None,
+            &mut cache,
+            Logits::Last,
+        )
+        .unwrap();
+    assert_eq!(
+        dec.fused_decode_applies(&cache),
+        fused,
+        "fused path availability"
+    );
+    (0..STEPS)
+        .map(|i| {
+            dec.forward(
+                &ids_tensor(&[(7 + 29 * i) % 250]).unwrap(),
+                None,
+                &mut cache,
+                Logits::Last,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// max |Δ| between the two paths over all steps, and the logits' scale.
+fn compare(dec: &mut Decoder) -> (f64, f64) {
+    let a = decode(dec, false);
+    let b = decode(dec, true);
+    let mut worst = 0f64;
+    let mut scale = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.size(), y.size());
+        worst = worst.max(f64::try_from(x.f_sub(y).unwrap().abs().max()).unwrap());
+        scale = scale.max(f64::try_from(x.abs().max()).unwrap());
+    }
+    (worst, scale)
+}
+
+fn random(cfg: &TextConfig, seed: i64) -> Decoder {
+    Decoder::random(cfg, seed, Device::Cpu, Kind::Float).unwrap()
+}
+
+/// Random weights large enough that the logits are of order 1–10 (N(0, 0.02²) gives ~0.1).
+fn scaled(cfg: &TextConfig, seed: i64) -> Decoder {
+    let mut d = random(cfg, seed);
+    for (_, l) in d.linears_mut() {
+        if let LinearWeight::Dense(w) = l.weight() {
+            let w = w.f_mul_scalar(4.0).unwrap();
+            l.set_weight(LinearWeight::Dense(w));
+        }
+    }
+    d
+}
+
+#[test]
+fn dense_layers_match_libtorch() {
+    // GQA (4 heads over 2 KV heads), tied head.
+    let cfg = preset("tiny-dense").unwrap();
+    let (d, s) = compare(&mut scaled(&cfg, 1));
+    assert!(d <= 1e-4 * s.max(1.0), "tiny-dense: {d} (scale {s})");
+    // Biases on every projection.
+    let mut cfg_b = cfg.clone();
+    cfg_b.attention_bias = true;
+    let mut dec = scaled(&cfg_b, 2);
+    let (d, s) = compare(&mut dec);
+    assert!(d <= 1e-4 * s.max(1.0), "attention bias: {d} (scale {s})");
+}
+
+#[test]
+fn two_segment_qk_norm_both_orders_match_libtorch() {
+    // Segment 1 reads segment 0's cache; QK-norm with random gains, before and after RoPE.
+    let cfg = preset("tiny-two-segment").unwrap();
+    assert!(cfg.qk_norm && cfg.num_segment0_layers() < cfg.num_hidden_layers);
+    for after in [false, true] {
+        let mut c = cfg.clone();
+        c.qk_norm_after_rope = after;
+        let mut dec = scaled(&c, 3);
+        let (d, s) = compare(&mut dec);
+        assert!(
+            d <= 1e-4 * s.max(1.0),
+            "after_rope={after}: {d} (scale {s})"
+        );
+    }
+}
+
+#[test]
+fn packed_and_ggml_weights_match_libtorch() {
+    let cfg = preset("tiny-dense").unwrap();
+    // Our packed formats: 4- and 2-bit palettes, 8-bit uniform (float activations in both
+    // paths: same kernels, so agreement is as tight as dense).
+    for (label, bits, pal) in [
+        ("palette4", 4u8, true),
+        ("palette2", 2, true),
+        ("rtn8", 8, false),
+    ] {
+        let mut dec = scaled(&cfg, 4);
+        for (_, l) in dec.linears_mut() {
+            let LinearWeight::Dense(w) = l.weight() else {
+                unreachable!()
+            };
+            let (rows, cols) = (w.size()[0] as usize, w.size()[1] as usize);
+            let q = if pal {
+                let v = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap();
+                QuantizedWeight::from_palette(&palette::palettize(&v, rows, cols, bits, 0), bits)
+                    .unwrap()
+            } else {
+                let spec = qat::UniformSpec::new(bits).unwrap();
+                let (codes, scale) = qat::rtn(w, &spec).unwrap();
+                QuantizedWeight::from_uniform(&codes, &scale, bits).unwrap()
+            };
+            l.set_weight(LinearWeight::Quantized(Box::new(q)));
+        }
+        let (d, s) = compare(&mut dec);
+        assert!(d <= 1e-4 * s.max(1.0), "{label}: {d} (scale {s})");
+    }
+    // GGUF blocks: both paths quantise activations to int8, and a value lying on a rounding
+    // boundary in one path's summation order may round the other way in the other's, so the
+    // two differ by activation-rounding noise, not by 1e-4: bound at 3% of the logit scale
+    // (8-bit weights; the dense model differs from either by the same order).
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
+        let mut dec = scaled(&cfg, 5);
+        for (_, l) in dec.linears_mut() {
+            let LinearWeight::Dense(w) = l.weight() else {
+                unreachable!()
+            };
+            let (rows, cols) = (w.size()[0], w.size()[1]);
+            let v = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap();
+            let g = GgmlWeight::quantize(ty, &v, rows, cols).unwrap();
+            l.set_weight(LinearWeight::Ggml(Box::new(g)));
+        }
+        let (d, s) = compare(&mut dec);
+        assert!(d <= 0.03 * s, "{}: {d} (scale {s})", ty.name());
+    }
+}
+
+#[test]
+fn steps_the_fused_path_does_not_take_fall_back() {
+    let cfg = preset("tiny-dense").unwrap();
+    let mut dec = random(&cfg, 6);
+    let _g = tch::no_grad_guard();
+    // A LoRA overlay: libtorch path.
+    {
+        let (_, l) = dec.linears_mut().into_iter().next().unwrap();
+        let (i, o) = (l.in_features(), l.out_features());
+        l.set_lora(Some(afm_text::linear::LoraOverlay {
+            a: Tensor::randn([2, i], (Kind::Float, Device::Cpu)),
+            b: Tensor::randn([o, 2], (Kind::Float, Device::Cpu)),
+            scale: 1.0,
+        }))
+        .unwrap();
+    }
+    let mut cache = dec.new_cache(1);
+    let _ = dec
+        .forward(
+            &ids_tensor(&[1, 2, 3]).unwrap(),
+            None,
+            &mut cache,
+            Logits::Last,
+        )
+        .unwrap();
+    assert!(!dec.fused_decode_applies(&cache));
+    // Batches and padded caches: libtorch path.
+    let dec = random(&cfg, 7);
+    let mut cache = dec.new_cache(2);
+    let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([2, 2]);
+    let _ = dec.forward(&ids, None, &mut cache, Logits::Last).unwrap();
+    assert!(!dec.fused_decode_applies(&cache));
+    // bf16: libtorch path.
+    let dec = Decoder::random(&cfg, 8, Device::Cpu, Kind::BFloat16).unwrap();
+    let mut cache = dec.new_cache(1);
+    let _ = dec
+        .forward(
+            &ids_tensor(&[1, 2, 3]).unwrap(),
+            None,
+            &mut cache,
+            Logits::Last,
+        )
+        .unwrap();
+    assert!(!dec.fused_decode_applies(&cache));
+}
