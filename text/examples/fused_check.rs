@@ -11,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or("assets/models/smollm2-135m-instruct".into());
     let _g = tch::no_grad_guard();
     let mut m = TextModel::load(std::path::Path::new(&dir), Device::Cpu, DType::F32)?;
-    let prompt: Vec<u32> = (0..20).map(|i| 100 + 37 * i).collect();
+    let plen: u32 = std::env::var("PROMPT_LEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let prompt: Vec<u32> = (0..plen).map(|i| 100 + 37 * (i % 500)).collect();
     let mut res = vec![];
     let modes: Vec<bool> = if std::env::var_os("FUSED_ONLY").is_some() {
         vec![true]

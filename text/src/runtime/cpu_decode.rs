@@ -21,7 +21,7 @@ use crate::linear::{Linear, LinearWeight};
 use crate::norm::RmsNorm;
 use crate::quant::ggml::{self, Q8Acts};
 use crate::quant::packed::{self, is_cpu_contiguous, Isa, Table};
-use crate::runtime::cpu_kernels::{axpy, dense_rows, dot};
+use crate::runtime::cpu_kernels::{dense_rows, weighted_rows};
 use crate::runtime::cpu_pool::{self, Pool};
 use tch::Kind;
 
@@ -422,22 +422,20 @@ pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> R
                 let qh = &q[h * hd..(h + 1) * hd];
                 let base = g * cap * hd;
                 let (kh, vh) = (&kall[base..base + n * hd], &vall[base..base + n * hd]);
-                let mut sc: Vec<f32> = kh
-                    .chunks_exact(hd)
-                    .map(|k| dot(isa, qh, k) * scale)
-                    .collect();
+                let mut sc = vec![0f32; n];
+                dense_rows(isa, kh, hd, qh, 0, &mut sc);
                 let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let mut z = 0f32;
+                let m = m * scale;
                 for v in sc.iter_mut() {
-                    *v = (*v - m).exp();
+                    *v = (*v * scale - m).exp();
                     z += *v;
                 }
+                let iz = 1.0 / z;
+                sc.iter_mut().for_each(|v| *v *= iz);
                 // SAFETY: head h's output range is written by this chunk only.
                 let o = unsafe { out.range(h * hd, hd) };
-                o.fill(0.0);
-                for (p, vrow) in sc.iter().zip(vh.chunks_exact(hd)) {
-                    axpy(isa, p / z, vrow, o);
-                }
+                weighted_rows(isa, &sc, vh, o);
             });
         }
         // Output projection and residual.

@@ -49,6 +49,21 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
+/// `out = Σ_t p[t]·v[t]` for the rows `v[t]` (`out.len()` values each) of a row-major `v`.
+pub fn weighted_rows(isa: Isa, p: &[f32], v: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    #[cfg(target_arch = "x86_64")]
+    if simd(isa) && d % 8 == 0 {
+        // SAFETY: as in dense_rows; v holds p.len() rows of d values.
+        unsafe { avx2::weighted_rows(p, v, out) };
+        return;
+    }
+    out.fill(0.0);
+    for (pt, row) in p.iter().zip(v.chunks_exact(d)) {
+        axpy(isa, *pt, row, out);
+    }
+}
+
 /// `y += s·x`.
 pub fn axpy(isa: Isa, s: f32, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -100,6 +115,30 @@ mod avx2 {
         })
     }
 
+    /// Columns in blocks of 32 (four accumulators), rows streamed once per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_rows(p: &[f32], v: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        let n = p.len().min(v.len() / d.max(1));
+        let vp = v.as_ptr();
+        let mut c = 0;
+        while c < d {
+            let w = (d - c).min(32) / 8; // 8-lane registers in this block
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (t, &pt) in p.iter().enumerate().take(n) {
+                let s = _mm256_set1_ps(pt);
+                let row = vp.add(t * d + c);
+                for (k, a) in acc.iter_mut().enumerate().take(w) {
+                    *a = _mm256_fmadd_ps(s, _mm256_loadu_ps(row.add(8 * k)), *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate().take(w) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *a);
+            }
+            c += 8 * w;
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(s: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len().min(y.len());
@@ -125,7 +164,7 @@ mod tests {
     fn every_kernel_set_equals_the_portable_one() {
         let mut rng = crate::quant::ggml::Lcg(5);
         for isa in Isa::available() {
-            for cols in [1usize, 7, 16, 33, 64, 200] {
+            for cols in [1usize, 7, 16, 33, 64, 200, 136] {
                 let rows = 9;
                 let w: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
                 let x: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
@@ -137,6 +176,21 @@ mod tests {
                         .map(|c| w[r * cols + c] as f64 * x[c] as f64)
                         .sum();
                     assert!((*v as f64 - want).abs() < 1e-5, "{} {cols}", isa.name());
+                }
+                if cols % 8 == 0 {
+                    let p: Vec<f32> = (0..rows).map(|_| rng.f()).collect();
+                    let mut o = vec![0f32; cols];
+                    weighted_rows(isa, &p, &w, &mut o);
+                    for c in 0..cols {
+                        let want: f64 = (0..rows)
+                            .map(|r| p[r] as f64 * w[r * cols + c] as f64)
+                            .sum();
+                        assert!(
+                            (o[c] as f64 - want).abs() < 1e-5,
+                            "{} weighted {cols}",
+                            isa.name()
+                        );
+                    }
                 }
                 let mut a = x.clone();
                 axpy(isa, 0.5, &w[..cols], &mut a);

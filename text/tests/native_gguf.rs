@@ -1,0 +1,161 @@
+//! The shipped Q4_1 GGUF run natively: `convert_gguf(keep_blocks)` keeps llama.cpp's blocks
+//! byte for byte, the blocks dequantise to exactly the fp32 model's weights, and greedy
+//! decoding with them (block kernels, int8 activations, the fused CPU step) follows the
+//! dequantised fp32 model on the held prompts of `hf_parity.rs`; where a token differs, the
+//! fp32 model itself had the two candidates within a stated margin (activation rounding).
+
+mod common;
+
+use afm_text::generation::{generate, ids_tensor};
+use afm_text::gguf::GgufFile;
+use afm_text::linear::LinearWeight;
+use afm_text::{DType, GenerateOptions, Logits, TextModel};
+use common::*;
+use tch::{Device, Kind};
+
+const PROMPTS: [&str; 5] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child in two sentences.",
+    "List three prime numbers greater than 100.",
+    "Translate 'good morning' into Spanish and German.",
+];
+
+/// Largest top-1 − chosen logit gap under the fp32 model at a step where the native model
+/// picked another token: activation rounding (int8 per 32 values) moves logits by ~0.5 on this
+/// model (scale ~30), so only near-ties may flip.
+const FLIP_MARGIN: f64 = 1.0;
+
+#[test]
+fn shipped_q4_1_runs_natively_and_follows_the_fp32_model() {
+    let (Some(dir), Some(gguf)) = (default_model(), smollm2_gguf()) else {
+        return;
+    };
+    let _g = tch::no_grad_guard();
+    let tmp = tempfile::tempdir().unwrap();
+    let native_dir = tmp.path().join("q4_1");
+    afm_text::convert::convert_gguf(&gguf, &native_dir, Kind::Float, true, |_, _| {}).unwrap();
+
+    // Byte for byte: a tensor llama.cpp did not permute is the GGUF's own bytes.
+    let g = GgufFile::open(&gguf).unwrap();
+    let info = g
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.3.ffn_down.weight")
+        .unwrap();
+    let (ty, bytes) = g.raw_bytes(info).unwrap();
+    assert_eq!(ty.name(), "Q4_1");
+    let mut native = TextModel::load(&native_dir, Device::Cpu, DType::F32).unwrap();
+    let LinearWeight::Ggml(down) = native.decoder.layers[3].mlp.down.weight() else {
+        panic!("ffn_down is not kept as blocks");
+    };
+    assert_eq!(down.bytes(), bytes);
+
+    // Every projection and the tied Q8_0 head dequantise to exactly the fp32 model's weights
+    // (q/k rows reordered the same way in both).
+    let mut fp32 = TextModel::load(&dir, Device::Cpu, DType::F32).unwrap();
+    let mut blocks = 0;
+    let same_weights = |name: &str, a: &LinearWeight, b: &LinearWeight| {
+        let (LinearWeight::Ggml(q), LinearWeight::Dense(w)) = (a, b) else {
+            panic!("{name}: expected blocks vs dense");
+        };
+        let diff = max_abs_diff(&q.dequantize(Kind::Float).unwrap(), w);
+        assert_eq!(diff, 0.0, "{name}");
+    };
+    same_weights(
+        "lm_head",
+        native.decoder.lm_head.weight(),
+        fp32.decoder.lm_head.weight(),
+    );
+    blocks += 1;
+    for ((name, a), (_, b)) in native
+        .decoder
+        .linears_mut()
+        .into_iter()
+        .zip(fp32.decoder.linears_mut())
+    {
+        same_weights(&name, a.weight(), b.weight());
+        blocks += 1;
+    }
+    assert_eq!(blocks, 30 * 7 + 1);
+    let bytes_native = native.decoder.decode_bytes_per_token();
+    let bytes_fp32 = fp32.decoder.decode_bytes_per_token();
+    println!("decode reads {bytes_native} bytes/token natively vs {bytes_fp32} as fp32");
+    assert!(bytes_native * 5 < bytes_fp32);
+
+    // Greedy, 32 tokens, held prompts.
+    let opts = GenerateOptions {
+        max_new_tokens: 32,
+        stop_on_eos: false,
+        ..GenerateOptions::default()
+    };
+    let mut identical = 0;
+    for p in PROMPTS {
+        let ids = fp32.prompt_ids(p, false).unwrap();
+        // The native model's last-position logits after the prompt (libtorch prefill with the
+        // blocks dequantised) and the first decode step (fused, int8 activations).
+        let mut cn = native.decoder.new_cache(1);
+        let mut cf = fp32.decoder.new_cache(1);
+        let ln = native
+            .decoder
+            .forward(&ids_tensor(&ids).unwrap(), None, &mut cn, Logits::Last)
+            .unwrap();
+        let lf = fp32
+            .decoder
+            .forward(&ids_tensor(&ids).unwrap(), None, &mut cf, Logits::Last)
+            .unwrap();
+        // The layers ran dequantised (a 9+-token prefill); the last position's head ran the
+        // Q8_0 block kernel with int8 activations.
+        let dpre = max_abs_diff(&ln, &lf);
+        let scale = f64::try_from(lf.abs().max()).unwrap();
+        println!("{p:?}: prefill last-position max |Δlogit| {dpre:.3} (scale {scale:.1})");
+        assert!(dpre < 0.02 * scale, "prefill logits");
+        assert!(native.decoder.fused_decode_applies(&cn));
+        let step = ids_tensor(&[ids[0]]).unwrap();
+        let sn = native
+            .decoder
+            .forward(&step, None, &mut cn, Logits::Last)
+            .unwrap();
+        let sf = fp32
+            .decoder
+            .forward(&step, None, &mut cf, Logits::Last)
+            .unwrap();
+        let dstep = max_abs_diff(&sn, &sf);
+        let scale = f64::try_from(sf.abs().max()).unwrap();
+        println!("{p:?}: fused int8 step vs fp32 max |Δlogit| {dstep:.3} (scale {scale:.1})");
+        assert!(dstep < 0.05 * scale, "decode step logits");
+
+        let a = generate(&native.decoder, None, &ids, &opts, &mut |_| {}).unwrap();
+        let b = generate(&fp32.decoder, None, &ids, &opts, &mut |_| {}).unwrap();
+        let same = a
+            .tokens
+            .iter()
+            .zip(&b.tokens)
+            .take_while(|(x, y)| x == y)
+            .count();
+        if same == a.tokens.len() {
+            identical += 1;
+            continue;
+        }
+        // The fp32 model's view of the step where they part: both candidates near the top.
+        let mut ctx = ids.clone();
+        ctx.extend(&b.tokens[..same]);
+        let mut c = fp32.decoder.new_cache(1);
+        let l = fp32
+            .decoder
+            .forward(&ids_tensor(&ctx).unwrap(), None, &mut c, Logits::Last)
+            .unwrap()
+            .flatten(0, -1);
+        let gap =
+            l.double_value(&[b.tokens[same] as i64]) - l.double_value(&[a.tokens[same] as i64]);
+        println!("{p:?}: same first {same} tokens; fp32 margin there {gap:.3}");
+        assert!(
+            gap <= FLIP_MARGIN,
+            "{p:?}: token {same} differs by a margin of {gap}"
+        );
+    }
+    println!(
+        "{identical}/{} prompts: 32 greedy tokens identical",
+        PROMPTS.len()
+    );
+}
