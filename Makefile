@@ -68,7 +68,13 @@ test: setup lint
 	$(MAKE) python
 	$(PY) -m pytest -q tests/python || test $$? -eq 5
 
+## Benchmarks. llama-cpp-python (the llama.cpp reference; it compiles llama.cpp, several
+## minutes) is installed here only, never by `make test`.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 bench: setup build
+	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check $(LLAMA_CPP_PYTHON)
+	$(BIN) bench kernels
+	$(BIN) bench text --vs-llama-cpp
 	$(BIN) bench text
 
 fmt:

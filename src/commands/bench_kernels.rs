@@ -172,7 +172,7 @@ fn bench_ggml(
         GgmlType::Q5K,
         GgmlType::Q6K,
     ] {
-        if cols % ty.block().0 != 0 {
+        if !cols.is_multiple_of(ty.block().0) {
             continue;
         }
         let data = ggml::random_blocks(ty, rows, cols, rows as u64 * 31 + cols as u64);

@@ -53,7 +53,7 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 pub fn weighted_rows(isa: Isa, p: &[f32], v: &[f32], out: &mut [f32]) {
     let d = out.len();
     #[cfg(target_arch = "x86_64")]
-    if simd(isa) && d % 8 == 0 {
+    if simd(isa) && d.is_multiple_of(8) {
         // SAFETY: as in dense_rows; v holds p.len() rows of d values.
         unsafe { avx2::weighted_rows(p, v, out) };
         return;

@@ -193,12 +193,12 @@ pub fn row_dot_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
                     let xb = x0 + g / 2;
                     let xq = &a.q[xb * QK + l0..xb * QK + l0 + 16];
                     let mut isum = 0i32;
-                    for i in 0..16 {
+                    for (i, &x) in xq.iter().enumerate() {
                         let l = l0 + i;
                         let lo = ql[64 * h + l + 32 * (k % 2)];
                         let lo = if k < 2 { lo & 0xF } else { lo >> 4 };
                         let hi = (qh[32 * h + l] >> (2 * k)) & 3;
-                        isum += ((lo | (hi << 4)) as i32) * xq[i] as i32;
+                        isum += ((lo | (hi << 4)) as i32) * x as i32;
                     }
                     let sub = a.sum16[2 * xb + (g % 2)];
                     // Scale index: 8·h + (l / 16) + 2·k.
@@ -390,7 +390,11 @@ impl GgmlWeight {
     }
 
     fn check(ty: GgmlType, rows: i64, cols: i64, len: usize) -> Result<usize> {
-        if !is_block_type(ty) || rows <= 0 || cols <= 0 || cols as usize % ty.block().0 != 0 {
+        if !is_block_type(ty)
+            || rows <= 0
+            || cols <= 0
+            || !(cols as usize).is_multiple_of(ty.block().0)
+        {
             return Err(TextError::InvalidArgument(format!(
                 "{} blocks cannot hold a [{rows}, {cols}] weight (rows of whole {}-value blocks)",
                 ty.name(),
@@ -415,7 +419,7 @@ impl GgmlWeight {
             let tname = format!("{name}.{}", suffix(ty));
             let Some(t) = w.raw(&tname) else { continue };
             let err = |msg: String| TextError::checkpoint(w.file_of(&tname), msg);
-            let ok_shape = cols > 0 && cols as usize % ty.block().0 == 0 && {
+            let ok_shape = cols > 0 && (cols as usize).is_multiple_of(ty.block().0) && {
                 let rb = row_bytes(ty, cols as usize) as i64;
                 t.size() == [rows, rb]
             };
@@ -426,7 +430,7 @@ impl GgmlWeight {
                     t.kind(),
                     t.size(),
                     ty.name(),
-                    if cols > 0 && cols as usize % ty.block().0 == 0 {
+                    if cols > 0 && (cols as usize).is_multiple_of(ty.block().0) {
                         row_bytes(ty, cols as usize).to_string()
                     } else {
                         format!("(columns not a multiple of {})", ty.block().0)
@@ -569,7 +573,7 @@ pub fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u
     let mut out = vec![0u8; rows * row_bytes(ty, cols)];
     for blk in out.chunks_exact_mut(bb) {
         for v in blk.iter_mut() {
-            *v = rng.next() as u8;
+            *v = rng.next_u32() as u8;
         }
         let mut put = |at: usize, v: f32| {
             blk[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
@@ -591,7 +595,7 @@ pub fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u
 pub struct Lcg(pub u64);
 
 impl Lcg {
-    pub fn next(&mut self) -> u32 {
+    pub fn next_u32(&mut self) -> u32 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
@@ -600,7 +604,7 @@ impl Lcg {
     }
     /// Uniform in [−1, 1).
     pub fn f(&mut self) -> f32 {
-        self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+        self.next_u32() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
     }
 }
 
@@ -773,7 +777,7 @@ mod tests {
     use super::*;
 
     fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Lcg) -> Vec<u8> {
-        super::random_blocks(ty, rows, cols, rng.next() as u64)
+        super::random_blocks(ty, rows, cols, rng.next_u32() as u64)
     }
 
     const TYPES: [GgmlType; 6] = BLOCK_TYPES;
@@ -873,7 +877,7 @@ mod tests {
                 let bs = ty.block().0;
                 for nblk in [1usize, 2, 3, 7, 18] {
                     let cols = bs * nblk;
-                    let rows = 1 + (rng.next() % 9) as usize;
+                    let rows = 1 + (rng.next_u32() % 9) as usize;
                     let w = random_blocks(ty, rows, cols, &mut rng);
                     let x: Vec<f32> = (0..cols).map(|_| rng.f() * 2.0).collect();
                     let a = Q8Acts::from_slice(&x);
