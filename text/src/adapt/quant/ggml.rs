@@ -231,7 +231,8 @@ pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
                 GgmlType::Q8_0 => {
                     return unsafe { avx2::rows32::<{ avx2::T_Q8_0 }, 1>([row], a)[0] }
                 }
-                GgmlType::Q4K => return unsafe { avx2::q4_k(row, a) },
+                GgmlType::Q4K => return unsafe { avx2::q45_k::<false>(row, a) },
+                GgmlType::Q5K => return unsafe { avx2::q45_k::<true>(row, a) },
                 GgmlType::Q6K => return unsafe { avx2::q6_k(row, a) },
                 _ => {}
             }
@@ -696,23 +697,41 @@ mod avx2 {
         std::array::from_fn(|j| hsum(acc[j]) + offs[j])
     }
 
+    /// Q4_K, or Q5_K with `FIVE` (the fifth bit of sub-block `j` is bit `j` of `qh[l]`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_k(row: &[u8], a: &Q8Acts) -> f32 {
-        let nb = row.len() / 144;
+    pub unsafe fn q45_k<const FIVE: bool>(row: &[u8], a: &Q8Acts) -> f32 {
+        let (bb, qs) = if FIVE { (176, 48) } else { (144, 16) };
+        let nb = row.len() / bb;
         let xq = a.q.as_ptr();
         let mut acc = _mm256_setzero_ps();
         let mut offs = 0f32;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
         for b in 0..nb {
-            let w = &row[144 * b..144 * (b + 1)];
+            let w = &row[bb * b..bb * (b + 1)];
             let (d, dmin) = (f16(w.as_ptr()), f16(w.as_ptr().add(2)));
-            let ql = w.as_ptr().add(16);
+            let ql = w.as_ptr().add(qs);
+            let qh = if FIVE {
+                _mm256_loadu_si256(w.as_ptr().add(16) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
             for jj in 0..4 {
                 // Sub-blocks 2·jj (low nibbles) and 2·jj + 1 (high nibbles) share 32 bytes.
                 let v = _mm256_loadu_si256(ql.add(32 * jj) as *const __m256i);
-                let lo = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), _mm256_set1_epi8(0x0F));
+                let lo = _mm256_and_si256(v, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
                 for (h, q) in [(0, lo), (1, hi)] {
                     let j = 2 * jj + h;
+                    let q = if FIVE {
+                        let bit = _mm256_and_si256(
+                            _mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32)),
+                            one,
+                        );
+                        _mm256_or_si256(q, _mm256_slli_epi16::<4>(bit))
+                    } else {
+                        q
+                    };
                     let xb = 8 * b + j;
                     let (sc, m) = super::scale_min_k4(j, &w[4..16]);
                     let p = dot_us(q, _mm256_loadu_si256(xq.add(QK * xb) as *const __m256i));
