@@ -99,3 +99,66 @@ fn inspect_reports_8_bit_kv_bytes() {
     let bad = afm(&["generate", "--kv-bits", "4", "hi"]);
     assert!(!bad.status.success() && stderr(&bad).contains("--kv-bits"));
 }
+
+#[test]
+fn quantize_to_gguf_blocks_loads_and_decodes_on_the_fused_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("full");
+    tiny_model_dir(&src);
+    let full = afm_text::TextModel::load(&src, tch::Device::Cpu, afm_text::DType::F32).unwrap();
+    for (method, bits) in [("q4_1", "4"), ("q4_0", "4"), ("q8_0", "8")] {
+        let out = tmp.path().join(method);
+        let (s, o) = (src.to_str().unwrap(), out.to_str().unwrap());
+        let r = afm(&["quantize", "--bits", bits, "--method", method, s, o]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(cfg.contains("ggml-blocks"), "{cfg}");
+        let m = afm_text::TextModel::load(&out, tch::Device::Cpu, afm_text::DType::F32).unwrap();
+        let afm_text::linear::LinearWeight::Ggml(g) = m.decoder.layers[0].mlp.up.weight() else {
+            panic!("{method}: up_proj is not stored as blocks");
+        };
+        assert_eq!(g.ty().name().to_ascii_lowercase(), method);
+        // The blocks stand for the full model's weights within the format's step.
+        let afm_text::linear::LinearWeight::Dense(w) = full.decoder.layers[0].mlp.up.weight()
+        else {
+            unreachable!()
+        };
+        let d = g.dequantize(tch::Kind::Float).unwrap();
+        let rel = f64::try_from((d - w).square().sum(tch::Kind::Double)).unwrap()
+            / f64::try_from(w.square().sum(tch::Kind::Double)).unwrap();
+        assert!(
+            rel < if bits == "8" { 1e-4 } else { 2e-2 },
+            "{method}: rel. error {rel}"
+        );
+        let mut cache = m.decoder.new_cache(1);
+        let _ = m
+            .decoder
+            .forward(
+                &afm_text::generation::ids_tensor(&[1, 2, 3]).unwrap(),
+                None,
+                &mut cache,
+                afm_text::Logits::Last,
+            )
+            .unwrap();
+        assert!(m.decoder.fused_decode_applies(&cache), "{method}");
+        // A block model is quantized already; wrong bit widths are refused.
+        let o2 = tmp.path().join(format!("{method}-again"));
+        assert_user_error(
+            &afm(&["quantize", o, o2.to_str().unwrap()]),
+            &["already quantized"],
+        );
+    }
+    let (s, o) = (src.to_str().unwrap(), tmp.path().join("bad"));
+    assert_user_error(
+        &afm(&[
+            "quantize",
+            "--bits",
+            "8",
+            "--method",
+            "q4_1",
+            s,
+            o.to_str().unwrap(),
+        ]),
+        &["--bits 4"],
+    );
+}

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use afm_text::quant::quantize::{quantize_dir, BitPlan, QuantizeOptions};
+use afm_text::gguf::GgmlType;
+use afm_text::quant::quantize::{quantize_dir, quantize_dir_blocks, BitPlan, QuantizeOptions};
 use afm_text::quant::Method;
 use anyhow::Context as _;
 
@@ -18,8 +19,10 @@ pub struct Args {
     /// Bits per weight: 2, 4, 8, or mixed (2/4-bit per layer to meet --target-bpw).
     #[arg(long, default_value = "4")]
     pub bits: String,
-    /// rtn (uniform levels, per-channel scale with a searched clipping factor) or palette
-    /// (k-means look-up table per 16 rows).
+    /// rtn (uniform levels, per-channel scale with a searched clipping factor), palette
+    /// (k-means look-up table per 16 rows), or GGUF blocks q4_1 / q4_0 (with --bits 4) / q8_0
+    /// (with --bits 8): a scale, and for q4_1 a minimum, per 32 weights, llama.cpp's layout,
+    /// decoded by the block kernels; the embedding is q8_0 unless --embed-bits 4.
     #[arg(long, default_value = "palette")]
     pub method: String,
     /// Average bits per weight the mixed plan aims at (tables included).
@@ -40,11 +43,6 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
-    let method = match a.method.as_str() {
-        "rtn" | "uniform" => Method::Uniform,
-        "palette" | "kmeans" => Method::Palette,
-        m => anyhow::bail!("--method must be rtn or palette, not '{m}'"),
-    };
     let plan = match a.bits.as_str() {
         "mixed" => BitPlan::Mixed {
             target_bpw: a.target_bpw,
@@ -53,6 +51,32 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             Ok(b @ (2 | 4 | 8)) => BitPlan::Fixed(b),
             _ => anyhow::bail!("--bits must be 2, 4, 8 or mixed, not '{b}'"),
         },
+    };
+    let blocks = match (a.method.as_str(), plan) {
+        ("q4_1", _) => Some(GgmlType::Q4_1),
+        ("q4_0", _) => Some(GgmlType::Q4_0),
+        ("q8_0", _) => Some(GgmlType::Q8_0),
+        _ => None,
+    };
+    if let Some(ty) = blocks {
+        let bits = if ty == GgmlType::Q8_0 { 8 } else { 4 };
+        if plan != BitPlan::Fixed(bits) {
+            anyhow::bail!(
+                "--method {} stores {bits}-bit blocks: use --bits {bits}",
+                a.method
+            );
+        }
+        let embed = match a.embed_bits {
+            None | Some(8) => GgmlType::Q8_0,
+            Some(4) => ty,
+            Some(b) => anyhow::bail!("--embed-bits with GGUF blocks is 4 or 8, not {b}"),
+        };
+        return run_blocks(ctx, &a, ty, embed);
+    }
+    let method = match a.method.as_str() {
+        "rtn" | "uniform" => Method::Uniform,
+        "palette" | "kmeans" => Method::Palette,
+        m => anyhow::bail!("--method must be rtn, palette, q4_1, q4_0 or q8_0, not '{m}'"),
     };
     if method == Method::Palette && plan == BitPlan::Fixed(8) {
         anyhow::bail!("palettes are 2- or 4-bit; use --method rtn for 8 bits");
@@ -86,6 +110,15 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         )
     })?;
     bar.finish_and_clear();
+    report(&a, &r, t0, quiet)
+}
+
+fn report(
+    a: &Args,
+    r: &afm_text::quant::quantize::QuantizeReport,
+    t0: std::time::Instant,
+    quiet: bool,
+) -> anyhow::Result<()> {
     if a.verbose_plan {
         outln!("| tensor | shape | bits | method | rel. error |")?;
         outln!("| --- | --- | ---: | --- | ---: |")?;
@@ -96,7 +129,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
                 t.rows,
                 t.cols,
                 t.bits,
-                t.method.name(),
+                t.method,
                 t.rel_error
             )?;
         }
@@ -130,4 +163,24 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `--method q4_1 | q4_0 | q8_0` (and auto at 4 bits): GGUF blocks.
+fn run_blocks(ctx: &Context, a: &Args, ty: GgmlType, embed: GgmlType) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let bar = super::progress::bar(0, "tensors", ctx.quiet);
+    let r = quantize_dir_blocks(&a.input, &a.output, ty, embed, &mut |i, n, name| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+        bar.set_message(name.to_string());
+    })
+    .with_context(|| {
+        format!(
+            "quantizing {} into {}",
+            a.input.display(),
+            a.output.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    report(a, &r, t0, ctx.quiet)
 }

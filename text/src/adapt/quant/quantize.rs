@@ -9,12 +9,14 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use super::ggml::GgmlWeight;
 use super::palette::{palettize, palettize_scaled};
 use super::qat::{rtn, UniformSpec};
 use super::{packed, Method, QuantizedWeight, FORMAT};
 use crate::checkpoint::{load_weights, safetensors_files, write_safetensors};
 use crate::config::TextConfig;
 use crate::error::{Result, TextError};
+use crate::gguf::GgmlType;
 
 /// Bit widths to use.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,7 +47,8 @@ pub struct TensorReport {
     pub rows: i64,
     pub cols: i64,
     pub bits: u8,
-    pub method: Method,
+    /// `uniform`, `palette`, or a GGUF block type (`Q4_1`, …).
+    pub method: &'static str,
     /// ‖W − Ŵ‖² / ‖W‖².
     pub rel_error: f64,
     /// Stored bits per weight (tables included).
@@ -123,7 +126,13 @@ pub fn quantize_dir(
     crate::atomic_write::check_output_dir(src, dst, "quantize")?;
     let _cfg = TextConfig::from_file(&src.join("config.json"))?;
     let weights = load_weights(src, Device::Cpu, Kind::Float)?;
-    if let Some(n) = weights.names().find(|n| n.ends_with(".qcodes")) {
+    if let Some(n) = weights.names().find(|n| {
+        [
+            ".qcodes", ".q4_0", ".q4_1", ".q8_0", ".q4_k", ".q5_k", ".q6_k",
+        ]
+        .iter()
+        .any(|s| n.ends_with(s))
+    }) {
         return Err(TextError::checkpoint(
             src,
             format!("already quantized (has '{n}'); quantize the full-precision model"),
@@ -219,7 +228,7 @@ pub fn quantize_dir(
             rows: *rows,
             cols: *cols,
             bits: *bits,
-            method: q.method(),
+            method: q.method().name(),
             rel_error: *err,
             bpw: q.bits_per_weight(),
         });
@@ -235,6 +244,98 @@ pub fn quantize_dir(
         },
         "group_rows": super::palette::GROUP_ROWS,
         "row_scale": opts.row_scale && opts.method == Method::Palette,
+        "avg_bits_per_weight": avg_bpw,
+        "tensors": plan_json,
+    });
+    let file_bytes = write_model_dir(src, dst, &out, quant)?;
+    Ok(QuantizeReport {
+        tensors: reports,
+        dense: dense_names,
+        avg_bpw,
+        quantized_params: qparams,
+        dense_params,
+        file_bytes,
+    })
+}
+
+/// Quantize the model in `src` into `dst` as GGUF blocks ([`super::ggml`], llama.cpp's
+/// reference quantisers): every projection and the untied head as `ty`, the embedding (and the
+/// head tied to it) as `embed_ty`; tensors whose width is not a multiple of 32 and the norms
+/// stay dense. The decode kernels and the fused CPU step read the blocks directly.
+pub fn quantize_dir_blocks(
+    src: &Path,
+    dst: &Path,
+    ty: GgmlType,
+    embed_ty: GgmlType,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<QuantizeReport> {
+    crate::atomic_write::check_output_dir(src, dst, "quantize")?;
+    let _cfg = TextConfig::from_file(&src.join("config.json"))?;
+    let weights = load_weights(src, Device::Cpu, Kind::Float)?;
+    let packed_suffixes = [
+        ".qcodes", ".q4_0", ".q4_1", ".q8_0", ".q4_k", ".q5_k", ".q6_k",
+    ];
+    if let Some(n) = weights
+        .names()
+        .find(|n| packed_suffixes.iter().any(|s| n.ends_with(s)))
+    {
+        return Err(TextError::checkpoint(
+            src,
+            format!("already quantized (has '{n}'); quantize the full-precision model"),
+        ));
+    }
+    let mut names: Vec<String> = weights.names().cloned().collect();
+    names.sort();
+    let (mut out, mut reports, mut dense_names) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut qparams, mut qbits, mut dense_params) = (0i64, 0f64, 0i64);
+    let mut plan_json = serde_json::Map::new();
+    for (i, name) in names.iter().enumerate() {
+        progress(i, names.len(), name);
+        let t = weights.get_any(name)?;
+        let shape = t.size();
+        if !is_candidate(name, &shape) || shape[1] % super::ggml::QK as i64 != 0 {
+            if is_candidate(name, &shape) {
+                tracing::warn!("{name} {shape:?}: width not a multiple of 32, kept dense");
+            }
+            dense_params += t.numel() as i64;
+            dense_names.push(name.clone());
+            out.push((name.clone(), t));
+            continue;
+        }
+        let bty = if name == "model.embed_tokens.weight" {
+            embed_ty
+        } else {
+            ty
+        };
+        let (rows, cols) = (shape[0], shape[1]);
+        let v = Vec::<f32>::try_from(t.f_flatten(0, -1)?.f_to_kind(Kind::Float)?)?;
+        let g = GgmlWeight::quantize(bty, &v, rows, cols)?;
+        let back = g.dequantize(Kind::Float)?;
+        let err = f64::try_from(t.f_sub(&back)?.f_square()?.f_sum(Kind::Double)?)?
+            / f64::try_from(t.f_square()?.f_sum(Kind::Double)?)?.max(1e-30);
+        let n = rows * cols;
+        qparams += n;
+        qbits += g.bits_per_weight() * n as f64;
+        plan_json.insert(
+            name.clone(),
+            serde_json::json!({"bits": g.bits_per_weight(), "method": bty.name()}),
+        );
+        reports.push(TensorReport {
+            name: name.clone(),
+            rows,
+            cols,
+            bits: if matches!(bty, GgmlType::Q8_0) { 8 } else { 4 },
+            method: bty.name(),
+            rel_error: err,
+            bpw: g.bits_per_weight(),
+        });
+        out.extend(g.tensors(name));
+    }
+    let avg_bpw = qbits / qparams.max(1) as f64;
+    let quant = serde_json::json!({
+        "format": "ggml-blocks",
+        "method": ty.name(),
+        "embedding": embed_ty.name(),
         "avg_bits_per_weight": avg_bpw,
         "tensors": plan_json,
     });
