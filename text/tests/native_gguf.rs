@@ -158,4 +158,49 @@ fn shipped_q4_1_runs_natively_and_follows_the_fp32_model() {
         "{identical}/{} prompts: 32 greedy tokens identical",
         PROMPTS.len()
     );
+
+    // With fp32 activations the block kernels follow the dequantised model to fp32 rounding:
+    // the same greedy tokens on every held prompt, and Paris.
+    afm_text::quant::ggml::set_float_activations(true);
+    for p in PROMPTS {
+        let ids = fp32.prompt_ids(p, false).unwrap();
+        let mut cn = native.decoder.new_cache(1);
+        let mut cf = fp32.decoder.new_cache(1);
+        let ids_t = ids_tensor(&ids).unwrap();
+        let _ = native
+            .decoder
+            .forward(&ids_t, None, &mut cn, Logits::Last)
+            .unwrap();
+        let _ = fp32
+            .decoder
+            .forward(&ids_t, None, &mut cf, Logits::Last)
+            .unwrap();
+        let step = ids_tensor(&[ids[0]]).unwrap();
+        let sn = native
+            .decoder
+            .forward(&step, None, &mut cn, Logits::Last)
+            .unwrap();
+        let sf = fp32
+            .decoder
+            .forward(&step, None, &mut cf, Logits::Last)
+            .unwrap();
+        let d = max_abs_diff(&sn, &sf);
+        println!("{p:?}: fp32-activation step vs fp32 model max |Δlogit| {d:.2e}");
+        assert!(d < 1e-3, "{p:?}: {d}");
+        let tok = native.tokenizer.as_ref();
+        let a = generate(&native.decoder, tok, &ids, &opts, &mut |_| {}).unwrap();
+        let b = generate(
+            &fp32.decoder,
+            fp32.tokenizer.as_ref(),
+            &ids,
+            &opts,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(a.tokens, b.tokens, "{p:?}");
+        if p.contains("France") {
+            assert!(a.text.contains("Paris"), "{:?}", a.text);
+        }
+    }
+    afm_text::quant::ggml::set_float_activations(false);
 }

@@ -277,7 +277,7 @@ fn project(pool: &Pool, isa: Isa, inp: &Input<'_>, jobs: &mut [(&Proj<'_>, &mut 
 
 fn input<'b>(x: &'b [f32], q8: &'b mut Q8Acts, need_q8: bool) -> Input<'b> {
     if need_q8 {
-        q8.quantize(x);
+        q8.prepare(x, ggml::float_activations());
     }
     Input {
         x,
