@@ -711,15 +711,9 @@ impl Lcg {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Q8Acts, QK};
+    use crate::runtime::cpu_kernels::avx2::hsum;
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
-        _mm_cvtss_f32(s)
-    }
+    use super::{Q8Acts, QK};
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f16(p: *const u8) -> f32 {

@@ -533,13 +533,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
-        _mm_cvtss_f32(s)
-    }
+    use crate::runtime::cpu_kernels::avx2::hsum;
 
     /// Codes `8·h .. 8·h + 8` of a 16-byte block, one per 32-bit lane.
     #[target_feature(enable = "avx2,fma")]

@@ -116,6 +116,23 @@ fn quantize_one(
     Ok((q, err / norm))
 }
 
+/// An error when `weights` (of `src`) hold packed codes or GGUF blocks already.
+fn refuse_quantized(src: &Path, weights: &crate::weights::WeightMap) -> Result<()> {
+    const PACKED: [&str; 7] = [
+        ".qcodes", ".q4_0", ".q4_1", ".q8_0", ".q4_k", ".q5_k", ".q6_k",
+    ];
+    match weights
+        .names()
+        .find(|n| PACKED.iter().any(|s| n.ends_with(s)))
+    {
+        Some(n) => Err(TextError::checkpoint(
+            src,
+            format!("already quantized (has '{n}'); quantize the full-precision model"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Quantize the model in `src` into a new model directory `dst`. `progress` hears each tensor.
 pub fn quantize_dir(
     src: &Path,
@@ -126,18 +143,7 @@ pub fn quantize_dir(
     crate::atomic_write::check_output_dir(src, dst, "quantize")?;
     let _cfg = TextConfig::from_file(&src.join("config.json"))?;
     let weights = load_weights(src, Device::Cpu, Kind::Float)?;
-    if let Some(n) = weights.names().find(|n| {
-        [
-            ".qcodes", ".q4_0", ".q4_1", ".q8_0", ".q4_k", ".q5_k", ".q6_k",
-        ]
-        .iter()
-        .any(|s| n.ends_with(s))
-    }) {
-        return Err(TextError::checkpoint(
-            src,
-            format!("already quantized (has '{n}'); quantize the full-precision model"),
-        ));
-    }
+    refuse_quantized(src, &weights)?;
     let mut names: Vec<String> = weights.names().cloned().collect();
     names.sort();
     let embed_bits = opts.embed_bits.unwrap_or(match opts.plan {
@@ -272,18 +278,7 @@ pub fn quantize_dir_blocks(
     crate::atomic_write::check_output_dir(src, dst, "quantize")?;
     let _cfg = TextConfig::from_file(&src.join("config.json"))?;
     let weights = load_weights(src, Device::Cpu, Kind::Float)?;
-    let packed_suffixes = [
-        ".qcodes", ".q4_0", ".q4_1", ".q8_0", ".q4_k", ".q5_k", ".q6_k",
-    ];
-    if let Some(n) = weights
-        .names()
-        .find(|n| packed_suffixes.iter().any(|s| n.ends_with(s)))
-    {
-        return Err(TextError::checkpoint(
-            src,
-            format!("already quantized (has '{n}'); quantize the full-precision model"),
-        ));
-    }
+    refuse_quantized(src, &weights)?;
     let mut names: Vec<String> = weights.names().cloned().collect();
     names.sort();
     let (mut out, mut reports, mut dense_names) = (Vec::new(), Vec::new(), Vec::new());
