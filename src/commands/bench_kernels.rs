@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use afm_text::gguf::GgmlType;
 use afm_text::quant::ggml;
 use afm_text::quant::packed::{gemv_isa, pack, Isa, Table};
 use afm_text::sampling::Rng;
@@ -164,14 +163,7 @@ fn bench_ggml(
     w: &Tensor,
     xt: &Tensor,
 ) {
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ] {
+    for ty in ggml::BLOCK_TYPES {
         if !cols.is_multiple_of(ty.block().0) {
             continue;
         }

@@ -403,11 +403,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; nblocks * bs];
     out.par_chunks_mut(bs * 64)
         .zip(bytes.par_chunks(bb * 64))
-        .for_each(|(y, x)| {
-            for (yb, xb) in y.chunks_mut(bs).zip(x.chunks(bb)) {
-                dequantize_block(ty, xb, yb);
-            }
-        });
+        .for_each(|(y, x)| dequantize_into(ty, x, y));
     out
 }
 

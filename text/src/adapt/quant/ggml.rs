@@ -28,6 +28,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Result, TextError};
 use crate::gguf::GgmlType;
 use crate::quant::packed::Isa;
+use crate::sampling::Rng;
 use crate::weights::WeightMap;
 
 /// Values per activation block.
@@ -631,7 +632,7 @@ impl GgmlWeight {
                     .as_ref(),
             )?);
         }
-        let mut shape = x.size();
+        let shape = x.size();
         let xf = x
             .f_reshape([n, self.cols])?
             .f_to_kind(Kind::Float)?
@@ -645,17 +646,12 @@ impl GgmlWeight {
             acts.prepare(xr, float_activations());
             gemv(isa, self.ty, self.bytes(), cols, &acts, yr);
         }
-        shape.pop();
-        shape.push(self.rows);
-        let mut out = Tensor::f_from_slice(&y)?.f_view(shape.as_slice())?;
-        if let Some(b) = bias {
-            out = out.f_add(&b.f_to_kind(Kind::Float)?)?;
-        }
-        Ok(out.f_to_kind(x.kind())?)
+        crate::quant::gemv_output(&y, shape, self.rows, bias, x.kind())
     }
 }
 
-const BLOCK_TYPES: [GgmlType; 6] = [
+/// Every block type the kernels read.
+pub const BLOCK_TYPES: [GgmlType; 6] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q8_0,
@@ -667,44 +663,32 @@ const BLOCK_TYPES: [GgmlType; 6] = [
 /// Random blocks for `rows` rows of `ty` with sane fp16 scales in every block (kernel tests
 /// and benchmarks), seeded.
 pub fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Lcg(seed);
+    let mut rng = Rng::new(seed);
     let (_, bb) = ty.block();
     let mut out = vec![0u8; rows * row_bytes(ty, cols)];
     for blk in out.chunks_exact_mut(bb) {
         for v in blk.iter_mut() {
-            *v = rng.next_u32() as u8;
+            *v = rng.next_u64() as u8;
         }
         let mut put = |at: usize, v: f32| {
             blk[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
         };
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => put(0, 0.01 + 0.02 * rng.f().abs()),
+            GgmlType::Q4_0 | GgmlType::Q8_0 => put(0, 0.01 + 0.02 * uniform_pm1(&mut rng).abs()),
             GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K => {
-                put(0, 0.01 + 0.02 * rng.f().abs());
-                put(2, 0.02 * rng.f());
+                put(0, 0.01 + 0.02 * uniform_pm1(&mut rng).abs());
+                put(2, 0.02 * uniform_pm1(&mut rng));
             }
-            GgmlType::Q6K => put(208, 0.001 + 0.002 * rng.f().abs()),
+            GgmlType::Q6K => put(208, 0.001 + 0.002 * uniform_pm1(&mut rng).abs()),
             _ => {}
         }
     }
     out
 }
 
-/// A deterministic pseudo-random stream (tests and benchmarks).
-pub struct Lcg(pub u64);
-
-impl Lcg {
-    pub fn next_u32(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
-    }
-    /// Uniform in [−1, 1).
-    pub fn f(&mut self) -> f32 {
-        self.next_u32() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-    }
+/// Uniform in [−1, 1) from the project's seeded generator (tests and benchmarks).
+pub fn uniform_pm1(rng: &mut Rng) -> f32 {
+    rng.next_f64() as f32 * 2.0 - 1.0
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -958,8 +942,8 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Lcg) -> Vec<u8> {
-        super::random_blocks(ty, rows, cols, rng.next_u32() as u64)
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+        super::random_blocks(ty, rows, cols, rng.next_u64())
     }
 
     const TYPES: [GgmlType; 6] = BLOCK_TYPES;
@@ -967,11 +951,11 @@ mod tests {
     #[test]
     fn scalar_reference_equals_the_dequantized_dot_product() {
         // Σ dequant(w)·dequant(x_q) in f64 = the block-wise integer formula.
-        let mut rng = Lcg(7);
+        let mut rng = Rng::new(7);
         for ty in TYPES {
             let cols = ty.block().0 * 3;
             let w = random_blocks(ty, 5, cols, &mut rng);
-            let x: Vec<f32> = (0..cols).map(|_| rng.f() * 3.0).collect();
+            let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 3.0).collect();
             let a = Q8Acts::from_slice(&x);
             let xd = a.dequantize();
             for r in 0..5 {
@@ -995,8 +979,8 @@ mod tests {
 
     #[test]
     fn reference_quantisers_round_trip_within_half_a_step() {
-        let mut rng = Lcg(9);
-        let x: Vec<f32> = (0..96).map(|_| rng.f() * 2.0).collect();
+        let mut rng = Rng::new(9);
+        let x: Vec<f32> = (0..96).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let b = quantize_row(ty, &x).unwrap();
             assert_eq!(b.len(), row_bytes(ty, 96));
@@ -1032,14 +1016,14 @@ mod tests {
 
     #[test]
     fn float_activation_kernels_equal_the_dequantized_dot_product() {
-        let mut rng = Lcg(13);
+        let mut rng = Rng::new(13);
         for isa in Isa::available() {
             for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
                 for nblk in [1usize, 2, 5, 18] {
                     let cols = 32 * nblk;
-                    let rows = 1 + (rng.next_u32() % 9) as usize;
+                    let rows = 1 + (rng.next_u64() % 9) as usize;
                     let w = random_blocks(ty, rows, cols, &mut rng);
-                    let x: Vec<f32> = (0..cols).map(|_| rng.f() * 2.0).collect();
+                    let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
                     let mut a = Q8Acts::default();
                     a.prepare(&x, true);
                     let mut got = vec![0f32; rows];
@@ -1073,8 +1057,10 @@ mod tests {
 
     #[test]
     fn activation_quantization_is_within_half_a_step() {
-        let mut rng = Lcg(3);
-        let x: Vec<f32> = (0..96).map(|i| rng.f() * (1 + i % 7) as f32).collect();
+        let mut rng = Rng::new(3);
+        let x: Vec<f32> = (0..96)
+            .map(|i| uniform_pm1(&mut rng) * (1 + i % 7) as f32)
+            .collect();
         let a = Q8Acts::from_slice(&x);
         for (i, (v, q)) in x.iter().zip(a.dequantize()).enumerate() {
             assert!((v - q).abs() <= a.d[i / QK] * 0.5 + 1e-7);
@@ -1094,15 +1080,15 @@ mod tests {
 
     #[test]
     fn every_kernel_set_equals_the_scalar_reference() {
-        let mut rng = Lcg(11);
+        let mut rng = Rng::new(11);
         for isa in Isa::available() {
             for ty in TYPES {
                 let bs = ty.block().0;
                 for nblk in [1usize, 2, 3, 7, 18] {
                     let cols = bs * nblk;
-                    let rows = 1 + (rng.next_u32() % 9) as usize;
+                    let rows = 1 + (rng.next_u64() % 9) as usize;
                     let w = random_blocks(ty, rows, cols, &mut rng);
-                    let x: Vec<f32> = (0..cols).map(|_| rng.f() * 2.0).collect();
+                    let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
                     let a = Q8Acts::from_slice(&x);
                     let mut got = vec![0f32; rows];
                     gemv(isa, ty, &w, cols, &a, &mut got);

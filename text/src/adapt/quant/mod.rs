@@ -400,7 +400,7 @@ impl QuantizedWeight {
 
     /// `x·Wᵀ (+ b)` for `x: [..., cols]`.
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let mut shape = x.size();
+        let shape = x.size();
         let n = x.numel() as i64 / self.cols.max(1);
         let view = if n <= GEMV_MAX_ROWS && x.device() == Device::Cpu && !x.requires_grad() {
             self.kernel_view()
@@ -422,14 +422,26 @@ impl QuantizedWeight {
         for (xr, yr) in xs.chunks_exact(cols).zip(y.chunks_exact_mut(rows)) {
             gemv(packed, table, self.bits, cols, xr, yr);
         }
-        shape.pop();
-        shape.push(self.rows);
-        let mut out = Tensor::f_from_slice(&y)?.f_view(shape.as_slice())?;
-        if let Some(b) = bias {
-            out = out.f_add(&b.f_to_kind(Kind::Float)?)?;
-        }
-        Ok(out.f_to_kind(x.kind())?)
+        gemv_output(&y, shape, self.rows, bias, x.kind())
     }
+}
+
+/// The output of a CPU matrix–vector forward: `y` (rows after rows) in the input's `shape`
+/// with its last dimension replaced by `rows`, plus `bias`, in `kind`.
+pub(crate) fn gemv_output(
+    y: &[f32],
+    mut shape: Vec<i64>,
+    rows: i64,
+    bias: Option<&Tensor>,
+    kind: Kind,
+) -> Result<Tensor> {
+    shape.pop();
+    shape.push(rows);
+    let mut out = Tensor::f_from_slice(y)?.f_view(shape.as_slice())?;
+    if let Some(b) = bias {
+        out = out.f_add(&b.f_to_kind(Kind::Float)?)?;
+    }
+    Ok(out.f_to_kind(kind)?)
 }
 
 #[cfg(test)]
