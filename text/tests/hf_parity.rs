@@ -1,6 +1,6 @@
 //! Acceptance 1 of the text issue: on the real SmolLM2-135M-Instruct, fp32 logits at every
 //! position match HF transformers' LlamaForCausalLM loaded from the same GGUF (max |Δ| ≤ 1e-3)
-//! for 5 prompts, and 64-token greedy generations are identical. The reference is computed
+//! for the 5 held prompts (`common::PROMPTS`), and 64-token greedy generations are identical. The reference is computed
 //! by the test itself (tests/reference/hf_llama.py). Skipped, with a message, only when the
 //! virtualenv lacks transformers or set-up has not converted the model.
 
@@ -10,14 +10,6 @@ use afm_text::generation::{generate, ids_tensor};
 use afm_text::{DType, GenerateOptions, Logits, TextModel};
 use common::*;
 use tch::Device;
-
-const PROMPTS: [&str; 5] = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a child in two sentences.",
-    "List three prime numbers greater than 100.",
-    "Translate 'good morning' into Spanish and German.",
-];
 
 #[test]
 fn smollm2_matches_hf_transformers_fp32() {

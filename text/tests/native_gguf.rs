@@ -13,14 +13,6 @@ use afm_text::{DType, GenerateOptions, Logits, TextModel};
 use common::*;
 use tch::{Device, Kind};
 
-const PROMPTS: [&str; 5] = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a child in two sentences.",
-    "List three prime numbers greater than 100.",
-    "Translate 'good morning' into Spanish and German.",
-];
-
 /// Largest top-1 − chosen logit gap under the fp32 model at a step where the native model
 /// picked another token: activation rounding (int8 per 32 values) moves logits by ~0.5 on this
 /// model (scale ~30), so only near-ties may flip.

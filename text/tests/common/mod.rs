@@ -4,6 +4,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The held prompts of the real-model parity tests (HF transformers, native GGUF blocks).
+pub const PROMPTS: [&str; 5] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child in two sentences.",
+    "List three prime numbers greater than 100.",
+    "Translate 'good morning' into Spanish and German.",
+];
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
