@@ -14,12 +14,12 @@ use tch::{Device, Kind, Tensor};
 
 const STEPS: u32 = 12;
 
-/// Logits of `STEPS` decode steps after a 9-token prefill, through the fused step or not.
-fn decode(dec: &mut Decoder, fused: bool) -> Vec<Tensor> {
+/// Logits of `STEPS` decode steps after a `prompt`-token prefill, through the fused step or not.
+fn decode(dec: &mut Decoder, fused: bool, prompt: u32) -> Vec<Tensor> {
     let _g = tch::no_grad_guard();
     dec.set_fused_decode(fused);
     let mut cache = dec.new_cache(1);
-    let prompt: Vec<u32> = (0..9).map(|i| 3 + 17 * i).collect();
+    let prompt: Vec<u32> = (0..prompt).map(|i| (3 + 17 * i) % 250).collect();
     let _ = dec
         .forward(
             &ids_tensor(&prompt).unwrap(),
@@ -46,10 +46,14 @@ fn decode(dec: &mut Decoder, fused: bool) -> Vec<Tensor> {
         .collect()
 }
 
-/// max |Δ| between the two paths over all steps, and the logits' scale.
+/// max |Δ| between the two paths over all steps after a 9-token prompt, and the logits' scale.
 fn compare(dec: &mut Decoder) -> (f64, f64) {
-    let a = decode(dec, false);
-    let b = decode(dec, true);
+    compare_after(dec, 9)
+}
+
+fn compare_after(dec: &mut Decoder, prompt: u32) -> (f64, f64) {
+    let a = decode(dec, false, prompt);
+    let b = decode(dec, true, prompt);
     let mut worst = 0f64;
     let mut scale = 0f64;
     for (x, y) in a.iter().zip(&b) {
@@ -82,6 +86,9 @@ fn dense_layers_match_libtorch() {
     let cfg = preset("tiny-dense").unwrap();
     let (d, s) = compare(&mut scaled(&cfg, 1));
     assert!(d <= 1e-4 * s.max(1.0), "tiny-dense: {d} (scale {s})");
+    // A context long enough that the attention splits each kv head's keys into ranges.
+    let (d, s) = compare_after(&mut scaled(&cfg, 1), 300);
+    assert!(d <= 1e-4 * s.max(1.0), "tiny-dense, 300 tokens: {d} (scale {s})");
     // Biases on every projection.
     let mut cfg_b = cfg.clone();
     cfg_b.attention_bias = true;

@@ -16,7 +16,7 @@
 use crate::decoder::Decoder;
 use crate::error::{Result, TextError};
 use crate::gguf::GgmlType;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, RawKv};
 use crate::linear::{Linear, LinearWeight};
 use crate::norm::RmsNorm;
 use crate::quant::ggml::{self, Q8Acts};
@@ -328,6 +328,91 @@ struct Scratch {
     q8: Q8Acts,
 }
 
+/// Softmax attention of one token's `heads` query heads (`q`, `[heads, head_dim]`) over a
+/// layer's cache, into `out` (`[heads, head_dim]`). Flash-decoding: the work splits by kv head
+/// and token range, so that every thread gets a share at any head count and each kv head's K
+/// and V rows are read from memory once for all the query heads that share them (GQA); each
+/// range keeps its softmax partials (max, Σexp, Σexp·v), which combine exactly after the job.
+fn attend(pool: &Pool, isa: Isa, q: &[f32], raw: &RawKv, heads: usize, out: &mut [f32]) {
+    // Ranges per kv head: two chunks per thread in all, ranges of at least 64 tokens.
+    let splits = (2 * pool.threads())
+        .div_ceil(raw.kv_heads.max(1))
+        .clamp(1, raw.len.div_ceil(64).max(1));
+    attend_split(pool, isa, q, raw, heads, splits, out)
+}
+
+/// [`attend`] with `splits` token ranges per kv head.
+fn attend_split(
+    pool: &Pool,
+    isa: Isa,
+    q: &[f32],
+    raw: &RawKv,
+    heads: usize,
+    splits: usize,
+    out: &mut [f32],
+) {
+    let (nkv, hd, n, cap) = (raw.kv_heads, raw.head_dim, raw.len, raw.capacity);
+    let groups = heads / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let stride = hd + 2; // one partial: o[hd], max, Σexp
+    let mut parts = vec![0f32; heads * splits * stride];
+    let po = Out(parts.as_mut_ptr());
+    // SAFETY: RawKv's buffers hold kv_heads × capacity × head_dim values, and the cache is not
+    // touched while the job runs.
+    let (kall, vall) = unsafe {
+        (
+            std::slice::from_raw_parts(raw.k, nkv * cap * hd),
+            std::slice::from_raw_parts(raw.v, nkv * cap * hd),
+        )
+    };
+    pool.run(nkv * splits, &|c| {
+        let (g, sp) = (c / splits, c % splits);
+        let (t0, t1) = (sp * n / splits, (sp + 1) * n / splits);
+        let base = g * cap * hd;
+        let (kh, vh) = (
+            &kall[base + t0 * hd..base + t1 * hd],
+            &vall[base + t0 * hd..base + t1 * hd],
+        );
+        let mut sc = vec![0f32; t1 - t0];
+        for h in g * groups..(g + 1) * groups {
+            // SAFETY: partial (h, sp) is written by this chunk only.
+            let part = unsafe { po.range((h * splits + sp) * stride, stride) };
+            if t1 == t0 {
+                part[hd] = f32::NEG_INFINITY;
+                part[hd + 1] = 0.0;
+                continue;
+            }
+            dense_rows(isa, kh, hd, &q[h * hd..(h + 1) * hd], 0, &mut sc);
+            let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+            let mut z = 0f32;
+            for v in sc.iter_mut() {
+                *v = (*v * scale - m).exp();
+                z += *v;
+            }
+            weighted_rows(isa, &sc, vh, &mut part[..hd]);
+            part[hd] = m;
+            part[hd + 1] = z;
+        }
+    });
+    for (h, o) in out.chunks_exact_mut(hd).enumerate().take(heads) {
+        let ps = &parts[h * splits * stride..(h + 1) * splits * stride];
+        let mx = ps
+            .chunks_exact(stride)
+            .fold(f32::NEG_INFINITY, |a, p| a.max(p[hd]));
+        o.fill(0.0);
+        let mut z = 0f32;
+        for p in ps.chunks_exact(stride).filter(|p| p[hd + 1] > 0.0) {
+            let w = (p[hd] - mx).exp();
+            z += w * p[hd + 1];
+            for (ov, pv) in o.iter_mut().zip(&p[..hd]) {
+                *ov += w * pv;
+            }
+        }
+        let iz = 1.0 / z;
+        o.iter_mut().for_each(|v| *v *= iz);
+    }
+}
+
 /// One decode step: `x` (the new token's embedding, `[hidden]`) through every layer, the
 /// final norm and the head, extending `cache` by one token. Returns the logits `[vocab]`.
 pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> Result<Vec<f32>> {
@@ -401,43 +486,9 @@ pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> R
                 l.layer, raw.kv_heads, raw.head_dim
             )));
         }
-        // Attention over the cache, one query head per chunk.
+        // Attention over the cache.
         s.att.resize(nh * hd, 0.0);
-        {
-            let groups = nh / nkv;
-            let scale = 1.0 / (hd as f32).sqrt();
-            let (q, out) = (&s.q, Out(s.att.as_mut_ptr()));
-            let n = raw.len;
-            let cap = raw.capacity;
-            // SAFETY: RawKv's buffers hold kv_heads × capacity × head_dim values, and the
-            // cache is not touched while the job runs.
-            let (kall, vall) = unsafe {
-                (
-                    std::slice::from_raw_parts(raw.k, nkv * cap * hd),
-                    std::slice::from_raw_parts(raw.v, nkv * cap * hd),
-                )
-            };
-            pool.run(nh, &|h| {
-                let g = h / groups;
-                let qh = &q[h * hd..(h + 1) * hd];
-                let base = g * cap * hd;
-                let (kh, vh) = (&kall[base..base + n * hd], &vall[base..base + n * hd]);
-                let mut sc = vec![0f32; n];
-                dense_rows(isa, kh, hd, qh, 0, &mut sc);
-                let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut z = 0f32;
-                let m = m * scale;
-                for v in sc.iter_mut() {
-                    *v = (*v * scale - m).exp();
-                    z += *v;
-                }
-                let iz = 1.0 / z;
-                sc.iter_mut().for_each(|v| *v *= iz);
-                // SAFETY: head h's output range is written by this chunk only.
-                let o = unsafe { out.range(h * hd, hd) };
-                weighted_rows(isa, &sc, vh, o);
-            });
-        }
+        attend(pool, isa, &s.q, &raw, nh, &mut s.att);
         // Output projection and residual.
         s.o.resize(plan.hidden, 0.0);
         {
@@ -488,4 +539,66 @@ pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> R
     let inp = input(&s.xn, &mut s.q8, plan.head.needs_q8());
     project(pool, isa, &inp, &mut [(&plan.head, &mut logits[..])]);
     Ok(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::Rng;
+
+    /// Split attention (any number of ranges, ranges shorter than a thread's share, empty
+    /// ranges) equals one softmax over all keys, on every kernel set this machine has.
+    #[test]
+    fn split_attention_equals_one_softmax() {
+        let mut rng = Rng::new(11);
+        let mut f = || ggml::uniform_pm1(&mut rng) * 3.0;
+        let pool = Pool::new(2);
+        for (nkv, groups, hd, n, cap) in [(2, 2, 16, 5, 8), (3, 3, 64, 150, 160), (1, 4, 24, 70, 70)] {
+            let heads = nkv * groups;
+            let k: Vec<f32> = (0..nkv * cap * hd).map(|_| f()).collect();
+            let v: Vec<f32> = (0..nkv * cap * hd).map(|_| f()).collect();
+            let q: Vec<f32> = (0..heads * hd).map(|_| f()).collect();
+            let raw = RawKv {
+                k: k.as_ptr(),
+                v: v.as_ptr(),
+                len: n,
+                capacity: cap,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            let mut want = vec![0f64; heads * hd];
+            for h in 0..heads {
+                let g = h / groups;
+                let row = |t: usize| g * cap * hd + t * hd;
+                let s: Vec<f64> = (0..n)
+                    .map(|t| {
+                        (0..hd)
+                            .map(|d| q[h * hd + d] as f64 * k[row(t) + d] as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for t in 0..n {
+                    for d in 0..hd {
+                        want[h * hd + d] += (s[t] - m).exp() / z * v[row(t) + d] as f64;
+                    }
+                }
+            }
+            for isa in Isa::available() {
+                for splits in [1, 2, 3, 7, n + 2] {
+                    let mut out = vec![0f32; heads * hd];
+                    attend_split(&pool, isa, &q, &raw, heads, splits, &mut out);
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*a as f64 - b).abs() < 1e-5,
+                            "{} nkv {nkv} n {n} splits {splits} [{i}]: {a} vs {b}",
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

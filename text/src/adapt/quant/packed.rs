@@ -392,6 +392,8 @@ fn row_u8(row: &[u8], x: &[f32], isa: Isa) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use crate::runtime::cpu_kernels::avx2::prefetch;
+
     /// One row of LUT codes: 16 bytes widen to 16 lanes, each shift/mask gives 16 consecutive
     /// codes, `vpermps` looks all 16 up in the table held in one register.
     #[target_feature(enable = "avx512f")]
@@ -457,7 +459,10 @@ mod avx512 {
         let mut acc = [_mm512_setzero_ps(); 4];
         let nblk = rows[0].len() / 16;
         let xp = x.as_ptr();
+        // The rows after these (callers walk contiguous rows) are fetched meanwhile.
+        let next = rows[3].as_ptr().wrapping_add(rows[3].len());
         for b in 0..nblk {
+            prefetch(next.wrapping_add(64 * b), 64);
             let xb = xp.add(b * 16 * per);
             if bits == 4 {
                 let x0 = _mm512_loadu_ps(xb);
@@ -496,7 +501,9 @@ mod avx512 {
     pub unsafe fn rows4_u8(rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
         let mut acc = [_mm512_setzero_ps(); 4];
         let nblk = rows[0].len() / 16;
+        let next = rows[3].as_ptr().wrapping_add(rows[3].len());
         for b in 0..nblk {
+            prefetch(next.wrapping_add(64 * b), 64);
             let xb = _mm512_loadu_ps(x.as_ptr().add(b * 16));
             for j in 0..4 {
                 let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -533,7 +540,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use crate::runtime::cpu_kernels::avx2::hsum;
+    use crate::runtime::cpu_kernels::avx2::{hsum, prefetch};
 
     /// Codes `8·h .. 8·h + 8` of a 16-byte block, one per 32-bit lane.
     #[target_feature(enable = "avx2,fma")]
@@ -576,7 +583,10 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); N]; 2];
         let nblk = rows[0].len() / 16;
         let xp = x.as_ptr();
+        // The rows after these (callers walk contiguous rows) are fetched meanwhile.
+        let next = rows[N - 1].as_ptr().wrapping_add(rows[N - 1].len());
         for b in 0..nblk {
+            prefetch(next.wrapping_add(16 * N * b), 16 * N);
             let xb = xp.add(b * 16 * per);
             for (h, acc_h) in acc.iter_mut().enumerate() {
                 for j in 0..N {
@@ -601,6 +611,7 @@ mod avx2 {
         let n = row.len();
         let mut i = 0;
         while i + 32 <= n {
+            prefetch(p.wrapping_add(n + i), 32);
             for (q, a) in acc.iter_mut().enumerate() {
                 let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
                     p.add(i + 8 * q) as *const __m128i
