@@ -255,7 +255,7 @@ impl Out {
 fn project(pool: &Pool, isa: Isa, inp: &Input<'_>, jobs: &mut [(&Proj<'_>, &mut [f32])]) {
     let mut chunks: Vec<(usize, usize, usize)> = Vec::new(); // (job, r0, r1)
     for (j, (p, _)) in jobs.iter().enumerate() {
-        let step = chunk_rows(p.rows, pool.threads());
+        let step = chunk_rows(p.rows, pool.width());
         let mut r = 0;
         while r < p.rows {
             chunks.push((j, r, (r + step).min(p.rows)));
@@ -335,7 +335,7 @@ struct Scratch {
 /// range keeps its softmax partials (max, Σexp, Σexp·v), which combine exactly after the job.
 fn attend(pool: &Pool, isa: Isa, q: &[f32], raw: &RawKv, heads: usize, out: &mut [f32]) {
     // Ranges per kv head: two chunks per thread in all, ranges of at least 64 tokens.
-    let splits = (2 * pool.threads())
+    let splits = (2 * pool.width())
         .div_ceil(raw.kv_heads.max(1))
         .clamp(1, raw.len.div_ceil(64).max(1));
     attend_split(pool, isa, q, raw, heads, splits, out)
@@ -433,6 +433,7 @@ pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> R
     } else {
         None
     };
+    let t0 = std::time::Instant::now();
     let _ = cache.begin_step(1, None)?;
     let mut x = x.to_vec();
     let mut s = Scratch::default();
@@ -506,7 +507,7 @@ pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> R
         s.h.resize(f, 0.0);
         {
             let inp = input(&s.xn, &mut s.q8, l.gate.needs_q8() || l.up.needs_q8());
-            let step = chunk_rows(f, pool.threads());
+            let step = chunk_rows(f, pool.width());
             let nchunks = f.div_ceil(step);
             let (go, uo, ho) = (
                 Out(s.g.as_mut_ptr()),
@@ -538,6 +539,7 @@ pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> R
     let mut logits = vec![0f32; plan.vocab];
     let inp = input(&s.xn, &mut s.q8, plan.head.needs_q8());
     project(pool, isa, &inp, &mut [(&plan.head, &mut logits[..])]);
+    pool.step_done(t0.elapsed().as_secs_f64());
     Ok(logits)
 }
 
