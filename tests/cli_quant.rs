@@ -106,10 +106,20 @@ fn quantize_to_gguf_blocks_loads_and_decodes_on_the_fused_step() {
     let src = tmp.path().join("full");
     tiny_model_dir(&src);
     let full = afm_text::TextModel::load(&src, tch::Device::Cpu, afm_text::DType::F32).unwrap();
-    for (method, bits) in [("q4_1", "4"), ("q4_0", "4"), ("q8_0", "8")] {
-        let out = tmp.path().join(method);
+    // `--bits 4` without a method is Q4_1 blocks (the default 4-bit format).
+    for (method, bits, flag) in [
+        ("q4_1", "4", None),
+        ("q4_1", "4", Some("q4_1")),
+        ("q4_0", "4", Some("q4_0")),
+        ("q8_0", "8", Some("q8_0")),
+    ] {
+        let out = tmp.path().join(flag.unwrap_or("default"));
         let (s, o) = (src.to_str().unwrap(), out.to_str().unwrap());
-        let r = afm(&["quantize", "--bits", bits, "--method", method, s, o]);
+        let mut cmd = vec!["quantize", "--bits", bits, s, o];
+        if let Some(m) = flag {
+            cmd.extend(["--method", m]);
+        }
+        let r = afm(&cmd);
         assert!(r.status.success(), "{}", stderr(&r));
         let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
         assert!(cfg.contains("ggml-blocks"), "{cfg}");
@@ -142,7 +152,9 @@ fn quantize_to_gguf_blocks_loads_and_decodes_on_the_fused_step() {
             .unwrap();
         assert!(m.decoder.fused_decode_applies(&cache), "{method}");
         // A block model is quantized already; wrong bit widths are refused.
-        let o2 = tmp.path().join(format!("{method}-again"));
+        let o2 = tmp
+            .path()
+            .join(format!("{}-again", flag.unwrap_or("default")));
         assert_user_error(
             &afm(&["quantize", o, o2.to_str().unwrap()]),
             &["already quantized"],

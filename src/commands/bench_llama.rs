@@ -8,6 +8,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use afm_text::generation::generate;
 use afm_text::inspect::human_bytes;
+use afm_text::quant::ggml::{set_activations, Acts};
 use afm_text::{DType, GenerateOptions, TextModel};
 use anyhow::Context as _;
 
@@ -183,20 +184,31 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<()> {
     afm_text::convert::convert_gguf(&gguf, &native, tch::Kind::Float, true, |_, _| {})
         .with_context(|| format!("converting {}", gguf.display()))?;
     let device = tch::Device::Cpu;
-    let mut engines: Vec<(String, TextModel)> = vec![(
-        "afm-vl, the GGUF's Q4_1/Q8_0 blocks (fused decode)".into(),
-        load_model_dir(&native, device, DType::F32)?,
-    )];
+    // (name, model, the block kernels' activations while it runs)
+    let mut engines: Vec<(String, TextModel, Acts)> = vec![
+        (
+            "afm-vl, the GGUF's Q4_1/Q8_0 blocks, int16 activations (default)".into(),
+            load_model_dir(&native, device, DType::F32)?,
+            Acts::Int16,
+        ),
+        (
+            "afm-vl, the same blocks, int8 activations (llama.cpp's arithmetic)".into(),
+            load_model_dir(&native, device, DType::F32)?,
+            Acts::Int8,
+        ),
+    ];
     if let Some(ours) = &args.ours {
         engines.push((
             format!("afm-vl, {}", ours.display()),
             load_model_dir(ours, device, DType::F32)?,
+            Acts::Int16,
         ));
     }
     let fp32_dir = super::model_or_default(&args.model)?;
     engines.push((
         "afm-vl fp32 (dequantised)".into(),
         load_model_dir(&fp32_dir, device, DType::F32)?,
+        Acts::Int16,
     ));
     // A prompt of `prefill_tokens` tokens.
     let tok = engines[0].1.tokenizer()?;
@@ -206,7 +218,8 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<()> {
     }
     ids.truncate(args.prefill_tokens.max(1));
     let mut llama = LlamaCpp::start(&py, &gguf, &ids, args.tokens, threads)?;
-    for (_, m) in &engines {
+    for (_, m, acts) in &engines {
+        set_activations(*acts);
         afm_round(m, &ids, 4)?; // warm-up
     }
     let rounds = args.repeats.max(1);
@@ -221,11 +234,12 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<()> {
                     if busy { " (busy)" } else { "" }
                 );
             }
-            for (i, (_, m)) in engines.iter().enumerate() {
+            for (i, (_, m, acts)) in engines.iter().enumerate() {
                 // Busy rounds: only the engines compared under contention.
                 if busy && i > 0 {
                     continue;
                 }
+                set_activations(*acts);
                 out[i].push(afm_round(m, &ids, args.tokens)?);
             }
             out[engines.len()].push(llama.round()?);
@@ -246,7 +260,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<()> {
     outln!("\n| engine | weights | prefill tok/s | decode tok/s | decode vs llama.cpp | prefill vs llama.cpp | bandwidth floor tok/s |")?;
     outln!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
     let gguf_bytes = std::fs::metadata(&gguf).map(|m| m.len()).unwrap_or(0);
-    for (i, (name, m)) in engines.iter().enumerate() {
+    for (i, (name, m, _)) in engines.iter().enumerate() {
         let (p, d) = (med(&idle[i], |r| r.prefill), med(&idle[i], |r| r.decode));
         let bytes = m.decoder.decode_bytes_per_token() as u64;
         outln!(
@@ -276,15 +290,19 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<()> {
         afm_busy / afm_idle
     )?;
     outln!("| llama.cpp | {ll_busy:.1} | {:.2} |", ll_busy / ll_d)?;
-    let same = idle[0][0]
-        .tokens
-        .iter()
-        .zip(&ll_idle[0].tokens)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let same = |e: usize| {
+        idle[e][0]
+            .tokens
+            .iter()
+            .zip(&ll_idle[0].tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+    };
     outln!(
-        "\nGreedy tokens equal to llama.cpp's (same weights; both quantise activations to int8 in their own order): first {same} of {}",
-        args.tokens
+        "\nGreedy tokens equal to llama.cpp's (same weights): int8 activations (both quantise to int8, in their own order) first {} of {}; int16 activations first {}",
+        same(1),
+        args.tokens,
+        same(0)
     )?;
     outln!(
         "memory bandwidth (copy): {:.1} GB/s; the floor is weight bytes / bandwidth",

@@ -19,16 +19,17 @@ pub struct Args {
     /// Bits per weight: 2, 4, 8, or mixed (2/4-bit per layer to meet --target-bpw).
     #[arg(long, default_value = "4")]
     pub bits: String,
-    /// rtn (uniform levels, per-channel scale with a searched clipping factor), palette
-    /// (k-means look-up table per 16 rows), or GGUF blocks q4_1 / q4_0 (with --bits 4) / q8_0
-    /// (with --bits 8): a scale, and for q4_1 a minimum, per 32 weights, llama.cpp's layout,
-    /// decoded by the block kernels; the embedding is q8_0 unless --embed-bits 4.
-    #[arg(long, default_value = "palette")]
+    /// auto (q4_1 at --bits 4, rtn at 8, palette at 2 and mixed), rtn (uniform levels,
+    /// per-channel scale with a searched clipping factor), palette (k-means look-up table per
+    /// 16 rows), or GGUF blocks q4_1 / q4_0 (with --bits 4) / q8_0 (with --bits 8): a scale,
+    /// and for q4_1 a minimum, per 32 weights, llama.cpp's layout, decoded by the block
+    /// kernels; the embedding is q8_0 unless --embed-bits 4.
+    #[arg(long, default_value = "auto")]
     pub method: String,
     /// Average bits per weight the mixed plan aims at (tables included).
     #[arg(long, default_value_t = 3.5)]
     pub target_bpw: f64,
-    /// Bits of the token embedding (default 4; 8 with --bits 8).
+    /// Bits of the token embedding (GGUF blocks: 8 unless 4 is asked; palettes: 4; rtn: 8).
     #[arg(long)]
     pub embed_bits: Option<u8>,
     /// Plain shared palettes (no per-row scale: the AFM 2024 layout, 32 bits per row less).
@@ -52,7 +53,13 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             _ => anyhow::bail!("--bits must be 2, 4, 8 or mixed, not '{b}'"),
         },
     };
-    let blocks = match (a.method.as_str(), plan) {
+    let method_name = match (a.method.as_str(), plan) {
+        ("auto", BitPlan::Fixed(4)) => "q4_1",
+        ("auto", BitPlan::Fixed(8)) => "rtn",
+        ("auto", _) => "palette",
+        (m, _) => m,
+    };
+    let blocks = match (method_name, plan) {
         ("q4_1", _) => Some(GgmlType::Q4_1),
         ("q4_0", _) => Some(GgmlType::Q4_0),
         ("q8_0", _) => Some(GgmlType::Q8_0),
@@ -61,10 +68,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     if let Some(ty) = blocks {
         let bits = if ty == GgmlType::Q8_0 { 8 } else { 4 };
         if plan != BitPlan::Fixed(bits) {
-            anyhow::bail!(
-                "--method {} stores {bits}-bit blocks: use --bits {bits}",
-                a.method
-            );
+            anyhow::bail!("--method {method_name} stores {bits}-bit blocks: use --bits {bits}");
         }
         let embed = match a.embed_bits {
             None | Some(8) => GgmlType::Q8_0,
@@ -73,10 +77,10 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         };
         return run_blocks(ctx, &a, ty, embed);
     }
-    let method = match a.method.as_str() {
+    let method = match method_name {
         "rtn" | "uniform" => Method::Uniform,
         "palette" | "kmeans" => Method::Palette,
-        m => anyhow::bail!("--method must be rtn, palette, q4_1, q4_0 or q8_0, not '{m}'"),
+        m => anyhow::bail!("--method must be auto, rtn, palette, q4_1, q4_0 or q8_0, not '{m}'"),
     };
     if method == Method::Palette && plan == BitPlan::Fixed(8) {
         anyhow::bail!("palettes are 2- or 4-bit; use --method rtn for 8 bits");

@@ -88,7 +88,10 @@ fn dense_layers_match_libtorch() {
     assert!(d <= 1e-4 * s.max(1.0), "tiny-dense: {d} (scale {s})");
     // A context long enough that the attention splits each kv head's keys into ranges.
     let (d, s) = compare_after(&mut scaled(&cfg, 1), 300);
-    assert!(d <= 1e-4 * s.max(1.0), "tiny-dense, 300 tokens: {d} (scale {s})");
+    assert!(
+        d <= 1e-4 * s.max(1.0),
+        "tiny-dense, 300 tokens: {d} (scale {s})"
+    );
     // Biases on every projection.
     let mut cfg_b = cfg.clone();
     cfg_b.attention_bias = true;

@@ -277,7 +277,7 @@ fn project(pool: &Pool, isa: Isa, inp: &Input<'_>, jobs: &mut [(&Proj<'_>, &mut 
 
 fn input<'b>(x: &'b [f32], q8: &'b mut Q8Acts, need_q8: bool) -> Input<'b> {
     if need_q8 {
-        q8.prepare(x, ggml::float_activations());
+        q8.prepare(x, ggml::activations());
     }
     Input {
         x,
@@ -555,7 +555,9 @@ mod tests {
         let mut rng = Rng::new(11);
         let mut f = || ggml::uniform_pm1(&mut rng) * 3.0;
         let pool = Pool::new(2);
-        for (nkv, groups, hd, n, cap) in [(2, 2, 16, 5, 8), (3, 3, 64, 150, 160), (1, 4, 24, 70, 70)] {
+        for (nkv, groups, hd, n, cap) in
+            [(2, 2, 16, 5, 8), (3, 3, 64, 150, 160), (1, 4, 24, 70, 70)]
+        {
             let heads = nkv * groups;
             let k: Vec<f32> = (0..nkv * cap * hd).map(|_| f()).collect();
             let v: Vec<f32> = (0..nkv * cap * hd).map(|_| f()).collect();

@@ -151,7 +151,11 @@ impl Tuner {
             let wider = self.width < self.threads;
             let go_down = (self.down && narrower) || !wider;
             self.down = !go_down;
-            let w = if go_down { self.width - 1 } else { self.width + 1 };
+            let w = if go_down {
+                self.width - 1
+            } else {
+                self.width + 1
+            };
             self.probe = Some((w, Vec::new()));
             return w;
         }
@@ -203,7 +207,10 @@ impl Pool {
 
     /// Threads taking part in jobs now (1..=[`Pool::threads`]); callers size chunks by it.
     pub fn width(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed).clamp(1, self.threads())
+        self.shared
+            .active
+            .load(Ordering::Relaxed)
+            .clamp(1, self.threads())
     }
 
     /// Let `width` threads (the caller and `width − 1` workers) take part in jobs.
@@ -457,10 +464,18 @@ mod tests {
         assert!(at[1] <= 8 * PROBE, "probe steps at width 1: {}", at[1]);
         assert_eq!(t.gap, MAX_GAP);
         // Contention: 2 threads 28 ms, 1 thread 24 ms. Moves to 1 within one gap.
-        let (w, _) = run(&mut t, &|w| if w == 2 { 0.028 } else { 0.024 }, MAX_GAP + 2 * PROBE);
+        let (w, _) = run(
+            &mut t,
+            &|w| if w == 2 { 0.028 } else { 0.024 },
+            MAX_GAP + 2 * PROBE,
+        );
         assert_eq!(w, 1);
         // Idle again: back to 2.
-        let (w, _) = run(&mut t, &|w| if w == 2 { 0.016 } else { 0.023 }, 4 * FIRST_GAP);
+        let (w, _) = run(
+            &mut t,
+            &|w| if w == 2 { 0.016 } else { 0.023 },
+            4 * FIRST_GAP,
+        );
         assert_eq!(w, 2);
         // Within the margin: no switch.
         let (w, _) = run(&mut t, &|w| if w == 2 { 0.0160 } else { 0.0155 }, 1000);

@@ -21,6 +21,14 @@
 //!
 //! [`row_dot_scalar`] is the portable reference; the AVX2 kernels compute the same integer
 //! sums (exactly) and differ only in the order the float block terms are added.
+//!
+//! # Activation precision ([`Acts`])
+//!
+//! int8 is llama.cpp's arithmetic and the fastest. Its rounding (half a step of `max|x|/127`)
+//! can flip a near-tie of the greedy choice against the dequantised fp32 model (SmolLM2's
+//! Paris answer: a 0.08-logit tie). int16 (`max|x|/32767`, `vpmaddwd`) follows fp32 to ~1e-5 of
+//! the logit scale at close to int8's speed, and is the default for Q4_0 / Q4_1 / Q8_0; fp32
+//! multiplies the widened codes with the activations as given. The K-quants always use int8.
 
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
@@ -33,6 +41,10 @@ use crate::weights::WeightMap;
 
 /// Values per activation block.
 pub const QK: usize = 32;
+
+#[cfg(target_arch = "aarch64")]
+#[path = "ggml_neon.rs"]
+mod neon;
 
 /// The GGUF block types the kernels read (F32/F16/BF16 tensors are loaded dense instead).
 pub fn is_block_type(ty: GgmlType) -> bool {
@@ -56,30 +68,68 @@ pub struct Q8Acts {
     /// K-quants keep the int8 path).
     pub x: Vec<f32>,
     pub xsum: Vec<f32>,
-    pub float: bool,
+    /// With [`Acts::Int16`]: the activations as int16 per 32 values, their scale and
+    /// `scale·Σq` per 32 values.
+    pub q16: Vec<i16>,
+    pub d16: Vec<f32>,
+    pub s16: Vec<f32>,
+    /// Which of the above the Q4_0 / Q4_1 / Q8_0 kernels read.
+    pub mode: Acts,
 }
 
-static FLOAT_ACTS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The activations' precision in the Q4_0 / Q4_1 / Q8_0 kernels (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acts {
+    Int8,
+    #[default]
+    Int16,
+    F32,
+}
 
-/// Whether Q4_0 / Q4_1 / Q8_0 blocks multiply fp32 activations instead of int8 ones. Default
-/// int8 (llama.cpp's arithmetic, 1.2–1.4× faster here); fp32 (`AFM_VL_GGML_ACTS=f32` or
-/// [`set_float_activations`]) follows the dequantised model to fp32 rounding.
-pub fn float_activations() -> bool {
-    use std::sync::atomic::Ordering;
-    match FLOAT_ACTS.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let f = std::env::var("AFM_VL_GGML_ACTS").is_ok_and(|v| v == "f32");
-            FLOAT_ACTS.store(if f { 2 } else { 1 }, Ordering::Relaxed);
-            f
+impl Acts {
+    pub fn name(self) -> &'static str {
+        match self {
+            Acts::Int8 => "int8",
+            Acts::Int16 => "int16",
+            Acts::F32 => "f32",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Acts::Int8, Acts::Int16, Acts::F32]
+            .into_iter()
+            .find(|a| a.name() == s)
     }
 }
 
-/// Choose fp32 (`true`) or int8 activations for the block kernels from now on.
-pub fn set_float_activations(on: bool) {
-    FLOAT_ACTS.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+static ACTS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The process's activation precision for the block kernels: [`set_activations`], else
+/// `AFM_VL_GGML_ACTS` (`int8`, `int16`, `f32`), else int16.
+pub fn activations() -> Acts {
+    use std::sync::atomic::Ordering;
+    const ALL: [Acts; 3] = [Acts::Int8, Acts::Int16, Acts::F32];
+    match ACTS.load(Ordering::Relaxed) {
+        0 => {
+            let a = std::env::var("AFM_VL_GGML_ACTS")
+                .ok()
+                .and_then(|v| Acts::parse(&v))
+                .unwrap_or_default();
+            set_activations(a);
+            a
+        }
+        i => ALL[(i as usize - 1).min(2)],
+    }
+}
+
+/// Choose the block kernels' activation precision from now on.
+pub fn set_activations(a: Acts) {
+    let i = match a {
+        Acts::Int8 => 1,
+        Acts::Int16 => 2,
+        Acts::F32 => 3,
+    };
+    ACTS.store(i, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Q8Acts {
@@ -112,22 +162,47 @@ impl Q8Acts {
         }
     }
 
-    /// [`Q8Acts::quantize`], and with `float` also keep `x` for the fp32 kernels.
-    pub fn prepare(&mut self, x: &[f32], float: bool) {
+    /// [`Q8Acts::quantize`] (the K-quants read int8 in every mode), and what `mode` adds: `x`
+    /// and `Σx` for the fp32 kernels, or the int16 quantisation.
+    pub fn prepare(&mut self, x: &[f32], mode: Acts) {
         self.quantize(x);
-        self.float = float;
-        if float {
-            self.x.clear();
-            self.x.extend_from_slice(x);
-            self.xsum.clear();
-            self.xsum
-                .extend(x.chunks(QK).map(|b| b.iter().sum::<f32>()));
+        self.mode = mode;
+        match mode {
+            Acts::Int8 => {}
+            Acts::F32 => {
+                self.x.clear();
+                self.x.extend_from_slice(x);
+                self.xsum.clear();
+                self.xsum
+                    .extend(x.chunks(QK).map(|b| b.iter().sum::<f32>()));
+            }
+            Acts::Int16 => {
+                let nb = x.len() / QK;
+                self.q16.resize(nb * QK, 0);
+                self.d16.resize(nb, 0.0);
+                self.s16.resize(nb, 0.0);
+                for b in 0..nb {
+                    let xs = &x[b * QK..(b + 1) * QK];
+                    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 32767.0;
+                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    let mut sum = 0i32;
+                    for (q, v) in self.q16[b * QK..(b + 1) * QK].iter_mut().zip(xs) {
+                        let t = v * id;
+                        *q = (t + 0.5f32.copysign(t)).clamp(-32767.0, 32767.0) as i16;
+                        sum += *q as i32;
+                    }
+                    self.d16[b] = d;
+                    self.s16[b] = d * sum as f32;
+                }
+            }
         }
     }
 
+    /// `x` with int8 activations only.
     pub fn from_slice(x: &[f32]) -> Self {
         let mut a = Self::default();
-        a.quantize(x);
+        a.prepare(x, Acts::Int8);
         a
     }
 
@@ -256,9 +331,45 @@ pub fn row_dot_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
     acc
 }
 
-/// Whether `ty` has fp32-activation kernels.
+/// Whether `ty` has fp32- and int16-activation kernels.
 fn has_float_kernel(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// `Σ w·x` over one row of Q4_0 / Q4_1 / Q8_0 blocks with int16 activations (`a.q16`): the
+/// portable reference, integer block sums `Σ q·qₓ`, then `d·dₓ·Σqqₓ (+ m·dₓΣqₓ | − 8d·dₓΣqₓ)`.
+pub fn row_dot_i16_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
+    let (_, bb) = ty.block();
+    let mut acc = 0f32;
+    for (b, w) in row.chunks_exact(bb).enumerate() {
+        let x = &a.q16[b * QK..(b + 1) * QK];
+        let d = f16_at(w, 0);
+        acc += match ty {
+            GgmlType::Q8_0 => {
+                let s: i32 = w[2..34]
+                    .iter()
+                    .zip(x)
+                    .map(|(&q, &v)| (q as i8) as i32 * v as i32)
+                    .sum();
+                d * a.d16[b] * s as f32
+            }
+            _ => {
+                let off = if ty == GgmlType::Q4_0 { 2 } else { 4 };
+                let qs = &w[off..off + 16];
+                let mut s = 0i32;
+                for j in 0..16 {
+                    s +=
+                        (qs[j] & 0xF) as i32 * x[j] as i32 + (qs[j] >> 4) as i32 * x[j + 16] as i32;
+                }
+                if ty == GgmlType::Q4_0 {
+                    d * a.d16[b] * s as f32 - 8.0 * d * a.s16[b]
+                } else {
+                    d * a.d16[b] * s as f32 + f16_at(w, 2) * a.s16[b]
+                }
+            }
+        };
+    }
+    acc
 }
 
 /// `Σ w·x` over one row of Q4_0 / Q4_1 / Q8_0 blocks with fp32 activations (`a.x`): the
@@ -297,7 +408,25 @@ pub fn row_dot_f32_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
 
 /// `Σ w·x` for one row with the kernels of `isa` (one of [`Isa::available`]).
 pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
-    if a.float && has_float_kernel(ty) {
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && has_float_kernel(ty) && a.mode != Acts::F32 {
+        return neon_rows::<1>(ty, [row], a)[0];
+    }
+    if a.mode == Acts::Int16 && has_float_kernel(ty) {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(isa, Isa::Avx2 | Isa::Avx512) && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: as below.
+            return unsafe {
+                match ty {
+                    GgmlType::Q4_0 => avx2::rows32_i16::<{ avx2::T_Q4_0 }, 1>([row], a)[0],
+                    GgmlType::Q4_1 => avx2::rows32_i16::<{ avx2::T_Q4_1 }, 1>([row], a)[0],
+                    _ => avx2::rows32_i16::<{ avx2::T_Q8_0 }, 1>([row], a)[0],
+                }
+            };
+        }
+        return row_dot_i16_scalar(ty, row, a);
+    }
+    if a.mode == Acts::F32 && has_float_kernel(ty) {
         #[cfg(target_arch = "x86_64")]
         if matches!(isa, Isa::Avx2 | Isa::Avx512) && std::arch::is_x86_feature_detected!("f16c") {
             // SAFETY: as below.
@@ -338,6 +467,29 @@ pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
     row_dot_scalar(ty, row, a)
 }
 
+/// `N` rows of Q4_0 / Q4_1 / Q8_0 blocks with the NEON kernels (int8 or int16 activations).
+#[cfg(target_arch = "aarch64")]
+fn neon_rows<const N: usize>(ty: GgmlType, rows: [&[u8]; N], a: &Q8Acts) -> [f32; N] {
+    // SAFETY: NEON was detected (Isa::Neon is only available with it); the rows hold whole
+    // blocks and the activations cover them (the kernels take the shorter of the two).
+    unsafe {
+        match (ty, a.mode) {
+            (GgmlType::Q4_0, Acts::Int16) => {
+                neon::rows32_i16::<{ neon::T_Q4_0 }, N>(rows, &a.q16, &a.d16, &a.s16)
+            }
+            (GgmlType::Q4_1, Acts::Int16) => {
+                neon::rows32_i16::<{ neon::T_Q4_1 }, N>(rows, &a.q16, &a.d16, &a.s16)
+            }
+            (_, Acts::Int16) => {
+                neon::rows32_i16::<{ neon::T_Q8_0 }, N>(rows, &a.q16, &a.d16, &a.s16)
+            }
+            (GgmlType::Q4_0, _) => neon::rows32::<{ neon::T_Q4_0 }, N>(rows, &a.q, &a.d, &a.s),
+            (GgmlType::Q4_1, _) => neon::rows32::<{ neon::T_Q4_1 }, N>(rows, &a.q, &a.d, &a.s),
+            _ => neon::rows32::<{ neon::T_Q8_0 }, N>(rows, &a.q, &a.d, &a.s),
+        }
+    }
+}
+
 /// `y[r] = Σ_c W[r, c]·x[c]` for rows `r0..r0 + y.len()` of a `[rows, cols]` matrix of `ty`
 /// blocks (no threading: callers split the rows).
 pub fn gemv_rows(
@@ -351,6 +503,15 @@ pub fn gemv_rows(
 ) {
     let rb = row_bytes(ty, cols);
     let mut done = 0;
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && has_float_kernel(ty) && a.mode != Acts::F32 {
+        while done + 4 <= y.len() {
+            let rows: [&[u8]; 4] =
+                std::array::from_fn(|j| &data[(r0 + done + j) * rb..(r0 + done + j + 1) * rb]);
+            y[done..done + 4].copy_from_slice(&neon_rows::<4>(ty, rows, a));
+            done += 4;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512)
         && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
@@ -361,13 +522,20 @@ pub fn gemv_rows(
                 std::array::from_fn(|j| &data[(r0 + done + j) * rb..(r0 + done + j + 1) * rb]);
             // SAFETY: as in row_dot.
             let v = unsafe {
-                match (ty, a.float) {
-                    (GgmlType::Q4_0, false) => avx2::rows32::<{ avx2::T_Q4_0 }, 4>(rows, a),
-                    (GgmlType::Q4_1, false) => avx2::rows32::<{ avx2::T_Q4_1 }, 4>(rows, a),
-                    (_, false) => avx2::rows32::<{ avx2::T_Q8_0 }, 4>(rows, a),
-                    (GgmlType::Q4_0, true) => avx2::rows32_f32::<{ avx2::T_Q4_0 }, 4>(rows, a),
-                    (GgmlType::Q4_1, true) => avx2::rows32_f32::<{ avx2::T_Q4_1 }, 4>(rows, a),
-                    (_, true) => avx2::rows32_f32::<{ avx2::T_Q8_0 }, 4>(rows, a),
+                match (ty, a.mode) {
+                    (GgmlType::Q4_0, Acts::Int8) => avx2::rows32::<{ avx2::T_Q4_0 }, 4>(rows, a),
+                    (GgmlType::Q4_1, Acts::Int8) => avx2::rows32::<{ avx2::T_Q4_1 }, 4>(rows, a),
+                    (_, Acts::Int8) => avx2::rows32::<{ avx2::T_Q8_0 }, 4>(rows, a),
+                    (GgmlType::Q4_0, Acts::Int16) => {
+                        avx2::rows32_i16::<{ avx2::T_Q4_0 }, 4>(rows, a)
+                    }
+                    (GgmlType::Q4_1, Acts::Int16) => {
+                        avx2::rows32_i16::<{ avx2::T_Q4_1 }, 4>(rows, a)
+                    }
+                    (_, Acts::Int16) => avx2::rows32_i16::<{ avx2::T_Q8_0 }, 4>(rows, a),
+                    (GgmlType::Q4_0, Acts::F32) => avx2::rows32_f32::<{ avx2::T_Q4_0 }, 4>(rows, a),
+                    (GgmlType::Q4_1, Acts::F32) => avx2::rows32_f32::<{ avx2::T_Q4_1 }, 4>(rows, a),
+                    (_, Acts::F32) => avx2::rows32_f32::<{ avx2::T_Q8_0 }, 4>(rows, a),
                 }
             };
             y[done..done + 4].copy_from_slice(&v);
@@ -643,7 +811,7 @@ impl GgmlWeight {
         let mut acts = Q8Acts::default();
         let isa = Isa::current();
         for (xr, yr) in xs.chunks_exact(cols).zip(y.chunks_exact_mut(rows)) {
-            acts.prepare(xr, float_activations());
+            acts.prepare(xr, activations());
             gemv(isa, self.ty, self.bytes(), cols, &acts, yr);
         }
         crate::quant::gemv_output(&y, shape, self.rows, bias, x.kind())
@@ -770,6 +938,54 @@ mod avx2 {
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(p), acc[j]);
                 match TY {
                     T_Q4_1 => offs[j] += m * sx,
+                    T_Q4_0 => offs[j] -= 8.0 * d * sx,
+                    _ => {}
+                }
+            }
+        }
+        std::array::from_fn(|j| hsum(acc[j]) + offs[j])
+    }
+
+    /// [`rows32`] with int16 activations (`a.q16`, `a.d16`, `a.s16`): codes widen to int16
+    /// and meet the activations in `vpmaddwd`; the integer block sums are exact.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows32_i16<const TY: u8, const N: usize>(
+        rows: [&[u8]; N],
+        a: &Q8Acts,
+    ) -> [f32; N] {
+        let bb = [18usize, 20, 34][TY as usize];
+        let nb = a.d16.len().min(rows[0].len() / bb);
+        let (xq, xd, xs) = (a.q16.as_ptr(), a.d16.as_ptr(), a.s16.as_ptr());
+        let m4 = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offs = [0f32; N];
+        let next = rows[N - 1].as_ptr().wrapping_add(rows[N - 1].len());
+        for b in 0..nb {
+            prefetch(next.wrapping_add(b * N * bb), N * bb);
+            let x0 = _mm256_loadu_si256(xq.add(QK * b) as *const __m256i);
+            let x1 = _mm256_loadu_si256(xq.add(QK * b + 16) as *const __m256i);
+            let (dx, sx) = (*xd.add(b), *xs.add(b));
+            for j in 0..N {
+                let wb = rows[j].as_ptr().add(bb * b);
+                let d = f16(wb);
+                let (lo, hi) = match TY {
+                    T_Q8_0 => (
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(2) as *const __m128i)),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(18) as *const __m128i)),
+                    ),
+                    _ => {
+                        let off = if TY == T_Q4_0 { 2 } else { 4 };
+                        let v = _mm_loadu_si128(wb.add(off) as *const __m128i);
+                        (
+                            _mm256_cvtepu8_epi16(_mm_and_si128(v, m4)),
+                            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(v), m4)),
+                        )
+                    }
+                };
+                let p = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(p), acc[j]);
+                match TY {
+                    T_Q4_1 => offs[j] += f16(wb.add(2)) * sx,
                     T_Q4_0 => offs[j] -= 8.0 * d * sx,
                     _ => {}
                 }
@@ -1036,7 +1252,7 @@ mod tests {
                     let w = random_blocks(ty, rows, cols, &mut rng);
                     let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
                     let mut a = Q8Acts::default();
-                    a.prepare(&x, true);
+                    a.prepare(&x, Acts::F32);
                     let mut got = vec![0f32; rows];
                     gemv(isa, ty, &w, cols, &a, &mut got);
                     let rb = row_bytes(ty, cols);
@@ -1064,6 +1280,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// int16 activations: every kernel set equals the portable reference (same integer block
+    /// sums), and the reference equals the dequantised dot product to int16 rounding.
+    #[test]
+    fn int16_activation_kernels_equal_the_reference() {
+        let mut rng = Rng::new(17);
+        for isa in Isa::available() {
+            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+                for nblk in [1usize, 2, 5, 18] {
+                    let cols = 32 * nblk;
+                    let rows = 1 + (rng.next_u64() % 9) as usize;
+                    let w = random_blocks(ty, rows, cols, &mut rng);
+                    let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
+                    let mut a = Q8Acts::default();
+                    a.prepare(&x, Acts::Int16);
+                    let mut got = vec![0f32; rows];
+                    gemv(isa, ty, &w, cols, &a, &mut got);
+                    let rb = row_bytes(ty, cols);
+                    for (r, g) in got.iter().enumerate() {
+                        let row = &w[r * rb..(r + 1) * rb];
+                        let wd = crate::gguf::dequantize(ty, row);
+                        let want: f64 = wd.iter().zip(&x).map(|(&p, &q)| p as f64 * q as f64).sum();
+                        // Half an int16 step per activation, times |w|.
+                        let bound: f64 = wd
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &p)| p.abs() as f64 * a.d16[i / QK] as f64 * 0.5)
+                            .sum();
+                        let scale: f64 = wd
+                            .iter()
+                            .zip(&x)
+                            .map(|(&p, &q)| (p as f64 * q as f64).abs())
+                            .sum();
+                        let refv = row_dot_i16_scalar(ty, row, &a) as f64;
+                        assert!(
+                            (refv - want).abs() <= bound + 1e-5 * scale + 1e-6,
+                            "{} reference: {refv} vs {want}",
+                            ty.name()
+                        );
+                        assert!(
+                            (*g as f64 - refv).abs() <= 2e-6 * scale + 1e-6,
+                            "{} {}: {g} vs {refv}",
+                            isa.name(),
+                            ty.name()
+                        );
+                    }
+                }
+            }
+        }
+        // A mode name round-trips; unknown names are refused.
+        for m in [Acts::Int8, Acts::Int16, Acts::F32] {
+            assert_eq!(Acts::parse(m.name()), Some(m));
+        }
+        assert_eq!(Acts::parse("int4"), None);
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512F (16 lanes).
     Avx512,
+    /// aarch64 NEON (GGUF block kernels; the packed LUT kernels run the portable code).
+    Neon,
 }
 
 impl Isa {
@@ -161,11 +163,15 @@ impl Isa {
                 v.push(Isa::Avx512);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(Isa::Neon);
+        }
         v
     }
 
     /// The kernels in use: the best this CPU has, or `AFM_VL_ISA` (`scalar`, `avx2`,
-    /// `avx512`) when set to one it has (benchmarks compare them in one run).
+    /// `avx512`, `neon`) when set to one it has (benchmarks compare them in one run).
     pub fn current() -> Isa {
         static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -193,6 +199,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
     }
 }
@@ -325,7 +332,7 @@ fn rows4_lut(isa: Isa, rows: [&[u8]; 4], luts: &[[f32; 16]; 4], bits: u8, x: &[f
         // x hold whole blocks.
         Isa::Avx512 => return unsafe { avx512::rows4_lut(rows, luts, bits, x) },
         Isa::Avx2 => return unsafe { avx2::rows_lut::<4>(rows, luts, bits, x) },
-        Isa::Scalar => {}
+        Isa::Scalar | Isa::Neon => {}
     }
     let _ = isa;
     std::array::from_fn(|j| row_lut(rows[j], &luts[j], bits, x, Isa::Scalar))
@@ -341,7 +348,7 @@ fn rows4_u8(isa: Isa, rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
         // hardware prefetcher follows one stream better than four interleaved ones: the 8-bit
         // kernel is memory-bound there, 1.5× faster this way on a 49152×576 head).
         Isa::Avx2 => return std::array::from_fn(|j| unsafe { avx2::row_u8(rows[j], x) }),
-        Isa::Scalar => {}
+        Isa::Scalar | Isa::Neon => {}
     }
     let _ = isa;
     std::array::from_fn(|j| row_u8(rows[j], x, Isa::Scalar))
@@ -353,7 +360,7 @@ fn row_lut(row: &[u8], lut: &[f32; 16], bits: u8, x: &[f32], isa: Isa) -> f32 {
         // SAFETY: the instruction set was detected at run time; `row` and `x` hold whole blocks.
         Isa::Avx512 => return unsafe { avx512::row_lut(row, lut, bits, x) },
         Isa::Avx2 => return unsafe { avx2::row_lut(row, lut, bits, x) },
-        Isa::Scalar => {}
+        Isa::Scalar | Isa::Neon => {}
     }
     let _ = isa;
     let per = 8 / bits as usize;
@@ -376,7 +383,7 @@ fn row_u8(row: &[u8], x: &[f32], isa: Isa) -> f32 {
         // SAFETY: the instruction set was detected at run time; `row` and `x` hold whole blocks.
         Isa::Avx512 => return unsafe { avx512::row_u8(row, x) },
         Isa::Avx2 => return unsafe { avx2::row_u8(row, x) },
-        Isa::Scalar => {}
+        Isa::Scalar | Isa::Neon => {}
     }
     let _ = isa;
     let mut acc = [0f32; 16];

@@ -1,0 +1,122 @@
+//! ARM NEON kernels for Q4_0 / Q4_1 / Q8_0 blocks (every aarch64 CPU has NEON; Apple's M
+//! series and most ARM servers): int8 activations (`vmull_s8` / `vmlal_high_s8` pair products
+//! in int16, widened and summed in int32) and int16 activations (`vmull_s16` / `vmlal_high_s16`
+//! into int32). The integer block sums are exact, as in the AVX2 kernels; the float block terms
+//! are added in a different order than the portable reference.
+//!
+//! The file needs from its parent module only `QK` and `f16_at` (fp16 scale bytes → f32), so
+//! that the kernels can also be built alone for an aarch64 check under emulation
+//! (`text/bench/neon_check/`).
+
+use core::arch::aarch64::*;
+
+use super::{f16_at, QK};
+
+pub const T_Q4_0: u8 = 0;
+pub const T_Q4_1: u8 = 1;
+pub const T_Q8_0: u8 = 2;
+
+/// Bytes per 32-value block of Q4_0, Q4_1, Q8_0.
+const BLOCK: [usize; 3] = [18, 20, 34];
+
+/// The 32 codes of block `w` as two int8 vectors (values 0..16 and 16..32); Q4 codes are the
+/// unsigned nibbles (Q4_0's −8 is folded in by the caller through Σx).
+#[inline(always)]
+unsafe fn codes<const TY: u8>(w: *const u8) -> (int8x16_t, int8x16_t) {
+    match TY {
+        T_Q8_0 => (
+            vld1q_s8(w.add(2) as *const i8),
+            vld1q_s8(w.add(18) as *const i8),
+        ),
+        _ => {
+            let v = vld1q_u8(w.add(if TY == T_Q4_0 { 2 } else { 4 }));
+            (
+                vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))),
+                vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)),
+            )
+        }
+    }
+}
+
+/// `Σ w·x` for `N` rows of `TY` blocks with int8 activations: `xq` (32 per block), their
+/// scales `xd` and `xs = xd·Σxq` per block.
+///
+/// # Safety
+/// NEON is present (always on aarch64); every row holds `xd.len()` whole blocks and `xq`
+/// `32·xd.len()` values.
+#[target_feature(enable = "neon")]
+pub unsafe fn rows32<const TY: u8, const N: usize>(
+    rows: [&[u8]; N],
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[f32],
+) -> [f32; N] {
+    let bb = BLOCK[TY as usize];
+    let nb = xd.len().min(rows[0].len() / bb);
+    let mut acc = [vdupq_n_f32(0.0); N];
+    let mut offs = [0f32; N];
+    for b in 0..nb {
+        let x0 = vld1q_s8(xq.as_ptr().add(QK * b));
+        let x1 = vld1q_s8(xq.as_ptr().add(QK * b + 16));
+        for j in 0..N {
+            let wb = rows[j].as_ptr().add(bb * b);
+            let (lo, hi) = codes::<TY>(wb);
+            // Pair products in int16 (|q·x| ≤ 128·127: two of them fit), then int32.
+            let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(lo), vget_low_s8(x0)), lo, x0);
+            let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(hi), vget_low_s8(x1)), hi, x1);
+            let s = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+            let d = f16_at(rows[j], bb * b);
+            acc[j] = vmlaq_n_f32(acc[j], vcvtq_f32_s32(s), d * xd[b]);
+            match TY {
+                T_Q4_1 => offs[j] += f16_at(rows[j], bb * b + 2) * xs[b],
+                T_Q4_0 => offs[j] -= 8.0 * d * xs[b],
+                _ => {}
+            }
+        }
+    }
+    core::array::from_fn(|j| vaddvq_f32(acc[j]) + offs[j])
+}
+
+/// [`rows32`] with int16 activations (`xq` int16, scales `xd`, `xs = xd·Σxq`).
+///
+/// # Safety
+/// As [`rows32`].
+#[target_feature(enable = "neon")]
+pub unsafe fn rows32_i16<const TY: u8, const N: usize>(
+    rows: [&[u8]; N],
+    xq: &[i16],
+    xd: &[f32],
+    xs: &[f32],
+) -> [f32; N] {
+    let bb = BLOCK[TY as usize];
+    let nb = xd.len().min(rows[0].len() / bb);
+    let mut acc = [vdupq_n_f32(0.0); N];
+    let mut offs = [0f32; N];
+    for b in 0..nb {
+        let xp = xq.as_ptr().add(QK * b);
+        let x: [int16x8_t; 4] = core::array::from_fn(|k| vld1q_s16(xp.add(8 * k)));
+        for j in 0..N {
+            let wb = rows[j].as_ptr().add(bb * b);
+            let (lo, hi) = codes::<TY>(wb);
+            let w = [
+                vmovl_s8(vget_low_s8(lo)),
+                vmovl_high_s8(lo),
+                vmovl_s8(vget_low_s8(hi)),
+                vmovl_high_s8(hi),
+            ];
+            let mut s = vdupq_n_s32(0);
+            for k in 0..4 {
+                s = vmlal_s16(s, vget_low_s16(w[k]), vget_low_s16(x[k]));
+                s = vmlal_high_s16(s, w[k], x[k]);
+            }
+            let d = f16_at(rows[j], bb * b);
+            acc[j] = vmlaq_n_f32(acc[j], vcvtq_f32_s32(s), d * xd[b]);
+            match TY {
+                T_Q4_1 => offs[j] += f16_at(rows[j], bb * b + 2) * xs[b],
+                T_Q4_0 => offs[j] -= 8.0 * d * xs[b],
+                _ => {}
+            }
+        }
+    }
+    core::array::from_fn(|j| vaddvq_f32(acc[j]) + offs[j])
+}
