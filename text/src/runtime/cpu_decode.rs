@@ -3,14 +3,15 @@
 //! embedding and the logits.
 //!
 //! Per layer: RMSNorm → Q, K, V in one job (their rows are the chunks) → QK-norm / RoPE →
-//! K, V written straight into the layer's cache buffer → attention, one head per chunk → O →
-//! residual → RMSNorm → gate and up in one job with SiLU(gate)·up applied per chunk → down →
-//! residual. Activations are quantised to int8 once per input when a projection holds GGUF
-//! blocks ([`crate::quant::ggml`]). Every other weight format runs its own kernel: dense fp32,
-//! our packed LUT / 8-bit codes ([`crate::quant::packed`]).
+//! K, V written straight into the layer's cache buffer → attention split by kv head and token
+//! range ([`attend`]) → O → residual → RMSNorm → gate and up in one job with SiLU(gate)·up
+//! applied per chunk → down → residual. Activations are quantised once per input when a
+//! projection holds GGUF blocks ([`crate::quant::ggml`]). Every other weight format runs its
+//! own kernel: dense fp32, our packed LUT / 8-bit codes ([`crate::quant::packed`]). A LoRA
+//! overlay adds `s·B·(A·x)` to its projection's rows (`A·x` once per input).
 //!
-//! [`Plan::new`] says whether a decoder can take this path (fp32 on the CPU, no LoRA overlay,
-//! no KV fake-quantisation, no dynamic RoPE); [`crate::decoder::Decoder`] falls back to
+//! [`Plan::new`] says whether a decoder can take this path (fp32 on the CPU, no KV
+//! fake-quantisation, no dynamic RoPE); [`crate::decoder::Decoder`] falls back to
 //! libtorch otherwise, and for prefill, batches and training. Both paths are tested equal.
 
 use crate::decoder::Decoder;
@@ -44,12 +45,21 @@ enum Mat<'a> {
     },
 }
 
-/// One projection: weight, shape, bias.
+/// One projection: weight, shape, bias, LoRA overlay.
 struct Proj<'a> {
     mat: Mat<'a>,
     rows: usize,
     cols: usize,
     bias: Option<&'a [f32]>,
+    lora: Option<Lora<'a>>,
+}
+
+/// A LoRA overlay `y += s·B·(A·x)`: `a` `[rank, cols]`, `b` `[rows, rank]`.
+struct Lora<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    rank: usize,
+    scale: f32,
 }
 
 fn f32_slice(t: &tch::Tensor) -> Option<&[f32]> {
@@ -59,9 +69,23 @@ fn f32_slice(t: &tch::Tensor) -> Option<&[f32]> {
 
 impl<'a> Proj<'a> {
     fn new(l: &'a Linear) -> Option<Self> {
-        if l.lora().is_some() {
-            return None;
-        }
+        let lora = match l.lora() {
+            Some(o) => {
+                let (a, b) = (f32_slice(&o.a)?, f32_slice(&o.b)?);
+                let rank = o.a.size().first().copied().unwrap_or(0) as usize;
+                let (rows, cols) = (l.out_features() as usize, l.in_features() as usize);
+                if rank == 0 || a.len() != rank * cols || b.len() != rows * rank {
+                    return None;
+                }
+                Some(Lora {
+                    a,
+                    b,
+                    rank,
+                    scale: o.scale as f32,
+                })
+            }
+            None => None,
+        };
         let mat = match l.weight() {
             LinearWeight::Dense(w) => Mat::Dense(f32_slice(w)?),
             LinearWeight::Ggml(g) => Mat::Ggml(g.ty(), g.bytes()),
@@ -84,15 +108,29 @@ impl<'a> Proj<'a> {
             rows: l.out_features() as usize,
             cols: l.in_features() as usize,
             bias,
+            lora,
         })
+    }
+
+    /// `A·x` of the LoRA overlay (empty without one): computed once per input, before the
+    /// row chunks, which each add their rows of `s·B·(A·x)`.
+    fn lora_input(&self, isa: Isa, x: &[f32]) -> Vec<f32> {
+        match &self.lora {
+            Some(l) => {
+                let mut ax = vec![0f32; l.rank];
+                dense_rows(isa, l.a, self.cols, x, 0, &mut ax);
+                ax
+            }
+            None => Vec::new(),
+        }
     }
 
     fn needs_q8(&self) -> bool {
         matches!(self.mat, Mat::Ggml(..))
     }
 
-    /// Rows `r0..r0 + y.len()` of `W·x (+ b)`.
-    fn rows_into(&self, isa: Isa, inp: &Input<'_>, r0: usize, y: &mut [f32]) {
+    /// Rows `r0..r0 + y.len()` of `W·x (+ b) (+ s·B·ax)`, `ax` from [`Proj::lora_input`].
+    fn rows_into(&self, isa: Isa, inp: &Input<'_>, ax: &[f32], r0: usize, y: &mut [f32]) {
         match &self.mat {
             Mat::Dense(w) => dense_rows(isa, w, self.cols, inp.x, r0, y),
             Mat::Ggml(ty, data) => ggml::gemv_rows(isa, *ty, data, self.cols, inp.q8, r0, y),
@@ -105,6 +143,13 @@ impl<'a> Proj<'a> {
         if let Some(b) = self.bias {
             for (v, bv) in y.iter_mut().zip(&b[r0..]) {
                 *v += bv;
+            }
+        }
+        if let Some(l) = &self.lora {
+            for (i, v) in y.iter_mut().enumerate() {
+                let r = r0 + i;
+                *v += l.scale
+                    * crate::runtime::cpu_kernels::dot(isa, &l.b[r * l.rank..(r + 1) * l.rank], ax);
             }
         }
     }
@@ -262,16 +307,16 @@ fn project(pool: &Pool, isa: Isa, inp: &Input<'_>, jobs: &mut [(&Proj<'_>, &mut 
             r += step;
         }
     }
-    let outs: Vec<(Out, &Proj<'_>)> = jobs
+    let outs: Vec<(Out, &Proj<'_>, Vec<f32>)> = jobs
         .iter_mut()
-        .map(|(p, o)| (Out(o.as_mut_ptr()), &**p))
+        .map(|(p, o)| (Out(o.as_mut_ptr()), &**p, p.lora_input(isa, inp.x)))
         .collect();
     pool.run(chunks.len(), &|c| {
         let (j, r0, r1) = chunks[c];
-        let (out, p) = outs[j];
+        let (out, p, ax) = &outs[j];
         // SAFETY: chunks of one job cover disjoint row ranges of its output.
         let y = unsafe { out.range(r0, r1 - r0) };
-        p.rows_into(isa, inp, r0, y);
+        p.rows_into(isa, inp, ax, r0, y);
     });
 }
 
@@ -515,13 +560,14 @@ pub fn step(dec: &Decoder, plan: &Plan<'_>, x: &[f32], cache: &mut KvCache) -> R
                 Out(s.h.as_mut_ptr()),
             );
             let inp = &inp;
+            let (axg, axu) = (l.gate.lora_input(isa, inp.x), l.up.lora_input(isa, inp.x));
             pool.run(nchunks, &|c| {
                 let r0 = c * step;
                 let n = (f - r0).min(step);
                 // SAFETY: chunk c alone writes rows r0..r0 + n of g, u and h.
                 let (g, u, h) = unsafe { (go.range(r0, n), uo.range(r0, n), ho.range(r0, n)) };
-                l.gate.rows_into(isa, inp, r0, g);
-                l.up.rows_into(isa, inp, r0, u);
+                l.gate.rows_into(isa, inp, &axg, r0, g);
+                l.up.rows_into(isa, inp, &axu, r0, u);
                 for ((hv, gv), uv) in h.iter_mut().zip(g.iter()).zip(u.iter()) {
                     *hv = gv / (1.0 + (-gv).exp()) * uv;
                 }

@@ -3,6 +3,7 @@
 
 use crate::quant::packed::Isa;
 
+#[cfg(target_arch = "x86_64")]
 fn simd(isa: Isa) -> bool {
     cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx2 | Isa::Avx512)
 }
