@@ -416,3 +416,45 @@ fn generation_runs_through_causal_lm() {
         all.push(t as i64);
     }
 }
+
+/// Experts, router, attention and head held as GGUF Q8_0 blocks: decode steps read them with
+/// the block kernels (int16 activations) and follow a dense model holding the blocks'
+/// dequantised values, prefill and incremental steps alike.
+#[test]
+fn experts_and_router_run_on_the_block_kernels() {
+    use afm_text::gguf::GgmlType;
+    use afm_text::linear::LinearWeight;
+    use afm_text::quant::ggml::GgmlWeight;
+    let _g = tch::no_grad_guard();
+    let (mut q, mut d) = (model("tiny-ptmoe"), model("tiny-ptmoe"));
+    let mut blocks = 0;
+    for ((name, lq), (_, ld)) in q.linears_mut().into_iter().zip(d.linears_mut()) {
+        let LinearWeight::Dense(w) = lq.weight() else {
+            unreachable!()
+        };
+        let (o, i) = (w.size()[0], w.size()[1]);
+        if i % 32 != 0 {
+            continue;
+        }
+        // Weights of order 1 (N(0, 0.02²) would leave logits of order 0.01).
+        let v: Vec<f32> = Vec::<f32>::try_from(w.flatten(0, -1))
+            .unwrap()
+            .iter()
+            .map(|x| x * 25.0)
+            .collect();
+        let g = GgmlWeight::quantize(GgmlType::Q8_0, &v, o, i).unwrap();
+        ld.set_weight(LinearWeight::Dense(g.dequantize(Kind::Float).unwrap()));
+        lq.set_weight(LinearWeight::Ggml(Box::new(g)));
+        blocks += name.contains("experts") as usize;
+    }
+    assert!(blocks > 0, "no expert projection was quantized");
+    let seq = sequence(24, 3, q.cfg.vocab_size as i64);
+    let (a, b) = (chunked(&q, &seq, &[8]), chunked(&d, &seq, &[8]));
+    let scale = f64::try_from(b.abs().max()).unwrap();
+    let diff = max_abs_diff(&a, &b);
+    // int16 activations: ~1e-3 of the logit scale (a wrong kernel is off by the scale itself).
+    assert!(
+        scale > 0.1 && diff <= 5e-3 * scale,
+        "blocks vs dequantised: {diff} (scale {scale})"
+    );
+}
