@@ -19,6 +19,22 @@ use tch::{Device, Kind};
 /// model (scale ~30), so only near-ties may flip.
 const FLIP_MARGIN: f64 = 1.0;
 
+/// The last position's logits after a libtorch prefill of `ids`, and those of one decode step
+/// (the fused step) after it.
+fn prefill_and_step(m: &TextModel, ids: &[u32]) -> (tch::Tensor, tch::Tensor) {
+    let mut c = m.decoder.new_cache(1);
+    let pre = m
+        .decoder
+        .forward(&ids_tensor(ids).unwrap(), None, &mut c, Logits::Last)
+        .unwrap();
+    assert!(m.decoder.fused_decode_applies(&c));
+    let step = m
+        .decoder
+        .forward(&ids_tensor(&[ids[0]]).unwrap(), None, &mut c, Logits::Last)
+        .unwrap();
+    (pre, step)
+}
+
 #[test]
 fn shipped_q4_1_runs_natively_and_follows_the_fp32_model() {
     let (Some(dir), Some(gguf)) = (default_model(), smollm2_gguf()) else {
@@ -88,32 +104,14 @@ fn shipped_q4_1_runs_natively_and_follows_the_fp32_model() {
         let ids = fp32.prompt_ids(p, false).unwrap();
         // The native model's last-position logits after the prompt (libtorch prefill with the
         // blocks dequantised) and the first decode step (fused, int8 activations).
-        let mut cn = native.decoder.new_cache(1);
-        let mut cf = fp32.decoder.new_cache(1);
-        let ln = native
-            .decoder
-            .forward(&ids_tensor(&ids).unwrap(), None, &mut cn, Logits::Last)
-            .unwrap();
-        let lf = fp32
-            .decoder
-            .forward(&ids_tensor(&ids).unwrap(), None, &mut cf, Logits::Last)
-            .unwrap();
+        let (ln, sn) = prefill_and_step(&native, &ids);
+        let (lf, sf) = prefill_and_step(&fp32, &ids);
         // The layers ran dequantised (a 9+-token prefill); the last position's head ran the
         // Q8_0 block kernel with int8 activations.
         let dpre = max_abs_diff(&ln, &lf);
         let scale = f64::try_from(lf.abs().max()).unwrap();
         println!("{p:?}: prefill last-position max |Δlogit| {dpre:.3} (scale {scale:.1})");
         assert!(dpre < 0.02 * scale, "prefill logits");
-        assert!(native.decoder.fused_decode_applies(&cn));
-        let step = ids_tensor(&[ids[0]]).unwrap();
-        let sn = native
-            .decoder
-            .forward(&step, None, &mut cn, Logits::Last)
-            .unwrap();
-        let sf = fp32
-            .decoder
-            .forward(&step, None, &mut cf, Logits::Last)
-            .unwrap();
         let dstep = max_abs_diff(&sn, &sf);
         let scale = f64::try_from(sf.abs().max()).unwrap();
         println!("{p:?}: fused int8 step vs fp32 max |Δlogit| {dstep:.3} (scale {scale:.1})");
@@ -159,26 +157,8 @@ fn shipped_q4_1_runs_natively_and_follows_the_fp32_model() {
         afm_text::quant::ggml::set_activations(mode);
         for p in PROMPTS {
             let ids = fp32.prompt_ids(p, false).unwrap();
-            let mut cn = native.decoder.new_cache(1);
-            let mut cf = fp32.decoder.new_cache(1);
-            let ids_t = ids_tensor(&ids).unwrap();
-            let _ = native
-                .decoder
-                .forward(&ids_t, None, &mut cn, Logits::Last)
-                .unwrap();
-            let _ = fp32
-                .decoder
-                .forward(&ids_t, None, &mut cf, Logits::Last)
-                .unwrap();
-            let step = ids_tensor(&[ids[0]]).unwrap();
-            let sn = native
-                .decoder
-                .forward(&step, None, &mut cn, Logits::Last)
-                .unwrap();
-            let sf = fp32
-                .decoder
-                .forward(&step, None, &mut cf, Logits::Last)
-                .unwrap();
+            let (_, sn) = prefill_and_step(&native, &ids);
+            let (_, sf) = prefill_and_step(&fp32, &ids);
             let d = max_abs_diff(&sn, &sf);
             println!(
                 "{p:?}: {}-activation step vs fp32 model max |Δlogit| {d:.2e}",

@@ -1241,91 +1241,63 @@ mod tests {
         assert!(quantize_row(GgmlType::Q8_0, &x[..40]).is_err());
     }
 
+    /// fp32 and int16 activations: every kernel set equals its portable reference, and the
+    /// reference equals the dequantised dot product (int16: to its rounding, half a step per
+    /// activation times |w|).
     #[test]
-    fn float_activation_kernels_equal_the_dequantized_dot_product() {
+    fn fp32_and_int16_activation_kernels_equal_their_references() {
         let mut rng = Rng::new(13);
-        for isa in Isa::available() {
-            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-                for nblk in [1usize, 2, 5, 18] {
-                    let cols = 32 * nblk;
-                    let rows = 1 + (rng.next_u64() % 9) as usize;
-                    let w = random_blocks(ty, rows, cols, &mut rng);
-                    let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
-                    let mut a = Q8Acts::default();
-                    a.prepare(&x, Acts::F32);
-                    let mut got = vec![0f32; rows];
-                    gemv(isa, ty, &w, cols, &a, &mut got);
-                    let rb = row_bytes(ty, cols);
-                    for (r, g) in got.iter().enumerate() {
-                        let wd = crate::gguf::dequantize(ty, &w[r * rb..(r + 1) * rb]);
-                        let want: f64 = wd.iter().zip(&x).map(|(&p, &q)| p as f64 * q as f64).sum();
-                        let scale: f64 = wd
-                            .iter()
-                            .zip(&x)
-                            .map(|(&p, &q)| (p as f64 * q as f64).abs())
-                            .sum();
-                        let refv = row_dot_f32_scalar(ty, &w[r * rb..(r + 1) * rb], &a) as f64;
-                        assert!(
-                            (refv - want).abs() <= 1e-5 * scale + 1e-6,
-                            "{} reference",
-                            ty.name()
-                        );
-                        assert!(
-                            (*g as f64 - refv).abs() <= 2e-6 * scale + 1e-6,
-                            "{} {}: {g} vs {refv}",
-                            isa.name(),
-                            ty.name()
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// int16 activations: every kernel set equals the portable reference (same integer block
-    /// sums), and the reference equals the dequantised dot product to int16 rounding.
-    #[test]
-    fn int16_activation_kernels_equal_the_reference() {
-        let mut rng = Rng::new(17);
-        for isa in Isa::available() {
-            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-                for nblk in [1usize, 2, 5, 18] {
-                    let cols = 32 * nblk;
-                    let rows = 1 + (rng.next_u64() % 9) as usize;
-                    let w = random_blocks(ty, rows, cols, &mut rng);
-                    let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
-                    let mut a = Q8Acts::default();
-                    a.prepare(&x, Acts::Int16);
-                    let mut got = vec![0f32; rows];
-                    gemv(isa, ty, &w, cols, &a, &mut got);
-                    let rb = row_bytes(ty, cols);
-                    for (r, g) in got.iter().enumerate() {
-                        let row = &w[r * rb..(r + 1) * rb];
-                        let wd = crate::gguf::dequantize(ty, row);
-                        let want: f64 = wd.iter().zip(&x).map(|(&p, &q)| p as f64 * q as f64).sum();
-                        // Half an int16 step per activation, times |w|.
-                        let bound: f64 = wd
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &p)| p.abs() as f64 * a.d16[i / QK] as f64 * 0.5)
-                            .sum();
-                        let scale: f64 = wd
-                            .iter()
-                            .zip(&x)
-                            .map(|(&p, &q)| (p as f64 * q as f64).abs())
-                            .sum();
-                        let refv = row_dot_i16_scalar(ty, row, &a) as f64;
-                        assert!(
-                            (refv - want).abs() <= bound + 1e-5 * scale + 1e-6,
-                            "{} reference: {refv} vs {want}",
-                            ty.name()
-                        );
-                        assert!(
-                            (*g as f64 - refv).abs() <= 2e-6 * scale + 1e-6,
-                            "{} {}: {g} vs {refv}",
-                            isa.name(),
-                            ty.name()
-                        );
+        type Reference = fn(GgmlType, &[u8], &Q8Acts) -> f32;
+        let modes: [(Acts, Reference); 2] = [
+            (Acts::F32, row_dot_f32_scalar),
+            (Acts::Int16, row_dot_i16_scalar),
+        ];
+        for (mode, reference) in modes {
+            for isa in Isa::available() {
+                for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+                    for nblk in [1usize, 2, 5, 18] {
+                        let cols = 32 * nblk;
+                        let rows = 1 + (rng.next_u64() % 9) as usize;
+                        let w = random_blocks(ty, rows, cols, &mut rng);
+                        let x: Vec<f32> = (0..cols).map(|_| uniform_pm1(&mut rng) * 2.0).collect();
+                        let mut a = Q8Acts::default();
+                        a.prepare(&x, mode);
+                        let mut got = vec![0f32; rows];
+                        gemv(isa, ty, &w, cols, &a, &mut got);
+                        let rb = row_bytes(ty, cols);
+                        for (r, g) in got.iter().enumerate() {
+                            let row = &w[r * rb..(r + 1) * rb];
+                            let wd = crate::gguf::dequantize(ty, row);
+                            let want: f64 =
+                                wd.iter().zip(&x).map(|(&p, &q)| p as f64 * q as f64).sum();
+                            let scale: f64 = wd
+                                .iter()
+                                .zip(&x)
+                                .map(|(&p, &q)| (p as f64 * q as f64).abs())
+                                .sum();
+                            let rounding: f64 = match mode {
+                                Acts::Int16 => wd
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, &p)| p.abs() as f64 * a.d16[i / QK] as f64 * 0.5)
+                                    .sum(),
+                                _ => 0.0,
+                            };
+                            let refv = reference(ty, row, &a) as f64;
+                            assert!(
+                                (refv - want).abs() <= rounding + 1e-5 * scale + 1e-6,
+                                "{} {} reference: {refv} vs {want}",
+                                mode.name(),
+                                ty.name()
+                            );
+                            assert!(
+                                (*g as f64 - refv).abs() <= 2e-6 * scale + 1e-6,
+                                "{} {} {}: {g} vs {refv}",
+                                mode.name(),
+                                isa.name(),
+                                ty.name()
+                            );
+                        }
                     }
                 }
             }

@@ -38,6 +38,27 @@ unsafe fn codes<const TY: u8>(w: *const u8) -> (int8x16_t, int8x16_t) {
     }
 }
 
+/// Adds one block's term to a row's sums: `d·dₓ·Σqqₓ` (the integer sums `s`, four lanes) and
+/// the offset `m·dₓΣqₓ` (Q4_1) or `−8d·dₓΣqₓ` (Q4_0); `at` is the block's byte offset.
+#[inline(always)]
+unsafe fn block_term<const TY: u8>(
+    row: &[u8],
+    at: usize,
+    s: int32x4_t,
+    dx: f32,
+    sx: f32,
+    acc: &mut float32x4_t,
+    offs: &mut f32,
+) {
+    let d = f16_at(row, at);
+    *acc = vmlaq_n_f32(*acc, vcvtq_f32_s32(s), d * dx);
+    match TY {
+        T_Q4_1 => *offs += f16_at(row, at + 2) * sx,
+        T_Q4_0 => *offs -= 8.0 * d * sx,
+        _ => {}
+    }
+}
+
 /// `Σ w·x` for `N` rows of `TY` blocks with int8 activations: `xq` (32 per block), their
 /// scales `xd` and `xs = xd·Σxq` per block.
 ///
@@ -65,13 +86,7 @@ pub unsafe fn rows32<const TY: u8, const N: usize>(
             let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(lo), vget_low_s8(x0)), lo, x0);
             let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(hi), vget_low_s8(x1)), hi, x1);
             let s = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
-            let d = f16_at(rows[j], bb * b);
-            acc[j] = vmlaq_n_f32(acc[j], vcvtq_f32_s32(s), d * xd[b]);
-            match TY {
-                T_Q4_1 => offs[j] += f16_at(rows[j], bb * b + 2) * xs[b],
-                T_Q4_0 => offs[j] -= 8.0 * d * xs[b],
-                _ => {}
-            }
+            block_term::<TY>(rows[j], bb * b, s, xd[b], xs[b], &mut acc[j], &mut offs[j]);
         }
     }
     core::array::from_fn(|j| vaddvq_f32(acc[j]) + offs[j])
@@ -109,13 +124,7 @@ pub unsafe fn rows32_i16<const TY: u8, const N: usize>(
                 s = vmlal_s16(s, vget_low_s16(w[k]), vget_low_s16(x[k]));
                 s = vmlal_high_s16(s, w[k], x[k]);
             }
-            let d = f16_at(rows[j], bb * b);
-            acc[j] = vmlaq_n_f32(acc[j], vcvtq_f32_s32(s), d * xd[b]);
-            match TY {
-                T_Q4_1 => offs[j] += f16_at(rows[j], bb * b + 2) * xs[b],
-                T_Q4_0 => offs[j] -= 8.0 * d * xs[b],
-                _ => {}
-            }
+            block_term::<TY>(rows[j], bb * b, s, xd[b], xs[b], &mut acc[j], &mut offs[j]);
         }
     }
     core::array::from_fn(|j| vaddvq_f32(acc[j]) + offs[j])
