@@ -5,6 +5,7 @@
 use afm_text::decoder::Decoder;
 use afm_text::generation::ids_tensor;
 use afm_text::gguf::GgmlType;
+use afm_text::kv_cache::KvCache;
 use afm_text::linear::LinearWeight;
 use afm_text::presets::preset;
 use afm_text::quant::ggml::GgmlWeight;
@@ -206,6 +207,31 @@ fn lora_overlays_match_libtorch() {
         let moved = f64::try_from(with[0].f_sub(&without[0]).unwrap().abs().max()).unwrap();
         assert!(moved > 10.0 * d, "the overlay moved logits by only {moved}");
     }
+    // A trainable overlay (train lora): with autograd recording, the libtorch path runs (its
+    // logits carry the graph); under no_grad the fused step serves it.
+    let mut dec = scaled(&cfg, 10);
+    for (_, l) in dec.linears_mut() {
+        let (i, o) = (l.in_features(), l.out_features());
+        l.set_lora(Some(afm_text::linear::LoraOverlay {
+            a: Tensor::randn([2, i], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            b: Tensor::zeros([o, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            scale: 1.0,
+        }))
+        .unwrap();
+    }
+    let mut cache = dec.new_cache(1);
+    let step = |dec: &Decoder, cache: &mut KvCache, ids: &[u32]| {
+        dec.forward(&ids_tensor(ids).unwrap(), None, cache, Logits::Last)
+            .unwrap()
+    };
+    let _ = step(&dec, &mut cache, &[1, 2]);
+    assert!(
+        step(&dec, &mut cache, &[3]).requires_grad(),
+        "the decode step lost the autograd graph"
+    );
+    let _g = tch::no_grad_guard();
+    assert!(!step(&dec, &mut cache, &[4]).requires_grad());
+    assert!(dec.fused_decode_applies(&cache));
 }
 
 #[test]

@@ -267,7 +267,7 @@ impl Decoder {
         let Some(plan) = crate::cpu_decode::Plan::new(self) else {
             return Ok(None);
         };
-        if !plan.fits(cache) {
+        if !plan.fits(cache) || !plan.may_run()? {
             return Ok(None);
         }
         let xv = Vec::<f32>::try_from(x.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;

@@ -738,7 +738,7 @@ impl PtMoe {
                 .map(|((t, st), c)| t.forward(x, st, c))
                 .collect();
         }
-        let grad = grad_enabled()?;
+        let grad = crate::runtime::device::grad_enabled()?;
         let pool = self.track_pool(block)?;
         let mut results: Vec<Option<Result<TrackOutput>>> =
             (0..block.len()).map(|_| None).collect();
@@ -795,13 +795,6 @@ impl PtMoe {
         tch::set_num_threads(threads);
         Ok(self.pool.get_or_init(|| pool))
     }
-}
-
-/// Whether autograd records on this thread (grad mode is thread-local in libtorch, so worker
-/// threads copy it from the caller).
-fn grad_enabled() -> Result<bool> {
-    let probe = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?.set_requires_grad(true);
-    Ok(probe.f_mul_scalar(2.0)?.requires_grad())
 }
 
 /// Parse `--track-devices`: a comma list of `cpu`, `cuda`, `cuda:N`, `mps`.

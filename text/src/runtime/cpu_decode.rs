@@ -52,6 +52,8 @@ struct Proj<'a> {
     cols: usize,
     bias: Option<&'a [f32]>,
     lora: Option<Lora<'a>>,
+    /// Some tensor of it requires grad (a parameter being trained).
+    trainable: bool,
 }
 
 /// A LoRA overlay `y += s·B·(A·x)`: `a` `[rank, cols]`, `b` `[rows, rank]`.
@@ -69,6 +71,12 @@ fn f32_slice(t: &tch::Tensor) -> Option<&[f32]> {
 
 impl<'a> Proj<'a> {
     fn new(l: &'a Linear) -> Option<Self> {
+        let trainable = match l.weight() {
+            LinearWeight::Dense(w) => w.requires_grad(),
+            _ => false,
+        } || l
+            .lora()
+            .is_some_and(|o| o.a.requires_grad() || o.b.requires_grad());
         let lora = match l.lora() {
             Some(o) => {
                 let (a, b) = (f32_slice(&o.a)?, f32_slice(&o.b)?);
@@ -109,6 +117,7 @@ impl<'a> Proj<'a> {
             cols: l.in_features() as usize,
             bias,
             lora,
+            trainable,
         })
     }
 
@@ -214,6 +223,9 @@ pub struct Plan<'a> {
     head: Proj<'a>,
     hidden: usize,
     vocab: usize,
+    /// Some projection requires grad: with autograd recording, the step (which records
+    /// nothing) must not run (`train lora`'s overlays; see [`Plan::may_run`]).
+    trainable: bool,
 }
 
 impl<'a> Plan<'a> {
@@ -259,13 +271,30 @@ impl<'a> Plan<'a> {
                 cache_layer: p.cache_layer,
             });
         }
+        let head = Proj::new(&dec.lm_head)?;
+        let trainable = head.trainable
+            || layers.iter().any(|l| {
+                [&l.q, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .any(|p| p.trainable)
+                    || l.kv
+                        .as_ref()
+                        .is_some_and(|(k, v)| k.trainable || v.trainable)
+            });
         Some(Self {
             layers,
             final_norm: Norm::new(&dec.norm)?,
-            head: Proj::new(&dec.lm_head)?,
+            head,
             hidden: dec.cfg.hidden_size,
             vocab: dec.cfg.vocab_size,
+            trainable,
         })
+    }
+
+    /// Whether the step may run now: always, unless a projection is being trained and autograd
+    /// records on this thread (then libtorch runs, so that gradients reach the parameters).
+    pub fn may_run(&self) -> Result<bool> {
+        Ok(!self.trainable || !crate::runtime::device::grad_enabled()?)
     }
 
     /// Whether `cache` can take a fused step (batch 1, fp32 CPU buffers, no padding).

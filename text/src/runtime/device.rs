@@ -122,6 +122,14 @@ impl DeviceSpec {
     }
 }
 
+/// Whether autograd records on this thread (grad mode is thread-local in libtorch, so worker
+/// threads copy it from the caller; tch has no getter, so a probe tensor asks).
+pub fn grad_enabled() -> crate::error::Result<bool> {
+    let probe =
+        tch::Tensor::f_zeros([1], (tch::Kind::Float, tch::Device::Cpu))?.set_requires_grad(true);
+    Ok(probe.f_mul_scalar(2.0)?.requires_grad())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
