@@ -1,12 +1,13 @@
 //! GGUF's quantized blocks, run natively: the weights stay exactly as a GGUF file stores them
 //! (llama.cpp's Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and the matrix–vector kernels read them
-//! directly, with the activations quantised on the fly to int8 per 32 values, as llama.cpp
-//! does.
+//! directly, with the activations quantised on the fly per 32 values (int16 by default, int8
+//! as llama.cpp does, or kept fp32: see "Activation precision" below).
 //!
 //! # Activations
 //!
 //! [`Q8Acts`]: for every 32 values `x`, `d = max|x| / 127`, `q = round(x / d)` (int8), and the
-//! sums `Σq` per 16 and per 32 values. The scale stays fp32 (llama.cpp rounds it to fp16).
+//! sums `Σq` per 16 and per 32 values. The scale stays fp32 (llama.cpp rounds it to fp16). The
+//! int16 form uses `max|x| / 32767` the same way.
 //!
 //! # Dot products (per weight block; integer sums exact, one float multiply-add per block)
 //!
