@@ -407,88 +407,83 @@ pub fn row_dot_f32_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
     acc
 }
 
-/// `Σ w·x` for one row with the kernels of `isa` (one of [`Isa::available`]).
-pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon && has_float_kernel(ty) && a.mode != Acts::F32 {
-        return neon_rows::<1>(ty, [row], a)[0];
-    }
-    if a.mode == Acts::Int16 && has_float_kernel(ty) {
-        #[cfg(target_arch = "x86_64")]
-        if matches!(isa, Isa::Avx2 | Isa::Avx512) && std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: as below.
-            return unsafe {
-                match ty {
-                    GgmlType::Q4_0 => avx2::rows32_i16::<{ avx2::T_Q4_0 }, 1>([row], a)[0],
-                    GgmlType::Q4_1 => avx2::rows32_i16::<{ avx2::T_Q4_1 }, 1>([row], a)[0],
-                    _ => avx2::rows32_i16::<{ avx2::T_Q8_0 }, 1>([row], a)[0],
-                }
-            };
-        }
-        return row_dot_i16_scalar(ty, row, a);
-    }
-    if a.mode == Acts::F32 && has_float_kernel(ty) {
-        #[cfg(target_arch = "x86_64")]
-        if matches!(isa, Isa::Avx2 | Isa::Avx512) && std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: as below.
-            return unsafe {
-                match ty {
-                    GgmlType::Q4_0 => avx2::rows32_f32::<{ avx2::T_Q4_0 }, 1>([row], a)[0],
-                    GgmlType::Q4_1 => avx2::rows32_f32::<{ avx2::T_Q4_1 }, 1>([row], a)[0],
-                    _ => avx2::rows32_f32::<{ avx2::T_Q8_0 }, 1>([row], a)[0],
-                }
-            };
-        }
-        return row_dot_f32_scalar(ty, row, a);
+/// `N` rows of Q4_0 / Q4_1 / Q8_0 blocks with `isa`'s SIMD kernels, in `a`'s activation
+/// precision: AVX2 (+ FMA + F16C) for all three precisions, NEON for int8 and int16. `None`
+/// where `isa` has no such kernel (the portable set, the K-quants, fp32 activations on NEON).
+fn simd_rows<const N: usize>(
+    isa: Isa,
+    ty: GgmlType,
+    rows: [&[u8]; N],
+    a: &Q8Acts,
+) -> Option<[f32; N]> {
+    if !has_float_kernel(ty) {
+        return None;
     }
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512) {
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) && std::arch::is_x86_feature_detected!("f16c") {
+        use avx2::{T_Q4_0, T_Q4_1, T_Q8_0};
         // SAFETY: AVX2 + FMA + F16C were detected at run time (Isa::available requires AVX2
-        // and FMA; every such CPU has F16C, checked again here); the row holds whole blocks and
-        // the activations cover them.
-        if std::arch::is_x86_feature_detected!("f16c") {
-            match ty {
-                GgmlType::Q4_0 => {
-                    return unsafe { avx2::rows32::<{ avx2::T_Q4_0 }, 1>([row], a)[0] }
-                }
-                GgmlType::Q4_1 => {
-                    return unsafe { avx2::rows32::<{ avx2::T_Q4_1 }, 1>([row], a)[0] }
-                }
-                GgmlType::Q8_0 => {
-                    return unsafe { avx2::rows32::<{ avx2::T_Q8_0 }, 1>([row], a)[0] }
-                }
-                GgmlType::Q4K => return unsafe { avx2::q45_k::<false>(row, a) },
-                GgmlType::Q5K => return unsafe { avx2::q45_k::<true>(row, a) },
-                GgmlType::Q6K => return unsafe { avx2::q6_k(row, a) },
-                _ => {}
+        // and FMA; every such CPU has F16C, checked again here); the rows hold whole blocks and
+        // the activations cover them (the kernels take the shorter of the two).
+        return Some(unsafe {
+            match (ty, a.mode) {
+                (GgmlType::Q4_0, Acts::Int8) => avx2::rows32::<T_Q4_0, N>(rows, a),
+                (GgmlType::Q4_1, Acts::Int8) => avx2::rows32::<T_Q4_1, N>(rows, a),
+                (_, Acts::Int8) => avx2::rows32::<T_Q8_0, N>(rows, a),
+                (GgmlType::Q4_0, Acts::Int16) => avx2::rows32_i16::<T_Q4_0, N>(rows, a),
+                (GgmlType::Q4_1, Acts::Int16) => avx2::rows32_i16::<T_Q4_1, N>(rows, a),
+                (_, Acts::Int16) => avx2::rows32_i16::<T_Q8_0, N>(rows, a),
+                (GgmlType::Q4_0, Acts::F32) => avx2::rows32_f32::<T_Q4_0, N>(rows, a),
+                (GgmlType::Q4_1, Acts::F32) => avx2::rows32_f32::<T_Q4_1, N>(rows, a),
+                (_, Acts::F32) => avx2::rows32_f32::<T_Q8_0, N>(rows, a),
             }
-        }
+        });
     }
-    let _ = isa;
-    row_dot_scalar(ty, row, a)
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && a.mode != Acts::F32 {
+        use neon::{T_Q4_0, T_Q4_1, T_Q8_0};
+        let (q, d, s) = (&a.q, &a.d, &a.s);
+        let (q16, d16, s16) = (&a.q16, &a.d16, &a.s16);
+        // SAFETY: NEON was detected (Isa::Neon is only available with it); the rows hold whole
+        // blocks and the activations cover them (the kernels take the shorter of the two).
+        return Some(unsafe {
+            match (ty, a.mode) {
+                (GgmlType::Q4_0, Acts::Int16) => neon::rows32_i16::<T_Q4_0, N>(rows, q16, d16, s16),
+                (GgmlType::Q4_1, Acts::Int16) => neon::rows32_i16::<T_Q4_1, N>(rows, q16, d16, s16),
+                (_, Acts::Int16) => neon::rows32_i16::<T_Q8_0, N>(rows, q16, d16, s16),
+                (GgmlType::Q4_0, _) => neon::rows32::<T_Q4_0, N>(rows, q, d, s),
+                (GgmlType::Q4_1, _) => neon::rows32::<T_Q4_1, N>(rows, q, d, s),
+                _ => neon::rows32::<T_Q8_0, N>(rows, q, d, s),
+            }
+        });
+    }
+    let _ = (isa, rows, a);
+    None
 }
 
-/// `N` rows of Q4_0 / Q4_1 / Q8_0 blocks with the NEON kernels (int8 or int16 activations).
-#[cfg(target_arch = "aarch64")]
-fn neon_rows<const N: usize>(ty: GgmlType, rows: [&[u8]; N], a: &Q8Acts) -> [f32; N] {
-    // SAFETY: NEON was detected (Isa::Neon is only available with it); the rows hold whole
-    // blocks and the activations cover them (the kernels take the shorter of the two).
-    unsafe {
-        match (ty, a.mode) {
-            (GgmlType::Q4_0, Acts::Int16) => {
-                neon::rows32_i16::<{ neon::T_Q4_0 }, N>(rows, &a.q16, &a.d16, &a.s16)
-            }
-            (GgmlType::Q4_1, Acts::Int16) => {
-                neon::rows32_i16::<{ neon::T_Q4_1 }, N>(rows, &a.q16, &a.d16, &a.s16)
-            }
-            (_, Acts::Int16) => {
-                neon::rows32_i16::<{ neon::T_Q8_0 }, N>(rows, &a.q16, &a.d16, &a.s16)
-            }
-            (GgmlType::Q4_0, _) => neon::rows32::<{ neon::T_Q4_0 }, N>(rows, &a.q, &a.d, &a.s),
-            (GgmlType::Q4_1, _) => neon::rows32::<{ neon::T_Q4_1 }, N>(rows, &a.q, &a.d, &a.s),
-            _ => neon::rows32::<{ neon::T_Q8_0 }, N>(rows, &a.q, &a.d, &a.s),
+/// `Σ w·x` for one row with the kernels of `isa` (one of [`Isa::available`]).
+pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
+    if let Some([v]) = simd_rows(isa, ty, [row], a) {
+        return v;
+    }
+    if has_float_kernel(ty) {
+        match a.mode {
+            Acts::Int16 => return row_dot_i16_scalar(ty, row, a),
+            Acts::F32 => return row_dot_f32_scalar(ty, row, a),
+            Acts::Int8 => {}
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: as in simd_rows.
+        match ty {
+            GgmlType::Q4K => return unsafe { avx2::q45_k::<false>(row, a) },
+            GgmlType::Q5K => return unsafe { avx2::q45_k::<true>(row, a) },
+            GgmlType::Q6K => return unsafe { avx2::q6_k(row, a) },
+            _ => {}
+        }
+    }
+    row_dot_scalar(ty, row, a)
 }
 
 /// `y[r] = Σ_c W[r, c]·x[c]` for rows `r0..r0 + y.len()` of a `[rows, cols]` matrix of `ty`
@@ -503,49 +498,17 @@ pub fn gemv_rows(
     y: &mut [f32],
 ) {
     let rb = row_bytes(ty, cols);
+    let row = |r: usize| &data[(r0 + r) * rb..(r0 + r + 1) * rb];
     let mut done = 0;
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon && has_float_kernel(ty) && a.mode != Acts::F32 {
-        while done + 4 <= y.len() {
-            let rows: [&[u8]; 4] =
-                std::array::from_fn(|j| &data[(r0 + done + j) * rb..(r0 + done + j + 1) * rb]);
-            y[done..done + 4].copy_from_slice(&neon_rows::<4>(ty, rows, a));
-            done += 4;
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512)
-        && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
-        while done + 4 <= y.len() {
-            let rows: [&[u8]; 4] =
-                std::array::from_fn(|j| &data[(r0 + done + j) * rb..(r0 + done + j + 1) * rb]);
-            // SAFETY: as in row_dot.
-            let v = unsafe {
-                match (ty, a.mode) {
-                    (GgmlType::Q4_0, Acts::Int8) => avx2::rows32::<{ avx2::T_Q4_0 }, 4>(rows, a),
-                    (GgmlType::Q4_1, Acts::Int8) => avx2::rows32::<{ avx2::T_Q4_1 }, 4>(rows, a),
-                    (_, Acts::Int8) => avx2::rows32::<{ avx2::T_Q8_0 }, 4>(rows, a),
-                    (GgmlType::Q4_0, Acts::Int16) => {
-                        avx2::rows32_i16::<{ avx2::T_Q4_0 }, 4>(rows, a)
-                    }
-                    (GgmlType::Q4_1, Acts::Int16) => {
-                        avx2::rows32_i16::<{ avx2::T_Q4_1 }, 4>(rows, a)
-                    }
-                    (_, Acts::Int16) => avx2::rows32_i16::<{ avx2::T_Q8_0 }, 4>(rows, a),
-                    (GgmlType::Q4_0, Acts::F32) => avx2::rows32_f32::<{ avx2::T_Q4_0 }, 4>(rows, a),
-                    (GgmlType::Q4_1, Acts::F32) => avx2::rows32_f32::<{ avx2::T_Q4_1 }, 4>(rows, a),
-                    (_, Acts::F32) => avx2::rows32_f32::<{ avx2::T_Q8_0 }, 4>(rows, a),
-                }
-            };
-            y[done..done + 4].copy_from_slice(&v);
-            done += 4;
-        }
+    while done + 4 <= y.len() {
+        let Some(v) = simd_rows::<4>(isa, ty, std::array::from_fn(|j| row(done + j)), a) else {
+            break;
+        };
+        y[done..done + 4].copy_from_slice(&v);
+        done += 4;
     }
     for (i, yr) in y.iter_mut().enumerate().skip(done) {
-        let r = r0 + i;
-        *yr = row_dot(isa, ty, &data[r * rb..(r + 1) * rb], a);
+        *yr = row_dot(isa, ty, row(i), a);
     }
 }
 

@@ -38,25 +38,36 @@ unsafe fn codes<const TY: u8>(w: *const u8) -> (int8x16_t, int8x16_t) {
     }
 }
 
-/// Adds one block's term to a row's sums: `d·dₓ·Σqqₓ` (the integer sums `s`, four lanes) and
-/// the offset `m·dₓΣqₓ` (Q4_1) or `−8d·dₓΣqₓ` (Q4_0); `at` is the block's byte offset.
+/// The loop both kernels share: per block, the activations `x = load(b)`; per row, its codes
+/// meet them in `sum` (their integer dot product, four int32 lanes), and the block's float
+/// term is added: `d·dₓ·Σqqₓ`, plus the offset `m·dₓΣqₓ` (Q4_1) or `−8d·dₓΣqₓ` (Q4_0).
 #[inline(always)]
-unsafe fn block_term<const TY: u8>(
-    row: &[u8],
-    at: usize,
-    s: int32x4_t,
-    dx: f32,
-    sx: f32,
-    acc: &mut float32x4_t,
-    offs: &mut f32,
-) {
-    let d = f16_at(row, at);
-    *acc = vmlaq_n_f32(*acc, vcvtq_f32_s32(s), d * dx);
-    match TY {
-        T_Q4_1 => *offs += f16_at(row, at + 2) * sx,
-        T_Q4_0 => *offs -= 8.0 * d * sx,
-        _ => {}
+unsafe fn rows_with<const TY: u8, const N: usize, X>(
+    rows: [&[u8]; N],
+    xd: &[f32],
+    xs: &[f32],
+    load: impl Fn(usize) -> X,
+    sum: impl Fn((int8x16_t, int8x16_t), &X) -> int32x4_t,
+) -> [f32; N] {
+    let bb = BLOCK[TY as usize];
+    let nb = xd.len().min(rows[0].len() / bb);
+    let mut acc = [vdupq_n_f32(0.0); N];
+    let mut offs = [0f32; N];
+    for b in 0..nb {
+        let x = load(b);
+        for j in 0..N {
+            let at = bb * b;
+            let s = sum(codes::<TY>(rows[j].as_ptr().add(at)), &x);
+            let d = f16_at(rows[j], at);
+            acc[j] = vmlaq_n_f32(acc[j], vcvtq_f32_s32(s), d * xd[b]);
+            match TY {
+                T_Q4_1 => offs[j] += f16_at(rows[j], at + 2) * xs[b],
+                T_Q4_0 => offs[j] -= 8.0 * d * xs[b],
+                _ => {}
+            }
+        }
     }
+    core::array::from_fn(|j| vaddvq_f32(acc[j]) + offs[j])
 }
 
 /// `Σ w·x` for `N` rows of `TY` blocks with int8 activations: `xq` (32 per block), their
@@ -72,24 +83,19 @@ pub unsafe fn rows32<const TY: u8, const N: usize>(
     xd: &[f32],
     xs: &[f32],
 ) -> [f32; N] {
-    let bb = BLOCK[TY as usize];
-    let nb = xd.len().min(rows[0].len() / bb);
-    let mut acc = [vdupq_n_f32(0.0); N];
-    let mut offs = [0f32; N];
-    for b in 0..nb {
-        let x0 = vld1q_s8(xq.as_ptr().add(QK * b));
-        let x1 = vld1q_s8(xq.as_ptr().add(QK * b + 16));
-        for j in 0..N {
-            let wb = rows[j].as_ptr().add(bb * b);
-            let (lo, hi) = codes::<TY>(wb);
+    let xp = xq.as_ptr();
+    rows_with::<TY, N, _>(
+        rows,
+        xd,
+        xs,
+        |b| (vld1q_s8(xp.add(QK * b)), vld1q_s8(xp.add(QK * b + 16))),
+        |(lo, hi), &(x0, x1)| {
             // Pair products in int16 (|q·x| ≤ 128·127: two of them fit), then int32.
             let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(lo), vget_low_s8(x0)), lo, x0);
             let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(hi), vget_low_s8(x1)), hi, x1);
-            let s = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
-            block_term::<TY>(rows[j], bb * b, s, xd[b], xs[b], &mut acc[j], &mut offs[j]);
-        }
-    }
-    core::array::from_fn(|j| vaddvq_f32(acc[j]) + offs[j])
+            vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1))
+        },
+    )
 }
 
 /// [`rows32`] with int16 activations (`xq` int16, scales `xd`, `xs = xd·Σxq`).
@@ -103,16 +109,13 @@ pub unsafe fn rows32_i16<const TY: u8, const N: usize>(
     xd: &[f32],
     xs: &[f32],
 ) -> [f32; N] {
-    let bb = BLOCK[TY as usize];
-    let nb = xd.len().min(rows[0].len() / bb);
-    let mut acc = [vdupq_n_f32(0.0); N];
-    let mut offs = [0f32; N];
-    for b in 0..nb {
-        let xp = xq.as_ptr().add(QK * b);
-        let x: [int16x8_t; 4] = core::array::from_fn(|k| vld1q_s16(xp.add(8 * k)));
-        for j in 0..N {
-            let wb = rows[j].as_ptr().add(bb * b);
-            let (lo, hi) = codes::<TY>(wb);
+    let xp = xq.as_ptr();
+    rows_with::<TY, N, _>(
+        rows,
+        xd,
+        xs,
+        |b| -> [int16x8_t; 4] { core::array::from_fn(|k| vld1q_s16(xp.add(QK * b + 8 * k))) },
+        |(lo, hi), x| {
             let w = [
                 vmovl_s8(vget_low_s8(lo)),
                 vmovl_high_s8(lo),
@@ -124,8 +127,7 @@ pub unsafe fn rows32_i16<const TY: u8, const N: usize>(
                 s = vmlal_s16(s, vget_low_s16(w[k]), vget_low_s16(x[k]));
                 s = vmlal_high_s16(s, w[k], x[k]);
             }
-            block_term::<TY>(rows[j], bb * b, s, xd[b], xs[b], &mut acc[j], &mut offs[j]);
-        }
-    }
-    core::array::from_fn(|j| vaddvq_f32(acc[j]) + offs[j])
+            s
+        },
+    )
 }
