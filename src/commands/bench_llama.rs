@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::rc::Rc;
 
 use afm_text::generation::generate;
 use afm_text::inspect::human_bytes;
@@ -184,30 +185,32 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<()> {
     afm_text::convert::convert_gguf(&gguf, &native, tch::Kind::Float, true, |_, _| {})
         .with_context(|| format!("converting {}", gguf.display()))?;
     let device = tch::Device::Cpu;
-    // (name, model, the block kernels' activations while it runs)
-    let mut engines: Vec<(String, TextModel, Acts)> = vec![
+    // (name, model, the block kernels' activations while it runs); the two block engines
+    // share one loaded model.
+    let blocks = Rc::new(load_model_dir(&native, device, DType::F32)?);
+    let mut engines: Vec<(String, Rc<TextModel>, Acts)> = vec![
         (
             "afm-vl, the GGUF's Q4_1/Q8_0 blocks, int16 activations (default)".into(),
-            load_model_dir(&native, device, DType::F32)?,
+            blocks.clone(),
             Acts::Int16,
         ),
         (
             "afm-vl, the same blocks, int8 activations (llama.cpp's arithmetic)".into(),
-            load_model_dir(&native, device, DType::F32)?,
+            blocks,
             Acts::Int8,
         ),
     ];
     if let Some(ours) = &args.ours {
         engines.push((
             format!("afm-vl, {}", ours.display()),
-            load_model_dir(ours, device, DType::F32)?,
+            Rc::new(load_model_dir(ours, device, DType::F32)?),
             Acts::Int16,
         ));
     }
     let fp32_dir = super::model_or_default(&args.model)?;
     engines.push((
         "afm-vl fp32 (dequantised)".into(),
-        load_model_dir(&fp32_dir, device, DType::F32)?,
+        Rc::new(load_model_dir(&fp32_dir, device, DType::F32)?),
         Acts::Int16,
     ));
     // A prompt of `prefill_tokens` tokens.
