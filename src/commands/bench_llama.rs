@@ -207,7 +207,16 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<()> {
             Acts::Int16,
         ));
     }
-    let fp32_dir = super::model_or_default(&args.model)?;
+    // The same GGUF dequantised to fp32 (or the --model given).
+    let fp32_dir = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let dir = tmp.0.join("fp32");
+            afm_text::convert::convert_gguf(&gguf, &dir, tch::Kind::Float, false, |_, _| {})
+                .with_context(|| format!("converting {}", gguf.display()))?;
+            dir
+        }
+    };
     engines.push((
         "afm-vl fp32 (dequantised)".into(),
         Rc::new(load_model_dir(&fp32_dir, device, DType::F32)?),

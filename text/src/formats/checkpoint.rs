@@ -118,6 +118,38 @@ pub fn read_safetensors_into(path: &Path, map: &mut WeightMap) -> Result<()> {
     Ok(())
 }
 
+/// How a model directory stores its tensors: the bytes of its safetensors files and a count of
+/// tensors per encoding (`Q4_1 blocks`, `packed codes`, `F32`, …), read from the headers.
+pub fn stored_encodings(dir: &Path) -> Result<(u64, BTreeMap<String, usize>)> {
+    let mut bytes = 0;
+    let mut count = BTreeMap::new();
+    for path in safetensors_files(dir)? {
+        let file = std::fs::File::open(&path).map_err(|e| TextError::io(&path, e))?;
+        bytes += file.metadata().map_err(|e| TextError::io(&path, e))?.len();
+        // SAFETY: read-only map, dropped before returning; only the header is parsed.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TextError::io(&path, e))?;
+        let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            TextError::checkpoint(
+                &path,
+                format!("not a valid safetensors file ({e}); truncated or corrupt?"),
+            )
+        })?;
+        for (name, info) in meta.tensors() {
+            let block = crate::quant::ggml::BLOCK_TYPES
+                .iter()
+                .find(|&&ty| name.ends_with(&format!(".{}", crate::quant::ggml::suffix(ty))));
+            let enc = match block {
+                Some(ty) => format!("{} blocks", ty.name()),
+                None if name.ends_with(".qcodes") => "packed codes".to_string(),
+                None if name.ends_with(".qlut") || name.ends_with(".qscale") => continue,
+                None => format!("{:?}", info.dtype),
+            };
+            *count.entry(enc).or_insert(0) += 1;
+        }
+    }
+    Ok((bytes, count))
+}
+
 /// Load every safetensors file of a model directory (or one file).
 pub fn load_weights(dir: &Path, device: Device, kind: Kind) -> Result<WeightMap> {
     let mut map = WeightMap::new(device, kind);

@@ -74,6 +74,11 @@ impl WeightMap {
         self.tensors.insert(name.into(), (t, file));
     }
 
+    /// Take `name` out of the map (with the index of its file).
+    pub fn remove(&mut self, name: &str) -> Option<(Tensor, usize)> {
+        self.tensors.remove(name)
+    }
+
     fn origin(&self, file: Option<usize>) -> PathBuf {
         file.and_then(|i| self.files.get(i).cloned())
             .or_else(|| self.files.first().cloned())

@@ -24,7 +24,7 @@ pub enum LinearWeight {
     /// `f` (`[out, 1]`) on every forward; both are trained.
     FakeQuant(Box<crate::quant::qat::FakeQuantWeight>),
     /// GGUF's quantized blocks as the file stores them ([`crate::quant::ggml`]); the matmul
-    /// reads them directly with int8 activations.
+    /// reads them directly, activations quantised per 32 values (int16 by default).
     Ggml(Box<GgmlWeight>),
 }
 

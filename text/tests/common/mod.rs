@@ -37,9 +37,18 @@ pub fn venv_python_with(module: &str) -> Option<PathBuf> {
     Some(py)
 }
 
-/// The converted default model, if set-up made it.
+/// The default model as set-up converts it (the GGUF's Q4_1/Q8_0 blocks kept), if present.
 pub fn default_model() -> Option<PathBuf> {
-    let dir = repo_root().join("assets/models/smollm2-135m-instruct");
+    model_dir("assets/models/smollm2-135m-instruct")
+}
+
+/// The same weights dequantised to fp32 (`convert gguf` without `--keep-blocks`), if present.
+pub fn fp32_model() -> Option<PathBuf> {
+    model_dir("assets/models/smollm2-135m-instruct-fp32")
+}
+
+fn model_dir(rel: &str) -> Option<PathBuf> {
+    let dir = repo_root().join(rel);
     if dir.join("model.safetensors").exists() {
         Some(dir)
     } else {

@@ -743,11 +743,17 @@ impl GgmlWeight {
     }
 
     /// The whole `[rows, cols]` matrix in `kind` (bit-exact fp32 values, as gguf-py gives).
+    ///
+    /// Written straight into the new tensor on the calling thread: a prefill alternates this
+    /// with libtorch's matmuls, and waking the decode pool here would leave its workers
+    /// spinning on the cores OpenMP's threads need next (measured: the matmul after a pooled
+    /// dequantisation ran at half speed on 2 cores).
     pub fn dequantize(&self, kind: Kind) -> Result<Tensor> {
-        let v = crate::gguf::dequantize(self.ty, self.bytes());
-        Ok(Tensor::f_from_slice(&v)?
-            .f_view([self.rows, self.cols])?
-            .f_to_kind(kind)?)
+        let out = Tensor::f_empty([self.rows, self.cols], (Kind::Float, Device::Cpu))?;
+        // SAFETY: `out` is a fresh contiguous fp32 [rows, cols] tensor that nothing else holds.
+        let y = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, out.numel()) };
+        crate::gguf::dequantize_into(self.ty, self.bytes(), y);
+        Ok(out.f_to_kind(kind)?)
     }
 
     /// `x·Wᵀ (+ b)` for `x: [..., cols]`: a decode step (at most

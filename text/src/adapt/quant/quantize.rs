@@ -116,21 +116,51 @@ fn quantize_one(
     Ok((q, err / norm))
 }
 
-/// An error when `weights` (of `src`) hold packed codes or GGUF blocks already.
-fn refuse_quantized(src: &Path, weights: &crate::weights::WeightMap) -> Result<()> {
-    const PACKED: [&str; 7] = [
-        ".qcodes", ".q4_0", ".q4_1", ".q8_0", ".q4_k", ".q5_k", ".q6_k",
-    ];
-    match weights
-        .names()
-        .find(|n| PACKED.iter().any(|s| n.ends_with(s)))
-    {
-        Some(n) => Err(TextError::checkpoint(
+/// The source weights for quantizing: GGUF blocks (`NAME.q4_1`, …, as `convert gguf
+/// --keep-blocks` and the default model keep them) are dequantised to `NAME` in fp32, which is
+/// exact (they are what the fp32 conversion of the same GGUF holds); our packed codes are
+/// refused, since re-quantizing them would compound two roundings.
+fn source_weights(src: &Path) -> Result<crate::weights::WeightMap> {
+    let mut weights = load_weights(src, Device::Cpu, Kind::Float)?;
+    let names: Vec<String> = weights.names().cloned().collect();
+    if let Some(n) = names.iter().find(|n| n.ends_with(".qcodes")) {
+        return Err(TextError::checkpoint(
             src,
             format!("already quantized (has '{n}'); quantize the full-precision model"),
-        )),
-        None => Ok(()),
+        ));
     }
+    for name in names {
+        let Some((base, ty)) = super::ggml::BLOCK_TYPES.iter().find_map(|&ty| {
+            name.strip_suffix(&format!(".{}", super::ggml::suffix(ty)))
+                .map(|b| (b.to_string(), ty))
+        }) else {
+            continue;
+        };
+        let size = weights.raw(&name).map(|t| t.size()).unwrap_or_default();
+        let (bs, bb) = ty.block();
+        let (rows, cols) = match size[..] {
+            [rows, rb] if rb > 0 && (rb as usize).is_multiple_of(bb) => (rows, rb / bb as i64 * bs as i64),
+            _ => {
+                return Err(TextError::checkpoint(
+                    weights.file_of(&name),
+                    format!(
+                        "tensor '{name}' has shape {size:?}: {} blocks are U8 [rows, a multiple of {bb}]",
+                        ty.name()
+                    ),
+                ))
+            }
+        };
+        let g = GgmlWeight::from_map(&weights, &base, rows, cols)?.ok_or_else(|| {
+            TextError::checkpoint(
+                weights.file_of(&name),
+                format!("unreadable blocks '{name}'"),
+            )
+        })?;
+        let w = g.dequantize(Kind::Float)?;
+        let file = weights.remove(&name).map_or(0, |(_, f)| f);
+        weights.insert(base, w, file);
+    }
+    Ok(weights)
 }
 
 /// Quantize the model in `src` into a new model directory `dst`. `progress` hears each tensor.
@@ -142,8 +172,7 @@ pub fn quantize_dir(
 ) -> Result<QuantizeReport> {
     crate::atomic_write::check_output_dir(src, dst, "quantize")?;
     let _cfg = TextConfig::from_file(&src.join("config.json"))?;
-    let weights = load_weights(src, Device::Cpu, Kind::Float)?;
-    refuse_quantized(src, &weights)?;
+    let weights = source_weights(src)?;
     let mut names: Vec<String> = weights.names().cloned().collect();
     names.sort();
     let embed_bits = opts.embed_bits.unwrap_or(match opts.plan {
@@ -277,8 +306,7 @@ pub fn quantize_dir_blocks(
 ) -> Result<QuantizeReport> {
     crate::atomic_write::check_output_dir(src, dst, "quantize")?;
     let _cfg = TextConfig::from_file(&src.join("config.json"))?;
-    let weights = load_weights(src, Device::Cpu, Kind::Float)?;
-    refuse_quantized(src, &weights)?;
+    let weights = source_weights(src)?;
     let mut names: Vec<String> = weights.names().cloned().collect();
     names.sort();
     let (mut out, mut reports, mut dense_names) = (Vec::new(), Vec::new(), Vec::new());
