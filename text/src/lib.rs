@@ -19,7 +19,7 @@ pub mod runtime;
 pub use adapt::{lora, quant, train_lora};
 pub use formats::{
     atomic_write, checkpoint, convert, convert_tamm, gguf, pt, pt_write, spm, tamm, tamm_adapter,
-    tokenizer, weights,
+    tamm_ptmoe, tokenizer, weights,
 };
 pub use model::{
     attention, config, decoder, embedding, inspect, layer, linear, mlp, moe, norm, presets, ptmoe,

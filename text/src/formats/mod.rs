@@ -12,5 +12,6 @@ pub mod pt_write;
 pub mod spm;
 pub mod tamm;
 pub mod tamm_adapter;
+pub mod tamm_ptmoe;
 pub mod tokenizer;
 pub mod weights;

@@ -1,6 +1,7 @@
 //! Mixture-of-experts FFN (PT-MoE server model): E SwiGLU experts behind a softmax router.
 //!
-//! Routing is Mixtral's: `p = softmax(router(x))` in fp32, the top-k experts per token, their
+//! Routing is Mixtral's: `p = softmax(router(x))` in fp32 (optionally with the logits
+//! soft-capped first, `cap · tanh(x / cap)`, as tamm's router does), the top-k experts per token, their
 //! probabilities renormalised to sum to 1 (option: not renormalised, Qwen2-MoE's
 //! `norm_topk_prob = false`), cast to the activations' dtype. Tokens are grouped per expert
 //! with one sort (no per-token loop): each expert runs once on the `index_select`ed rows routed
@@ -59,6 +60,8 @@ pub struct MoeFfn {
     pub experts: Vec<SwiGlu>,
     top_k: i64,
     norm_topk: bool,
+    /// Soft cap of the router logits (fp32), if any.
+    logits_cap: Option<f64>,
 }
 
 impl MoeFfn {
@@ -83,7 +86,14 @@ impl MoeFfn {
                 .collect::<Result<Vec<_>>>()?,
             top_k: top_k as i64,
             norm_topk,
+            logits_cap: None,
         })
+    }
+
+    /// Soft-cap the router logits to `cap · tanh(x / cap)` before the softmax (none: no cap).
+    pub fn with_logits_cap(mut self, cap: Option<f64>) -> Self {
+        self.logits_cap = cap;
+        self
     }
 
     pub fn num_experts(&self) -> usize {
@@ -113,7 +123,10 @@ impl MoeFfn {
         let flat = x.f_reshape([-1, hidden])?; // [n, hidden]
         let n = flat.size()[0];
         let e = self.experts.len() as i64;
-        let logits = self.router.forward(&flat)?.f_to_kind(Kind::Float)?; // [n, E]
+        let mut logits = self.router.forward(&flat)?.f_to_kind(Kind::Float)?; // [n, E]
+        if let Some(cap) = self.logits_cap {
+            logits = logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
+        }
         let probs = logits.f_softmax(-1, Kind::Float)?;
         let (mut top_w, top_i) = probs.f_topk(self.top_k, -1, true, true)?; // [n, k]
         if self.norm_topk {

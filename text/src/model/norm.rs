@@ -1,4 +1,6 @@
-//! RMSNorm: `x / sqrt(mean(x²) + ε) · g`, computed in fp32 as HF Llama does.
+//! RMSNorm: `x / sqrt(mean(x²) + ε) · g`, computed in fp32 as HF Llama does; or, in tamm's
+//! pre-scale mode (`"pre_scale_rms_norm"`), `rms_norm(x · g)`: the gain scales the input and
+//! nothing scales the output.
 
 use tch::{Kind, Tensor};
 
@@ -13,6 +15,8 @@ pub struct RmsNorm {
     dim: i64,
     /// Half precision: the gain is applied in fp32 before the one rounding (tamm's order).
     gain_fp32: bool,
+    /// The gain multiplies the input before the normalisation (tamm's `PRE_SCALE`).
+    pre_scale: bool,
 }
 
 impl RmsNorm {
@@ -22,7 +26,14 @@ impl RmsNorm {
             eps,
             dim,
             gain_fp32: false,
+            pre_scale: false,
         })
+    }
+
+    /// The same norm in tamm's pre-scale mode: `rms_norm(x · g)`, computed in fp32.
+    pub fn into_pre_scale(mut self) -> Self {
+        self.pre_scale = true;
+        self
     }
 
     /// A norm of the text decoder: ε and the rounding order from its config.
@@ -43,6 +54,15 @@ impl RmsNorm {
 
     // x: [..., dim] → [..., dim]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pre_scale {
+            let kind = x.kind();
+            let xs = x
+                .f_to_kind(Kind::Float)?
+                .f_mul(&self.weight.f_to_kind(Kind::Float)?)?;
+            return Ok(xs
+                .f_rms_norm([self.dim], None::<Tensor>, self.eps)?
+                .f_to_kind(kind)?);
+        }
         if x.kind() == Kind::Float {
             // One fused kernel (fp32 statistics, as HF computes them).
             return Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?);

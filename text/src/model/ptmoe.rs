@@ -19,6 +19,12 @@
 //! `P.input_layernorm.weight`, `P.self_attn.{q,k,v,o}_proj.weight` (`q_norm`/`k_norm` with
 //! QK-norm), `P.post_attention_layernorm.weight`, then either `P.mlp.{gate,up,down}_proj.weight`
 //! (dense) or `P.mlp.gate.weight` and `P.mlp.experts.{e}.{gate,up,down}_proj.weight` (MoE).
+//! The optional norms of the config: `P.{attn,ffn}_pre_residual_norm.weight`,
+//! `P.{attn,ffn}_post_norm.weight`, and per block and track
+//! `model.blocks.{b}.tracks.{t}.{dispatch,combine}_norm.weight`.
+//!
+//! A layer is `h = post(x + pre_res(attn(pre(x)))); y = post(h + pre_res(ffn(pre(h))))` with
+//! each norm present only when the config names it (tamm's `NormalizedResidualConnection`).
 
 use std::path::Path;
 
@@ -35,7 +41,7 @@ use crate::linear::Linear;
 use crate::mlp::SwiGlu;
 use crate::moe::{moe_weight_shapes, MoeFfn};
 use crate::norm::RmsNorm;
-use crate::ptmoe_config::{PtMoeConfig, TrackMerge};
+use crate::ptmoe_config::{NormType, PtMoeConfig, TrackMerge};
 use crate::rope::Rope;
 use crate::weights::WeightMap;
 
@@ -64,9 +70,33 @@ pub fn ptmoe_weight_shapes(cfg: &PtMoeConfig) -> Vec<(String, Vec<i64>)> {
         for t in 0..cfg.num_tracks {
             for l in 0..cfg.track_block_depth {
                 let j = b * cfg.track_block_depth + l;
+                if l == 0 {
+                    let tp = format!("model.blocks.{b}.tracks.{t}");
+                    if cfg.tracks_dispatch_norm.is_some() {
+                        out.push((format!("{tp}.dispatch_norm.weight"), vec![h]));
+                    }
+                    if cfg.tracks_combine_norm.is_some() {
+                        out.push((format!("{tp}.combine_norm.weight"), vec![h]));
+                    }
+                }
                 let p = format!("model.blocks.{b}.tracks.{t}.layers.{l}");
-                out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-                out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+                for (slot, names) in [
+                    (
+                        cfg.pre_norm,
+                        ["input_layernorm", "post_attention_layernorm"],
+                    ),
+                    (
+                        cfg.pre_residual_norm,
+                        ["attn_pre_residual_norm", "ffn_pre_residual_norm"],
+                    ),
+                    (cfg.post_norm, ["attn_post_norm", "ffn_post_norm"]),
+                ] {
+                    if slot.is_some() {
+                        for n in names {
+                            out.push((format!("{p}.{n}.weight"), vec![h]));
+                        }
+                    }
+                }
                 out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
                 out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
                 out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
@@ -119,22 +149,69 @@ impl Ffn {
     }
 }
 
-/// One pre-norm layer of a track: `h = x + attn(norm(x)); y = h + ffn(norm(h))`.
+/// One of the config's optional norms, `name` of width `dim`, if the config has it.
+fn opt_norm(
+    w: &WeightMap,
+    name: &str,
+    dim: i64,
+    eps: f64,
+    ty: Option<NormType>,
+) -> Result<Option<RmsNorm>> {
+    ty.map(|t| {
+        let n = RmsNorm::new(w, name, dim, eps)?;
+        Ok(match t {
+            NormType::RmsNorm => n,
+            NormType::PreScaleRmsNorm => n.into_pre_scale(),
+        })
+    })
+    .transpose()
+}
+
+/// `norm(x)`, or `x` when the slot is empty.
+fn apply_norm(norm: &Option<RmsNorm>, x: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(&x),
+        None => Ok(x),
+    }
+}
+
+fn norm_params(norms: &[&Option<RmsNorm>]) -> i64 {
+    norms
+        .iter()
+        .filter_map(|n| n.as_ref())
+        .map(RmsNorm::num_params)
+        .sum()
+}
+
+/// One layer of a track:
+/// `h = post(x + pre_res(attn(norm(x)))); y = post(h + pre_res(ffn(norm(h))))`, each norm
+/// present when the config has it (by default only the two pre-norms).
 #[derive(Debug)]
 pub struct TrackLayer {
-    pub input_norm: RmsNorm,
+    /// Attention's pre-norm (`input_layernorm`).
+    pub input_norm: Option<RmsNorm>,
     pub attn: Attention,
-    pub post_norm: RmsNorm,
+    pub attn_pre_residual_norm: Option<RmsNorm>,
+    pub attn_post_norm: Option<RmsNorm>,
+    /// The FFN's pre-norm (`post_attention_layernorm`).
+    pub ffn_norm: Option<RmsNorm>,
     pub ffn: Ffn,
+    pub ffn_pre_residual_norm: Option<RmsNorm>,
+    pub ffn_post_norm: Option<RmsNorm>,
     /// Sliding-window (RoPE) rather than global (NoPE).
     pub local: bool,
 }
 
 impl TrackLayer {
     pub fn num_params(&self) -> i64 {
-        self.input_norm.num_params()
-            + self.attn.num_params()
-            + self.post_norm.num_params()
+        norm_params(&[
+            &self.input_norm,
+            &self.attn_pre_residual_norm,
+            &self.attn_post_norm,
+            &self.ffn_norm,
+            &self.ffn_pre_residual_norm,
+            &self.ffn_post_norm,
+        ]) + self.attn.num_params()
             + self.ffn.num_params()
     }
     pub fn active_params(&self) -> i64 {
@@ -181,7 +258,11 @@ impl StepInputs {
 /// One track of one block: D layers with their own weights, on their own device.
 #[derive(Debug)]
 pub struct Track {
+    /// A norm of the block input as this track receives it.
+    pub dispatch_norm: Option<RmsNorm>,
     pub layers: Vec<TrackLayer>,
+    /// A norm of this track's output before the merge.
+    pub combine_norm: Option<RmsNorm>,
     device: Device,
     /// The track's own CUDA stream when it runs concurrently on a GPU (taken on first use).
     stream: std::sync::OnceLock<CudaStream>,
@@ -221,7 +302,7 @@ impl Track {
 
     /// Run the track's layers; returns the output and the MoE layers' auxiliary losses.
     fn forward(&self, x: &Tensor, step: &StepInputs, cache: &mut KvCache) -> Result<TrackOutput> {
-        let mut x = x.f_to_device(self.device)?;
+        let mut x = apply_norm(&self.dispatch_norm, x.f_to_device(self.device)?)?;
         let mut aux = Vec::new();
         for layer in &self.layers {
             let mask = if layer.local {
@@ -229,15 +310,11 @@ impl Track {
             } else {
                 &step.global
             };
-            let a = layer.attn.forward(
-                &layer.input_norm.forward(&x)?,
-                &step.cos,
-                &step.sin,
-                mask,
-                cache,
-            )?;
-            let h = x.f_add(&a)?;
-            let n = layer.post_norm.forward(&h)?;
+            let n = apply_norm(&layer.input_norm, x.shallow_clone())?;
+            let a = layer.attn.forward(&n, &step.cos, &step.sin, mask, cache)?;
+            let a = apply_norm(&layer.attn_pre_residual_norm, a)?;
+            let h = apply_norm(&layer.attn_post_norm, x.f_add(&a)?)?;
+            let n = apply_norm(&layer.ffn_norm, h.shallow_clone())?;
             let f = match &layer.ffn {
                 Ffn::Dense(m) => m.forward(&n)?,
                 Ffn::Moe(m) => {
@@ -246,9 +323,10 @@ impl Track {
                     o.hidden
                 }
             };
-            x = h.f_add(&f)?;
+            let f = apply_norm(&layer.ffn_pre_residual_norm, f)?;
+            x = apply_norm(&layer.ffn_post_norm, h.f_add(&f)?)?;
         }
-        Ok((x, aux))
+        Ok((apply_norm(&self.combine_norm, x)?, aux))
     }
 }
 
@@ -378,15 +456,18 @@ impl PtMoe {
                     let p = format!("model.blocks.{b}.tracks.{t}.layers.{l}");
                     let local = !cfg.is_global(j);
                     let ffn = if cfg.is_moe(j) {
-                        Ffn::Moe(MoeFfn::new(
-                            tw,
-                            &format!("{p}.mlp"),
-                            h,
-                            cfg.moe_intermediate_size as i64,
-                            cfg.num_local_experts,
-                            cfg.num_experts_per_tok,
-                            cfg.norm_topk_prob,
-                        )?)
+                        Ffn::Moe(
+                            MoeFfn::new(
+                                tw,
+                                &format!("{p}.mlp"),
+                                h,
+                                cfg.moe_intermediate_size as i64,
+                                cfg.num_local_experts,
+                                cfg.num_experts_per_tok,
+                                cfg.norm_topk_prob,
+                            )?
+                            .with_logits_cap(cfg.router_logits_cap),
+                        )
                     } else {
                         Ffn::Dense(SwiGlu::new(
                             tw,
@@ -395,13 +476,11 @@ impl PtMoe {
                             cfg.intermediate_size as i64,
                         )?)
                     };
+                    let norm = |name: &str, ty| {
+                        opt_norm(tw, &format!("{p}.{name}.weight"), h, cfg.rms_norm_eps, ty)
+                    };
                     layers.push(TrackLayer {
-                        input_norm: RmsNorm::new(
-                            tw,
-                            &format!("{p}.input_layernorm.weight"),
-                            h,
-                            cfg.rms_norm_eps,
-                        )?,
+                        input_norm: norm("input_layernorm", cfg.pre_norm)?,
                         attn: Attention::new_at(
                             &acfg,
                             tw,
@@ -410,17 +489,38 @@ impl PtMoe {
                             true,
                             local,
                         )?,
-                        post_norm: RmsNorm::new(
-                            tw,
-                            &format!("{p}.post_attention_layernorm.weight"),
-                            h,
-                            cfg.rms_norm_eps,
+                        attn_pre_residual_norm: norm(
+                            "attn_pre_residual_norm",
+                            cfg.pre_residual_norm,
                         )?,
+                        attn_post_norm: norm("attn_post_norm", cfg.post_norm)?,
+                        ffn_norm: norm("post_attention_layernorm", cfg.pre_norm)?,
                         ffn,
+                        ffn_pre_residual_norm: norm(
+                            "ffn_pre_residual_norm",
+                            cfg.pre_residual_norm,
+                        )?,
+                        ffn_post_norm: norm("ffn_post_norm", cfg.post_norm)?,
                         local,
                     });
                 }
+                let tp = format!("model.blocks.{b}.tracks.{t}");
+                let eps = cfg.rms_norm_eps;
                 tracks.push(Track {
+                    dispatch_norm: opt_norm(
+                        tw,
+                        &format!("{tp}.dispatch_norm.weight"),
+                        h,
+                        eps,
+                        cfg.tracks_dispatch_norm,
+                    )?,
+                    combine_norm: opt_norm(
+                        tw,
+                        &format!("{tp}.combine_norm.weight"),
+                        h,
+                        eps,
+                        cfg.tracks_combine_norm,
+                    )?,
                     layers,
                     device: tw.device(),
                     stream: std::sync::OnceLock::new(),
@@ -451,8 +551,14 @@ impl PtMoe {
 
     /// Load a checkpoint directory: `config.json` (a [`PtMoeConfig`], `model_type`
     /// `afm_ptmoe`) and `model.safetensors` (or shards) under the names of
-    /// [`ptmoe_weight_shapes`].
+    /// [`ptmoe_weight_shapes`]; or a tamm PT-MoE directory (tamm's JSON config and `.pt` state
+    /// dict, [`crate::tamm_ptmoe`]).
     pub fn load(dir: &Path, device: Device, kind: Kind, track_devices: &[Device]) -> Result<Self> {
+        if let Some((cfg_path, pt)) = crate::tamm_ptmoe::tamm_ptmoe_files(dir) {
+            let t = crate::tamm_ptmoe::TammPtMoe::read(&cfg_path)?;
+            let w = t.load_weights(&pt, device, kind)?;
+            return Self::new(&t.cfg, &w, track_devices);
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| TextError::io(&path, e))?;
         let cfg = PtMoeConfig::from_json_str(&text).map_err(|msg| TextError::Config {
@@ -573,8 +679,10 @@ impl PtMoe {
             .blocks
             .iter()
             .flatten()
-            .flat_map(|t| &t.layers)
-            .map(TrackLayer::num_params)
+            .map(|t| {
+                norm_params(&[&t.dispatch_norm, &t.combine_norm])
+                    + t.layers.iter().map(TrackLayer::num_params).sum::<i64>()
+            })
             .sum();
         let head = if self.cfg.tie_word_embeddings {
             0

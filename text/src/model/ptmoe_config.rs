@@ -4,9 +4,17 @@
 //! The stack is `num_track_blocks` track blocks; each runs `num_tracks` independent tracks of
 //! `track_block_depth` layers on the same input and merges them (mean, option sum) at the block
 //! boundary. Depth inside a track counts across blocks (`j = block · D + layer`):
-//! - layer `j` has a MoE FFN when `j` is odd (dense, MoE, dense, MoE, …), else a dense SwiGLU;
-//! - layer `j` is global (causal, no positional encoding) when `(j + 1) % global_attn_every == 0`,
-//!   else sliding-window with RoPE (`sliding_window` tokens, ring-buffer KV cache).
+//! - layer `j`'s FFN is `feed_forward_layer_pattern[j % len]` (`dense` SwiGLU or `sparse`
+//!   mixture of experts); without a pattern, MoE when `j` is odd (dense, MoE, dense, MoE, …);
+//! - layer `j`'s attention is `attention_layer_pattern[j % len]`: `local_rope` (sliding window
+//!   with RoPE, ring-buffer KV cache) or `global_nope` (causal, no positional encoding);
+//!   without a pattern, global when `(j + 1) % global_attn_every == 0`.
+//!
+//! This is Apple's `AFMParallelTrackMoEConfig` (tamm 0.2.0) in our field names; reading a tamm
+//! config ([`crate::tamm_ptmoe`]) maps every field. One convention differs: our
+//! `sliding_window` counts the keys a query sees *including itself* (query `i` sees
+//! `i − window < j ≤ i`), tamm's `local_attention_window_size` W excludes it (`|i − j| ≤ W`),
+//! so tamm's W is our `W + 1`.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +28,39 @@ pub enum TrackMerge {
     #[default]
     Mean,
     Sum,
+}
+
+/// A layer's attention (tamm's `attention_layer_pattern` entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttnType {
+    /// Sliding window + RoPE.
+    #[serde(rename = "local_rope", alias = "local")]
+    LocalRope,
+    /// Causal over everything, no positional encoding.
+    #[serde(rename = "global_nope")]
+    GlobalNope,
+}
+
+/// A layer's FFN (tamm's `feed_forward_layer_pattern` entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnType {
+    Dense,
+    Sparse,
+}
+
+/// A norm of the optional norm slots (tamm's norm specs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormType {
+    /// `x / rms(x) · g`.
+    RmsNorm,
+    /// `rms_norm(x · g)`: the gain scales the input.
+    PreScaleRmsNorm,
+}
+
+fn default_pre_norm() -> Option<NormType> {
+    Some(NormType::RmsNorm)
 }
 
 fn default_model_type() -> String {
@@ -95,8 +136,40 @@ pub struct PtMoeConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// RMSNorm of each head's queries and keys (weights `[head_dim]`).
     #[serde(default)]
     pub qk_norm: bool,
+    /// QK-norm after RoPE (tamm's order) rather than before it.
+    #[serde(default)]
+    pub qk_norm_after_rope: bool,
+    /// Attention type per layer, cycled (`local_rope` / `global_nope`); none: every
+    /// `global_attn_every`-th layer global.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_layer_pattern: Option<Vec<AttnType>>,
+    /// FFN type per layer, cycled (`dense` / `sparse`); none: odd layers sparse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed_forward_layer_pattern: Option<Vec<FfnType>>,
+    /// Router logits soft-capped to `cap · tanh(x / cap)` (in fp32) before the softmax; none:
+    /// no cap (tamm's `experts_router_logits_cap`, 50 in tamm's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_logits_cap: Option<f64>,
+    /// The norm at the start of attention and FFN (`input_layernorm`,
+    /// `post_attention_layernorm`); null: none.
+    #[serde(default = "default_pre_norm")]
+    pub pre_norm: Option<NormType>,
+    /// A norm of attention's / the FFN's output before the residual add
+    /// (`attn_pre_residual_norm`, `ffn_pre_residual_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_residual_norm: Option<NormType>,
+    /// A norm after each residual add (`attn_post_norm`, `ffn_post_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_norm: Option<NormType>,
+    /// A per-track norm of the block input as each track receives it (`dispatch_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracks_dispatch_norm: Option<NormType>,
+    /// A per-track norm of each track's output before the merge (`combine_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracks_combine_norm: Option<NormType>,
     /// Weight of the load-balancing loss in training.
     #[serde(default = "default_aux")]
     pub router_aux_loss_coef: f64,
@@ -147,6 +220,27 @@ impl PtMoeConfig {
                 crate::config::MAX_LAYERS * 4
             ));
         }
+        if self
+            .attention_layer_pattern
+            .as_ref()
+            .is_some_and(Vec::is_empty)
+        {
+            return Err("attention_layer_pattern must not be empty".into());
+        }
+        if self
+            .feed_forward_layer_pattern
+            .as_ref()
+            .is_some_and(Vec::is_empty)
+        {
+            return Err("feed_forward_layer_pattern must not be empty".into());
+        }
+        if let Some(c) = self.router_logits_cap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!(
+                    "router_logits_cap must be a positive number, got {c}"
+                ));
+            }
+        }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return Err(format!(
                 "num_experts_per_tok {} must be in 1..={}",
@@ -166,11 +260,17 @@ impl PtMoeConfig {
     }
     /// Layer `j` of a track (counted across blocks) is global attention with NoPE.
     pub fn is_global(&self, j: usize) -> bool {
-        (j + 1).is_multiple_of(self.global_attn_every)
+        match &self.attention_layer_pattern {
+            Some(p) if !p.is_empty() => p[j % p.len()] == AttnType::GlobalNope,
+            _ => (j + 1).is_multiple_of(self.global_attn_every.max(1)),
+        }
     }
     /// Layer `j` of a track has a MoE FFN.
     pub fn is_moe(&self, j: usize) -> bool {
-        j % 2 == 1
+        match &self.feed_forward_layer_pattern {
+            Some(p) if !p.is_empty() => p[j % p.len()] == FfnType::Sparse,
+            _ => j % 2 == 1,
+        }
     }
     pub fn head_dim(&self) -> usize {
         self.head_dim
@@ -211,7 +311,7 @@ impl PtMoeConfig {
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             qk_norm: self.qk_norm,
-            qk_norm_after_rope: false,
+            qk_norm_after_rope: self.qk_norm_after_rope,
             kv_fake_quant: false,
             kv_fake_quant_skip_first: false,
             norm_gain_fp32: false,
@@ -256,15 +356,15 @@ impl PtMoeConfig {
 pub const PTMOE_PRESETS: &[(&str, &str)] = &[
     (
         "afm-server-ptmoe",
-        "PT-MoE server (illustrative sizes, none published): 4 tracks × 4 blocks × 4 layers, width 3072, 16 experts top-2, window 4096",
+        "PT-MoE server, tamm's AFMParallelTrackMoEConfig defaults: 8 tracks × 12 blocks × 4 layers, width 2048, attention 4 × 128, 40 experts × 2944 top-2, window 4096 (+1), 147.8B / 15.8B active",
     ),
     (
         "bench-ptmoe",
-        "PT-MoE bench: 2 tracks × 2 blocks × 4 layers, width 256, 8 experts top-2, window 64",
+        "PT-MoE bench (tamm's structure): 2 tracks × 2 blocks × 4 layers, width 256, 8 experts top-2, window 64",
     ),
     (
         "tiny-ptmoe",
-        "test preset: 2 tracks × 2 blocks × 4 layers, width 64, 4 experts top-2, window 8",
+        "test preset (tamm's structure): 2 tracks × 2 blocks × 4 layers, width 64, 4 experts top-2, window 8",
     ),
     (
         "tiny-ptmoe-3track",
@@ -315,22 +415,45 @@ fn ptmoe(
         max_position_embeddings: ctx,
         tie_word_embeddings: true,
         qk_norm: false,
+        qk_norm_after_rope: false,
+        attention_layer_pattern: None,
+        feed_forward_layer_pattern: None,
+        router_logits_cap: None,
+        pre_norm: default_pre_norm(),
+        pre_residual_norm: None,
+        post_norm: None,
+        tracks_dispatch_norm: None,
+        tracks_combine_norm: None,
         router_aux_loss_coef: 0.01,
         bos_token_id: Some(1),
         eos_token_id: Some(TokenIds::One(2)),
     }
 }
 
+/// tamm's per-layer structure on a geometry: QK-norm with weights after RoPE, router logits
+/// soft-capped at 50.
+fn tamm_structure(c: PtMoeConfig) -> PtMoeConfig {
+    PtMoeConfig {
+        qk_norm: true,
+        qk_norm_after_rope: true,
+        router_logits_cap: Some(50.0),
+        ..c
+    }
+}
+
 /// Look a PT-MoE preset up by name.
 pub fn ptmoe_preset(name: &str) -> Result<PtMoeConfig> {
     Ok(match name {
-        // Illustrative: 153,600 vocabulary (as on-device), width 3072 = 24 × 128 heads, 4 KV
-        // heads, dense FFN 8192, 16 experts × 2048 top-2, 4 tracks of 4 blocks × 4 layers.
-        "afm-server-ptmoe" => ptmoe(
-            153_600, 3072, 8192, 2048, 16, 4, 4, 4, 24, 4, 128, 4096, 65_536,
-        ),
-        "bench-ptmoe" => ptmoe(8192, 256, 768, 384, 8, 2, 2, 4, 4, 2, 64, 64, 4096),
-        "tiny-ptmoe" => ptmoe(256, 64, 128, 64, 4, 2, 2, 4, 4, 2, 16, 8, 512),
+        // tamm's `AFMParallelTrackMoEConfig()`: vocabulary 153,600, 8 tracks × 48 layers, a
+        // sync point every 4 (12 blocks), width 2048, attention 512 = 4 heads × 128 (no GQA),
+        // dense FFN 5888, 40 experts × 2944 top-2 with the router capped at 50, RoPE θ 500,000
+        // on the local layers, window 4096 excluding the current token (our 4097), every
+        // 4th layer global NoPE, odd layers sparse, QK-norm with weights after RoPE, tied head.
+        "afm-server-ptmoe" => tamm_structure(ptmoe(
+            153_600, 2048, 5888, 2944, 40, 8, 12, 4, 4, 4, 128, 4097, 65_536,
+        )),
+        "bench-ptmoe" => tamm_structure(ptmoe(8192, 256, 768, 384, 8, 2, 2, 4, 4, 2, 64, 64, 4096)),
+        "tiny-ptmoe" => tamm_structure(ptmoe(256, 64, 128, 64, 4, 2, 2, 4, 4, 2, 16, 8, 512)),
         "tiny-ptmoe-3track" => PtMoeConfig {
             num_local_experts: 3,
             track_merge: TrackMerge::Sum,
