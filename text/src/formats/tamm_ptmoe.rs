@@ -17,7 +17,8 @@
 //! `P.feed_forward.experts.output_transform.weight [T, E, F, H]`; the optional norms
 //! `P.{attention,feed_forward}.residual_connection.{pre_residual_norm,post_norm}.weight` and
 //! `layers.segment_{s}.{input,output}_transform.norm.weight` (dispatch, combine); then
-//! `embedding.weight` and `output_norm.weight` (the head is tied to the embedding).
+//! `embedding.weight`, `output_norm.weight` and `output_transform.weight` (the head, tied to
+//! the embedding).
 //!
 //! Conventions translated: tamm's window W excludes the current token (our `sliding_window` is
 //! W + 1); RoPE rotates adjacent pairs `(2i, 2i+1)`, ours halves, so q/k rows and QK-norm
@@ -377,6 +378,8 @@ impl TammPtMoe {
             }
         }
         out.push(("output_norm.weight".into(), vec![h]));
+        // The head, tied to the embedding (the state dict lists it under its own name).
+        out.push(("output_transform.weight".into(), vec![v, h]));
         out
     }
 
@@ -420,7 +423,17 @@ impl TammPtMoe {
         let file = map.add_file(pt_path);
         let hd = c.head_dim() as i64;
         let (heads, kvh) = (c.num_attention_heads as i64, c.num_kv_heads() as i64);
-        map.insert("model.embed_tokens.weight", get("embedding.weight")?, file);
+        let emb = get("embedding.weight")?;
+        // Saved tied, the head and the embedding are one view of one storage.
+        let (e, o) = (by_name["embedding.weight"], by_name["output_transform.weight"]);
+        let same_view = e.key == o.key && e.offset == o.offset && e.stride == o.stride;
+        if !same_view && !emb.equal(&get("output_transform.weight")?) {
+            return Err(err(
+                "output_transform.weight differs from embedding.weight (the model ties them)"
+                    .into(),
+            ));
+        }
+        map.insert("model.embed_tokens.weight", emb, file);
         map.insert("model.norm.weight", get("output_norm.weight")?, file);
         // [T, in, out] → track t's [out, in], its own storage.
         let track_t = |w: &Tensor, t: i64| -> Result<Tensor> {
@@ -577,6 +590,7 @@ mod tests {
         let n: i64 = t
             .tensor_shapes()
             .iter()
+            .filter(|(n, _)| n != "output_transform.weight")
             .map(|(_, s)| s.iter().product::<i64>())
             .sum();
         assert_eq!(n, 147_803_703_296);

@@ -1,0 +1,133 @@
+"""Reference for text/tests/tamm_ptmoe.rs: Apple's tamm (PyPI tamm 0.2.0) AFMParallelTrackMoE as
+the oracle for the server model.
+
+Builds random tamm PT-MoE models in the test (>= 2 tracks, >= 2 segments, >= 4 experts, a
+window shorter than the prompts, every norm weight random including the QK-norms, router
+weights large enough that the soft cap at 50 changes the routing weights), saves each in
+tamm's way (the config through tamm's JSON utilities as `config.json`, the state dict through
+torch.save as `model.pt`) and writes tamm's fp32 logits of a full forward for a few prompts
+and 12-token greedy continuations (full forward every step), and the logits of every position
+of prompt + continuation, into `reference.safetensors`.
+
+Also writes `keys.json`: the state-dict keys and shapes of tamm's default configuration built
+on the meta device (the server model, 147.8B parameters).
+
+usage: tamm_ptmoe.py OUT_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tamm.models.afm_text.afm_pt_moe import AFMParallelTrackMoEConfig
+from tamm.utils import json as tamm_json
+
+PROMPTS = [
+    [5, 17, 9, 3, 50, 8, 64, 1, 77, 12, 30, 41, 2, 88],
+    [9],
+    list(range(1, 40, 3)),
+]
+
+BASE = dict(
+    vocab_size=97,
+    num_tracks=2,
+    num_layers_per_track=4,
+    num_layers_per_track_per_sync_point=2,
+    hidden_dim=32,
+    attention_hidden_dim=32,
+    dense_feed_forward_hidden_dim=48,
+    sparse_feed_forward_hidden_dim=24,
+    num_heads=4,
+    num_kv_heads=2,
+    rope_theta=10000.0,
+    local_attention_window_size=3,
+    num_experts=4,
+    num_experts_per_token=2,
+)
+
+CASES = {
+    # tamm's default structure on a small geometry.
+    "plain": dict(BASE),
+    # Every optional norm, another layer pattern, sum combine, unscaled QK-norm, no GQA, three
+    # tracks and segments.
+    "norms": dict(
+        BASE,
+        num_tracks=3,
+        num_layers_per_track=4,
+        num_layers_per_track_per_sync_point=2,
+        num_kv_heads=None,
+        attention_layer_pattern=("global_nope", "local_rope", "local_rope"),
+        feed_forward_layer_pattern=("sparse", "dense", "dense"),
+        local_attention_window_size=4,
+        pre_norm="pre_scale_rms_norm",
+        post_norm="rms_norm",
+        pre_residual_norm="rms_norm",
+        tracks_dispatch_norm="rms_norm",
+        tracks_combine_norm="pre_scale_rms_norm",
+        tracks_combine_op="sum",
+        scale_qk_norm=False,
+        experts_router_logits_cap=20.0,
+    ),
+}
+
+
+def build(seed, kw, std=0.2):
+    torch.manual_seed(seed)
+    cfg = AFMParallelTrackMoEConfig(**kw)
+    model = cfg.create_model()
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) * 1.5 + 0.25)
+            elif "router" in name:
+                p.normal_(0.0, 6.0)  # logits of order 30-100: the cap matters
+            else:
+                p.normal_(0.0, std)
+    return cfg, model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def greedy(model, ids, n):
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(logits(model, out)[-1].argmax()))
+    return out[len(ids):]
+
+
+def main():
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    scales = {}
+    for i, (name, kw) in enumerate(CASES.items()):
+        # The model with every norm is the more sensitive to rounding (tamm's own fp32 logits
+        # are ~3e-5 from its fp64 ones at std 0.2): smaller weights.
+        cfg, model = build(i, kw, 0.2 if name == "plain" else 0.15)
+        d = out / name
+        d.mkdir(exist_ok=True)
+        (d / "config.json").write_text(tamm_json.dumps(cfg, indent=2))
+        torch.save(model.state_dict(), d / "model.pt")
+        ref = {}
+        for k, ids in enumerate(PROMPTS):
+            ref[f"ids_{k}"] = torch.tensor(ids, dtype=torch.int64)
+            ref[f"logits_{k}"] = logits(model, ids).contiguous()
+            gen = greedy(model, ids, 12)
+            ref[f"gen_{k}"] = torch.tensor(gen, dtype=torch.int64)
+            # Every position of prompt + continuation (for incremental decoding and batches).
+            ref[f"full_{k}"] = logits(model, ids + gen).contiguous()
+        save_file(ref, str(d / "reference.safetensors"))
+        scales[name] = max(float(ref[f"logits_{k}"].abs().max()) for k in range(len(PROMPTS)))
+    meta = AFMParallelTrackMoEConfig().create_model(device="meta")
+    keys = [[k, list(v.shape)] for k, v in meta.state_dict().items()]
+    (out / "keys.json").write_text(json.dumps(keys))
+    print(json.dumps({"max_abs_logit": scales}))
+
+
+if __name__ == "__main__":
+    main()
