@@ -25,17 +25,15 @@ fn inspect_reports_sync_points_and_flat_local_kv() {
     let o = afm(&["inspect", "--preset", "afm-server-ptmoe"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(
-        out.contains(
-            "sync points per forward: 4 (one per track block) vs 32 for tensor parallelism"
-        ),
-        "{out}"
-    );
-    assert!(out.contains("**active per token**"), "{out}");
+    // tamm's AFMParallelTrackMoEConfig() defaults.
     for row in [
-        "| 4096 (1× window) | 384.0 MiB | 384.0 MiB | 128.0 MiB |",
-        "| 16384 (4× window) | 384.0 MiB | 384.0 MiB | 512.0 MiB |",
-        "| 65536 (16× window) | 384.0 MiB | 384.0 MiB | 2.00 GiB |",
+        "sync points per forward: 12 (one per track block) vs 96 for tensor parallelism",
+        "| **total** | **147.80B** (147803703296) |",
+        "| **active per token** | **15.83B** (15834122240) |",
+        "window 4097 keys: tamm's local_attention_window_size 4096 + the current token",
+        "| 4097 (1× window) | 2.25 GiB | 2.25 GiB | 768.2 MiB |",
+        "| 16388 (4× window) | 2.25 GiB | 2.25 GiB | 3.00 GiB |",
+        "| 65552 (16× window) | 2.25 GiB | 2.25 GiB | 12.00 GiB |",
     ] {
         assert!(out.contains(row), "missing {row:?} in\n{out}");
     }
@@ -94,5 +92,113 @@ fn bad_track_devices_and_presets_are_user_errors() {
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
+    }
+}
+
+/// A tamm PT-MoE folder (tamm's JSON + a `.pt` state dict in tamm's layout, written by our
+/// `.pt` writer with random values) for `config`.
+fn tamm_folder(dir: &std::path::Path, config: &serde_json::Value) {
+    use afm_text::tamm_ptmoe::TammPtMoe;
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let t = TammPtMoe::from_json(config).unwrap();
+    let _g = afm_text::weights::seed_global_rng(3);
+    let tensors: Vec<(String, tch::Tensor)> = t
+        .tensor_shapes()
+        .into_iter()
+        .map(|(n, s)| (n, tch::Tensor::randn(s.as_slice(), tch::kind::FLOAT_CPU)))
+        .collect();
+    // The head tied to the embedding, as tamm saves it.
+    let emb = tensors[0].1.shallow_clone();
+    let tensors: Vec<(String, tch::Tensor)> = tensors
+        .into_iter()
+        .map(|(n, x)| {
+            let x = if n == "output_transform.weight" {
+                emb.shallow_clone()
+            } else {
+                x
+            };
+            (n, x)
+        })
+        .collect();
+    afm_text::pt_write::write_state_dict(&dir.join("model.pt"), &tensors).unwrap();
+}
+
+#[test]
+fn tamm_folders_convert_inspect_and_bad_ones_fail_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = serde_json::json!({
+        "__tamm_type__": "module_configs:AFMParallelTrackMoEConfig",
+        "vocab_size": 50, "num_tracks": 2, "num_layers_per_track": 4,
+        "num_layers_per_track_per_sync_point": 2, "hidden_dim": 16, "attention_hidden_dim": 16,
+        "dense_feed_forward_hidden_dim": 24, "sparse_feed_forward_hidden_dim": 8,
+        "num_heads": 2, "num_experts": 4, "local_attention_window_size": 3,
+        "post_norm": "rms_norm", "tracks_combine_norm": "pre_scale_rms_norm"
+    });
+    let good = tmp.path().join("good");
+    tamm_folder(&good, &cfg);
+    let o = afm(&["inspect", "--model", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("2 track blocks × 2 tracks × 2 layers"),
+        "{}",
+        stdout(&o)
+    );
+    let conv = tmp.path().join("conv");
+    let o = afm(&[
+        "convert",
+        "tamm",
+        good.to_str().unwrap(),
+        conv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(conv.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["model_type"], "afm_ptmoe");
+    assert_eq!(c["sliding_window"], 4);
+    assert_eq!(c["tracks_combine_norm"], "pre_scale_rms_norm");
+
+    // Bad folders: a truncated .pt, a tensor of the wrong shape, an unknown type, an unknown
+    // attention type in the pattern. Each is one line naming the file, exit 1, nothing written.
+    let cut = tmp.path().join("cut");
+    tamm_folder(&cut, &cfg);
+    let pt = std::fs::read(cut.join("model.pt")).unwrap();
+    std::fs::write(cut.join("model.pt"), &pt[..pt.len() / 2]).unwrap();
+    let shape = tmp.path().join("shape");
+    let mut wide = cfg.clone();
+    wide["dense_feed_forward_hidden_dim"] = 32.into();
+    tamm_folder(&shape, &wide);
+    std::fs::write(shape.join("config.json"), cfg.to_string()).unwrap();
+    let ty = tmp.path().join("type");
+    tamm_folder(&ty, &cfg);
+    let mut v = cfg.clone();
+    v["__tamm_type__"] = "module_configs:AFMParallelTrackMoEConfigV9".into();
+    std::fs::write(ty.join("config.json"), v.to_string()).unwrap();
+    let pat = tmp.path().join("pattern");
+    tamm_folder(&pat, &cfg);
+    let mut v = cfg.clone();
+    v["attention_layer_pattern"] = serde_json::json!(["local_rope", "global_rope"]);
+    std::fs::write(pat.join("config.json"), v.to_string()).unwrap();
+    for (dir, needle) in [
+        (&cut, "model.pt"),
+        (&shape, "the config needs [2, 16, 24]"),
+        (&ty, "AFMParallelTrackMoEConfigV9"),
+        (&pat, "attention type \"global_rope\" not recognized"),
+    ] {
+        let out = tmp.path().join("out");
+        let o = afm(&[
+            "convert",
+            "tamm",
+            dir.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{}: {err}", dir.display());
+        assert!(err.contains(needle), "{}: {err}", dir.display());
+        assert!(
+            !err.contains("panicked") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+        assert!(!out.join("model.safetensors").exists());
     }
 }

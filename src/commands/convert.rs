@@ -97,6 +97,32 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             };
             bar.set_message(format!("reading {}", input.display()));
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            if afm_text::tamm_ptmoe::tamm_ptmoe_files(&input).is_some() {
+                let s = afm_text::convert_tamm::convert_tamm_ptmoe(
+                    &input,
+                    &out_dir,
+                    dtype.kind(),
+                    |done, total| {
+                        bar.set_message(format!("collected {done}/{total} tensors; writing"));
+                    },
+                )
+                .with_context(|| format!("converting {}", input.display()))?;
+                bar.finish_and_clear();
+                if !ctx.quiet {
+                    let c = &s.config;
+                    eprintln!(
+                        "wrote {} (tamm PT-MoE, {} tensors, {:.1}M parameters, {} tracks × {} blocks × {} layers, vocab {})",
+                        s.out_dir.display(),
+                        s.tensors,
+                        s.params as f64 / 1e6,
+                        c.num_tracks,
+                        c.num_track_blocks,
+                        c.track_block_depth,
+                        c.vocab_size
+                    );
+                }
+                return Ok(());
+            }
             let summary = afm_text::convert_tamm::convert_tamm(
                 &input,
                 &out_dir,

@@ -45,6 +45,10 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         return inspect_ptmoe(p, &ptmoe_preset(p)?, dtype, args.json);
     }
     if let Some(dir) = &args.model {
+        if let Some((cfg_path, _)) = afm_text::tamm_ptmoe::tamm_ptmoe_files(dir) {
+            let t = afm_text::tamm_ptmoe::TammPtMoe::read(&cfg_path)?;
+            return inspect_ptmoe(&dir.display().to_string(), &t.cfg, dtype, args.json);
+        }
         // A PT-MoE checkpoint directory (model_type afm_ptmoe).
         let text = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
         if text.contains("\"afm_ptmoe\"") {
@@ -177,9 +181,10 @@ fn inspect_ptmoe(label: &str, cfg: &PtMoeConfig, dtype: DType, json: bool) -> an
         r.track_blocks, r.tracks, r.track_block_depth, r.track_depth, r.total_layers, cfg.track_merge
     )?;
     outln!(
-        "per track path: {} sliding-window layers (window {}, RoPE) + {} global (NoPE); {} MoE layers ({} experts, top-{}) + {} dense",
+        "per track path: {} sliding-window layers (window {} keys: tamm's local_attention_window_size {} + the current token; RoPE) + {} global (NoPE); {} MoE layers ({} experts, top-{}) + {} dense",
         r.local_layers_per_track,
         cfg.sliding_window,
+        cfg.sliding_window.saturating_sub(1),
         r.global_layers_per_track,
         r.moe_layers_per_track,
         cfg.num_local_experts,

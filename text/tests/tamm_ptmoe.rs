@@ -5,7 +5,8 @@
 //! changes the routing weights, one model with every optional norm, another layer pattern,
 //! sum combine and unscaled QK-norm) load through `PtMoe::load` and give tamm's logits: full
 //! forward, incremental decoding through wrapped rings, a left-padded batch, concurrent tracks
-//! = sequential, and identical greedy continuations. The default configuration's state-dict
+//! = sequential, identical greedy continuations, and `convert tamm` gives the same model in our
+//! safetensors layout. The default configuration's state-dict
 //! keys and shapes equal tamm's on the meta device.
 
 mod common;
@@ -69,8 +70,13 @@ fn batched(m: &PtMoe, prompts: &[Vec<i64>], gens: &[Vec<i64>]) -> Vec<Tensor> {
     for j in 0..gens[0].len() {
         let col: Vec<i64> = gens.iter().map(|g| g[j]).collect();
         steps.push(
-            m.forward(&Tensor::from_slice(&col).view([b, 1]), None, &mut c, Logits::All)
-                .unwrap(),
+            m.forward(
+                &Tensor::from_slice(&col).view([b, 1]),
+                None,
+                &mut c,
+                Logits::All,
+            )
+            .unwrap(),
         );
     }
     let dec = Tensor::cat(&steps, 1);
@@ -116,7 +122,10 @@ fn check_case(name: &str, dir: &Path) {
         seq.extend(&gen);
         let inc = incremental(&m, &seq, p.len().min(5));
         let d = max_abs_diff(&inc, full_want);
-        eprintln!("{name} prompt {k}: incremental ({} tokens) max |Δ| {d:.2e}", seq.len());
+        eprintln!(
+            "{name} prompt {k}: incremental ({} tokens) max |Δ| {d:.2e}",
+            seq.len()
+        );
         assert!(d <= TOL, "{name} prompt {k}: incremental max |Δ| {d}");
 
         let opts = GenerateOptions {
@@ -148,6 +157,19 @@ fn check_case(name: &str, dir: &Path) {
         .forward(&ids(seq), None, &mut m.new_cache(1), Logits::All)
         .unwrap();
     assert_eq!(max_abs_diff(&conc, &sequential), 0.0, "{name}");
+
+    // `convert tamm`: our safetensors layout, the same model bit for bit.
+    let conv = dir.join("converted");
+    afm_text::convert_tamm::convert_tamm_ptmoe(dir, &conv, Kind::Float, |_, _| {}).unwrap();
+    let mc = PtMoe::load(&conv, Device::Cpu, Kind::Float, &[]).unwrap();
+    let lc = mc
+        .forward(&ids(seq), None, &mut mc.new_cache(1), Logits::All)
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&lc, &sequential),
+        0.0,
+        "{name}: converted model"
+    );
 
     // What the test depends on: without the router cap, or with the window read as ours,
     // the logits are not tamm's.

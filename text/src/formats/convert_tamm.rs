@@ -126,3 +126,73 @@ pub fn convert_tamm(
         config: cfg,
     })
 }
+
+/// What [`convert_tamm_ptmoe`] wrote.
+#[derive(Debug)]
+pub struct PtMoeConvertSummary {
+    pub out_dir: std::path::PathBuf,
+    pub tensors: usize,
+    pub params: u64,
+    pub config: crate::ptmoe_config::PtMoeConfig,
+}
+
+/// Convert a tamm PT-MoE folder (`AFMParallelTrackMoEConfig` JSON + `.pt`,
+/// [`crate::tamm_ptmoe`]) into `out`: `config.json` (our [`crate::PtMoeConfig`], tamm's
+/// semantics kept: router cap, patterns, norms, QK-norm after RoPE, window W + 1) and
+/// `model.safetensors` under our names (per-track `[out, in]` weights, q/k rows in our RoPE
+/// layout). `progress(done, total)` counts tensors collected.
+pub fn convert_tamm_ptmoe(
+    dir: &Path,
+    out: &Path,
+    kind: Kind,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PtMoeConvertSummary> {
+    let (cfg_path, pt_path) = crate::tamm_ptmoe::tamm_ptmoe_files(dir).ok_or_else(|| {
+        TextError::checkpoint(
+            dir,
+            "not a tamm PT-MoE folder (no AFMParallelTrackMoEConfig)",
+        )
+    })?;
+    let (rin, rout) = (
+        crate::atomic_write::resolve(dir),
+        crate::atomic_write::resolve(out),
+    );
+    if rin == rout || crate::atomic_write::same_file(dir, out) {
+        return Err(TextError::InvalidArgument(format!(
+            "{}: the output directory is the tamm folder itself; choose another OUT_DIR",
+            out.display()
+        )));
+    }
+    let t = crate::tamm_ptmoe::TammPtMoe::read(&cfg_path)?;
+    let map = t.load_weights(&pt_path, tch::Device::Cpu, kind)?;
+    let mut names: Vec<String> = map.names().cloned().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    let mut params = 0u64;
+    for (i, n) in names.iter().enumerate() {
+        let t = map
+            .raw(n)
+            .ok_or_else(|| TextError::checkpoint(&pt_path, format!("missing tensor '{n}'")))?;
+        params += t.numel() as u64;
+        tensors.push((n.clone(), t.shallow_clone()));
+        progress(i + 1, names.len());
+    }
+    std::fs::create_dir_all(out).map_err(|e| TextError::io(out, e))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(
+        "source".to_string(),
+        format!(
+            "converted by afm-vl from the tamm checkpoint {}",
+            pt_path.display()
+        ),
+    );
+    write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
+    crate::atomic_write::write_atomic(&out.join("config.json"), t.cfg.to_json_pretty().as_bytes())?;
+    Ok(PtMoeConvertSummary {
+        out_dir: out.to_path_buf(),
+        tensors: tensors.len(),
+        params,
+        config: t.cfg,
+    })
+}

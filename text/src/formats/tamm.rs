@@ -177,7 +177,8 @@ impl TammConfig {
         let name = ty.rsplit(':').next().unwrap_or(ty);
         if name != "AFMTextV7Config" {
             return Err(format!(
-                "__tamm_type__ {ty:?} is not supported (afm-vl reads AFMTextV7Config)"
+                "__tamm_type__ {ty:?} is not supported (afm-vl reads AFMTextV7Config and \
+                 AFMParallelTrackMoEConfig)"
             ));
         }
         let mut c = TammConfig::default();

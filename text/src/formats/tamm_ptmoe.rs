@@ -425,7 +425,10 @@ impl TammPtMoe {
         let (heads, kvh) = (c.num_attention_heads as i64, c.num_kv_heads() as i64);
         let emb = get("embedding.weight")?;
         // Saved tied, the head and the embedding are one view of one storage.
-        let (e, o) = (by_name["embedding.weight"], by_name["output_transform.weight"]);
+        let (e, o) = (
+            by_name["embedding.weight"],
+            by_name["output_transform.weight"],
+        );
         let same_view = e.key == o.key && e.offset == o.offset && e.stride == o.stride;
         if !same_view && !emb.equal(&get("output_transform.weight")?) {
             return Err(err(
