@@ -202,3 +202,77 @@ fn tamm_folders_convert_inspect_and_bad_ones_fail_in_one_line() {
         assert!(!out.join("model.safetensors").exists());
     }
 }
+
+/// `generate --model` on a tamm PT-MoE folder with tamm's AFM tokenizer (built by tamm in
+/// text/tests/reference/tamm_ptmoe.py): the greedy text is tamm's, with and without
+/// self-speculative decoding (the first track block drafting), and from the folder
+/// `convert tamm` writes (our layout, the tokenizer files copied).
+#[test]
+fn generate_on_a_tamm_pt_moe_folder_gives_tamms_greedy_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new(repo.join(".venv/bin/python"))
+        .arg(repo.join("text/tests/reference/tamm_ptmoe.py"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = tmp.path().join("cli");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cli_reference.json")).unwrap()).unwrap();
+    let prompt = r["prompt"].as_str().unwrap();
+    let want = format!("{}\n", r["text"].as_str().unwrap());
+    for extra in [vec![], vec!["--draft", "self:1"]] {
+        let mut args = vec![
+            "--device",
+            "cpu",
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--dtype",
+            "fp32",
+            "--raw",
+            "--max-tokens",
+            "12",
+        ];
+        args.extend(&extra);
+        args.push(prompt);
+        let o = afm(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), want, "{extra:?}");
+    }
+    let conv = tmp.path().join("converted");
+    let o = afm(&[
+        "convert",
+        "tamm",
+        dir.to_str().unwrap(),
+        conv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = afm(&[
+        "--device",
+        "cpu",
+        "generate",
+        "--model",
+        conv.to_str().unwrap(),
+        "--dtype",
+        "fp32",
+        "--raw",
+        "--max-tokens",
+        "12",
+        prompt,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), want, "converted");
+    // A draft directory is refused in one line for a PT-MoE target.
+    let o = afm(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--draft",
+        dir.to_str().unwrap(),
+        "hi",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("self:N"), "{}", stderr(&o));
+}

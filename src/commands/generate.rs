@@ -199,6 +199,14 @@ fn run_speculative(
         &opts,
         args.draft_tokens,
     )?;
+    print_speculative(args, &g, &st)
+}
+
+fn print_speculative(
+    args: &GenerateArgs,
+    g: &afm_text::Generation,
+    st: &afm_text::speculative::SpeculativeStats,
+) -> anyhow::Result<()> {
     outln!("{}", g.text)?;
     if args.sampling.stats {
         print_stats(&g.stats);
@@ -214,8 +222,61 @@ fn run_speculative(
     Ok(())
 }
 
+/// `generate` on the server model: a PEFT adapter under our PT-MoE names, `--draft self:N`
+/// (its first N track blocks) for speculative decoding.
+fn run_generate_ptmoe(
+    ctx: &Context,
+    args: &GenerateArgs,
+    mut m: afm_text::ptmoe_model::PtMoeModel,
+) -> anyhow::Result<()> {
+    use afm_text::speculative::{generate_speculative, parse_self_draft, Draft};
+    let opts = args.sampling.options()?;
+    if let Some(dir) = &args.adapter {
+        let adapter = afm_text::lora::LoraAdapter::load(dir, m.model.device(), m.dtype.kind())?;
+        adapter.activate(&mut m.model)?;
+        if args.merge_adapter {
+            afm_text::lora::merge_active(&mut m.model)?;
+        }
+    }
+    if let Some(spec) = &args.draft {
+        let n = parse_self_draft(spec).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--draft {spec}: a PT-MoE model drafts with its own first track blocks (self:N)"
+            )
+        })??;
+        let ids = m.prompt_ids(&args.prompt, args.raw)?;
+        let (g, st) = generate_speculative(
+            &m.model,
+            Draft::<afm_text::PtMoe>::SelfPrefix(n),
+            m.tokenizer.as_ref(),
+            &ids,
+            &opts,
+            args.draft_tokens,
+        )?;
+        return print_speculative(args, &g, &st);
+    }
+    let mut sink = super::output::StreamSink::default();
+    let out = m.generate_text(&args.prompt, args.raw, &opts, &mut |piece| {
+        sink.write(piece)
+    })?;
+    sink.finish()?;
+    outln!()?;
+    notice_stop(
+        ctx.quiet,
+        out.stop_reason,
+        m.model.cfg.max_position_embeddings,
+    );
+    if args.sampling.stats {
+        print_stats(&out.stats);
+    }
+    Ok(())
+}
+
 pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
     let opts = args.sampling.options()?;
+    if let Some(m) = args.model.load_ptmoe(ctx)? {
+        return run_generate_ptmoe(ctx, &args, m);
+    }
     let mut model = args.model.load(ctx)?;
     if let Some(dir) = &args.adapter {
         let adapter = model.load_adapter(dir)?;
@@ -252,18 +313,54 @@ pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
 
 pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
     let opts = args.sampling.options()?;
+    if let Some(mut m) = args.model.load_ptmoe(ctx)? {
+        if let Some(path) = &args.adapter {
+            afm_text::lora::LoraAdapter::load(path, m.model.device(), m.dtype.kind())?
+                .activate(&mut m.model)?;
+        }
+        let tok = m.tokenizer()?;
+        let context = m.model.cfg.max_position_embeddings;
+        return chat_loop(ctx, &args, tok, &m.source, context, &mut |ids, on_text| {
+            m.generate_ids(ids, &opts, on_text)
+        });
+    }
     let mut model = args.model.load(ctx)?;
     if let Some(path) = &args.adapter {
         model.load_adapter(path)?.activate(&mut model.decoder)?;
     }
     let tok = model.tokenizer()?;
+    let context = model.decoder.cfg.max_position_embeddings;
+    chat_loop(
+        ctx,
+        &args,
+        tok,
+        &model.source,
+        context,
+        &mut |ids, on_text| {
+            afm_text::generation::generate(&model.decoder, Some(tok), ids, &opts, on_text)
+        },
+    )
+}
+
+/// The chat session: read a line, answer it with the whole history in the chat format.
+fn chat_loop(
+    ctx: &Context,
+    args: &ChatArgs,
+    tok: &afm_text::Tokenizer,
+    source: &std::path::Path,
+    context: usize,
+    generate: &mut dyn FnMut(
+        &[u32],
+        &mut dyn FnMut(&str),
+    ) -> afm_text::Result<afm_text::Generation>,
+) -> anyhow::Result<()> {
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &args.system {
         history.push(ChatMessage::new("system", s));
     }
     eprintln!(
         "chat with {} — /reset clears the history, /exit or Ctrl-D quits",
-        model.source.display()
+        source.display()
     );
     let stdin = std::io::stdin();
     let mut sink = super::output::StreamSink::default();
@@ -286,19 +383,12 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
         }
         history.push(ChatMessage::new("user", line));
         let ids = tok.encode_chat(&history, true)?;
-        let out =
-            afm_text::generation::generate(&model.decoder, Some(tok), &ids, &opts, &mut |piece| {
-                sink.write(piece)
-            });
+        let out = generate(&ids, &mut |piece| sink.write(piece));
         sink.finish()?;
         outln!()?;
         match out {
             Ok(g) => {
-                notice_stop(
-                    ctx.quiet,
-                    g.stop_reason,
-                    model.decoder.cfg.max_position_embeddings,
-                );
+                notice_stop(ctx.quiet, g.stop_reason, context);
                 if args.sampling.stats {
                     print_stats(&g.stats);
                 }

@@ -153,6 +153,37 @@ impl ModelArgs {
         model_or_default(&self.model)
     }
 
+    /// The server model (PT-MoE) when `--preset` is a PT-MoE preset or the model directory
+    /// holds one (ours or a tamm folder); `None` for every other model.
+    pub fn load_ptmoe(
+        &self,
+        ctx: &Context,
+    ) -> anyhow::Result<Option<afm_text::ptmoe_model::PtMoeModel>> {
+        use afm_text::ptmoe_model::{is_ptmoe_dir, PtMoeModel};
+        let device = ctx.device()?;
+        let dtype = DType::parse(&self.dtype, device)?;
+        if let Some(p) = &self.preset {
+            if !afm_text::ptmoe_config::is_ptmoe_preset(p) {
+                return Ok(None);
+            }
+            return Ok(Some(PtMoeModel::from_preset(p, 0, device, dtype)?));
+        }
+        let dir = self.model_dir()?;
+        if !is_ptmoe_dir(&dir) {
+            return Ok(None);
+        }
+        afm_text::kv_cache::set_default_kv_bits(self.kv_bits)?;
+        let t0 = std::time::Instant::now();
+        let m = PtMoeModel::load(&dir, device, dtype)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        tracing::info!(
+            "loaded the PT-MoE model {} in {:.2}s",
+            dir.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(Some(m))
+    }
+
     pub fn load(&self, ctx: &Context) -> anyhow::Result<TextModel> {
         let device = ctx.device()?;
         let dtype = DType::parse(&self.dtype, device)?;

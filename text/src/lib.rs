@@ -23,7 +23,7 @@ pub use formats::{
 };
 pub use model::{
     attention, config, decoder, embedding, inspect, layer, linear, mlp, moe, norm, presets, ptmoe,
-    ptmoe_config, rope,
+    ptmoe_config, ptmoe_model, rope,
 };
 pub use runtime::{
     cpu_decode, cpu_pool, cuda_stream, device, generation, kv_cache, sampling, speculative,

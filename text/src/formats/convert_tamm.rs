@@ -140,7 +140,8 @@ pub struct PtMoeConvertSummary {
 /// [`crate::tamm_ptmoe`]) into `out`: `config.json` (our [`crate::PtMoeConfig`], tamm's
 /// semantics kept: router cap, patterns, norms, QK-norm after RoPE, window W + 1) and
 /// `model.safetensors` under our names (per-track `[out, in]` weights, q/k rows in our RoPE
-/// layout). `progress(done, total)` counts tensors collected.
+/// layout), and tamm's tokenizer files when the folder has them. `progress(done, total)` counts
+/// tensors collected.
 pub fn convert_tamm_ptmoe(
     dir: &Path,
     out: &Path,
@@ -189,6 +190,13 @@ pub fn convert_tamm_ptmoe(
     );
     write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
     crate::atomic_write::write_atomic(&out.join("config.json"), t.cfg.to_json_pretty().as_bytes())?;
+    // tamm's tokenizer files as they are (the loader recognises them beside our config).
+    for name in [tamm::TOKENIZER_MODEL, tamm::TOKENIZER_CONFIG] {
+        let src = dir.join(name);
+        if src.is_file() {
+            crate::atomic_write::copy_atomic(&src, &out.join(name))?;
+        }
+    }
     Ok(PtMoeConvertSummary {
         out_dir: out.to_path_buf(),
         tensors: tensors.len(),

@@ -208,6 +208,11 @@ impl Tokenizer {
         }
     }
 
+    /// tamm's AFM tokenizer (SentencePiece, [`Tokenizer::from_tamm`]).
+    pub fn is_afm(&self) -> bool {
+        matches!(self.backend, Backend::Spm { .. })
+    }
+
     /// The ids that end a generation: EOS, and for AFM chat also `<turn_end>`.
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self

@@ -14,6 +14,7 @@ pub mod norm;
 pub mod presets;
 pub mod ptmoe;
 pub mod ptmoe_config;
+pub mod ptmoe_model;
 pub mod rope;
 mod text_model;
 

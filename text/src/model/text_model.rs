@@ -170,35 +170,11 @@ impl TextModel {
             );
             a.activate(&mut decoder)?;
         }
-        // tamm's tokenizer files: a tamm folder's, or those `convert tamm` copied (recognised
-        // by tamm's `tokenizer-config.json`, hyphenated, and no tokenizer.json).
-        let afm_tokenizer = dir.join(crate::tamm::TOKENIZER_MODEL).is_file()
-            && (tamm.is_some()
-                || (dir.join(crate::tamm::TOKENIZER_CONFIG).is_file()
-                    && !dir.join("tokenizer.json").exists()));
-        let tokenizer = if afm_tokenizer {
-            // tamm's AFM tokenizer: SentencePiece + its config; generation stops at EOS and at
-            // the end of the assistant's turn.
-            let tc = dir.join(crate::tamm::TOKENIZER_CONFIG);
-            let t = Tokenizer::from_tamm(
-                &dir.join(crate::tamm::TOKENIZER_MODEL),
-                tc.is_file().then_some(tc.as_path()),
-            )?;
-            if t.vocab_size() > cfg.vocab_size {
-                return Err(TextError::Tokenizer(format!(
-                    "{}: {} pieces, more than the model's vocabulary of {}",
-                    dir.join(crate::tamm::TOKENIZER_MODEL).display(),
-                    t.vocab_size(),
-                    cfg.vocab_size
-                )));
-            }
+        let tokenizer = dir_tokenizer(dir, tamm.is_some(), cfg.vocab_size)?;
+        if let Some(t) = tokenizer.as_ref().filter(|t| t.is_afm()) {
+            // Generation stops at EOS and at the end of the assistant's turn.
             decoder.cfg.eos_token_id = Some(crate::config::TokenIds::Many(t.stop_ids()));
-            Some(t)
-        } else if dir.join("tokenizer.json").exists() {
-            Some(Tokenizer::from_dir(dir)?)
-        } else {
-            None
-        };
+        }
         Ok(Self {
             decoder,
             tokenizer,
@@ -283,5 +259,31 @@ impl TextModel {
             });
         }
         generate(&self.decoder, self.tokenizer.as_ref(), &ids, opts, on_text)
+    }
+}
+
+/// The tokenizer of a model directory: tamm's AFM tokenizer (a tamm folder's
+/// `tokenizer.model` + `tokenizer-config.json`, or those `convert tamm` copied: recognised by
+/// tamm's hyphenated `tokenizer-config.json` and no tokenizer.json), else `tokenizer.json`,
+/// else none. An AFM tokenizer larger than the model's vocabulary is an error.
+pub fn dir_tokenizer(dir: &Path, tamm_folder: bool, vocab: usize) -> Result<Option<Tokenizer>> {
+    let model = dir.join(crate::tamm::TOKENIZER_MODEL);
+    let config = dir.join(crate::tamm::TOKENIZER_CONFIG);
+    let afm = model.is_file()
+        && (tamm_folder || (config.is_file() && !dir.join("tokenizer.json").exists()));
+    if afm {
+        let t = Tokenizer::from_tamm(&model, config.is_file().then_some(config.as_path()))?;
+        if t.vocab_size() > vocab {
+            return Err(TextError::Tokenizer(format!(
+                "{}: {} pieces, more than the model's vocabulary of {vocab}",
+                model.display(),
+                t.vocab_size(),
+            )));
+        }
+        Ok(Some(t))
+    } else if dir.join("tokenizer.json").exists() {
+        Ok(Some(Tokenizer::from_dir(dir)?))
+    } else {
+        Ok(None)
     }
 }

@@ -100,10 +100,9 @@ def greedy(model, ids, n):
     return out[len(ids):]
 
 
-def main():
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    # The tokenizer and a raw-prompt continuation through it (for `afm-vl generate --raw`).
+def train_tokenizer(out):
+    """A SentencePiece model trained here, in the toolkit's layout (tokenizer.model +
+    tokenizer-config.json under `out`); returns tamm's AFMTokenizer for it."""
     import sentencepiece as spm
     from tamm.tokenizers.afm import AFMTokenizer
     from tamm.utils import json as tamm_json2
@@ -122,7 +121,14 @@ def main():
     (out / "tokenizer.vocab").unlink()
     tcfg = AFMTokenizer.Config(vocab_path="tokenizer.model", user_defined_tokens=["<turn_start>", "<turn_end>"])
     (out / "tokenizer-config.json").write_text(tamm_json2.dumps(tcfg, indent=2))
-    tok = AFMTokenizer(vocab_path=str(out / "tokenizer.model"), user_defined_tokens=["<turn_start>", "<turn_end>"])
+    return AFMTokenizer(vocab_path=str(out / "tokenizer.model"), user_defined_tokens=["<turn_start>", "<turn_end>"])
+
+
+def main():
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    # The tokenizer and a raw-prompt continuation through it (for `afm-vl generate --raw`).
+    tok = train_tokenizer(out)
     # The model's vocabulary is the tokenizer's, so every id it can emit decodes.
     cfg, model = build(0, len(tok))
     (out / "base-model-config.json").write_text(tamm_json.dumps(cfg, indent=2))

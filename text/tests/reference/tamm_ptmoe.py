@@ -9,6 +9,9 @@ torch.save as `model.pt`) and writes tamm's fp32 logits of a full forward for a 
 and 12-token greedy continuations (full forward every step), and the logits of every position
 of prompt + continuation, into `reference.safetensors`.
 
+`cli/` holds one more model with tamm's AFM tokenizer beside it (a SentencePiece model trained
+here) and `cli_reference.json`, the text tamm decodes from a raw prompt's greedy continuation.
+
 Also writes `keys.json`: the state-dict keys and shapes of tamm's default configuration built
 on the meta device (the server model, 147.8B parameters).
 
@@ -123,6 +126,27 @@ def main():
             ref[f"full_{k}"] = logits(model, ids + gen).contiguous()
         save_file(ref, str(d / "reference.safetensors"))
         scales[name] = max(float(ref[f"logits_{k}"].abs().max()) for k in range(len(PROMPTS)))
+    # A model with tamm's AFM tokenizer beside it (the toolkit's layout) for the CLI and the
+    # wheel: the text of a raw prompt's greedy continuation, stopping at EOS or <turn_end>.
+    from tamm_afm import train_tokenizer
+
+    d = out / "cli"
+    d.mkdir(exist_ok=True)
+    tok = train_tokenizer(d)
+    cfg, model = build(7, dict(BASE, vocab_size=len(tok)))
+    (d / "config.json").write_text(tamm_json.dumps(cfg, indent=2))
+    torch.save(model.state_dict(), d / "model.pt")
+    stops = {tok.eos_id, tok.tokenizer.piece_to_id("<turn_end>")}
+    prompt = "Once upon a time"
+    seq, gen = tok.encode(prompt), []
+    for _ in range(12):
+        nxt = int(logits(model, seq + gen)[-1].argmax())
+        if nxt in stops:
+            break
+        gen.append(nxt)
+    (d / "cli_reference.json").write_text(
+        json.dumps({"prompt": prompt, "text": tok.decode(gen), "ids": gen})
+    )
     meta = AFMParallelTrackMoEConfig().create_model(device="meta")
     keys = [[k, list(v.shape)] for k, v in meta.state_dict().items()]
     (out / "keys.json").write_text(json.dumps(keys))

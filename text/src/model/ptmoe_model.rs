@@ -1,0 +1,116 @@
+//! A loaded server model (PT-MoE) with its tokenizer: what `generate` and `chat` run when
+//! `--model` names a PT-MoE directory (ours, `model_type` `afm_ptmoe`, or a tamm folder with an
+//! `AFMParallelTrackMoEConfig`) or `--preset` a PT-MoE preset.
+
+use std::path::{Path, PathBuf};
+
+use tch::Device;
+
+use crate::error::{Result, TextError};
+use crate::generation::{generate_lm, GenerateOptions, Generation};
+use crate::model::DType;
+use crate::ptmoe::PtMoe;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+/// Whether `dir` holds a PT-MoE model (ours or tamm's); reads only the config.
+pub fn is_ptmoe_dir(dir: &Path) -> bool {
+    if crate::tamm_ptmoe::tamm_ptmoe_files(dir).is_some() {
+        return true;
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("model_type")?.as_str().map(|t| t == "afm_ptmoe"))
+        .unwrap_or(false)
+}
+
+pub struct PtMoeModel {
+    pub model: PtMoe,
+    pub tokenizer: Option<Tokenizer>,
+    pub dtype: DType,
+    pub source: PathBuf,
+}
+
+impl PtMoeModel {
+    /// Load a PT-MoE directory and its tokenizer (tamm's AFM tokenizer files, or
+    /// tokenizer.json); with an AFM tokenizer generation stops at EOS and `<turn_end>`.
+    pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
+        let mut model = PtMoe::load(dir, device, dtype.kind(), &[])?;
+        let tamm = crate::tamm_ptmoe::tamm_ptmoe_files(dir).is_some();
+        let tokenizer = super::text_model::dir_tokenizer(dir, tamm, model.cfg.vocab_size)?;
+        if let Some(t) = &tokenizer {
+            let stops = t.stop_ids();
+            if !stops.is_empty() && (t.is_afm() || model.cfg.eos_token_id.is_none()) {
+                model.cfg.eos_token_id = Some(crate::config::TokenIds::Many(stops));
+            }
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            dtype,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    /// A PT-MoE preset with seeded random weights (no tokenizer).
+    pub fn from_preset(name: &str, seed: i64, device: Device, dtype: DType) -> Result<Self> {
+        let cfg = crate::ptmoe_config::ptmoe_preset(name)?;
+        Ok(Self {
+            model: PtMoe::random(&cfg, seed, device, dtype.kind(), &[])?,
+            tokenizer: None,
+            dtype,
+            source: PathBuf::from(format!("preset:{name}")),
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            TextError::InvalidArgument(format!(
+                "{} has no tokenizer (tokenizer.json, or tamm's tokenizer.model)",
+                self.source.display()
+            ))
+        })
+    }
+
+    /// The prompt's token ids: as is with `raw`, else in the chat format.
+    pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+        let tok = self.tokenizer()?;
+        if raw {
+            tok.encode(prompt)
+        } else {
+            tok.encode_chat(&[ChatMessage::new("user", prompt)], true)
+        }
+    }
+
+    /// Generate from token ids, streaming text pieces to `on_text`.
+    pub fn generate_ids(
+        &self,
+        ids: &[u32],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let ctx = self.model.cfg.max_position_embeddings;
+        if ids.len() >= ctx {
+            return Err(TextError::ContextOverflow {
+                tokens: ids.len(),
+                requested: opts.max_new_tokens,
+                context: ctx,
+            });
+        }
+        generate_lm(&self.model, self.tokenizer.as_ref(), ids, opts, on_text)
+    }
+
+    /// Generate from a text prompt.
+    pub fn generate_text(
+        &self,
+        prompt: &str,
+        raw: bool,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let ids = self.prompt_ids(prompt, raw)?;
+        self.generate_ids(&ids, opts, on_text)
+    }
+}
