@@ -342,6 +342,10 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
     )
 }
 
+/// One answer from prompt ids, streaming text pieces.
+type GenerateFn<'a> =
+    dyn FnMut(&[u32], &mut dyn FnMut(&str)) -> afm_text::Result<afm_text::Generation> + 'a;
+
 /// The chat session: read a line, answer it with the whole history in the chat format.
 fn chat_loop(
     ctx: &Context,
@@ -349,10 +353,7 @@ fn chat_loop(
     tok: &afm_text::Tokenizer,
     source: &std::path::Path,
     context: usize,
-    generate: &mut dyn FnMut(
-        &[u32],
-        &mut dyn FnMut(&str),
-    ) -> afm_text::Result<afm_text::Generation>,
+    generate: &mut GenerateFn<'_>,
 ) -> anyhow::Result<()> {
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &args.system {
