@@ -46,25 +46,7 @@ pub fn convert_tamm(
     let (t, mut cfg) = tamm::read_config(&cfg_path)?;
     let (mut map, adapter) = tamm::load_weights(&pt_path, &t, tch::Device::Cpu, kind)?;
     if let Some(a) = &adapter {
-        // W += s·B·A in fp32, stored back in `kind`.
-        let file = map.add_file(&pt_path);
-        for m in a.modules() {
-            let Some((la, lb)) = a.module(m) else {
-                continue;
-            };
-            let name = format!("{m}.weight");
-            let w = map.get_any(&name)?.f_to_kind(Kind::Float)?;
-            let delta = lb
-                .f_to_kind(Kind::Float)?
-                .f_matmul(&la.f_to_kind(Kind::Float)?)?
-                .f_mul_scalar(a.scale)?;
-            map.insert(name, w.f_add(&delta)?.f_to_kind(kind)?, file);
-        }
-        tracing::info!(
-            "{}: merged the checkpoint's adapter '{}' into the weights",
-            pt_path.display(),
-            a.name
-        );
+        merge_into(&mut map, a, &pt_path, kind)?;
     }
     let names: Vec<String> = map.names().cloned().collect();
     let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
@@ -127,6 +109,34 @@ pub fn convert_tamm(
     })
 }
 
+/// Merge a checkpoint's adapter into the weights: `W += s·B·A` in fp32, stored back in `kind`.
+fn merge_into(
+    map: &mut crate::weights::WeightMap,
+    a: &crate::lora::LoraAdapter,
+    pt_path: &Path,
+    kind: Kind,
+) -> Result<()> {
+    let file = map.add_file(pt_path);
+    for m in a.modules() {
+        let Some((la, lb)) = a.module(m) else {
+            continue;
+        };
+        let name = format!("{m}.weight");
+        let w = map.get_any(&name)?.f_to_kind(Kind::Float)?;
+        let delta = lb
+            .f_to_kind(Kind::Float)?
+            .f_matmul(&la.f_to_kind(Kind::Float)?)?
+            .f_mul_scalar(a.scale)?;
+        map.insert(name, w.f_add(&delta)?.f_to_kind(kind)?, file);
+    }
+    tracing::info!(
+        "{}: merged the checkpoint's adapter '{}' into the weights",
+        pt_path.display(),
+        a.name
+    );
+    Ok(())
+}
+
 /// What [`convert_tamm_ptmoe`] wrote.
 #[derive(Debug)]
 pub struct PtMoeConvertSummary {
@@ -140,8 +150,8 @@ pub struct PtMoeConvertSummary {
 /// [`crate::tamm_ptmoe`]) into `out`: `config.json` (our [`crate::PtMoeConfig`], tamm's
 /// semantics kept: router cap, patterns, norms, QK-norm after RoPE, window W + 1) and
 /// `model.safetensors` under our names (per-track `[out, in]` weights, q/k rows in our RoPE
-/// layout), and tamm's tokenizer files when the folder has them. `progress(done, total)` counts
-/// tensors collected.
+/// layout), and tamm's tokenizer files when the folder has them. An adapter trained into the
+/// checkpoint is merged into the weights. `progress(done, total)` counts tensors collected.
 pub fn convert_tamm_ptmoe(
     dir: &Path,
     out: &Path,
@@ -165,7 +175,10 @@ pub fn convert_tamm_ptmoe(
         )));
     }
     let t = crate::tamm_ptmoe::TammPtMoe::read(&cfg_path)?;
-    let map = t.load_weights(&pt_path, tch::Device::Cpu, kind)?;
+    let (mut map, adapter) = t.load_weights_and_adapter(&pt_path, tch::Device::Cpu, kind)?;
+    if let Some(a) = &adapter {
+        merge_into(&mut map, a, &pt_path, kind)?;
+    }
     let mut names: Vec<String> = map.names().cloned().collect();
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());

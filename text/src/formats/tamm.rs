@@ -182,7 +182,7 @@ impl TammConfig {
             ));
         }
         let mut c = TammConfig::default();
-        let mut active = Json::from(0);
+        let (mut adapters, mut active) = (Json::Null, Json::Null);
         for (k, val) in obj {
             let int = || -> std::result::Result<usize, String> {
                 val.as_u64()
@@ -204,13 +204,8 @@ impl TammConfig {
                 "num_kv_heads" => c.num_kv_heads = if val.is_null() { c.num_heads } else { int()? },
                 "hidden_dim_scale_factor" => c.hidden_dim_scale_factor = float()?,
                 "rope_theta" => c.rope_theta = float()?,
-                "adapters" | "arch_optimizers" if val.is_null() => {}
-                "adapters" => {
-                    let specs = val.as_object().ok_or("adapters must be an object")?;
-                    for (id, spec) in specs {
-                        c.adapters.push(TammLoraSpec::from_json(id, spec)?);
-                    }
-                }
+                "arch_optimizers" if val.is_null() => {}
+                "adapters" => adapters = val.clone(),
                 "active_adapter" => active = val.clone(),
                 "arch_optimizers" => {
                     let opts = val.as_object().ok_or("arch_optimizers must be an object")?;
@@ -223,19 +218,7 @@ impl TammConfig {
                 other => return Err(format!("unknown AFMTextV7Config field {other:?}")),
             }
         }
-        if !c.adapters.is_empty() {
-            let id = match &active {
-                Json::Number(n) => n
-                    .as_u64()
-                    .and_then(|i| c.adapters.get(i as usize))
-                    .map(|s| s.id.clone()),
-                Json::String(s) => c.adapters.iter().find(|a| &a.id == s).map(|a| a.id.clone()),
-                _ => None,
-            };
-            c.active_adapter = Some(id.ok_or_else(|| {
-                format!("active_adapter {active} names none of the config's adapters")
-            })?);
-        }
+        (c.adapters, c.active_adapter) = crate::tamm_adapter::parse_adapters(&adapters, &active)?;
         if c.num_heads == 0 || !c.hidden_dim.is_multiple_of(c.num_heads) {
             return Err(format!(
                 "hidden_dim {} is not a multiple of num_heads {}",

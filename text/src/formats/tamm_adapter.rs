@@ -170,6 +170,37 @@ impl TammLoraSpec {
     }
 }
 
+/// A config's `adapters` object (tamm `LoRAModelAdapter`s by id, in order) and its
+/// `active_adapter` (an index or an id; tamm's default is the first): the specs and the active
+/// id (none without adapters).
+pub fn parse_adapters(
+    adapters: &Json,
+    active: &Json,
+) -> std::result::Result<(Vec<TammLoraSpec>, Option<String>), String> {
+    let mut specs = Vec::new();
+    if !adapters.is_null() {
+        let obj = adapters.as_object().ok_or("adapters must be an object")?;
+        for (id, spec) in obj {
+            specs.push(TammLoraSpec::from_json(id, spec)?);
+        }
+    }
+    if specs.is_empty() {
+        return Ok((specs, None));
+    }
+    let id = match active {
+        Json::Null => specs.first().map(|s| s.id.clone()),
+        Json::Number(n) => n
+            .as_u64()
+            .and_then(|i| specs.get(i as usize))
+            .map(|s| s.id.clone()),
+        Json::String(s) => specs.iter().find(|a| &a.id == s).map(|a| a.id.clone()),
+        _ => None,
+    };
+    let id =
+        id.ok_or_else(|| format!("active_adapter {active} names none of the config's adapters"))?;
+    Ok((specs, Some(id)))
+}
+
 /// A linear layer tamm can adapt, in both namings.
 #[derive(Debug, Clone)]
 pub struct AdaptableLinear {
@@ -177,8 +208,12 @@ pub struct AdaptableLinear {
     pub module: String,
     /// For the fused q/k/v projection: which of its three LoRAs (`lora_0/1/2`).
     pub part: Option<usize>,
-    /// Our module name (`model.layers.0.self_attn.q_proj`).
-    pub ours: String,
+    /// Our module name (`model.layers.0.self_attn.q_proj`); for a vectorised layer one per
+    /// index of `vec`, row-major.
+    pub ours: Vec<String>,
+    /// The leading dimensions of a vectorised layer's adapter tensors (PT-MoE: `[tracks]`, or
+    /// `[tracks, experts]`); empty for a plain linear.
+    pub vec: Vec<i64>,
     /// Query/key projections: the head count of their per-head RoPE permutation.
     pub rope_heads: Option<i64>,
     pub in_features: i64,
@@ -204,7 +239,8 @@ pub fn adaptable_linears(t: &TammConfig) -> Vec<AdaptableLinear> {
     let lin = |module: String, part, ours: String, rope_heads, i, o| AdaptableLinear {
         module,
         part,
-        ours,
+        ours: vec![ours],
+        vec: Vec::new(),
         rope_heads,
         in_features: i,
         out_features: o,
@@ -304,14 +340,34 @@ pub fn read_adapters(
     device: Device,
     kind: Kind,
 ) -> Result<Vec<LoraAdapter>> {
+    read_adapters_of(
+        pt,
+        &adaptable_linears(t),
+        &t.adapters,
+        "AFMTextV7",
+        device,
+        kind,
+    )
+}
+
+/// [`read_adapters`] for any tamm model: the layers it can adapt (`linears`), the config's
+/// adapter specs and the model's name for messages.
+pub fn read_adapters_of(
+    pt: &PtFile,
+    linears: &[AdaptableLinear],
+    specs: &[TammLoraSpec],
+    model: &str,
+    device: Device,
+    kind: Kind,
+) -> Result<Vec<LoraAdapter>> {
     let err = |m: String| TextError::checkpoint(&pt.path, m);
-    let linears = adaptable_linears(t);
     let by_module: HashMap<(&str, Option<usize>), &AdaptableLinear> = linears
         .iter()
         .map(|l| ((l.module.as_str(), l.part), l))
         .collect();
-    // Per adapter id, in the file's order: our module → (its layer, [a_transpose, b_transpose]).
-    type Found<'l> = BTreeMap<String, (&'l AdaptableLinear, [Option<Tensor>; 2])>;
+    // Per adapter id, in the file's order: tamm's module and part → (its layer,
+    // [a_transpose, b_transpose]).
+    type Found<'l> = BTreeMap<(String, Option<usize>), (&'l AdaptableLinear, [Option<Tensor>; 2])>;
     let mut found: Vec<(String, Found)> = Vec::new();
     for (name, r) in &pt.tensors {
         let Some((module, rest)) = name.split_once(".adapters.") else {
@@ -319,7 +375,7 @@ pub fn read_adapters(
         };
         let unknown = || {
             err(format!(
-                "unexpected adapter tensor '{name}' (no layer of this AFMTextV7 has it)"
+                "unexpected adapter tensor '{name}' (no layer of this {model} has it)"
             ))
         };
         let (id, rest) = rest.split_once('.').ok_or_else(unknown)?;
@@ -340,19 +396,22 @@ pub fn read_adapters(
             _ => return Err(unknown()),
         };
         let l = *by_module.get(&(module, part)).ok_or_else(unknown)?;
-        let want = if slot == 0 {
-            [l.in_features, r.size.last().copied().unwrap_or(0)]
+        let nv = l.vec.len();
+        let mut want = l.vec.clone();
+        if slot == 0 {
+            want.extend([l.in_features, r.size.last().copied().unwrap_or(0)]);
         } else {
-            [r.size.first().copied().unwrap_or(0), l.out_features]
-        };
-        if r.size.len() != 2 || r.size != want || want.contains(&0) {
+            want.extend([r.size.get(nv).copied().unwrap_or(0), l.out_features]);
+        }
+        if r.size != want || want.contains(&0) {
+            let lead: String = l.vec.iter().map(|d| format!("{d}, ")).collect();
             return Err(err(format!(
                 "adapter tensor '{name}' has shape {:?}; the layer needs {}",
                 r.size,
                 if slot == 0 {
-                    format!("[{}, rank]", l.in_features)
+                    format!("[{lead}{}, rank]", l.in_features)
                 } else {
-                    format!("[rank, {}]", l.out_features)
+                    format!("[{lead}rank, {}]", l.out_features)
                 }
             )));
         }
@@ -365,24 +424,24 @@ pub fn read_adapters(
         };
         let (_, pair) = found[at]
             .1
-            .entry(l.ours.clone())
+            .entry((l.module.clone(), l.part))
             .or_insert((l, [None, None]));
         pair[slot] = Some(pt.tensor(r)?);
     }
     let mut out = Vec::new();
     for (id, layers) in found {
-        let spec = t.adapters.iter().find(|s| s.id == id).ok_or_else(|| {
+        let spec = specs.iter().find(|s| s.id == id).ok_or_else(|| {
             err(format!(
                 "adapter '{id}' has no LoRAModelAdapter spec in the base config (its α is unknown); the config has {}",
-                if t.adapters.is_empty() {
+                if specs.is_empty() {
                     "none".to_string()
                 } else {
-                    t.adapters.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ")
+                    specs.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ")
                 }
             ))
         })?;
         let mut modules = BTreeMap::new();
-        for (ours, (l, [a, b])) in layers {
+        for (_, (l, [a, b])) in layers {
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(err(format!(
                     "adapter '{id}' on {}{}: a_transpose and b_transpose must both be there",
@@ -390,29 +449,36 @@ pub fn read_adapters(
                     l.part.map(|k| format!(".lora_{k}")).unwrap_or_default()
                 )));
             };
-            let rank = a.size()[1];
-            if b.size()[0] != rank || rank as usize != spec.rank {
+            let nv = l.vec.len();
+            let rank = a.size()[nv + 1];
+            if b.size()[nv] != rank || rank as usize != spec.rank {
                 return Err(err(format!(
                     "adapter '{id}' on {}: rank {} / {} but the spec says {}",
                     l.module,
                     rank,
-                    b.size()[0],
+                    b.size()[nv],
                     spec.rank
                 )));
             }
-            // Ours: A [r, in], B [out, r] (rows of q/k permuted like their weights).
-            let a = a.f_transpose(0, 1)?.f_contiguous()?;
-            let mut b = b.f_transpose(0, 1)?.f_contiguous()?;
-            if let Some(heads) = l.rope_heads {
-                b = pairs_to_halves(&b, heads)?;
+            // One [in, r] / [r, out] pair per index of the vectorised dimensions.
+            let a = a.f_reshape([-1, l.in_features, rank])?;
+            let b = b.f_reshape([-1, rank, l.out_features])?;
+            for (i, ours) in l.ours.iter().enumerate() {
+                let i = i as i64;
+                // Ours: A [r, in], B [out, r] (rows of q/k permuted like their weights).
+                let ai = a.f_select(0, i)?.f_transpose(0, 1)?.f_contiguous()?;
+                let mut bi = b.f_select(0, i)?.f_transpose(0, 1)?.f_contiguous()?;
+                if let Some(heads) = l.rope_heads {
+                    bi = pairs_to_halves(&bi, heads)?;
+                }
+                modules.insert(
+                    ours.clone(),
+                    (
+                        ai.f_to_kind(kind)?.f_to_device(device)?,
+                        bi.f_to_kind(kind)?.f_to_device(device)?,
+                    ),
+                );
             }
-            modules.insert(
-                ours,
-                (
-                    a.f_to_kind(kind)?.f_to_device(device)?,
-                    b.f_to_kind(kind)?.f_to_device(device)?,
-                ),
-            );
         }
         let mut adapter = LoraAdapter::from_modules(&id, spec.rank, spec.scale(), modules);
         adapter.source = pt.path.clone();
@@ -488,15 +554,16 @@ pub fn save_adapter(
     let mut tensors = Vec::new();
     let mut used = 0;
     for l in adaptable_linears(t) {
-        let Some((a, b)) = adapter.module(&l.ours) else {
+        // AFMTextV7's layers are plain linears: one module name each.
+        let ours = &l.ours[0];
+        let Some((a, b)) = adapter.module(ours) else {
             continue;
         };
-        if !targets.iter().any(|s| l.ours.ends_with(s.as_str())) {
+        if !targets.iter().any(|s| ours.ends_with(s.as_str())) {
             return Err(err(format!(
-                "{} is adapted, but the tamm spec '{}' does not adapt {}",
-                l.ours,
+                "{ours} is adapted, but the tamm spec '{}' does not adapt {}",
                 spec.id,
-                l.ours.rsplit('.').next().unwrap_or("")
+                ours.rsplit('.').next().unwrap_or("")
             )));
         }
         used += 1;
@@ -517,8 +584,10 @@ pub fn save_adapter(
         tensors.push((l.tensor_name(&spec.id, 'b'), b_t));
     }
     if used != adapter.modules().count() {
-        let known: std::collections::HashSet<String> =
-            adaptable_linears(t).into_iter().map(|l| l.ours).collect();
+        let known: std::collections::HashSet<String> = adaptable_linears(t)
+            .into_iter()
+            .flat_map(|l| l.ours)
+            .collect();
         let odd = adapter
             .modules()
             .find(|m| !known.contains(*m))

@@ -32,9 +32,11 @@ use serde_json::Value as Json;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TextError};
+use crate::lora::LoraAdapter;
 use crate::pt::PtFile;
 use crate::ptmoe_config::{AttnType, FfnType, NormType, PtMoeConfig, TrackMerge};
 use crate::tamm::{pairs_to_halves, TAMM_CONTEXT};
+use crate::tamm_adapter::{AdaptableLinear, TammLoraSpec};
 use crate::weights::WeightMap;
 
 /// The config type tamm writes for this model.
@@ -46,6 +48,10 @@ pub struct TammPtMoe {
     pub cfg: PtMoeConfig,
     /// The QK-norms have weights (`scale_qk_norm`).
     pub scale_qk_norm: bool,
+    /// The config's `adapters` (tamm `LoRAModelAdapter`s), in order.
+    pub adapters: Vec<TammLoraSpec>,
+    /// The active adapter's id, when the config has adapters.
+    pub active_adapter: Option<String>,
 }
 
 /// Fields that do not change the model's numbers at inference.
@@ -141,6 +147,7 @@ impl TammPtMoe {
         let mut scale_qk_norm = true;
         let mut eps = 1e-5;
         let mut merge = TrackMerge::Mean;
+        let (mut adapters, mut active) = (Json::Null, Json::Null);
         for (k, val) in obj {
             let int = || -> std::result::Result<usize, String> {
                 val.as_u64()
@@ -213,11 +220,11 @@ impl TammPtMoe {
                         _ => return Err(format!("{k} must be \"mean\" or \"sum\", got {val}")),
                     }
                 }
-                "adapters" | "active_adapter" | "arch_optimizers" if val.is_null() => {}
-                "adapters" | "arch_optimizers" => {
-                    return Err(format!(
-                        "{k} on a PT-MoE config is not supported (load the adapter with --adapter)"
-                    ))
+                "adapters" => adapters = val.clone(),
+                "active_adapter" => active = val.clone(),
+                "arch_optimizers" if val.is_null() => {}
+                "arch_optimizers" => {
+                    return Err(format!("{k} on a PT-MoE config is not supported"))
                 }
                 f if INERT_FIELDS.contains(&f) => {}
                 other => return Err(format!("unknown {TYPE_NAME} field {other:?}")),
@@ -279,7 +286,136 @@ impl TammPtMoe {
             eos_token_id: None,
         };
         cfg.validate()?;
-        Ok(Self { cfg, scale_qk_norm })
+        let (adapters, active_adapter) = crate::tamm_adapter::parse_adapters(&adapters, &active)?;
+        Ok(Self {
+            cfg,
+            scale_qk_norm,
+            adapters,
+            active_adapter,
+        })
+    }
+
+    /// Every linear layer a tamm LoRA adapter can target, vectorised over tracks (and experts):
+    /// the fused q/k/v (`lora_0/1/2`), the attention output, the dense FFN's `linear_{0,1}` and
+    /// output, the experts' `linear_{0,1}` and output. The router is never adapted.
+    pub fn adaptable_linears(&self) -> Vec<AdaptableLinear> {
+        let c = &self.cfg;
+        let (t, h, hd) = (
+            c.num_tracks as i64,
+            c.hidden_size as i64,
+            c.head_dim() as i64,
+        );
+        let (heads, kvh) = (c.num_attention_heads as i64, c.num_kv_heads() as i64);
+        let (f, fe, e) = (
+            c.intermediate_size as i64,
+            c.moe_intermediate_size as i64,
+            c.num_local_experts as i64,
+        );
+        let mut out = Vec::new();
+        for s in 0..c.num_track_blocks {
+            for l in 0..c.track_block_depth {
+                let j = s * c.track_block_depth + l;
+                let p = format!("layers.segment_{s}.layer_{l}");
+                let per_track = |rest: &str| -> Vec<String> {
+                    (0..t)
+                        .map(|tr| format!("model.blocks.{s}.tracks.{tr}.layers.{l}.{rest}"))
+                        .collect()
+                };
+                let lin = |module: String, part, ours, vec, rope_heads, i, o| AdaptableLinear {
+                    module,
+                    part,
+                    ours,
+                    vec,
+                    rope_heads,
+                    in_features: i,
+                    out_features: o,
+                };
+                let qkv = format!("{p}.attention.qkv_transform");
+                for (k, name, rope, width) in [
+                    (0, "q_proj", heads, heads * hd),
+                    (1, "k_proj", kvh, kvh * hd),
+                    (2, "v_proj", 0, kvh * hd),
+                ] {
+                    out.push(lin(
+                        qkv.clone(),
+                        Some(k),
+                        per_track(&format!("self_attn.{name}")),
+                        vec![t],
+                        (rope > 0).then_some(rope),
+                        h,
+                        width,
+                    ));
+                }
+                out.push(lin(
+                    format!("{p}.attention.output_transform"),
+                    None,
+                    per_track("self_attn.o_proj"),
+                    vec![t],
+                    None,
+                    heads * hd,
+                    h,
+                ));
+                let ff = format!("{p}.feed_forward");
+                if c.is_moe(j) {
+                    let per_expert = |proj: &str| -> Vec<String> {
+                        per_track("mlp")
+                            .into_iter()
+                            .flat_map(|m| (0..e).map(move |x| format!("{m}.experts.{x}.{proj}")))
+                            .collect()
+                    };
+                    for (module, proj, i, o) in [
+                        ("hidden_transform.linear_0", "gate_proj", h, fe),
+                        ("hidden_transform.linear_1", "up_proj", h, fe),
+                        ("output_transform", "down_proj", fe, h),
+                    ] {
+                        out.push(lin(
+                            format!("{ff}.experts.{module}"),
+                            None,
+                            per_expert(proj),
+                            vec![t, e],
+                            None,
+                            i,
+                            o,
+                        ));
+                    }
+                } else {
+                    for (module, proj, i, o) in [
+                        ("hidden_transform.linear_0", "gate_proj", h, f),
+                        ("hidden_transform.linear_1", "up_proj", h, f),
+                        ("output_transform", "down_proj", f, h),
+                    ] {
+                        out.push(lin(
+                            format!("{ff}.{module}"),
+                            None,
+                            per_track(&format!("mlp.{proj}")),
+                            vec![t],
+                            None,
+                            i,
+                            o,
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The adapters in a tamm state dict (of a base checkpoint saved with its adapters, or of
+    /// an adapter checkpoint), as our overlays on the PT-MoE module names.
+    pub fn read_adapters(
+        &self,
+        pt: &PtFile,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Vec<LoraAdapter>> {
+        crate::tamm_adapter::read_adapters_of(
+            pt,
+            &self.adaptable_linears(),
+            &self.adapters,
+            "AFMParallelTrackMoE",
+            device,
+            kind,
+        )
     }
 
     /// Read a tamm config file.
@@ -387,10 +523,28 @@ impl TammPtMoe {
     /// with its shape, and nothing else; weights are transposed to `[out, in]` per track and
     /// expert, q/k rows and QK-norm weights permuted to our RoPE layout.
     pub fn load_weights(&self, pt_path: &Path, device: Device, kind: Kind) -> Result<WeightMap> {
+        Ok(self.load_weights_and_adapter(pt_path, device, kind)?.0)
+    }
+
+    /// [`TammPtMoe::load_weights`], also giving the checkpoint's active adapter when it was
+    /// saved with its adapters (base weights under `….wrapped.…`) and that adapter is not zero.
+    pub fn load_weights_and_adapter(
+        &self,
+        pt_path: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(WeightMap, Option<LoraAdapter>)> {
         let pt = PtFile::open(pt_path)?;
         let err = |m: String| TextError::checkpoint(pt_path, m);
+        // Base names without tamm's adapter wrapper; adapter tensors are read separately.
+        let unwrapped: Vec<(String, &crate::pt::TensorRef)> = pt
+            .tensors
+            .iter()
+            .filter(|(n, _)| !crate::tamm_adapter::is_adapter_tensor(n))
+            .map(|(n, r)| (n.replacen(".wrapped.", ".", 1), r))
+            .collect();
         let by_name: std::collections::HashMap<&str, &crate::pt::TensorRef> =
-            pt.tensors.iter().map(|(n, r)| (n.as_str(), r)).collect();
+            unwrapped.iter().map(|(n, r)| (n.as_str(), *r)).collect();
         let expected = self.tensor_shapes();
         for (name, shape) in &expected {
             let r = by_name
@@ -405,7 +559,7 @@ impl TammPtMoe {
         }
         let names: std::collections::HashSet<&str> =
             expected.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some((extra, _)) = pt.tensors.iter().find(|(n, _)| !names.contains(n.as_str())) {
+        if let Some((extra, _)) = unwrapped.iter().find(|(n, _)| !names.contains(n.as_str())) {
             return Err(err(format!(
                 "unexpected tensor '{extra}' (not part of an {} of this config)",
                 TYPE_NAME.trim_end_matches("Config")
@@ -570,7 +724,12 @@ impl TammPtMoe {
                 }
             }
         }
-        Ok(map)
+        let active = self
+            .read_adapters(&pt, device, kind)?
+            .into_iter()
+            .find(|a| Some(&a.name) == self.active_adapter.as_ref())
+            .filter(|a| !a.is_zero());
+        Ok((map, active))
     }
 }
 

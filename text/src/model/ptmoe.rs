@@ -556,8 +556,18 @@ impl PtMoe {
     pub fn load(dir: &Path, device: Device, kind: Kind, track_devices: &[Device]) -> Result<Self> {
         if let Some((cfg_path, pt)) = crate::tamm_ptmoe::tamm_ptmoe_files(dir) {
             let t = crate::tamm_ptmoe::TammPtMoe::read(&cfg_path)?;
-            let w = t.load_weights(&pt, device, kind)?;
-            return Self::new(&t.cfg, &w, track_devices);
+            let (w, adapter) = t.load_weights_and_adapter(&pt, device, kind)?;
+            let mut m = Self::new(&t.cfg, &w, track_devices)?;
+            // A checkpoint saved with a trained adapter runs with it, as in tamm.
+            if let Some(a) = adapter {
+                tracing::info!(
+                    "{}: the checkpoint's adapter '{}' is active",
+                    dir.display(),
+                    a.name
+                );
+                a.activate(&mut m)?;
+            }
+            return Ok(m);
         }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| TextError::io(&path, e))?;

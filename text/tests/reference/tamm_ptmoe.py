@@ -7,7 +7,8 @@ weights large enough that the soft cap at 50 changes the routing weights), saves
 tamm's way (the config through tamm's JSON utilities as `config.json`, the state dict through
 torch.save as `model.pt`) and writes tamm's fp32 logits of a full forward for a few prompts
 and 12-token greedy continuations (full forward every step), and the logits of every position
-of prompt + continuation, into `reference.safetensors`.
+of prompt + continuation, into `reference.safetensors`. `lora/` is a model saved with a tamm
+LoRA adapter (per track, on attention and the dense FFNs) in its config and state dict.
 
 `cli/` holds one more model with tamm's AFM tokenizer beside it (a SentencePiece model trained
 here) and `cli_reference.json`, the text tamm decodes from a raw prompt's greedy continuation.
@@ -76,6 +77,17 @@ CASES = {
 }
 
 
+def lora_case():
+    """tamm's default structure with a LoRA adapter (rank 2, α 4) on every attention and dense
+    FFN projection of every track, saved inside the base checkpoint. The router is never
+    adapted; the experts are not either (`adapt_moe=False`): tamm 0.2.0's own forward fails
+    with expert LoRAs (its batched LoRA meets the dispatched expert inputs with mismatched
+    shapes), so it cannot serve as their reference."""
+    from tamm._adapters_v1.model_adapters.lora import LoRAModelAdapter
+
+    return dict(BASE, adapters={"tuned": LoRAModelAdapter(rank=2, alpha=4.0, adapt_moe=False)})
+
+
 def build(seed, kw, std=0.2):
     torch.manual_seed(seed)
     cfg = AFMParallelTrackMoEConfig(**kw)
@@ -85,6 +97,8 @@ def build(seed, kw, std=0.2):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(torch.rand_like(p) * 1.5 + 0.25)
+            elif "_transpose" in name:
+                p.normal_(0.0, 0.1)  # LoRA: an update of the order of a trained adapter's
             elif "router" in name:
                 p.normal_(0.0, 6.0)  # logits of order 30-100: the cap matters
             else:
@@ -108,7 +122,7 @@ def main():
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     scales = {}
-    for i, (name, kw) in enumerate(CASES.items()):
+    for i, (name, kw) in enumerate(list(CASES.items()) + [("lora", lora_case())]):
         # The model with every norm is the more sensitive to rounding (tamm's own fp32 logits
         # are ~3e-5 from its fp64 ones at std 0.2): smaller weights.
         cfg, model = build(i, kw, 0.2 if name == "plain" else 0.15)
