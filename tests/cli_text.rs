@@ -233,3 +233,16 @@ fn eval_with_a_missing_adapter_names_it() {
     ]);
     assert_user_error(&o, &["no-such-adapter"]);
 }
+
+#[test]
+fn inspect_shows_how_the_default_model_is_stored() {
+    let Some(dir) = default_model() else { return };
+    let o = afm(&["inspect", "--model", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // The shipped GGUF's blocks: 30 layers × 7 projections in Q4_1, the tied Q8_0 embedding.
+    assert!(
+        out.contains("weights as stored: 92.1 MiB (F32 ×61, Q4_1 blocks ×210, Q8_0 blocks ×1)"),
+        "{out}"
+    );
+}

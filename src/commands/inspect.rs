@@ -62,8 +62,12 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         None => {
             let dir = super::model_or_default(&args.model)?;
             let cfg = afm_text::TextModel::dir_config(&dir)?;
-            let stored = afm_text::checkpoint::stored_encodings(&dir)?;
-            (dir.display().to_string(), cfg, Some(stored))
+            // How a safetensors directory stores its weights (a tamm folder holds a `.pt`).
+            let stored = match afm_text::tamm::tamm_files(&dir) {
+                Some(_) => None,
+                None => Some(afm_text::checkpoint::stored_encodings(&dir)?),
+            };
+            (dir.display().to_string(), cfg, stored)
         }
     };
     let r = ModelReport::new(&cfg, dtype.bytes());
