@@ -88,14 +88,15 @@ bench: setup build
 	$(BIN) bench text
 
 ## The NEON block kernels built alone for aarch64 and run under emulation against a float
-## reference (not part of `make test`: it needs the aarch64 target, a cross gcc and qemu-user,
+## reference, on a CPU with dotprod (-cpu max) and one without (Cortex-A72) (not part of `make test`: it needs the aarch64 target, a cross gcc and qemu-user,
 ## e.g. `apt-get install gcc-aarch64-linux-gnu qemu-user`).
 AARCH64 := aarch64-unknown-linux-gnu
 check-neon:
 	rustup target add $(AARCH64)
 	cd text/bench/neon_check && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
 		cargo build --release --target $(AARCH64)
-	qemu-aarch64 -L /usr/aarch64-linux-gnu text/bench/neon_check/target/$(AARCH64)/release/neon-check
+	qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu max text/bench/neon_check/target/$(AARCH64)/release/neon-check
+	qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu cortex-a72 text/bench/neon_check/target/$(AARCH64)/release/neon-check
 
 fmt:
 	cargo fmt --all

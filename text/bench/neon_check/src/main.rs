@@ -1,6 +1,8 @@
 //! Checks the NEON Q4_0 / Q4_1 / Q8_0 kernels against a float reference (the dequantised
 //! weights times the dequantised activations, in f64), on random blocks with ragged row and
-//! block counts, int8 and int16 activations, 1 and 4 rows at once. Exits 1 on a mismatch.
+//! block counts, int8 activations (plain NEON, and the dotprod kernel when the CPU has it: run
+//! under `qemu-aarch64 -cpu max`) and int16 activations, 1 and 4 rows at once. Exits 1 on a
+//! mismatch.
 
 #[cfg(target_arch = "aarch64")]
 #[path = "../../../src/adapt/quant/ggml_neon.rs"]
@@ -70,6 +72,15 @@ fn dequant(ty: u8, b: &[u8]) -> Vec<f64> {
     }
 }
 
+/// Which kernel a case runs.
+#[allow(dead_code)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    Int8,
+    Dot,
+    Int16,
+}
+
 #[cfg(target_arch = "aarch64")]
 fn run(
     ty: u8,
@@ -78,7 +89,7 @@ fn run(
     xq16: &[i16],
     xd: &[f32],
     xs: &[f32],
-    wide: bool,
+    kernel: Kernel,
 ) -> Vec<f32> {
     use neon::*;
     let mut out = Vec::new();
@@ -86,15 +97,19 @@ fn run(
     macro_rules! go {
         ($n:literal, $t:expr) => {{
             let rs: [&[u8]; $n] = core::array::from_fn(|j| rows[r + j]);
-            // SAFETY: NEON is part of aarch64; rows hold xd.len() blocks.
+            // SAFETY: NEON is part of aarch64 (dotprod checked by the caller for Kernel::Dot);
+            // rows hold xd.len() blocks.
             let v: [f32; $n] = unsafe {
-                match (wide, $t) {
-                    (false, 0) => rows32::<T_Q4_0, $n>(rs, xq8, xd, xs),
-                    (false, 1) => rows32::<T_Q4_1, $n>(rs, xq8, xd, xs),
-                    (false, _) => rows32::<T_Q8_0, $n>(rs, xq8, xd, xs),
-                    (true, 0) => rows32_i16::<T_Q4_0, $n>(rs, xq16, xd, xs),
-                    (true, 1) => rows32_i16::<T_Q4_1, $n>(rs, xq16, xd, xs),
-                    (true, _) => rows32_i16::<T_Q8_0, $n>(rs, xq16, xd, xs),
+                match (kernel, $t) {
+                    (Kernel::Int8, 0) => rows32::<T_Q4_0, $n>(rs, xq8, xd, xs),
+                    (Kernel::Int8, 1) => rows32::<T_Q4_1, $n>(rs, xq8, xd, xs),
+                    (Kernel::Int8, _) => rows32::<T_Q8_0, $n>(rs, xq8, xd, xs),
+                    (Kernel::Dot, 0) => rows32_dot::<T_Q4_0, $n>(rs, xq8, xd, xs),
+                    (Kernel::Dot, 1) => rows32_dot::<T_Q4_1, $n>(rs, xq8, xd, xs),
+                    (Kernel::Dot, _) => rows32_dot::<T_Q8_0, $n>(rs, xq8, xd, xs),
+                    (Kernel::Int16, 0) => rows32_i16::<T_Q4_0, $n>(rs, xq16, xd, xs),
+                    (Kernel::Int16, 1) => rows32_i16::<T_Q4_1, $n>(rs, xq16, xd, xs),
+                    (Kernel::Int16, _) => rows32_i16::<T_Q8_0, $n>(rs, xq16, xd, xs),
                 }
             };
             out.extend(v);
@@ -114,10 +129,16 @@ fn run(
 fn main() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let (mut checked, mut worst) = (0usize, 0f64);
+    let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+    let mut kernels = vec![Kernel::Int8, Kernel::Int16];
+    if dot {
+        kernels.push(Kernel::Dot);
+    }
     for ty in 0..3u8 {
         for nb in [1usize, 2, 3, 7, 18] {
             for nrows in [1usize, 3, 4, 5, 9] {
-                for wide in [false, true] {
+                for &kernel in &kernels {
+                    let wide = kernel == Kernel::Int16;
                     let rows: Vec<Vec<u8>> = (0..nrows)
                         .map(|_| (0..nb).flat_map(|_| block(ty, &mut rng)).collect())
                         .collect();
@@ -134,7 +155,7 @@ fn main() {
                     let xq8: Vec<i8> = xq.iter().map(|&v| v.clamp(-127, 127) as i8).collect();
                     let xq16: Vec<i16> = xq.iter().map(|&v| v as i16).collect();
                     let refs: Vec<&[u8]> = rows.iter().map(|r| r.as_slice()).collect();
-                    let got = run(ty, &refs, &xq8, &xq16, &xd, &xs, wide);
+                    let got = run(ty, &refs, &xq8, &xq16, &xd, &xs, kernel);
                     for (r, g) in got.iter().enumerate() {
                         let (mut want, mut scale) = (0f64, 0f64);
                         for b in 0..nb {
@@ -150,7 +171,7 @@ fn main() {
                         checked += 1;
                         if err > 1e-5 {
                             eprintln!(
-                                "MISMATCH ty {ty} blocks {nb} rows {nrows} int16 {wide} row {r}: {g} vs {want} (rel. {err:.2e})"
+                                "MISMATCH ty {ty} blocks {nb} rows {nrows} {kernel:?} row {r}: {g} vs {want} (rel. {err:.2e})"
                             );
                             std::process::exit(1);
                         }
@@ -159,7 +180,14 @@ fn main() {
             }
         }
     }
-    println!("NEON Q4_0/Q4_1/Q8_0 kernels (int8 and int16 activations): {checked} rows = float reference, worst {worst:.2e} of Σ|w·x|");
+    println!(
+        "NEON Q4_0/Q4_1/Q8_0 kernels ({}): {checked} rows = float reference, worst {worst:.2e} of Σ|w·x|",
+        if dot {
+            "int8, int8 with dotprod's sdot, int16 activations"
+        } else {
+            "int8 and int16 activations; this CPU has no dotprod"
+        }
+    );
 }
 
 #[cfg(not(target_arch = "aarch64"))]

@@ -444,10 +444,15 @@ fn simd_rows<const N: usize>(
         use neon::{T_Q4_0, T_Q4_1, T_Q8_0};
         let (q, d, s) = (&a.q, &a.d, &a.s);
         let (q16, d16, s16) = (&a.q16, &a.d16, &a.s16);
-        // SAFETY: NEON was detected (Isa::Neon is only available with it); the rows hold whole
-        // blocks and the activations cover them (the kernels take the shorter of the two).
+        let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+        // SAFETY: NEON was detected (Isa::Neon is only available with it), dotprod where its
+        // kernel runs; the rows hold whole blocks and the activations cover them (the kernels
+        // take the shorter of the two).
         return Some(unsafe {
             match (ty, a.mode) {
+                (GgmlType::Q4_0, Acts::Int8) if dot => neon::rows32_dot::<T_Q4_0, N>(rows, q, d, s),
+                (GgmlType::Q4_1, Acts::Int8) if dot => neon::rows32_dot::<T_Q4_1, N>(rows, q, d, s),
+                (_, Acts::Int8) if dot => neon::rows32_dot::<T_Q8_0, N>(rows, q, d, s),
                 (GgmlType::Q4_0, Acts::Int16) => neon::rows32_i16::<T_Q4_0, N>(rows, q16, d16, s16),
                 (GgmlType::Q4_1, Acts::Int16) => neon::rows32_i16::<T_Q4_1, N>(rows, q16, d16, s16),
                 (_, Acts::Int16) => neon::rows32_i16::<T_Q8_0, N>(rows, q16, d16, s16),

@@ -1,7 +1,8 @@
 //! ARM NEON kernels for Q4_0 / Q4_1 / Q8_0 blocks (every aarch64 CPU has NEON; Apple's M
 //! series and most ARM servers): int8 activations (`vmull_s8` / `vmlal_high_s8` pair products
-//! in int16, widened and summed in int32) and int16 activations (`vmull_s16` / `vmlal_high_s16`
-//! into int32). The integer block sums are exact, as in the AVX2 kernels; the float block terms
+//! in int16, widened and summed in int32; with the ARMv8.2 dotprod extension — Apple M1 and
+//! later, Graviton 2 and later — one `sdot` per 16 codes instead) and int16 activations
+//! (`vmull_s16` / `vmlal_high_s16` into int32). The integer block sums are exact, as in the AVX2 kernels; the float block terms
 //! are added in a different order than the portable reference.
 //!
 //! The file needs from its parent module only `QK` and `f16_at` (fp16 scale bytes → f32), so
@@ -95,6 +96,44 @@ pub unsafe fn rows32<const TY: u8, const N: usize>(
             let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(hi), vget_low_s8(x1)), hi, x1);
             vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1))
         },
+    )
+}
+
+/// `acc + (four int8 products summed per int32 lane)`: ARMv8.2's `sdot` (its intrinsic
+/// `vdotq_s32` is not stable Rust yet, hence the one instruction of assembly).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    core::arch::asm!(
+        "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+        acc = inout(vreg) acc,
+        a = in(vreg) a,
+        b = in(vreg) b,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+/// [`rows32`] with the dotprod extension: `sdot` sums four int8 products into each int32 lane
+/// in one instruction (the same exact integer sums).
+///
+/// # Safety
+/// As [`rows32`], and the CPU has dotprod (`is_aarch64_feature_detected!("dotprod")`).
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn rows32_dot<const TY: u8, const N: usize>(
+    rows: [&[u8]; N],
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[f32],
+) -> [f32; N] {
+    let xp = xq.as_ptr();
+    rows_with::<TY, N, _>(
+        rows,
+        xd,
+        xs,
+        |b| (vld1q_s8(xp.add(QK * b)), vld1q_s8(xp.add(QK * b + 16))),
+        |(lo, hi), &(x0, x1)| sdot(sdot(vdupq_n_s32(0), lo, x0), hi, x1),
     )
 }
 
