@@ -125,7 +125,7 @@ fn tamm_folder(dir: &std::path::Path, config: &serde_json::Value) {
 }
 
 #[test]
-fn tamm_folders_convert_inspect_and_bad_ones_fail_in_one_line() {
+fn tamm_folders_inspect_bench_convert_and_bad_ones_fail_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = serde_json::json!({
         "__tamm_type__": "module_configs:AFMParallelTrackMoEConfig",
@@ -141,6 +141,26 @@ fn tamm_folders_convert_inspect_and_bad_ones_fail_in_one_line() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).contains("2 track blocks × 2 tracks × 2 layers"),
+        "{}",
+        stdout(&o)
+    );
+    let o = afm(&[
+        "--threads",
+        "2",
+        "bench",
+        "text",
+        "--model",
+        good.to_str().unwrap(),
+        "--tokens",
+        "2",
+        "--prompt",
+        "4",
+        "--repeats",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("concurrent / sequential: prefill"),
         "{}",
         stdout(&o)
     );

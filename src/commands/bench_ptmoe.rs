@@ -1,7 +1,10 @@
-//! `afm-vl bench text --preset NAME` for a PT-MoE preset: prefill and decode tokens/s with the
-//! tracks of each block running concurrently vs one after the other, same run, same weights.
+//! `afm-vl bench text --preset NAME` for a PT-MoE preset (or `--model DIR` for a PT-MoE
+//! directory): prefill and decode tokens/s with the tracks of each block running concurrently
+//! vs one after the other, same run, same weights.
 
 use std::time::Instant;
+
+use anyhow::Context as _;
 
 use afm_text::generation::{generate_lm, ids_tensor};
 use afm_text::ptmoe::parse_track_devices;
@@ -29,27 +32,46 @@ fn measure(m: &PtMoe, prompt: &[u32], tokens: usize) -> anyhow::Result<(f64, f64
     Ok((g.stats.prefill_tok_s(), g.stats.decode_tok_s()))
 }
 
+/// What the bench runs: a PT-MoE preset with random weights, or a PT-MoE model directory
+/// (ours or a tamm folder).
+pub enum Source<'a> {
+    Preset(&'a str),
+    Dir(&'a std::path::Path),
+}
+
 pub fn run(
     ctx: &Context,
-    name: &str,
+    source: Source<'_>,
     track_devices: Option<&str>,
     prompt_len: usize,
     tokens: usize,
     repeats: usize,
 ) -> anyhow::Result<()> {
-    if !is_ptmoe_preset(name) {
-        anyhow::bail!(
-            "bench text --preset takes a PT-MoE preset (see inspect --list-presets), not '{name}'"
-        );
-    }
-    let cfg = ptmoe_preset(name)?;
     let device = ctx.device()?;
     let devices = match track_devices {
         Some(s) => parse_track_devices(s)?,
         None => Vec::new(),
     };
     let t0 = Instant::now();
-    let mut m = PtMoe::random(&cfg, 0, device, Kind::Float, &devices)?;
+    let (mut m, name, weights) = match source {
+        Source::Preset(name) => {
+            if !is_ptmoe_preset(name) {
+                anyhow::bail!(
+                    "bench text --preset takes a PT-MoE preset (see inspect --list-presets), not '{name}'"
+                );
+            }
+            let cfg = ptmoe_preset(name)?;
+            let m = PtMoe::random(&cfg, 0, device, Kind::Float, &devices)?;
+            (m, name.to_string(), "random weights")
+        }
+        Source::Dir(dir) => (
+            PtMoe::load(dir, device, Kind::Float, &devices)
+                .with_context(|| format!("loading {}", dir.display()))?,
+            dir.display().to_string(),
+            "loaded",
+        ),
+    };
+    let cfg = m.cfg.clone();
     let build = t0.elapsed().as_secs_f64();
     let prompt: Vec<u32> = (0..prompt_len.max(1) as u32)
         .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
@@ -75,7 +97,7 @@ pub fn run(
         .map(|t| format!("{:?}", t.device()))
         .collect();
     outln!(
-        "\nPT-MoE {name} (random weights, fp32, built in {build:.1}s): {} tracks × {} blocks × {} layers, width {}, {} experts top-{}, window {}",
+        "\nPT-MoE {name} ({weights}, fp32, built in {build:.1}s): {} tracks × {} blocks × {} layers, width {}, {} experts top-{}, window {}",
         cfg.num_tracks,
         cfg.num_track_blocks,
         cfg.track_block_depth,

@@ -240,10 +240,19 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if args.vs_llama_cpp {
         return super::bench_llama::run(ctx, &args);
     }
-    if let Some(name) = &args.preset {
+    let ptmoe_dir = args
+        .model
+        .as_deref()
+        .filter(|d| afm_text::ptmoe_model::is_ptmoe_dir(d));
+    let source = match (&args.preset, ptmoe_dir) {
+        (Some(name), _) => Some(super::bench_ptmoe::Source::Preset(name)),
+        (None, Some(dir)) => Some(super::bench_ptmoe::Source::Dir(dir)),
+        (None, None) => None,
+    };
+    if let Some(source) = source {
         return super::bench_ptmoe::run(
             ctx,
-            name,
+            source,
             args.track_devices.as_deref(),
             args.prompt,
             args.tokens,
