@@ -97,14 +97,15 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             };
             bar.set_message(format!("reading {}", input.display()));
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let progress = |done: usize, total: usize| {
+                bar.set_message(format!("collected {done}/{total} tensors; writing"));
+            };
             if afm_text::tamm_ptmoe::tamm_ptmoe_files(&input).is_some() {
                 let s = afm_text::convert_tamm::convert_tamm_ptmoe(
                     &input,
                     &out_dir,
                     dtype.kind(),
-                    |done, total| {
-                        bar.set_message(format!("collected {done}/{total} tensors; writing"));
-                    },
+                    progress,
                 )
                 .with_context(|| format!("converting {}", input.display()))?;
                 bar.finish_and_clear();
@@ -123,15 +124,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let summary = afm_text::convert_tamm::convert_tamm(
-                &input,
-                &out_dir,
-                dtype.kind(),
-                |done, total| {
-                    bar.set_message(format!("collected {done}/{total} tensors; writing"));
-                },
-            )
-            .with_context(|| format!("converting {}", input.display()))?;
+            let summary =
+                afm_text::convert_tamm::convert_tamm(&input, &out_dir, dtype.kind(), progress)
+                    .with_context(|| format!("converting {}", input.display()))?;
             bar.finish_and_clear();
             report(ctx, &summary);
             Ok(())

@@ -255,17 +255,27 @@ fn run_generate_ptmoe(
         )?;
         return print_speculative(args, &g, &st);
     }
+    let context = m.model.cfg.max_position_embeddings;
+    stream_generation(ctx, args, context, &mut |on_text| {
+        m.generate_text(&args.prompt, args.raw, &opts, on_text)
+    })
+}
+
+/// One generation, streaming text pieces.
+type StreamFn<'a> = dyn FnMut(&mut dyn FnMut(&str)) -> afm_text::Result<afm_text::Generation> + 'a;
+
+/// Stream one generation to stdout, then the context notice and the stats.
+fn stream_generation(
+    ctx: &Context,
+    args: &GenerateArgs,
+    context: usize,
+    generate: &mut StreamFn<'_>,
+) -> anyhow::Result<()> {
     let mut sink = super::output::StreamSink::default();
-    let out = m.generate_text(&args.prompt, args.raw, &opts, &mut |piece| {
-        sink.write(piece)
-    })?;
+    let out = generate(&mut |piece| sink.write(piece))?;
     sink.finish()?;
     outln!()?;
-    notice_stop(
-        ctx.quiet,
-        out.stop_reason,
-        m.model.cfg.max_position_embeddings,
-    );
+    notice_stop(ctx.quiet, out.stop_reason, context);
     if args.sampling.stats {
         print_stats(&out.stats);
     }
@@ -294,21 +304,10 @@ pub fn run_generate(ctx: &Context, args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(spec) = &args.draft {
         return run_speculative(ctx, &args, &model, spec);
     }
-    let mut sink = super::output::StreamSink::default();
-    let out = model.generate_text(&args.prompt, args.raw, &opts, &mut |piece| {
-        sink.write(piece)
-    })?;
-    sink.finish()?;
-    outln!()?;
-    notice_stop(
-        ctx.quiet,
-        out.stop_reason,
-        model.decoder.cfg.max_position_embeddings,
-    );
-    if args.sampling.stats {
-        print_stats(&out.stats);
-    }
-    Ok(())
+    let context = model.decoder.cfg.max_position_embeddings;
+    stream_generation(ctx, &args, context, &mut |on_text| {
+        model.generate_text(&args.prompt, args.raw, &opts, on_text)
+    })
 }
 
 pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {

@@ -31,18 +31,7 @@ pub fn convert_tamm(
             "not a tamm model folder (no base-model-config.json, nor a config.json with a __tamm_type__)",
         )
     })?;
-    // Into the folder itself, config.json could replace the source's; a folder inside it is
-    // fine (no source file has an output's name there).
-    let (rin, rout) = (
-        crate::atomic_write::resolve(dir),
-        crate::atomic_write::resolve(out),
-    );
-    if rin == rout || crate::atomic_write::same_file(dir, out) {
-        return Err(TextError::InvalidArgument(format!(
-            "{}: the output directory is the tamm folder itself; choose another OUT_DIR",
-            out.display()
-        )));
-    }
+    refuse_same_dir(dir, out)?;
     let (t, mut cfg) = tamm::read_config(&cfg_path)?;
     let (mut map, adapter) = tamm::load_weights(&pt_path, &t, tch::Device::Cpu, kind)?;
     if let Some(a) = &adapter {
@@ -109,6 +98,22 @@ pub fn convert_tamm(
     })
 }
 
+/// Into the tamm folder itself, config.json could replace the source's; a folder inside it is
+/// fine (no source file has an output's name there).
+fn refuse_same_dir(dir: &Path, out: &Path) -> Result<()> {
+    let (rin, rout) = (
+        crate::atomic_write::resolve(dir),
+        crate::atomic_write::resolve(out),
+    );
+    if rin == rout || crate::atomic_write::same_file(dir, out) {
+        return Err(TextError::InvalidArgument(format!(
+            "{}: the output directory is the tamm folder itself; choose another OUT_DIR",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Merge a checkpoint's adapter into the weights: `W += s·B·A` in fp32, stored back in `kind`.
 fn merge_into(
     map: &mut crate::weights::WeightMap,
@@ -164,16 +169,7 @@ pub fn convert_tamm_ptmoe(
             "not a tamm PT-MoE folder (no AFMParallelTrackMoEConfig)",
         )
     })?;
-    let (rin, rout) = (
-        crate::atomic_write::resolve(dir),
-        crate::atomic_write::resolve(out),
-    );
-    if rin == rout || crate::atomic_write::same_file(dir, out) {
-        return Err(TextError::InvalidArgument(format!(
-            "{}: the output directory is the tamm folder itself; choose another OUT_DIR",
-            out.display()
-        )));
-    }
+    refuse_same_dir(dir, out)?;
     let t = crate::tamm_ptmoe::TammPtMoe::read(&cfg_path)?;
     let (mut map, adapter) = t.load_weights_and_adapter(&pt_path, tch::Device::Cpu, kind)?;
     if let Some(a) = &adapter {

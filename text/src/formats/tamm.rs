@@ -381,6 +381,72 @@ pub fn pairs_to_halves(w: &Tensor, heads: i64) -> Result<Tensor> {
         .f_reshape(back.as_slice())?)
 }
 
+/// The base tensors of a tamm state dict by name (tamm's adapter wrapper `.wrapped.` taken out
+/// of the names, adapter tensors left for the adapter reader), checked against `expected`:
+/// every tensor there with its shape, nothing else (`model` names the model in the message).
+pub fn base_tensors<'a>(
+    pt: &'a PtFile,
+    expected: &[(String, Vec<i64>)],
+    model: &str,
+) -> Result<std::collections::HashMap<String, &'a crate::pt::TensorRef>> {
+    let err = |m: String| TextError::checkpoint(&pt.path, m);
+    let by_name: std::collections::HashMap<String, &crate::pt::TensorRef> = pt
+        .tensors
+        .iter()
+        .filter(|(n, _)| !crate::tamm_adapter::is_adapter_tensor(n))
+        .map(|(n, r)| (n.replacen(".wrapped.", ".", 1), r))
+        .collect();
+    for (name, shape) in expected {
+        let r = by_name
+            .get(name.as_str())
+            .ok_or_else(|| err(format!("missing tensor '{name}'")))?;
+        if &r.size != shape {
+            return Err(err(format!(
+                "tensor '{name}' has shape {:?}, the config needs {shape:?}",
+                r.size
+            )));
+        }
+    }
+    if by_name.len() != expected.len() {
+        let names: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        // In the file's order, for a stable message.
+        let extra = pt
+            .tensors
+            .iter()
+            .filter(|(n, _)| !crate::tamm_adapter::is_adapter_tensor(n))
+            .map(|(n, _)| n.replacen(".wrapped.", ".", 1))
+            .find(|n| !names.contains(n.as_str()))
+            .unwrap_or_default();
+        return Err(err(format!(
+            "unexpected tensor '{extra}' (not part of an {model} of this config)"
+        )));
+    }
+    Ok(by_name)
+}
+
+/// The head saved tied to the embedding: one view of one storage, or (saved untied) equal
+/// values; else an error, since the model ties them.
+pub fn check_tied_head(
+    pt: &PtFile,
+    by_name: &std::collections::HashMap<String, &crate::pt::TensorRef>,
+    emb: &Tensor,
+    read_head: impl FnOnce() -> Result<Tensor>,
+) -> Result<()> {
+    let (e, h) = (
+        by_name["embedding.weight"],
+        by_name["output_transform.weight"],
+    );
+    let same_view = e.key == h.key && e.offset == h.offset && e.stride == h.stride;
+    if !same_view && !emb.equal(&read_head()?) {
+        return Err(TextError::checkpoint(
+            &pt.path,
+            "output_transform.weight differs from embedding.weight (the model ties them)",
+        ));
+    }
+    Ok(())
+}
+
 /// Load a tamm `.pt` state dict into our tensor names, for `t`'s geometry: every tensor tamm
 /// has must be there with its shape; q/k rows and QK-norm weights are permuted (module docs).
 /// A model saved with its adapters (base weights under `….wrapped.…`, adapter tensors beside
@@ -393,38 +459,7 @@ pub fn load_weights(
     kind: Kind,
 ) -> Result<(WeightMap, Option<LoraAdapter>)> {
     let pt = PtFile::open(pt_path)?;
-    let err = |m: String| TextError::checkpoint(pt_path, m);
-    // Base names without tamm's adapter wrapper; adapter tensors are read separately.
-    let unwrapped: Vec<(String, &crate::pt::TensorRef)> = pt
-        .tensors
-        .iter()
-        .filter(|(n, _)| !crate::tamm_adapter::is_adapter_tensor(n))
-        .map(|(n, r)| (n.replacen(".wrapped.", ".", 1), r))
-        .collect();
-    let by_name: std::collections::HashMap<&str, &crate::pt::TensorRef> =
-        unwrapped.iter().map(|(n, r)| (n.as_str(), *r)).collect();
-    let expected = t.tensor_shapes();
-    for (name, shape) in &expected {
-        let r = by_name
-            .get(name.as_str())
-            .ok_or_else(|| err(format!("missing tensor '{name}'")))?;
-        if &r.size != shape {
-            return Err(err(format!(
-                "tensor '{name}' has shape {:?}, the config needs {shape:?}",
-                r.size
-            )));
-        }
-    }
-    let expected_names: std::collections::HashSet<&str> =
-        expected.iter().map(|(n, _)| n.as_str()).collect();
-    if let Some((extra, _)) = unwrapped
-        .iter()
-        .find(|(n, _)| !expected_names.contains(n.as_str()))
-    {
-        return Err(err(format!(
-            "unexpected tensor '{extra}' (not part of an AFMTextV7 of this config)"
-        )));
-    }
+    let by_name = base_tensors(&pt, &t.tensor_shapes(), "AFMTextV7")?;
     // Each tensor in the load dtype as soon as it is read (a bf16 load of an fp32 file holds
     // the bf16 model plus one fp32 tensor at a time); the KV quantiser's calibrated ranges stay
     // fp32.
@@ -537,17 +572,7 @@ pub fn load_weights(
     }
     // The head is tied to the embedding in AFMTextV7; a checkpoint whose head differs is not
     // an AFMTextV7.
-    // Saved tied, the two are one view of one storage and need no second read.
-    let (e, h) = (
-        by_name["embedding.weight"],
-        by_name["output_transform.weight"],
-    );
-    let same_view = e.key == h.key && e.offset == h.offset && e.stride == h.stride;
-    if !same_view && !emb.equal(&get("output_transform.weight")?) {
-        return Err(err(
-            "output_transform.weight differs from embedding.weight (AFMTextV7 ties them)".into(),
-        ));
-    }
+    check_tied_head(&pt, &by_name, &emb, || get("output_transform.weight"))?;
     let adapters = crate::tamm_adapter::read_adapters(&pt, t, device, kind)?;
     let active = adapters
         .into_iter()

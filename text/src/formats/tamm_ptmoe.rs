@@ -536,35 +536,7 @@ impl TammPtMoe {
     ) -> Result<(WeightMap, Option<LoraAdapter>)> {
         let pt = PtFile::open(pt_path)?;
         let err = |m: String| TextError::checkpoint(pt_path, m);
-        // Base names without tamm's adapter wrapper; adapter tensors are read separately.
-        let unwrapped: Vec<(String, &crate::pt::TensorRef)> = pt
-            .tensors
-            .iter()
-            .filter(|(n, _)| !crate::tamm_adapter::is_adapter_tensor(n))
-            .map(|(n, r)| (n.replacen(".wrapped.", ".", 1), r))
-            .collect();
-        let by_name: std::collections::HashMap<&str, &crate::pt::TensorRef> =
-            unwrapped.iter().map(|(n, r)| (n.as_str(), *r)).collect();
-        let expected = self.tensor_shapes();
-        for (name, shape) in &expected {
-            let r = by_name
-                .get(name.as_str())
-                .ok_or_else(|| err(format!("missing tensor '{name}'")))?;
-            if &r.size != shape {
-                return Err(err(format!(
-                    "tensor '{name}' has shape {:?}, the config needs {shape:?}",
-                    r.size
-                )));
-            }
-        }
-        let names: std::collections::HashSet<&str> =
-            expected.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some((extra, _)) = unwrapped.iter().find(|(n, _)| !names.contains(n.as_str())) {
-            return Err(err(format!(
-                "unexpected tensor '{extra}' (not part of an {} of this config)",
-                TYPE_NAME.trim_end_matches("Config")
-            )));
-        }
+        let by_name = crate::tamm::base_tensors(&pt, &self.tensor_shapes(), "AFMParallelTrackMoE")?;
         let get = |name: &str| -> Result<Tensor> {
             let t = pt.tensor(by_name[name])?;
             if !t.is_floating_point() {
@@ -578,18 +550,7 @@ impl TammPtMoe {
         let hd = c.head_dim() as i64;
         let (heads, kvh) = (c.num_attention_heads as i64, c.num_kv_heads() as i64);
         let emb = get("embedding.weight")?;
-        // Saved tied, the head and the embedding are one view of one storage.
-        let (e, o) = (
-            by_name["embedding.weight"],
-            by_name["output_transform.weight"],
-        );
-        let same_view = e.key == o.key && e.offset == o.offset && e.stride == o.stride;
-        if !same_view && !emb.equal(&get("output_transform.weight")?) {
-            return Err(err(
-                "output_transform.weight differs from embedding.weight (the model ties them)"
-                    .into(),
-            ));
-        }
+        crate::tamm::check_tied_head(&pt, &by_name, &emb, || get("output_transform.weight"))?;
         map.insert("model.embed_tokens.weight", emb, file);
         map.insert("model.norm.weight", get("output_norm.weight")?, file);
         // [T, in, out] → track t's [out, in], its own storage.

@@ -208,6 +208,16 @@ impl Tokenizer {
         }
     }
 
+    /// A prompt's token ids: as is with `raw`, else as one user turn in the chat format with
+    /// the assistant's turn opened.
+    pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+        if raw {
+            self.encode(prompt)
+        } else {
+            self.encode_chat(&[ChatMessage::new("user", prompt)], true)
+        }
+    }
+
     /// tamm's AFM tokenizer (SentencePiece, [`Tokenizer::from_tamm`]).
     pub fn is_afm(&self) -> bool {
         matches!(self.backend, Backend::Spm { .. })

@@ -10,7 +10,7 @@ use crate::error::{Result, TextError};
 use crate::generation::{generate_lm, GenerateOptions, Generation};
 use crate::model::DType;
 use crate::ptmoe::PtMoe;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
 /// Whether `dir` holds a PT-MoE model (ours or tamm's); reads only the config.
 pub fn is_ptmoe_dir(dir: &Path) -> bool {
@@ -76,12 +76,7 @@ impl PtMoeModel {
 
     /// The prompt's token ids: as is with `raw`, else in the chat format.
     pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
-        let tok = self.tokenizer()?;
-        if raw {
-            tok.encode(prompt)
-        } else {
-            tok.encode_chat(&[ChatMessage::new("user", prompt)], true)
-        }
+        self.tokenizer()?.prompt_ids(prompt, raw)
     }
 
     /// Generate from token ids, streaming text pieces to `on_text`.

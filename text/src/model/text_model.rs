@@ -11,7 +11,7 @@ use crate::decoder::Decoder;
 use crate::error::{Result, TextError};
 use crate::generation::{generate, GenerateOptions, Generation};
 use crate::presets::preset;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
 /// Inference dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,12 +233,7 @@ impl TextModel {
 
     /// The prompt's token ids: through the chat template (one user turn) unless `raw`.
     pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
-        let tok = self.tokenizer()?;
-        if raw {
-            tok.encode(prompt)
-        } else {
-            tok.encode_chat(&[ChatMessage::new("user", prompt)], true)
-        }
+        self.tokenizer()?.prompt_ids(prompt, raw)
     }
 
     /// Generate from a text prompt, streaming text pieces to `on_text`.
