@@ -151,15 +151,34 @@ fn quantize_to_gguf_blocks_loads_and_decodes_on_the_fused_step() {
             )
             .unwrap();
         assert!(m.decoder.fused_decode_applies(&cache), "{method}");
-        // A block model is quantized already; wrong bit widths are refused.
+        // A block model is read dequantised (exactly) and quantized again, to 8 bits here.
         let o2 = tmp
             .path()
             .join(format!("{}-again", flag.unwrap_or("default")));
-        assert_user_error(
-            &afm(&["quantize", o, o2.to_str().unwrap()]),
-            &["already quantized"],
-        );
+        let r = afm(&["quantize", "--bits", "8", o, o2.to_str().unwrap()]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        afm_text::TextModel::load(&o2, tch::Device::Cpu, afm_text::DType::F32).unwrap();
     }
+    // Our packed codes are refused as a source (re-quantizing them would round twice).
+    let pal = tmp.path().join("pal");
+    let r = afm(&[
+        "quantize",
+        "--bits",
+        "4",
+        "--method",
+        "palette",
+        src.to_str().unwrap(),
+        pal.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_user_error(
+        &afm(&[
+            "quantize",
+            pal.to_str().unwrap(),
+            tmp.path().join("pal2").to_str().unwrap(),
+        ]),
+        &["already quantized"],
+    );
     let (s, o) = (src.to_str().unwrap(), tmp.path().join("bad"));
     assert_user_error(
         &afm(&[
