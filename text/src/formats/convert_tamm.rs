@@ -70,19 +70,8 @@ pub fn convert_tamm(
         }
         .into(),
     );
-    std::fs::create_dir_all(out).map_err(|e| TextError::io(out, e))?;
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert(
-        "source".to_string(),
-        format!(
-            "converted by afm-vl from the tamm checkpoint {}",
-            pt_path.display()
-        ),
-    );
-    write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
     let text = serde_json::to_string_pretty(&cfg).unwrap_or_default();
-    crate::atomic_write::write_atomic(&out.join("config.json"), text.as_bytes())?;
+    write_converted(out, &pt_path, &tensors, &text)?;
     if tok_model.is_file() {
         crate::atomic_write::copy_atomic(&tok_model, &out.join(tamm::TOKENIZER_MODEL))?;
         if tok_cfg.is_file() {
@@ -96,6 +85,28 @@ pub fn convert_tamm(
         params,
         config: cfg,
     })
+}
+
+/// Write a converted model into `out`: `model.safetensors` (tagged with its tamm source) and
+/// `config.json`.
+fn write_converted(
+    out: &Path,
+    pt_path: &Path,
+    tensors: &[(String, Tensor)],
+    config_json: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| TextError::io(out, e))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(
+        "source".to_string(),
+        format!(
+            "converted by afm-vl from the tamm checkpoint {}",
+            pt_path.display()
+        ),
+    );
+    write_safetensors(&out.join("model.safetensors"), tensors, Some(meta))?;
+    crate::atomic_write::write_atomic(&out.join("config.json"), config_json.as_bytes())
 }
 
 /// Into the tamm folder itself, config.json could replace the source's; a folder inside it is
@@ -187,18 +198,7 @@ pub fn convert_tamm_ptmoe(
         tensors.push((n.clone(), t.shallow_clone()));
         progress(i + 1, names.len());
     }
-    std::fs::create_dir_all(out).map_err(|e| TextError::io(out, e))?;
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert(
-        "source".to_string(),
-        format!(
-            "converted by afm-vl from the tamm checkpoint {}",
-            pt_path.display()
-        ),
-    );
-    write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
-    crate::atomic_write::write_atomic(&out.join("config.json"), t.cfg.to_json_pretty().as_bytes())?;
+    write_converted(out, &pt_path, &tensors, &t.cfg.to_json_pretty())?;
     // tamm's tokenizer files as they are (the loader recognises them beside our config).
     for name in [tamm::TOKENIZER_MODEL, tamm::TOKENIZER_CONFIG] {
         let src = dir.join(name);

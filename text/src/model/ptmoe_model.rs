@@ -79,21 +79,14 @@ impl PtMoeModel {
         self.tokenizer()?.prompt_ids(prompt, raw)
     }
 
-    /// Generate from token ids, streaming text pieces to `on_text`.
+    /// Generate from token ids, streaming text pieces to `on_text` (a prompt that fills the
+    /// context is refused by [`generate_lm`]).
     pub fn generate_ids(
         &self,
         ids: &[u32],
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let ctx = self.model.cfg.max_position_embeddings;
-        if ids.len() >= ctx {
-            return Err(TextError::ContextOverflow {
-                tokens: ids.len(),
-                requested: opts.max_new_tokens,
-                context: ctx,
-            });
-        }
         generate_lm(&self.model, self.tokenizer.as_ref(), ids, opts, on_text)
     }
 
