@@ -3,7 +3,9 @@
 //! 1×, 4×, 16× the window; `bench text --preset` runs tracks concurrent vs sequential; bad
 //! track devices and non-PT-MoE presets are one-line user errors.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 fn afm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_afm-vl"))
@@ -93,6 +95,27 @@ fn bad_track_devices_and_presets_are_user_errors() {
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
     }
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The models text/tests/reference/tamm_ptmoe.py builds and saves with tamm, once per run of
+/// this test binary (the tests share them).
+fn tamm_models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli_ptmoe_tamm");
+        let _ = std::fs::remove_dir_all(&dir);
+        let o = Command::new(repo().join(".venv/bin/python"))
+            .arg(repo().join("text/tests/reference/tamm_ptmoe.py"))
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        dir
+    })
 }
 
 /// A tamm PT-MoE folder (tamm's JSON + a `.pt` state dict in tamm's layout, written by our
@@ -230,14 +253,7 @@ fn tamm_folders_inspect_bench_convert_and_bad_ones_fail_in_one_line() {
 #[test]
 fn generate_on_a_tamm_pt_moe_folder_gives_tamms_greedy_text() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let o = Command::new(repo.join(".venv/bin/python"))
-        .arg(repo.join("text/tests/reference/tamm_ptmoe.py"))
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let dir = tmp.path().join("cli");
+    let dir = tamm_models().join("cli");
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("cli_reference.json")).unwrap()).unwrap();
     let prompt = r["prompt"].as_str().unwrap();
@@ -295,4 +311,256 @@ fn generate_on_a_tamm_pt_moe_folder_gives_tamms_greedy_text() {
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("self:N"), "{}", stderr(&o));
+}
+
+/// `eval --model` on a tamm PT-MoE folder: every item's log-likelihoods (few-shot MMLU with a
+/// shared prefix, MMMLU, JSONL multiple choice with multi-token continuations) within 1e-4 of
+/// tamm's and the JSONL generations identical, scored by tamm from the exact token ids eval
+/// dumps (`tamm_ptmoe.py score`, one full forward per token).
+#[test]
+fn eval_on_a_tamm_pt_moe_folder_scores_as_tamm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tamm_models().join("cli");
+    let data = tmp.path().join("data");
+    let fixtures = repo().join("eval/tests/fixtures");
+    for (sub, file, text) in [
+        (
+            "mmlu/dev",
+            "astronomy_dev.csv",
+            "What is the sun?,A star,A planet,A moon,A comet,A\nHow many moons has Mars?,0,1,2,3,C\n",
+        ),
+        (
+            "mmlu/test",
+            "astronomy_test.csv",
+            "Which planet is largest?,Earth,Jupiter,Mars,Venus,B\nWhat orbits the Earth?,The Sun,The Moon,Mars,Venus,B\nIs Pluto a planet?,Yes,No,Sometimes,Unknown,B\n",
+        ),
+    ] {
+        std::fs::create_dir_all(data.join(sub)).unwrap();
+        std::fs::write(data.join(sub).join(file), text).unwrap();
+    }
+    for sub in ["mmmlu", "jsonl"] {
+        std::fs::create_dir_all(data.join(sub)).unwrap();
+        for e in std::fs::read_dir(fixtures.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), data.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    let folders: Vec<String> = ["mmlu", "mmmlu", "jsonl"]
+        .iter()
+        .map(|s| data.join(s).display().to_string())
+        .collect();
+    let (out, req) = (tmp.path().join("out"), tmp.path().join("requests.json"));
+    let common = [
+        "--device",
+        "cpu",
+        "eval",
+        "--model",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "fp32",
+        "--shots",
+        "mmlu=2",
+        "--max-new-tokens",
+        "8",
+    ];
+    for extra in [
+        vec!["--batch-size", "3", "--out", out.to_str().unwrap()],
+        vec!["--dump-requests", req.to_str().unwrap()],
+    ] {
+        let mut args: Vec<&str> = common.to_vec();
+        args.extend(extra);
+        args.extend(folders.iter().map(String::as_str));
+        let o = afm(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let scores = tmp.path().join("tamm.json");
+    let o = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("text/tests/reference/tamm_ptmoe.py"))
+        .args([
+            "score".as_ref(),
+            dir.as_os_str(),
+            req.as_os_str(),
+            scores.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let ours = read(&out.join("results.json"));
+    let tamm = read(&scores);
+    let ours: std::collections::HashMap<&str, &serde_json::Value> = ours["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["key"].as_str().unwrap(), i))
+        .collect();
+    let theirs = tamm["items"].as_object().unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    assert!(ours.len() >= 16);
+    let (mut worst, mut generations) = (0f64, 0);
+    for (key, t) in theirs {
+        let r = ours[key.as_str()];
+        if let Some(lls) = t["logliks"].as_array() {
+            let mine = r["logliks"].as_array().unwrap();
+            assert_eq!(mine.len(), lls.len(), "{key}");
+            for (a, b) in mine.iter().zip(lls) {
+                worst = worst.max((a.as_f64().unwrap() - b.as_f64().unwrap()).abs());
+            }
+        } else {
+            assert_eq!(r["generation"], t["generation"], "{key}");
+            generations += 1;
+        }
+    }
+    eprintln!("{} items, worst log-likelihood |Δ| {worst:.2e}", ours.len());
+    assert!(worst <= 1e-4, "{worst}");
+    assert!(generations >= 2);
+}
+
+/// The adapter toolkit's way of shipping a PT-MoE adapter: the base folder (adapter spec in its
+/// config, B = 0) runs as tamm's base, and `--adapter adapter.pt` gives tamm's adapted logits
+/// (`lora/reference.safetensors`) and greedy tokens; the same file on a base without the spec,
+/// or a corrupt one, is a one-line error.
+#[test]
+fn toolkit_adapter_file_on_a_tamm_pt_moe_gives_tamms_adapted_logits() {
+    use afm_text::generation::CausalLm;
+    use afm_text::ptmoe_model::PtMoeModel;
+    use afm_text::{DType, Logits};
+    let models = tamm_models();
+    let base = models.join("lora/toolkit");
+    let adapter = base.join("adapter.pt");
+    let adapted = tch::Tensor::read_safetensors(models.join("lora/reference.safetensors")).unwrap();
+    let plain = tch::Tensor::read_safetensors(base.join("reference.safetensors")).unwrap();
+    let get = |v: &[(String, tch::Tensor)], k: &str| {
+        v.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t.shallow_clone())
+            .unwrap()
+    };
+    let mut m = PtMoeModel::load(&base, tch::Device::Cpu, DType::F32).unwrap();
+    let logits = |m: &PtMoeModel, ids: &tch::Tensor| {
+        m.model
+            .forward_lm(
+                &ids.view([1, -1]),
+                None,
+                &mut m.model.new_lm_cache(1),
+                Logits::All,
+            )
+            .unwrap()
+            .squeeze_dim(0)
+    };
+    let a = m.load_adapter(&adapter).unwrap();
+    for k in 0..3 {
+        let ids = get(&adapted, &format!("ids_{k}"));
+        let d = (logits(&m, &ids) - get(&plain, &format!("base_{k}")))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d <= 1e-4, "base {k}: {d}");
+    }
+    a.activate(&mut m.model).unwrap();
+    for k in 0..3 {
+        let ids = get(&adapted, &format!("ids_{k}"));
+        let d = (logits(&m, &ids) - get(&adapted, &format!("logits_{k}")))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d <= 1e-4, "adapted {k}: {d}");
+    }
+    // The CLI: `generate --adapter` continues as tamm's adapted model does.
+    let ids: Vec<i64> = Vec::try_from(&get(&adapted, "ids_0")).unwrap();
+    let gen: Vec<i64> = Vec::try_from(&get(&adapted, "gen_0")).unwrap();
+    let mut g = m
+        .generate_ids(
+            &ids.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            &afm_text::GenerateOptions {
+                max_new_tokens: gen.len(),
+                stop_on_eos: false,
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(
+        g.tokens.drain(..).map(i64::from).collect::<Vec<_>>(),
+        gen,
+        "adapted greedy tokens"
+    );
+    // A toolkit adapter on a base whose config has no spec for it, and a truncated file.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("adapter.pt");
+    let bytes = std::fs::read(&adapter).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    for (model, file, needle) in [
+        (
+            models.join("plain"),
+            adapter.clone(),
+            "no LoRAModelAdapter spec",
+        ),
+        (base.clone(), bad.clone(), "adapter.pt"),
+    ] {
+        let o = afm(&[
+            "--device",
+            "cpu",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            file.to_str().unwrap(),
+            "--max-tokens",
+            "2",
+            "--raw",
+            "hi",
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
+/// The eval backend on PT-MoE: single-token choices for rows of different lengths in one
+/// left-padded batch after a shared prefix cache (broadcast to the rows; the window of 3 keys
+/// wraps the local layers' rings) equal one full forward per row, with and without prefix reuse.
+#[test]
+fn eval_backend_batches_pt_moe_rows_as_full_forwards() {
+    use afm_eval::backend::{ChoiceRequest, EvalBackend};
+    use afm_eval::text_backend::TextBackend;
+    use afm_text::generation::CausalLm;
+    let dir = tamm_models().join("cli");
+    let mut b = TextBackend::load_ptmoe(&dir, tch::Device::Cpu, afm_text::DType::F32).unwrap();
+    let m = afm_text::ptmoe_model::PtMoeModel::load(&dir, tch::Device::Cpu, afm_text::DType::F32)
+        .unwrap();
+    let prefix: Vec<u32> = (0..20).map(|i| 40 + 7 * i).collect();
+    let bodies: Vec<Vec<u32>> = vec![vec![11, 12, 13], (60..67).collect(), vec![99]];
+    let choices = [5u32, 9, 33, 120];
+    let reqs: Vec<ChoiceRequest> = bodies
+        .iter()
+        .map(|body| ChoiceRequest {
+            body: body.clone(),
+            continuations: choices.iter().map(|&c| vec![c]).collect(),
+        })
+        .collect();
+    for reuse in [true, false] {
+        let got = b.choice_loglikelihoods(&prefix, &reqs, reuse).unwrap();
+        for (row, body) in got.iter().zip(&bodies) {
+            let ids: Vec<i64> = prefix.iter().chain(body).map(|&t| i64::from(t)).collect();
+            let n = ids.len() as i64;
+            let lp = m
+                .model
+                .forward_lm(
+                    &tch::Tensor::from_slice(&ids).view([1, n]),
+                    None,
+                    &mut m.model.new_lm_cache(1),
+                    afm_text::Logits::Last,
+                )
+                .unwrap()
+                .log_softmax(-1, tch::Kind::Float);
+            for (ll, &c) in row.iter().zip(&choices) {
+                let want = lp.double_value(&[0, 0, i64::from(c)]);
+                assert!((ll - want).abs() <= 1e-4, "reuse {reuse}: {ll} vs {want}");
+            }
+        }
+    }
 }

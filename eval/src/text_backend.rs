@@ -1,4 +1,6 @@
-//! [`EvalBackend`] for afm-text decoders (SmolLM2 and every checkpoint `TextModel` loads).
+//! [`EvalBackend`] for afm-text models: the on-device decoder (SmolLM2 and every checkpoint
+//! `TextModel` loads) and the server model (PT-MoE, ours or a tamm folder), one code path over
+//! [`LanguageModel`].
 //!
 //! Multiple choice with single-token continuations (" A".." D") takes one forward per
 //! question: the logits after the last prompt token give every choice's log-likelihood. With
@@ -10,8 +12,9 @@
 
 use std::path::Path;
 
-use afm_text::generation::{generate_from_logits, GenerateOptions};
-use afm_text::{ChatMessage, DType, Decoder, KvCache, Logits, SamplingConfig, TextModel};
+use afm_text::generation::{generate_from_logits_lm, CausalLm, GenerateOptions};
+use afm_text::ptmoe_model::{is_ptmoe_dir, PtMoeModel};
+use afm_text::{ChatMessage, DType, LanguageModel, Logits, SamplingConfig, TextModel};
 use tch::{Device, Kind, Tensor};
 
 use crate::backend::{cut_at_stop, ChoiceRequest, EvalBackend, GenerateRequest};
@@ -28,21 +31,61 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_else(|| dir.display().to_string())
 }
 
+/// The cache of a model's network.
+type CacheOf<L> = <<L as LanguageModel>::Net as CausalLm>::Cache;
+
 /// A loaded text model and the KV cache of the last prefix it saw.
-pub struct TextBackend {
-    model: TextModel,
+pub struct TextBackend<L: LanguageModel = TextModel> {
+    model: L,
     name: String,
-    prefix: Option<(Vec<u32>, KvCache, Tensor)>,
+    prefix: Option<(Vec<u32>, CacheOf<L>, Tensor)>,
 }
 
-impl TextBackend {
-    /// Load a model folder (config.json, model.safetensors, tokenizer.json).
+impl TextBackend<TextModel> {
+    /// Load an on-device model folder (config.json, model.safetensors, tokenizer.json, or a
+    /// tamm folder).
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
         let model = TextModel::load(dir, device, dtype).map_err(be)?;
         model.tokenizer().map_err(be)?;
         Ok(Self::new(model, dir_name(dir)))
     }
+}
 
+impl TextBackend<PtMoeModel> {
+    /// Load a PT-MoE folder (ours, or tamm's config + `.pt`) with its tokenizer.
+    pub fn load_ptmoe(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
+        let model = PtMoeModel::load(dir, device, dtype).map_err(be)?;
+        model.tokenizer().map_err(be)?;
+        Ok(Self::new(model, dir_name(dir)))
+    }
+}
+
+/// The backend for any model directory: PT-MoE folders (ours or tamm's) run the server model,
+/// every other folder the on-device decoder; `adapter` (PEFT, or a toolkit `.pt` on a tamm
+/// model) is put on it.
+pub fn open_dir(
+    dir: &Path,
+    device: Device,
+    dtype: DType,
+    adapter: Option<&Path>,
+) -> Result<Box<dyn EvalBackend>> {
+    fn with<L: LanguageModel + 'static>(
+        b: TextBackend<L>,
+        adapter: Option<&Path>,
+    ) -> Result<Box<dyn EvalBackend>> {
+        Ok(Box::new(match adapter {
+            Some(a) => b.with_adapter(a)?,
+            None => b,
+        }))
+    }
+    if is_ptmoe_dir(dir) {
+        with(TextBackend::load_ptmoe(dir, device, dtype)?, adapter)
+    } else {
+        with(TextBackend::load(dir, device, dtype)?, adapter)
+    }
+}
+
+impl<L: LanguageModel> TextBackend<L> {
     /// Put the LoRA adapter at `dir` (PEFT layout, or a toolkit `.pt` on a tamm model) on the
     /// model for every later request; the backend's name becomes `MODEL+ADAPTER`.
     pub fn with_adapter(mut self, dir: &Path) -> Result<Self> {
@@ -50,13 +93,13 @@ impl TextBackend {
             .model
             .load_adapter(dir)
             .map_err(|e| EvalError::Backend(format!("adapter {}: {e}", dir.display())))?;
-        adapter.activate(&mut self.model.decoder).map_err(be)?;
+        adapter.activate(self.model.net_mut()).map_err(be)?;
         self.name = format!("{}+{}", self.name, dir_name(dir));
         self.prefix = None; // a cached prefix was computed without the adapter
         Ok(self)
     }
 
-    pub fn new(model: TextModel, name: String) -> Self {
+    pub fn new(model: L, name: String) -> Self {
         TextBackend {
             model,
             name,
@@ -64,20 +107,20 @@ impl TextBackend {
         }
     }
 
-    fn decoder(&self) -> &Decoder {
-        &self.model.decoder
+    fn decoder(&self) -> &L::Net {
+        self.model.net()
     }
 
     /// The cache after `prefix` (batch 1) and its last-position logits, computed once per
     /// distinct prefix.
-    fn prefix_state(&mut self, prefix: &[u32]) -> Result<(&KvCache, &Tensor)> {
+    fn prefix_state(&mut self, prefix: &[u32]) -> Result<(&CacheOf<L>, &Tensor)> {
         let fresh = !matches!(&self.prefix, Some((p, _, _)) if p == prefix);
         if fresh {
-            let mut cache = self.decoder().new_cache(1);
+            let mut cache = self.decoder().new_lm_cache(1);
             let ids = ids_2d(&[prefix.to_vec()])?;
             let logits = self
                 .decoder()
-                .forward(&ids, None, &mut cache, Logits::Last)
+                .forward_lm(&ids, None, &mut cache, Logits::Last)
                 .map_err(be)?;
             self.prefix = Some((prefix.to_vec(), cache, logits));
         }
@@ -92,12 +135,12 @@ impl TextBackend {
     fn last_logprobs(&mut self, prefix: &[u32], rows: &[Vec<u32>], reuse: bool) -> Result<Tensor> {
         let b = rows.len() as i64;
         let reuse = reuse && !prefix.is_empty() && rows.iter().all(|r| !r.is_empty());
-        let (mut cache, seqs): (KvCache, Vec<Vec<u32>>) = if reuse {
+        let (mut cache, seqs): (CacheOf<L>, Vec<Vec<u32>>) = if reuse {
             let (pc, _) = self.prefix_state(prefix)?;
             let cache = if b == 1 {
-                pc.fork()
+                L::Net::fork_cache(pc)
             } else {
-                pc.repeat_batch(b)
+                L::Net::repeat_cache(pc, b)
             }
             .map_err(be)?;
             (cache, rows.to_vec())
@@ -106,12 +149,12 @@ impl TextBackend {
                 .iter()
                 .map(|r| [prefix, r.as_slice()].concat())
                 .collect();
-            (self.decoder().new_cache(b), seqs)
+            (self.decoder().new_lm_cache(b), seqs)
         };
         let (ids, mask) = left_pad(&seqs)?;
         let logits = self
             .decoder()
-            .forward(&ids, mask.as_ref(), &mut cache, Logits::Last)
+            .forward_lm(&ids, mask.as_ref(), &mut cache, Logits::Last)
             .map_err(be)?; // [b, 1, vocab]
         logits
             .f_select(1, 0)
@@ -127,11 +170,11 @@ impl TextBackend {
         cont: &[u32],
         reuse: bool,
     ) -> Result<f64> {
-        let (mut cache, ctx_last, rest): (KvCache, Tensor, Vec<u32>) =
+        let (mut cache, ctx_last, rest): (CacheOf<L>, Tensor, Vec<u32>) =
             if reuse && !prefix.is_empty() {
                 let (pc, pl) = self.prefix_state(prefix)?;
                 (
-                    pc.fork().map_err(be)?,
+                    L::Net::fork_cache(pc).map_err(be)?,
                     pl.shallow_clone(),
                     [body, cont].concat(),
                 )
@@ -141,17 +184,17 @@ impl TextBackend {
                     .first()
                     .copied()
                     .ok_or_else(|| EvalError::Backend("empty prompt".into()))?;
-                let mut cache = self.decoder().new_cache(1);
+                let mut cache = self.decoder().new_lm_cache(1);
                 let l = self
                     .decoder()
-                    .forward(&ids_2d(&[vec![first]])?, None, &mut cache, Logits::Last)
+                    .forward_lm(&ids_2d(&[vec![first]])?, None, &mut cache, Logits::Last)
                     .map_err(be)?;
                 (cache, l, all[1..].to_vec())
             };
         // Logits for every position of `rest`; position i predicts rest[i + 1].
         let logits = self
             .decoder()
-            .forward(
+            .forward_lm(
                 &ids_2d(std::slice::from_ref(&rest))?,
                 None,
                 &mut cache,
@@ -207,20 +250,20 @@ fn left_pad(rows: &[Vec<u32>]) -> Result<(Tensor, Option<Tensor>)> {
     Ok((ids, mask))
 }
 
-impl EvalBackend for TextBackend {
+impl<L: LanguageModel> EvalBackend for TextBackend<L> {
     fn model_name(&self) -> String {
         self.name.clone()
     }
 
     fn context_len(&self) -> Option<usize> {
-        Some(self.model.decoder.cfg.max_position_embeddings)
+        Some(self.decoder().context_len())
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         // A prompt that opens with the AFM chat frame (`--chat` on a tamm model) is tokenized
         // as tamm's chat preprocessor does (leading EOS, no dummy prefix).
         self.model
-            .tokenizer()
+            .tokenizer_or_err()
             .and_then(|t| {
                 if t.chat_format() == afm_text::tokenizer::ChatFormat::AfmV6
                     && text.starts_with(afm_text::tokenizer::AFM_TURN_START)
@@ -235,7 +278,7 @@ impl EvalBackend for TextBackend {
 
     fn chat_wrap(&self, user_text: &str) -> Result<String> {
         self.model
-            .tokenizer()
+            .tokenizer_or_err()
             .and_then(|t| t.apply_chat_template(&[ChatMessage::new("user", user_text)], true))
             .map_err(be)
     }
@@ -290,10 +333,10 @@ impl EvalBackend for TextBackend {
             let context = [prefix, r.body.as_slice()].concat();
             let (mut cache, logits) = if reuse_prefix && !prefix.is_empty() && !r.body.is_empty() {
                 let (pc, _) = self.prefix_state(prefix)?;
-                let mut cache = pc.fork().map_err(be)?;
+                let mut cache = L::Net::fork_cache(pc).map_err(be)?;
                 let l = self
                     .decoder()
-                    .forward(
+                    .forward_lm(
                         &ids_2d(std::slice::from_ref(&r.body))?,
                         None,
                         &mut cache,
@@ -302,10 +345,10 @@ impl EvalBackend for TextBackend {
                     .map_err(be)?;
                 (cache, l)
             } else {
-                let mut cache = self.decoder().new_cache(1);
+                let mut cache = self.decoder().new_lm_cache(1);
                 let l = self
                     .decoder()
-                    .forward(
+                    .forward_lm(
                         &ids_2d(std::slice::from_ref(&context))?,
                         None,
                         &mut cache,
@@ -320,9 +363,9 @@ impl EvalBackend for TextBackend {
                 stop_strings: r.stop.clone(),
                 stop_on_eos: true,
             };
-            let g = generate_from_logits(
+            let g = generate_from_logits_lm(
                 self.decoder(),
-                self.model.tokenizer.as_ref(),
+                self.model.tokenizer_opt(),
                 &mut cache,
                 &logits,
                 &context,

@@ -136,14 +136,8 @@ fn open_backend(ctx: &Context, a: &RunArgs) -> anyhow::Result<Box<dyn EvalBacken
             let device = ctx.device()?;
             let dtype = afm_eval::text_backend::parse_dtype(&a.dtype, device)?;
             let dir = super::model_or_default(&a.model)?;
-            let mut backend = afm_eval::text_backend::TextBackend::load(&dir, device, dtype)
-                .with_context(|| format!("loading the model {}", dir.display()))?;
-            if let Some(adapter) = &a.adapter {
-                backend = backend
-                    .with_adapter(adapter)
-                    .with_context(|| format!("loading the adapter {}", adapter.display()))?;
-            }
-            Ok(Box::new(backend))
+            afm_eval::text_backend::open_dir(&dir, device, dtype, a.adapter.as_deref())
+                .with_context(|| format!("loading the model {}", dir.display()))
         }
         other => anyhow::bail!("unknown --backend {other:?} (model or hash)"),
     }

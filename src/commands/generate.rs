@@ -222,7 +222,8 @@ fn print_speculative(
     Ok(())
 }
 
-/// `generate` on the server model: a PEFT adapter under our PT-MoE names, `--draft self:N`
+/// `generate` on the server model: a PEFT adapter under our PT-MoE names (or a toolkit `.pt` on
+/// a tamm folder), `--draft self:N`
 /// (its first N track blocks) for speculative decoding.
 fn run_generate_ptmoe(
     ctx: &Context,
@@ -232,7 +233,7 @@ fn run_generate_ptmoe(
     use afm_text::speculative::{generate_speculative, parse_self_draft, Draft};
     let opts = args.sampling.options()?;
     if let Some(dir) = &args.adapter {
-        let adapter = afm_text::lora::LoraAdapter::load(dir, m.model.device(), m.dtype.kind())?;
+        let adapter = m.load_adapter(dir)?;
         adapter.activate(&mut m.model)?;
         if args.merge_adapter {
             afm_text::lora::merge_active(&mut m.model)?;
@@ -314,8 +315,7 @@ pub fn run_chat(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
     let opts = args.sampling.options()?;
     if let Some(mut m) = args.model.load_ptmoe(ctx)? {
         if let Some(path) = &args.adapter {
-            afm_text::lora::LoraAdapter::load(path, m.model.device(), m.dtype.kind())?
-                .activate(&mut m.model)?;
+            m.load_adapter(path)?.activate(&mut m.model)?;
         }
         let tok = m.tokenizer()?;
         let context = m.model.cfg.max_position_embeddings;

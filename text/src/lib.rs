@@ -22,8 +22,8 @@ pub use formats::{
     tamm_ptmoe, tokenizer, weights,
 };
 pub use model::{
-    attention, config, decoder, embedding, inspect, layer, linear, mlp, moe, norm, presets, ptmoe,
-    ptmoe_config, ptmoe_model, rope,
+    attention, config, decoder, embedding, inspect, language_model, layer, linear, mlp, moe, norm,
+    presets, ptmoe, ptmoe_config, ptmoe_model, rope,
 };
 pub use runtime::{
     cpu_decode, cpu_pool, cuda_stream, device, generation, kv_cache, sampling, speculative,
@@ -35,6 +35,7 @@ pub use device::DeviceSpec;
 pub use error::{Result, TextError};
 pub use generation::{GenerateOptions, Generation, StopReason};
 pub use kv_cache::KvCache;
+pub use language_model::LanguageModel;
 pub use model::{DType, TextModel};
 pub use ptmoe::{PtMoe, PtMoeCache, TrackExec};
 pub use ptmoe_config::PtMoeConfig;

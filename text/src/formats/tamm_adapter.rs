@@ -495,6 +495,18 @@ pub fn load_adapter(
     device: Device,
     kind: Kind,
 ) -> Result<LoraAdapter> {
+    load_adapter_with(path, t.active_adapter.as_deref(), |pt| {
+        read_adapters(pt, t, device, kind)
+    })
+}
+
+/// [`load_adapter`] for any tamm model: `read` turns the file's adapter tensors into overlays
+/// (see [`read_adapters_of`]); `active` is the base config's active adapter id.
+pub fn load_adapter_with(
+    path: &Path,
+    active: Option<&str>,
+    read: impl FnOnce(&PtFile) -> Result<Vec<LoraAdapter>>,
+) -> Result<LoraAdapter> {
     let pt = PtFile::open(path)?;
     if let Some((name, _)) = pt.tensors.iter().find(|(n, _)| !is_adapter_tensor(n)) {
         return Err(TextError::checkpoint(
@@ -502,19 +514,30 @@ pub fn load_adapter(
             format!("'{name}' is not an adapter tensor (a toolkit adapter checkpoint holds only `….adapters.<id>.…`)"),
         ));
     }
-    let mut all = read_adapters(&pt, t, device, kind)?;
+    let mut all = read(&pt)?;
     if all.is_empty() {
         return Err(TextError::checkpoint(
             path,
             "no adapter tensors in the file",
         ));
     }
-    let pick = t
-        .active_adapter
-        .as_ref()
-        .and_then(|id| all.iter().position(|a| &a.name == id))
+    let pick = active
+        .and_then(|id| all.iter().position(|a| a.name == id))
         .unwrap_or(0);
     Ok(all.swap_remove(pick))
+}
+
+/// The toolkit adapter checkpoint `path` names, if it names one: a `.pt`/`.pth` file, or a
+/// folder holding `adapter.pt` and no PEFT `adapter_config.json`. `None` means a PEFT adapter.
+pub fn toolkit_adapter_file(path: &Path) -> Option<std::path::PathBuf> {
+    if path.is_dir() {
+        let f = path.join(ADAPTER_FILE);
+        (!path.join("adapter_config.json").is_file() && f.is_file()).then_some(f)
+    } else {
+        path.extension()
+            .is_some_and(|e| e == "pt" || e == "pth")
+            .then(|| path.to_path_buf())
+    }
 }
 
 /// `[rows = heads · d, cols]` back from our RoPE halves to tamm's adjacent pairs (the inverse of

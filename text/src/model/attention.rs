@@ -70,7 +70,12 @@ impl StepMask {
 
     /// Sliding-window attention for `q` new tokens after `past` cached ones, over the keys a
     /// ring of `capacity` slots returns ([`ring_key_positions`]): query `i` (absolute cache
-    /// index) sees key `j` iff `i − window < j ≤ i` (and `j` is a real token).
+    /// index) sees key `j` iff `i − window < j ≤ i` (and `j` is a real token). With padding
+    /// (`key_mask`, `[b, past + q]`), the window counts a row's real tokens, not cache slots:
+    /// `j ≤ i` and `p(i) − window < p(j)`, `p` = the row's position (real tokens before it), so
+    /// padding between a shared prefix and a row's question (eval's batches) takes no place in
+    /// the window. The ring keeps `capacity` slots, padding included: the step that appends the
+    /// padded rows sees every key it needs, later single-token steps only what the ring kept.
     pub fn sliding(
         q: i64,
         past: i64,
@@ -99,21 +104,29 @@ impl StepMask {
         let kj = Tensor::f_from_slice(&keys)?
             .f_to_device(device)?
             .f_unsqueeze(0)?; // [1, keys]
-        let band = kj
-            .f_le_tensor(&qi)?
-            .f_logical_and(&kj.f_gt_tensor(&qi.f_sub_scalar(window)?)?)?
-            .f_unsqueeze(0)?
-            .f_unsqueeze(0)?; // [1, 1, q, keys]
+        let causal = kj.f_le_tensor(&qi)?;
         let mask = match key_mask {
-            None => band,
+            None => causal
+                .f_logical_and(&kj.f_gt_tensor(&qi.f_sub_scalar(window)?)?)?
+                .f_unsqueeze(0)?
+                .f_unsqueeze(0)?, // [1, 1, q, keys]
             Some(km) => {
-                // [b, keys] → [b, 1, 1, keys]
-                let km = km
-                    .f_index_select(1, &kj.f_squeeze_dim(0)?)?
-                    .f_unsqueeze(1)?
-                    .f_unsqueeze(1)?;
-                let diag = kj.f_eq_tensor(&qi)?.f_unsqueeze(0)?.f_unsqueeze(0)?;
-                band.f_logical_and(&km)?.f_logical_or(&diag)?
+                let key_idx = kj.f_squeeze_dim(0)?;
+                // Row positions: real tokens before each cache index. [b, past + q]
+                let pos = km
+                    .f_to_kind(tch::Kind::Int64)?
+                    .f_cumsum(1, tch::Kind::Int64)?
+                    .f_sub_scalar(1)?;
+                let pq = pos.f_narrow(1, past, q)?.f_unsqueeze(2)?; // [b, q, 1]
+                let pk = pos.f_index_select(1, &key_idx)?.f_unsqueeze(1)?; // [b, 1, keys]
+                let real = km.f_index_select(1, &key_idx)?.f_unsqueeze(1)?; // [b, 1, keys]
+                let band = pk
+                    .f_gt_tensor(&pq.f_sub_scalar(window)?)?
+                    .f_logical_and(&causal.f_unsqueeze(0)?)?
+                    .f_logical_and(&real)?; // [b, q, keys]
+                                            // A padded query would see no key at all (NaN); let every query see itself.
+                let diag = kj.f_eq_tensor(&qi)?.f_unsqueeze(0)?;
+                band.f_logical_or(&diag)?.f_unsqueeze(1)? // [b, 1, q, keys]
             }
         };
         Ok(Self {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod decoder;
 pub mod embedding;
 pub mod inspect;
+pub mod language_model;
 pub mod layer;
 pub mod linear;
 pub mod mlp;

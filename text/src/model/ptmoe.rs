@@ -407,6 +407,16 @@ impl PtMoeCache {
                 .collect::<Result<_>>()?,
         })
     }
+    /// Broadcast a batch-1 cache to `n` rows (every track's cache).
+    pub fn repeat_batch(&self, n: i64) -> Result<Self> {
+        Ok(Self {
+            tracks: self
+                .tracks
+                .iter()
+                .map(|c| c.repeat_batch(n))
+                .collect::<Result<_>>()?,
+        })
+    }
 }
 
 #[derive(Debug)]

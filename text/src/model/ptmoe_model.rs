@@ -31,6 +31,8 @@ pub struct PtMoeModel {
     pub tokenizer: Option<Tokenizer>,
     pub dtype: DType,
     pub source: PathBuf,
+    /// The tamm configuration of a model loaded from a tamm folder (its adapters' names need it).
+    pub tamm: Option<crate::tamm_ptmoe::TammPtMoe>,
 }
 
 impl PtMoeModel {
@@ -38,8 +40,12 @@ impl PtMoeModel {
     /// tokenizer.json); with an AFM tokenizer generation stops at EOS and `<turn_end>`.
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
         let mut model = PtMoe::load(dir, device, dtype.kind(), &[])?;
-        let tamm = crate::tamm_ptmoe::tamm_ptmoe_files(dir).is_some();
-        let tokenizer = super::text_model::dir_tokenizer(dir, tamm, model.cfg.vocab_size)?;
+        let tamm = match crate::tamm_ptmoe::tamm_ptmoe_files(dir) {
+            Some((cfg, _)) => Some(crate::tamm_ptmoe::TammPtMoe::read(&cfg)?),
+            None => None,
+        };
+        let tokenizer =
+            super::text_model::dir_tokenizer(dir, tamm.is_some(), model.cfg.vocab_size)?;
         if let Some(t) = &tokenizer {
             let stops = t.stop_ids();
             if !stops.is_empty() && (t.is_afm() || model.cfg.eos_token_id.is_none()) {
@@ -51,7 +57,27 @@ impl PtMoeModel {
             tokenizer,
             dtype,
             source: dir.to_path_buf(),
+            tamm,
         })
+    }
+
+    /// Load a LoRA adapter for this model: a PEFT directory under our PT-MoE module names, or,
+    /// for a tamm model, the toolkit's adapter checkpoint (a `.pt` of tamm adapter tensors, or a
+    /// folder holding `adapter.pt`; the base config's adapter spec gives its α). Not activated.
+    pub fn load_adapter(&self, path: &Path) -> Result<crate::lora::LoraAdapter> {
+        let (device, kind) = (self.model.device(), self.dtype.kind());
+        match (crate::tamm_adapter::toolkit_adapter_file(path), &self.tamm) {
+            (Some(f), Some(t)) => {
+                crate::tamm_adapter::load_adapter_with(&f, t.active_adapter.as_deref(), |pt| {
+                    t.read_adapters(pt, device, kind)
+                })
+            }
+            (Some(f), None) => Err(TextError::checkpoint(
+                &f,
+                "a tamm adapter checkpoint needs a tamm base model (a folder with tamm's config)",
+            )),
+            (None, _) => crate::lora::LoraAdapter::load(path, device, kind),
+        }
     }
 
     /// A PT-MoE preset with seeded random weights (no tokenizer).
@@ -62,6 +88,7 @@ impl PtMoeModel {
             tokenizer: None,
             dtype,
             source: PathBuf::from(format!("preset:{name}")),
+            tamm: None,
         })
     }
 

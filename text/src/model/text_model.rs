@@ -188,14 +188,7 @@ impl TextModel {
     /// `adapter_model.safetensors`), or, for a tamm model, the adapter toolkit's checkpoint (a
     /// `.pt` of tamm adapter tensors, or a folder holding `adapter.pt`). Not activated.
     pub fn load_adapter(&self, path: &Path) -> Result<crate::lora::LoraAdapter> {
-        let tamm_file = if path.is_dir() {
-            let f = path.join(crate::tamm_adapter::ADAPTER_FILE);
-            (!path.join("adapter_config.json").is_file() && f.is_file()).then_some(f)
-        } else {
-            path.extension()
-                .is_some_and(|e| e == "pt" || e == "pth")
-                .then(|| path.to_path_buf())
-        };
+        let tamm_file = crate::tamm_adapter::toolkit_adapter_file(path);
         let device = self.decoder.device();
         match (tamm_file, &self.tamm) {
             (Some(f), Some(t)) => {

@@ -144,6 +144,12 @@ pub trait CausalLm {
     fn eos_ids(&self) -> Vec<u32>;
     /// The context length in tokens.
     fn context_len(&self) -> usize;
+    /// The vocabulary size (the logits' last dimension).
+    fn vocab_size(&self) -> usize;
+    /// An independent copy of `cache` (extending it leaves the original untouched).
+    fn fork_cache(cache: &Self::Cache) -> Result<Self::Cache>;
+    /// A batch-1 cache broadcast to `n` rows (a shared prefix for a batch of requests).
+    fn repeat_cache(cache: &Self::Cache, n: i64) -> Result<Self::Cache>;
 }
 
 impl CausalLm for Decoder {
@@ -172,6 +178,15 @@ impl CausalLm for Decoder {
     fn context_len(&self) -> usize {
         self.cfg.max_position_embeddings
     }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn fork_cache(cache: &KvCache) -> Result<KvCache> {
+        cache.fork()
+    }
+    fn repeat_cache(cache: &KvCache, n: i64) -> Result<KvCache> {
+        cache.repeat_batch(n)
+    }
 }
 
 impl CausalLm for PtMoe {
@@ -196,6 +211,15 @@ impl CausalLm for PtMoe {
     }
     fn context_len(&self) -> usize {
         self.cfg.max_position_embeddings
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn fork_cache(cache: &PtMoeCache) -> Result<PtMoeCache> {
+        cache.fork()
+    }
+    fn repeat_cache(cache: &PtMoeCache, n: i64) -> Result<PtMoeCache> {
+        cache.repeat_batch(n)
     }
 }
 

@@ -26,7 +26,6 @@ use crate::tokenizer::Tokenizer;
 /// by the on-device decoder (prefix = its first N layers) and PT-MoE (its first N track
 /// blocks).
 pub trait SpeculativeLm: CausalLm {
-    fn vocab_size(&self) -> usize;
     /// Keep the first `len` tokens of `cache`.
     fn truncate_cache(cache: &mut Self::Cache, len: i64) -> Result<()>;
     /// Units (decoder layers, PT-MoE track blocks) of the whole model.
@@ -47,9 +46,6 @@ pub trait SpeculativeLm: CausalLm {
 }
 
 impl SpeculativeLm for Decoder {
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
     fn truncate_cache(cache: &mut KvCache, len: i64) -> Result<()> {
         cache.truncate(len)
     }
@@ -72,9 +68,6 @@ impl SpeculativeLm for Decoder {
 }
 
 impl SpeculativeLm for PtMoe {
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
     fn truncate_cache(cache: &mut PtMoeCache, len: i64) -> Result<()> {
         cache.truncate(len)
     }

@@ -10,6 +10,10 @@ and 12-token greedy continuations (full forward every step), and the logits of e
 of prompt + continuation, into `reference.safetensors`. `lora/` is a model saved with a tamm
 LoRA adapter (per track, on attention and the dense FFNs) in its config and state dict.
 
+`lora/toolkit/` is the adapter toolkit's way of shipping the same adapter: the base checkpoint
+with the adapter spec in its config and the adapter's B at zero (`model.pt`), the trained adapter
+alone in `adapter.pt`; its `reference.safetensors` holds the base's logits (`base_{k}`).
+
 `cli/` holds one more model with tamm's AFM tokenizer beside it (a SentencePiece model trained
 here) and `cli_reference.json`, the text tamm decodes from a raw prompt's greedy continuation.
 
@@ -17,8 +21,14 @@ Also writes `keys.json`: the state-dict keys and shapes of tamm's default config
 on the meta device (the server model, 147.8B parameters).
 
 usage: tamm_ptmoe.py OUT_DIR
+       tamm_ptmoe.py score MODEL_DIR REQUESTS.json OUT.json
+           scores the requests `afm-vl eval --dump-requests` wrote with the tamm model in
+           MODEL_DIR (a folder this script wrote, with its tokenizer), one full forward per
+           continuation or generated token: multiple choice log-likelihoods, greedy generations
+           (stopping at EOS, <turn_end>, a stop string or max_new_tokens).
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -118,7 +128,68 @@ def greedy(model, ids, n):
     return out[len(ids):]
 
 
+def toolkit(model, cfg, d):
+    """The trained adapter alone in adapter.pt, the base with B = 0 (tamm's LoRA init)."""
+    d.mkdir(exist_ok=True)
+    sd = model.state_dict()
+    torch.save({k: v.clone() for k, v in sd.items() if ".adapters." in k}, d / "adapter.pt")
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if n.endswith("b_transpose"):
+                p.zero_()
+    (d / "config.json").write_text(tamm_json.dumps(cfg, indent=2))
+    torch.save(base.state_dict(), d / "model.pt")
+    ref = {f"base_{k}": logits(base, ids).contiguous() for k, ids in enumerate(PROMPTS)}
+    save_file(ref, str(d / "reference.safetensors"))
+
+
+def load_folder(d):
+    from tamm.tokenizers.afm import AFMTokenizer
+
+    cfg = tamm_json.loads((d / "config.json").read_text())
+    model = cfg.create_model()
+    model.load_state_dict(torch.load(d / "model.pt"), strict=True)
+    model.eval()
+    tok = AFMTokenizer(vocab_path=str(d / "tokenizer.model"), user_defined_tokens=["<turn_start>", "<turn_end>"])
+    return model, tok
+
+
+def score(model_dir, requests, out):
+    """tamm's scores of eval's requests (hf_reference.py's rules, full forwards)."""
+    model, tok = load_folder(Path(model_dir))
+    stops = {tok.eos_id, tok.tokenizer.piece_to_id("<turn_end>")}
+    req = json.loads(Path(requests).read_text())
+    results = {}
+    for it in req["items"]:
+        prefix = req["groups"][it["group"]]
+        if "continuations" in it:
+            lls = []
+            for c in it["continuations"]:
+                ids = prefix + it["body"] + c
+                lp = torch.log_softmax(logits(model, ids), dim=-1)
+                n = len(ids)
+                lls.append(sum(lp[n - len(c) + k - 1, t].item() for k, t in enumerate(c)))
+            results[it["key"]] = {"logliks": lls}
+        else:
+            seq, gen, text = prefix + it["body"], [], ""
+            while len(gen) < it["max_new_tokens"]:
+                nxt = int(logits(model, seq + gen)[-1].argmax())
+                if nxt in stops:
+                    break
+                gen.append(nxt)
+                text = tok.decode(gen)
+                cut = [text.find(x) for x in it["stop"] if x and x in text]
+                if cut:
+                    text = text[: min(cut)]
+                    break
+            results[it["key"]] = {"generation": text}
+    Path(out).write_text(json.dumps({"items": results}))
+
+
 def main():
+    if sys.argv[1] == "score":
+        return score(*sys.argv[2:5])
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     scales = {}
@@ -139,6 +210,8 @@ def main():
             # Every position of prompt + continuation (for incremental decoding and batches).
             ref[f"full_{k}"] = logits(model, ids + gen).contiguous()
         save_file(ref, str(d / "reference.safetensors"))
+        if name == "lora":
+            toolkit(model, cfg, d / "toolkit")
         scales[name] = max(float(ref[f"logits_{k}"].abs().max()) for k in range(len(PROMPTS)))
     # A model with tamm's AFM tokenizer beside it (the toolkit's layout) for the CLI and the
     # wheel: the text of a raw prompt's greedy continuation, stopping at EOS or <turn_end>.

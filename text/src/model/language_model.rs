@@ -1,0 +1,80 @@
+//! What every loaded text model offers, whichever network it runs: the on-device decoder
+//! ([`TextModel`]) or the server model ([`PtMoeModel`]). Evaluation, LoRA training and the
+//! Python wheel are written once against this trait.
+
+use std::path::Path;
+
+use crate::error::{Result, TextError};
+use crate::generation::CausalLm;
+use crate::lora::{LoraAdapter, LoraTarget};
+use crate::model::ptmoe_model::PtMoeModel;
+use crate::model::{DType, TextModel};
+use crate::tokenizer::Tokenizer;
+
+pub trait LanguageModel {
+    /// The network: a causal LM whose linear layers take LoRA overlays.
+    type Net: CausalLm + LoraTarget;
+    fn net(&self) -> &Self::Net;
+    fn net_mut(&mut self) -> &mut Self::Net;
+    /// The tokenizer, when the checkpoint has one.
+    fn tokenizer_opt(&self) -> Option<&Tokenizer>;
+    fn dtype(&self) -> DType;
+    /// The directory (or `preset:NAME`) the model came from.
+    fn source(&self) -> &Path;
+    /// A LoRA adapter for this model (PEFT directory, or a toolkit `.pt` on a tamm model), not
+    /// activated.
+    fn load_adapter(&self, path: &Path) -> Result<LoraAdapter>;
+    /// The tokenizer, or an error naming the checkpoint.
+    fn tokenizer_or_err(&self) -> Result<&Tokenizer> {
+        self.tokenizer_opt().ok_or_else(|| {
+            TextError::InvalidArgument(format!(
+                "{} has no tokenizer (tokenizer.json, or tamm's tokenizer.model)",
+                self.source().display()
+            ))
+        })
+    }
+}
+
+impl LanguageModel for TextModel {
+    type Net = crate::decoder::Decoder;
+    fn net(&self) -> &Self::Net {
+        &self.decoder
+    }
+    fn net_mut(&mut self) -> &mut Self::Net {
+        &mut self.decoder
+    }
+    fn tokenizer_opt(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn source(&self) -> &Path {
+        &self.source
+    }
+    fn load_adapter(&self, path: &Path) -> Result<LoraAdapter> {
+        TextModel::load_adapter(self, path)
+    }
+}
+
+impl LanguageModel for PtMoeModel {
+    type Net = crate::ptmoe::PtMoe;
+    fn net(&self) -> &Self::Net {
+        &self.model
+    }
+    fn net_mut(&mut self) -> &mut Self::Net {
+        &mut self.model
+    }
+    fn tokenizer_opt(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn source(&self) -> &Path {
+        &self.source
+    }
+    fn load_adapter(&self, path: &Path) -> Result<LoraAdapter> {
+        PtMoeModel::load_adapter(self, path)
+    }
+}
