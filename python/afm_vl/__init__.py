@@ -116,7 +116,8 @@ def load(
 
     ``path_or_name``: a text-model directory (config.json, model.safetensors,
     tokenizer.json), a tamm model folder (Apple's adapter toolkit ``assets/``:
-    base-model-config.json, base-model.pt, tokenizer.model), a vision-language checkpoint directory (config.json with a ``vision``
+    base-model-config.json, base-model.pt, tokenizer.model), a PT-MoE server model (ours, or a
+    tamm folder: config.json with ``AFMParallelTrackMoEConfig`` + a ``.pt``), a vision-language checkpoint directory (config.json with a ``vision``
     section, vision_adapter.safetensors; ``describe`` and ``encode_image`` need one), the name of a folder of ``assets/models/``, ``"preset:NAME"`` for a
     preset with random weights (seeded by ``seed``), or None for the default model
     (``$AFM_VL_MODEL`` or the converted SmolLM2-135M-Instruct).
@@ -290,8 +291,15 @@ class Model:
 
     @property
     def kind(self) -> str:
-        """``text`` for a text decoder, ``vlm`` for a vision-language model."""
+        """``text`` for a text model (on-device decoder or PT-MoE), ``vlm`` for a
+        vision-language model."""
         return self._m.kind
+
+    @property
+    def architecture(self) -> str:
+        """``decoder`` (the on-device two-segment decoder, SmolLM2 and the like), ``ptmoe``
+        (the server model: ours, or a tamm ``AFMParallelTrackMoEConfig`` folder) or ``vlm``."""
+        return self._m.architecture
 
     @property
     def config(self) -> Dict[str, Any]:

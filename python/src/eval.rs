@@ -9,7 +9,7 @@ use afm_eval::prompt::PromptConfig;
 use afm_eval::runner::{self, RunConfig};
 use afm_eval::shard::Shard;
 use afm_eval::EvalBackend;
-use afm_text::TextModel;
+use afm_text::{LanguageModel, TextModel};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -53,18 +53,28 @@ fn open_backend(a: &EvalArgs) -> PyResult<Box<dyn EvalBackend>> {
                 .map_err(|e| errors::eval(e, None))?;
             let dir = &a.model;
             let context = format!("loading the model {}", dir.display());
-            let model =
-                TextModel::load(dir, device, dtype).map_err(|e| errors::text(e, Some(&context)))?;
-            model
-                .tokenizer()
-                .map_err(|e| errors::text(e, Some(&context)))?;
             let name = dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| dir.display().to_string());
-            Ok(Box::new(afm_eval::text_backend::TextBackend::new(
-                model, name,
-            )))
+            let err = |e| errors::text(e, Some(&context));
+            // The server model for PT-MoE folders (ours or tamm's), else the decoder.
+            fn backend<L: LanguageModel + 'static>(
+                model: L,
+                name: String,
+            ) -> afm_text::Result<Box<dyn EvalBackend>> {
+                model.tokenizer_or_err()?;
+                Ok(Box::new(afm_eval::text_backend::TextBackend::new(
+                    model, name,
+                )))
+            }
+            if afm_text::ptmoe_model::is_ptmoe_dir(dir) {
+                let model =
+                    afm_text::ptmoe_model::PtMoeModel::load(dir, device, dtype).map_err(err)?;
+                backend(model, name).map_err(err)
+            } else {
+                backend(TextModel::load(dir, device, dtype).map_err(err)?, name).map_err(err)
+            }
         }
         other => Err(PyValueError::new_err(format!(
             "unknown backend {other:?} (model or hash)"

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
 use afm_text::generation::{generate_lm, CausalLm, Generation};
-use afm_text::lora::AdapterCache;
+use afm_text::lora::{AdapterCache, LoraAdapter};
+use afm_text::ptmoe_model::{is_ptmoe_dir, PtMoeModel};
 use afm_text::{
-    DType, Decoder, DeviceSpec, GenerateOptions, KvCache, Logits, SamplingConfig, StopReason,
+    DType, DeviceSpec, GenerateOptions, LanguageModel, Logits, SamplingConfig, StopReason,
     TextError, TextModel,
 };
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -44,17 +45,34 @@ pub fn device_name(d: Device) -> String {
 const VLM_ADAPTERS: &str = "LoRA adapters are for text models: a vision-language model's \
     text model carries its image LoRA";
 
-fn plain_text_mut(engine: &mut Engine) -> PyResult<&mut TextModel> {
-    match engine {
-        Engine::Text(t) => Ok(t),
-        Engine::Vlm(_) => Err(PyValueError::new_err(VLM_ADAPTERS)),
-    }
+fn not_a_vlm(source: &std::path::Path) -> PyErr {
+    PyValueError::new_err(format!(
+        "{} is a text model: describe and encode_image need a vision-language checkpoint (a \
+         directory whose config.json has \"vision\" and \"adapter\" sections)",
+        source.display()
+    ))
 }
 
-/// A text decoder, or a vision-language model around one.
+/// A text decoder, the server model (PT-MoE), or a vision-language model around a decoder.
 enum Engine {
     Text(Box<TextModel>),
+    Server(Box<PtMoeModel>),
     Vlm(Box<VisionLanguageModel>),
+}
+
+impl Engine {
+    /// `f` on the text model's network, for engines that take user adapters.
+    fn lora_target<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn afm_text::lora::LoraTarget) -> afm_text::Result<R>,
+    ) -> PyResult<R> {
+        match self {
+            Engine::Text(t) => f(&mut t.decoder),
+            Engine::Server(m) => f(&mut m.model),
+            Engine::Vlm(_) => return Err(PyValueError::new_err(VLM_ADAPTERS)),
+        }
+        .map_err(|e| errors::text(e, None))
+    }
 }
 
 struct Inner {
@@ -63,39 +81,37 @@ struct Inner {
 }
 
 impl Inner {
-    fn text(&self) -> &TextModel {
+    /// A user adapter for the model of a text-only engine (user LoRA adapters need the adapter
+    /// slot that a VLM's image LoRA occupies).
+    fn load_adapter(&self, path: &std::path::Path) -> PyResult<LoraAdapter> {
+        let ctx = format!("loading adapter {}", path.display());
         match &self.engine {
-            Engine::Text(t) => t,
-            Engine::Vlm(v) => &v.text,
+            Engine::Text(t) => t.load_adapter(path),
+            Engine::Server(m) => m.load_adapter(path),
+            Engine::Vlm(_) => return Err(PyValueError::new_err(VLM_ADAPTERS)),
         }
-    }
-
-    /// The text model of a text-only engine (user LoRA adapters need the adapter slot that a
-    /// VLM's image LoRA occupies).
-    fn plain_text(&self) -> PyResult<&TextModel> {
-        match &self.engine {
-            Engine::Text(t) => Ok(t),
-            Engine::Vlm(_) => Err(PyValueError::new_err(VLM_ADAPTERS)),
-        }
+        .map_err(|e| errors::text(e, Some(&ctx)))
     }
 
     fn vlm(&self) -> PyResult<&VisionLanguageModel> {
         match &self.engine {
             Engine::Vlm(v) => Ok(v),
-            Engine::Text(t) => Err(PyValueError::new_err(format!(
-                "{} is a text model: describe and encode_image need a vision-language \
-                 checkpoint (a directory whose config.json has \"vision\" and \"adapter\" \
-                 sections)",
-                t.source.display()
-            ))),
+            Engine::Text(t) => Err(not_a_vlm(&t.source)),
+            Engine::Server(m) => Err(not_a_vlm(&m.source)),
         }
     }
 
-    /// Run `f` on the plain text model: a VLM's image LoRA is taken off meanwhile, so text
-    /// prompts see the text model exactly as loaded (as `VisionLanguageModel::generate_text`).
-    fn text_only<R>(&mut self, f: impl FnOnce(&TextModel) -> PyResult<R>) -> PyResult<R> {
+    /// Run `f` on the plain text model (`g` on the server model): a VLM's image LoRA is taken
+    /// off meanwhile, so text prompts see the text model exactly as loaded (as
+    /// `VisionLanguageModel::generate_text`).
+    fn text_only<R>(
+        &mut self,
+        f: impl FnOnce(&TextModel) -> PyResult<R>,
+        g: impl FnOnce(&PtMoeModel) -> PyResult<R>,
+    ) -> PyResult<R> {
         match &mut self.engine {
             Engine::Text(t) => f(t),
+            Engine::Server(m) => g(m),
             Engine::Vlm(v) => {
                 v.set_image_lora(false)
                     .map_err(|e| errors::fusion(e, None))?;
@@ -137,8 +153,9 @@ impl Model {
     }
 
     fn wrap(engine: Engine, device: Device) -> Self {
-        let (text, source) = match &engine {
+        let (text, source): (&dyn Describe, _) = match &engine {
             Engine::Text(t) => (&**t, t.source.clone()),
+            Engine::Server(m) => (&**m, m.source.clone()),
             Engine::Vlm(v) => (
                 &v.text,
                 v.dir.clone().unwrap_or_else(|| v.text.source.clone()),
@@ -146,9 +163,9 @@ impl Model {
         };
         Model {
             device,
-            dtype: text.dtype,
+            dtype: text.dtype(),
             source,
-            has_tokenizer: text.tokenizer.is_some(),
+            has_tokenizer: text.has_tokenizer(),
             is_vlm: matches!(engine, Engine::Vlm(_)),
             inner: Mutex::new(Inner {
                 engine,
@@ -158,14 +175,29 @@ impl Model {
     }
 }
 
-/// The on-device decoder, checking for Ctrl-C (and for an error raised by a Python streaming
+/// What `Model` reports of the text model it wraps.
+trait Describe {
+    fn dtype(&self) -> DType;
+    fn has_tokenizer(&self) -> bool;
+}
+
+impl<L: LanguageModel> Describe for L {
+    fn dtype(&self) -> DType {
+        LanguageModel::dtype(self)
+    }
+    fn has_tokenizer(&self) -> bool {
+        self.tokenizer_opt().is_some()
+    }
+}
+
+/// A model's network, checking for Ctrl-C (and for an error raised by a Python streaming
 /// callback) before every forward pass, so a long generation stops between two tokens.
-struct Interruptible<'a> {
-    decoder: &'a Decoder,
+struct Interruptible<'a, M> {
+    decoder: &'a M,
     error: RefCell<Option<PyErr>>,
 }
 
-impl Interruptible<'_> {
+impl<M> Interruptible<'_, M> {
     fn fail(&self, e: PyErr) {
         let mut slot = self.error.borrow_mut();
         if slot.is_none() {
@@ -174,13 +206,13 @@ impl Interruptible<'_> {
     }
 }
 
-impl CausalLm for Interruptible<'_> {
-    type Cache = KvCache;
+impl<M: CausalLm> CausalLm for Interruptible<'_, M> {
+    type Cache = M::Cache;
     fn forward_lm(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
-        cache: &mut KvCache,
+        cache: &mut M::Cache,
         logits: Logits,
     ) -> afm_text::Result<Tensor> {
         if self.error.borrow().is_none() {
@@ -191,23 +223,66 @@ impl CausalLm for Interruptible<'_> {
         if self.error.borrow().is_some() {
             return Err(TextError::InvalidArgument("generation interrupted".into()));
         }
-        self.decoder.forward(ids, mask, cache, logits)
+        self.decoder.forward_lm(ids, mask, cache, logits)
     }
-    fn new_lm_cache(&self, batch: i64) -> KvCache {
-        self.decoder.new_cache(batch)
+    fn new_lm_cache(&self, batch: i64) -> M::Cache {
+        self.decoder.new_lm_cache(batch)
     }
-    fn cache_len(cache: &KvCache) -> i64 {
-        cache.len()
+    fn cache_len(cache: &M::Cache) -> i64 {
+        M::cache_len(cache)
     }
-    fn set_first_token_pass(cache: &mut KvCache, on: bool) {
-        cache.set_first_token_pass(on);
+    fn set_first_token_pass(cache: &mut M::Cache, on: bool) {
+        M::set_first_token_pass(cache, on);
     }
     fn eos_ids(&self) -> Vec<u32> {
-        self.decoder.cfg.eos_ids()
+        self.decoder.eos_ids()
     }
     fn context_len(&self) -> usize {
-        self.decoder.cfg.max_position_embeddings
+        self.decoder.context_len()
     }
+    fn vocab_size(&self) -> usize {
+        self.decoder.vocab_size()
+    }
+    fn fork_cache(cache: &M::Cache) -> afm_text::Result<M::Cache> {
+        M::fork_cache(cache)
+    }
+    fn repeat_cache(cache: &M::Cache, n: i64) -> afm_text::Result<M::Cache> {
+        M::repeat_cache(cache, n)
+    }
+}
+
+/// Generate on `model` from `prompt`, streaming pieces to `stream` (Ctrl-C and an error the
+/// callback raises stop it between two tokens).
+fn generate_on<L: LanguageModel>(
+    model: &L,
+    prompt: &str,
+    raw: bool,
+    opts: &GenerateOptions,
+    stream: &Option<PyObject>,
+) -> PyResult<Generation> {
+    let ids = model
+        .tokenizer_or_err()
+        .and_then(|t| t.prompt_ids(prompt, raw))
+        .map_err(|e| errors::text(e, None))?;
+    let lm = Interruptible {
+        decoder: model.net(),
+        error: RefCell::new(None),
+    };
+    let mut on_text = |piece: &str| {
+        if let Some(cb) = stream {
+            if lm.error.borrow().is_some() {
+                return;
+            }
+            if let Err(e) = Python::with_gil(|py| cb.call1(py, (piece,)).map(drop)) {
+                lm.fail(e);
+            }
+        }
+    };
+    let out = generate_lm(&lm, model.tokenizer_opt(), &ids, opts, &mut on_text);
+    if let Some(e) = lm.error.take() {
+        return Err(e);
+    }
+    out.map_err(|e| errors::text(e, None))
 }
 
 fn stop_reason(r: StopReason) -> &'static str {
@@ -282,10 +357,10 @@ fn options(
 }
 
 /// fp32 logits `[seq, vocab]` of `ids` (1-D) at every position.
-fn logits_of(decoder: &Decoder, ids: Tensor) -> PyResult<Tensor> {
+fn logits_of<M: CausalLm>(decoder: &M, ids: Tensor) -> PyResult<Tensor> {
     let _guard = tch::no_grad_guard();
-    let vocab = decoder.cfg.vocab_size as i64;
-    let ctx = decoder.cfg.max_position_embeddings as i64;
+    let vocab = decoder.vocab_size() as i64;
+    let ctx = decoder.context_len() as i64;
     let n = ids.size()[0];
     if n > ctx {
         return Err(PyValueError::new_err(format!(
@@ -303,9 +378,9 @@ fn logits_of(decoder: &Decoder, ids: Tensor) -> PyResult<Tensor> {
         )));
     }
     let ids = ids.f_view([1, n]).map_err(torch_err)?;
-    let mut cache = decoder.new_cache(1);
+    let mut cache = decoder.new_lm_cache(1);
     let logits = decoder
-        .forward(&ids, None, &mut cache, Logits::All)
+        .forward_lm(&ids, None, &mut cache, Logits::All)
         .map_err(|e| errors::text(e, None))?;
     logits
         .f_select(0, 0)
@@ -315,12 +390,19 @@ fn logits_of(decoder: &Decoder, ids: Tensor) -> PyResult<Tensor> {
 
 #[pymethods]
 impl Model {
-    /// Load a checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    /// Load a checkpoint directory (config.json, model.safetensors, tokenizer.json; a tamm
+    /// folder; a PT-MoE directory, ours or tamm's, loads the server model).
     #[staticmethod]
     #[pyo3(signature = (path, device = "auto", dtype = None))]
     fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype, device)?;
+        if is_ptmoe_dir(&path) {
+            let m = py
+                .allow_threads(|| PtMoeModel::load(&path, device, dtype))
+                .map_err(|e| errors::text(e, Some(&format!("loading model {}", path.display()))))?;
+            return Ok(Model::wrap(Engine::Server(Box::new(m)), device));
+        }
         let text = py
             .allow_threads(|| TextModel::load(&path, device, dtype))
             .map_err(|e| errors::text(e, Some(&format!("loading model {}", path.display()))))?;
@@ -357,6 +439,12 @@ impl Model {
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype, device)?;
+        if afm_text::ptmoe_config::is_ptmoe_preset(name) {
+            let m = py
+                .allow_threads(|| PtMoeModel::from_preset(name, seed, device, dtype))
+                .map_err(|e| errors::text(e, None))?;
+            return Ok(Model::wrap(Engine::Server(Box::new(m)), device));
+        }
         let text = py
             .allow_threads(|| TextModel::from_preset(name, seed, device, dtype))
             .map_err(|e| errors::text(e, None))?;
@@ -385,7 +473,7 @@ impl Model {
         self.has_tokenizer
     }
 
-    /// `text` (a text decoder) or `vlm` (a vision-language model).
+    /// `text` (a text decoder, on-device or PT-MoE) or `vlm` (a vision-language model).
     #[getter]
     fn kind(&self) -> &'static str {
         if self.is_vlm {
@@ -395,21 +483,39 @@ impl Model {
         }
     }
 
+    /// `decoder` (the on-device two-segment decoder, SmolLM2 and the like), `ptmoe` (the
+    /// server model) or `vlm`.
+    #[getter]
+    fn architecture(&self, py: Python<'_>) -> PyResult<&'static str> {
+        self.with_inner(py, |inner| {
+            Ok(match &inner.engine {
+                Engine::Text(_) => "decoder",
+                Engine::Server(_) => "ptmoe",
+                Engine::Vlm(_) => "vlm",
+            })
+        })
+    }
+
     /// The checkpoint's tiler configuration as JSON (None for a text model: the default).
     fn tiler_config_json(&self, py: Python<'_>) -> PyResult<Option<String>> {
         self.with_inner(py, |inner| match &inner.engine {
-            Engine::Text(_) => Ok(None),
+            Engine::Text(_) | Engine::Server(_) => Ok(None),
             Engine::Vlm(v) => serde_json::to_string(&v.config.tiler)
                 .map(Some)
                 .map_err(|e| PyRuntimeError::new_err(e.to_string())),
         })
     }
 
-    /// The decoder configuration as JSON text (HF field names).
+    /// The decoder configuration as JSON text (HF field names; a PT-MoE model's has
+    /// `model_type` `afm_ptmoe`).
     fn config_json(&self, py: Python<'_>) -> PyResult<String> {
         self.with_inner(py, |inner| {
-            serde_json::to_string(inner.text().config())
-                .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+            match &inner.engine {
+                Engine::Text(t) => serde_json::to_string(t.config()),
+                Engine::Server(m) => serde_json::to_string(&m.model.cfg),
+                Engine::Vlm(v) => serde_json::to_string(v.text.config()),
+            }
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
         })
     }
 
@@ -446,30 +552,10 @@ impl Model {
             ignore_eos,
         )?;
         let result = self.with_inner(py, |inner| {
-            inner.text_only(|model| {
-                let ids = model
-                    .prompt_ids(prompt, raw)
-                    .map_err(|e| errors::text(e, None))?;
-                let lm = Interruptible {
-                    decoder: &model.decoder,
-                    error: RefCell::new(None),
-                };
-                let mut on_text = |piece: &str| {
-                    if let Some(cb) = &stream {
-                        if lm.error.borrow().is_some() {
-                            return;
-                        }
-                        if let Err(e) = Python::with_gil(|py| cb.call1(py, (piece,)).map(drop)) {
-                            lm.fail(e);
-                        }
-                    }
-                };
-                let out = generate_lm(&lm, model.tokenizer.as_ref(), &ids, &opts, &mut on_text);
-                if let Some(e) = lm.error.take() {
-                    return Err(e);
-                }
-                out.map_err(|e| errors::text(e, None))
-            })
+            inner.text_only(
+                |model| generate_on(model, prompt, raw, &opts, &stream),
+                |model| generate_on(model, prompt, raw, &opts, &stream),
+            )
         })?;
         generation_dict(py, &result)
     }
@@ -488,7 +574,10 @@ impl Model {
         }
         let out = py.allow_threads(move || -> PyResult<Tensor> {
             let mut inner = self.lock()?;
-            inner.text_only(|model| logits_of(&model.decoder, ids))
+            inner.text_only(
+                |model| logits_of(&model.decoder, ids.shallow_clone()),
+                |model| logits_of(&model.model, ids.shallow_clone()),
+            )
         })?;
         to_py(py, &out)
     }
@@ -506,19 +595,11 @@ impl Model {
             return Err(PyValueError::new_err(VLM_ADAPTERS));
         }
         // A PEFT directory, or a tamm adapter checkpoint for a tamm model.
-        let mut adapter = self.with_inner(py, |inner| {
-            inner
-                .plain_text()?
-                .load_adapter(&path)
-                .map_err(|e| errors::text(e, Some(&format!("loading adapter {}", path.display()))))
-        })?;
+        let mut adapter = self.with_inner(py, |inner| inner.load_adapter(&path))?;
         if let Some(n) = name {
             adapter.name = n;
         }
-        self.with_inner(py, |inner| {
-            inner.plain_text()?;
-            Ok(inner.adapters.insert(adapter))
-        })
+        self.with_inner(py, |inner| Ok(inner.adapters.insert(adapter)))
     }
 
     /// Activate a cached adapter, or none with `None` (no weights are copied).
@@ -526,10 +607,7 @@ impl Model {
     fn use_adapter(&self, py: Python<'_>, name: Option<&str>) -> PyResult<()> {
         self.with_inner(py, |inner| {
             let Inner { engine, adapters } = inner;
-            let text = plain_text_mut(engine)?;
-            adapters
-                .activate(&mut text.decoder, name)
-                .map_err(|e| errors::text(e, None))
+            engine.lora_target(|net| adapters.activate(net, name))
         })
     }
 
@@ -537,10 +615,7 @@ impl Model {
     fn unload_adapter(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         self.with_inner(py, |inner| {
             let Inner { engine, adapters } = inner;
-            let text = plain_text_mut(engine)?;
-            adapters
-                .unload(&mut text.decoder, name)
-                .map_err(|e| errors::text(e, None))
+            engine.lora_target(|net| adapters.unload(net, name))
         })
     }
 

@@ -7,7 +7,8 @@ use pyo3::prelude::*;
 
 use crate::errors;
 
-/// A tokenizer loaded from a model directory (tokenizer.json, tokenizer_config.json).
+/// A tokenizer loaded from a model directory (tokenizer.json, tokenizer_config.json; tamm's
+/// tokenizer.model in a tamm folder).
 #[pyclass(module = "afm_vl._native", name = "Tokenizer", frozen)]
 pub struct Tokenizer {
     inner: afm_text::Tokenizer,
@@ -19,7 +20,7 @@ impl Tokenizer {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let inner = py
-            .allow_threads(|| afm_text::Tokenizer::from_dir(&path))
+            .allow_threads(|| afm_text::model::model_dir_tokenizer(&path))
             .map_err(|e| errors::text(e, Some(&format!("loading tokenizer {}", path.display()))))?;
         Ok(Tokenizer { inner, dir: path })
     }

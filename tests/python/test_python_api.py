@@ -469,3 +469,60 @@ def test_tamm_folder_logits_greedy_and_adapter(tamm_folder):
         assert (got - adapted_ref[f"adapted_{i}"]).abs().max().item() <= 1e-4
     a.use_adapter(None)
     assert (a.logits(adapted_ref["ids_0"]) - adapted_ref["base_0"]).abs().max().item() <= 1e-4
+
+
+# -- the server model (PT-MoE) from tamm -----------------------------------------------------
+@pytest.fixture(scope="module")
+def tamm_ptmoe(tmp_path_factory):
+    """PT-MoE models built and saved by tamm (text/tests/reference/tamm_ptmoe.py): tamm's
+    logits, greedy text and a toolkit adapter beside them."""
+    pytest.importorskip("tamm")
+    import sys
+
+    d = tmp_path_factory.mktemp("ptmoe")
+    subprocess.run([sys.executable, ROOT / "text/tests/reference/tamm_ptmoe.py", d], check=True,
+                   capture_output=True)
+    return d
+
+
+def test_tamm_pt_moe_logits_greedy_adapter_and_eval(tamm_ptmoe, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    d = tamm_ptmoe
+    for case in ("plain", "norms", "lora"):
+        m = afm_vl.load(d / case, device="cpu", dtype="fp32")
+        assert (m.kind, m.architecture) == ("text", "ptmoe")
+        assert m.config["model_type"] == "afm_ptmoe"
+        ref = safetensors.load_file(d / case / "reference.safetensors")
+        for k in range(3):
+            assert (m.logits(ref[f"ids_{k}"]) - ref[f"logits_{k}"]).abs().max().item() <= 1e-4, case
+            # Every position of prompt + tamm's greedy continuation (a wrapped window).
+            full = torch.cat([ref[f"ids_{k}"], ref[f"gen_{k}"]])
+            assert (m.logits(full) - ref[f"full_{k}"]).abs().max().item() <= 1e-4, case
+    # Greedy text through tamm's AFM tokenizer equals tamm's (and the CLI's, tests/cli_ptmoe.rs).
+    cli_dir = d / "cli"
+    m = afm_vl.load(cli_dir, device="cpu", dtype="fp32")
+    cli = json.loads((cli_dir / "cli_reference.json").read_text())
+    assert m.generate(cli["prompt"], raw=True, max_tokens=12) == cli["text"]
+    # The folder's tokenizer is tamm's: it decodes tamm's tokens to tamm's text.
+    assert m.tokenizer.decode(cli["ids"]) == cli["text"]
+    # The toolkit's adapter file over its base: tamm's adapted logits, and back.
+    base = afm_vl.load(d / "lora/toolkit", device="cpu", dtype="fp32")
+    adapted = safetensors.load_file(d / "lora/reference.safetensors")
+    plain = safetensors.load_file(d / "lora/toolkit/reference.safetensors")
+    assert base.load_adapter(d / "lora/toolkit/adapter.pt", "toolkit") == "toolkit"
+    base.use_adapter("toolkit")
+    for k in range(3):
+        got = base.logits(adapted[f"ids_{k}"])
+        assert (got - adapted[f"logits_{k}"]).abs().max().item() <= 1e-4
+    base.use_adapter(None)
+    assert (base.logits(adapted["ids_0"]) - plain["base_0"]).abs().max().item() <= 1e-4
+    # eval from Python = the CLI's eval on the same folder.
+    if BIN.exists():
+        out = tmp_path / "cli"
+        subprocess.run([BIN, "-q", "--device", "cpu", "eval", MMMLU, "--model", cli_dir, "--dtype",
+                        "fp32", "--limit", "2", "--out", out], check=True)
+        want = json.loads((out / "results.json").read_text())
+        got = afm_vl.eval.run(MMMLU, cli_dir, device="cpu", dtype="fp32", limit=2,
+                              out=tmp_path / "py")
+        for key in ("model", "config", "data", "tasks", "items"):
+            assert got[key] == want[key], key

@@ -250,6 +250,19 @@ impl TextModel {
     }
 }
 
+/// The tokenizer of any model directory (ours, a tamm folder of either model): as
+/// [`dir_tokenizer`], an error naming the directory when it has none.
+pub fn model_dir_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let tamm = crate::tamm::tamm_files(dir).is_some()
+        || crate::tamm_ptmoe::tamm_ptmoe_files(dir).is_some();
+    dir_tokenizer(dir, tamm, usize::MAX)?.ok_or_else(|| {
+        TextError::checkpoint(
+            dir,
+            "no tokenizer (tokenizer.json, or tamm's tokenizer.model + tokenizer-config.json)",
+        )
+    })
+}
+
 /// The tokenizer of a model directory: tamm's AFM tokenizer (a tamm folder's
 /// `tokenizer.model` + `tokenizer-config.json`, or those `convert tamm` copied: recognised by
 /// tamm's hyphenated `tokenizer-config.json` and no tokenizer.json), else `tokenizer.json`,
