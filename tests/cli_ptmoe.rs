@@ -564,3 +564,107 @@ fn eval_backend_batches_pt_moe_rows_as_full_forwards() {
         }
     }
 }
+
+/// `train lora --model` on a tamm PT-MoE folder: the loss falls, and the adapter it writes in
+/// the toolkit's format (adapter.pt + adapter-config.json, experts left alone as tamm 0.2.0
+/// needs) is read by tamm itself (`tamm_ptmoe.py check`: load_state_dict(strict=False), no key
+/// unexpected or missing) with tamm's adapted logits = ours from either file ≤ 1e-4.
+#[test]
+fn train_lora_on_a_tamm_pt_moe_folder_writes_an_adapter_tamm_runs() {
+    use afm_text::generation::CausalLm;
+    use afm_text::ptmoe_model::PtMoeModel;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tamm_models().join("cli");
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"Once upon\", \"response\": \" a time there was a model.\"}\n\
+         {\"prompt\": \"The quick\", \"response\": \" brown fox jumps.\"}\n\
+         {\"prompt\": \"Apple models\", \"response\": \" run on device.\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("adapter");
+    let o = afm(&[
+        "--device",
+        "cpu",
+        "train",
+        "lora",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "8",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "2",
+        "--no-chat",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("trainer_state.json")).unwrap()).unwrap();
+    let losses: Vec<f64> = state["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 8);
+    assert!(losses[7] < losses[0] - 0.5, "{losses:?}");
+    let reference = tmp.path().join("tamm.safetensors");
+    let o = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("text/tests/reference/tamm_ptmoe.py"))
+        .args([
+            "check".as_ref(),
+            dir.as_os_str(),
+            out.as_os_str(),
+            reference.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(&reference)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut m = PtMoeModel::load(&dir, tch::Device::Cpu, afm_text::DType::F32).unwrap();
+    let logits = |m: &PtMoeModel, ids: &tch::Tensor| {
+        m.model
+            .forward_lm(
+                &ids.view([1, -1]),
+                None,
+                &mut m.model.new_lm_cache(1),
+                afm_text::Logits::All,
+            )
+            .unwrap()
+            .squeeze_dim(0)
+    };
+    let base: Vec<tch::Tensor> = (0..3)
+        .map(|k| logits(&m, &r[&format!("ids_{k}")]))
+        .collect();
+    for file in [out.clone(), out.join("adapter.pt")] {
+        let a = m.load_adapter(&file).unwrap();
+        assert!(a.modules().all(|n| !n.contains(".experts.")));
+        a.activate(&mut m.model).unwrap();
+        for (k, b) in base.iter().enumerate() {
+            let got = logits(&m, &r[&format!("ids_{k}")]);
+            let want = &r[&format!("logits_{k}")];
+            let d = (&got - want).abs().max().double_value(&[]);
+            let moved = (&got - b).abs().max().double_value(&[]);
+            eprintln!(
+                "{}: prompt {k}: |Δ| vs tamm {d:.2e}, adapter moves {moved:.2e}",
+                file.display()
+            );
+            assert!(d <= 1e-4 && moved > 1e-2, "{d} {moved}");
+        }
+        afm_text::lora::deactivate(&mut m.model).unwrap();
+    }
+}

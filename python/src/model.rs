@@ -249,6 +249,12 @@ impl<M: CausalLm> CausalLm for Interruptible<'_, M> {
     fn repeat_cache(cache: &M::Cache, n: i64) -> afm_text::Result<M::Cache> {
         M::repeat_cache(cache, n)
     }
+    fn lm_device(&self) -> Device {
+        self.decoder.lm_device()
+    }
+    fn lm_kind(&self) -> Kind {
+        self.decoder.lm_kind()
+    }
 }
 
 /// Generate on `model` from `prompt`, streaming pieces to `stream` (Ctrl-C and an error the

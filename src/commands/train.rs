@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
+use afm_text::ptmoe_model::PtMoeModel;
 use afm_text::train_lora::{load_jsonl, train, LoraTrainConfig};
-use afm_text::DType;
+use afm_text::{DType, LanguageModel};
 use anyhow::Context as _;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,7 +42,9 @@ pub struct LoraArgs {
     pub out: PathBuf,
     /// Base model directory (default: the converted SmolLM2-135M-Instruct). A quantized
     /// directory (`afm-vl quantize`) stays packed and frozen: the adapter is an
-    /// accuracy-recovery LoRA (`--base` is the same flag).
+    /// accuracy-recovery LoRA (`--base` is the same flag). A PT-MoE directory (ours, or a tamm
+    /// folder) trains the server model: every track's attention and FFN projections, and the
+    /// experts unless a tamm folder's spec leaves them out (the router is never adapted).
     #[arg(long, value_name = "DIR", alias = "base")]
     pub model: Option<PathBuf>,
     /// LoRA rank [default: 32, or the rank of a tamm model's adapter spec].
@@ -116,19 +119,79 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         }
     }
     let dir = super::model_or_default(&a.model)?;
-    let mut model = load_model_dir(&dir, ctx.device()?, DType::F32)?;
-    let tok = model.tokenizer()?;
+    let device = ctx.device()?;
+    if afm_text::ptmoe_model::is_ptmoe_dir(&dir) {
+        let load = |d: &std::path::Path| {
+            PtMoeModel::load(d, device, DType::F32)
+                .with_context(|| format!("loading {}", d.display()))
+        };
+        let model = load(&dir)?;
+        // tamm 0.2.0 cannot run LoRAs on its experts (its batched LoRA meets the dispatched
+        // expert inputs with mismatched shapes): a folder without a spec gets one without.
+        let tamm = model.tamm.as_ref().map(|t| TammTarget {
+            specs: t.adapters.clone(),
+            active: t.active_adapter.clone(),
+            linears: t.adaptable_linears(),
+            default_moe: false,
+        });
+        let teacher = match &a.teacher {
+            Some(t) if !afm_text::ptmoe_model::is_ptmoe_dir(t) => anyhow::bail!(
+                "--teacher {}: a PT-MoE student distils from a PT-MoE teacher",
+                t.display()
+            ),
+            Some(t) => {
+                Some(load(t).with_context(|| format!("loading the teacher {}", t.display()))?)
+            }
+            None => None,
+        };
+        return train_on(ctx, &a, model, tamm, teacher);
+    }
+    let model = load_model_dir(&dir, device, DType::F32)?;
+    let tamm = model.tamm.as_ref().map(|t| TammTarget {
+        specs: t.adapters.clone(),
+        active: t.active_adapter.clone(),
+        linears: afm_text::tamm_adapter::adaptable_linears(t),
+        default_moe: true,
+    });
+    let teacher = match &a.teacher {
+        Some(t) => Some(
+            load_model_dir(t, device, DType::F32)
+                .with_context(|| format!("loading the teacher {}", t.display()))?,
+        ),
+        None => None,
+    };
+    train_on(ctx, &a, model, tamm, teacher)
+}
+
+/// What `train lora` needs of a tamm base to write the toolkit's adapter format too.
+struct TammTarget {
+    /// The config's `LoRAModelAdapter` specs and its active adapter.
+    specs: Vec<afm_text::tamm::TammLoraSpec>,
+    active: Option<String>,
+    /// Every linear layer tamm can adapt, with tamm's names.
+    linears: Vec<afm_text::tamm_adapter::AdaptableLinear>,
+    /// `adapt_moe` of the spec used when the config has none.
+    default_moe: bool,
+}
+
+fn train_on<L: LanguageModel>(
+    ctx: &Context,
+    a: &LoraArgs,
+    mut model: L,
+    tamm: Option<TammTarget>,
+    teacher: Option<L>,
+) -> anyhow::Result<()> {
+    let tok = model.tokenizer_or_err()?;
     let data = load_jsonl(&a.data, tok, !a.no_chat, a.max_len)?;
     // A tamm model: the adapter's layers, rank and α follow the config's LoRA spec (what the
     // toolkit's tamm model builds), unless given.
-    let tamm_spec = model.tamm.as_ref().map(|t| {
-        let active = t
-            .adapters
-            .iter()
-            .find(|s| Some(&s.id) == t.active_adapter.as_ref());
-        let mut spec = active
-            .cloned()
-            .unwrap_or_else(|| afm_text::tamm::TammLoraSpec::new("adapter", 32, 16.0));
+    let tamm_spec = tamm.as_ref().map(|t| {
+        let active = t.specs.iter().find(|s| Some(&s.id) == t.active.as_ref());
+        let mut spec = active.cloned().unwrap_or_else(|| {
+            let mut s = afm_text::tamm::TammLoraSpec::new("adapter", 32, 16.0);
+            s.moe = t.default_moe;
+            s
+        });
         if let Some(r) = a.rank {
             spec.rank = r;
         }
@@ -149,19 +212,13 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         Some(s) => (s.rank, s.alpha),
         None => (a.rank.unwrap_or(32), a.alpha.unwrap_or(16.0)),
     };
-    let teacher = match &a.teacher {
-        Some(t) => Some(
-            load_model_dir(t, ctx.device()?, DType::F32)
-                .with_context(|| format!("loading the teacher {}", t.display()))?,
-        ),
-        None => None,
-    };
     let cfg = LoraTrainConfig {
         rank,
         alpha,
         targets: tamm_spec
             .as_ref()
             .map_or_else(|| LoraTrainConfig::default().targets, |s| s.targets()),
+        exclude: tamm_spec.as_ref().map(|s| s.excluded()).unwrap_or_default(),
         lr: a.lr,
         weight_decay: a.weight_decay,
         steps: a.steps,
@@ -189,12 +246,12 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let (out, losses) = train(
-        &mut model.decoder,
+        model.net_mut(),
         &data,
         cfg,
         &a.out,
         a.resume,
-        teacher.as_ref().map(|t| &t.decoder),
+        teacher.as_ref().map(|t| t.net()),
         |step, loss| {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss:.4}"));
@@ -202,10 +259,10 @@ fn run_lora(ctx: &Context, a: LoraArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("training a LoRA adapter into {}", a.out.display()))?;
     bar.finish_and_clear();
-    if let (Some(t), Some(spec)) = (&model.tamm, &tamm_spec) {
+    if let (Some(t), Some(spec)) = (&tamm, &tamm_spec) {
         // The toolkit's format too, from the adapter just written.
         let adapter = model.load_adapter(&out)?;
-        afm_text::tamm_adapter::save_adapter(&out, &adapter, t, spec)
+        afm_text::tamm_adapter::save_adapter_of(&out, &adapter, &t.linears, spec)
             .with_context(|| format!("writing the tamm adapter into {}", out.display()))?;
         if !ctx.quiet {
             eprintln!(

@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::checkpoint::{load_weights, write_safetensors};
-use crate::decoder::{Decoder, Logits};
+use crate::decoder::Logits;
 use crate::error::{Result, TextError};
-use crate::lora::{deactivate, LoraAdapter};
+use crate::generation::CausalLm;
+use crate::lora::{deactivate, LoraAdapter, LoraTarget};
 use crate::sampling::Rng;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
@@ -24,7 +25,12 @@ use crate::tokenizer::{ChatMessage, Tokenizer};
 pub struct LoraTrainConfig {
     pub rank: usize,
     pub alpha: f64,
+    /// Suffixes of the module names to adapt (`q_proj`, …).
     pub targets: Vec<String>,
+    /// Substrings of module names to leave alone although a target matches (`.experts.`: a
+    /// PT-MoE adapter on attention and dense FFNs only).
+    #[serde(default)]
+    pub exclude: Vec<String>,
     pub lr: f64,
     pub weight_decay: f64,
     pub steps: usize,
@@ -108,6 +114,7 @@ impl Default for LoraTrainConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            exclude: Vec::new(),
             lr: 2e-4,
             weight_decay: 0.0,
             steps: 100,
@@ -223,14 +230,16 @@ pub struct TrainState {
 
 impl LoraTrainer {
     /// Fresh adapter on `decoder`'s targeted linears: A ~ U(±1/√in) (Kaiming, as PEFT), B = 0.
-    pub fn new(decoder: &mut Decoder, cfg: LoraTrainConfig) -> Result<Self> {
+    pub fn new<M: LoraTarget + ?Sized>(decoder: &mut M, cfg: LoraTrainConfig) -> Result<Self> {
         // Our own generator, not libtorch's global one: runs repeat whatever else draws.
         let mut init_rng = Rng::new(cfg.seed.wrapping_add(0x5eed));
         let mut names = Vec::new();
         let mut params = Vec::new();
         let mut moments = Vec::new();
-        for (name, lin) in decoder.linears_mut() {
-            if !cfg.targets.iter().any(|t| name.ends_with(t.as_str())) {
+        for (name, lin) in decoder.lora_linears() {
+            if !cfg.targets.iter().any(|t| name.ends_with(t.as_str()))
+                || cfg.exclude.iter().any(|x| name.contains(x.as_str()))
+            {
                 continue;
             }
             let dev = lin.device();
@@ -274,7 +283,7 @@ impl LoraTrainer {
     }
 
     /// Put the trainable tensors on the decoder as overlays (sharing storage).
-    pub fn attach(&self, decoder: &mut Decoder) -> Result<()> {
+    pub fn attach<M: LoraTarget + ?Sized>(&self, decoder: &mut M) -> Result<()> {
         let modules = self
             .names
             .iter()
@@ -287,11 +296,11 @@ impl LoraTrainer {
     /// The training loss of a batch (right-padded; padding ignored): the mean response-token
     /// cross-entropy, mixed with the distillation term when `teacher` is given and
     /// `distill_weight > 0` (see the module docs).
-    pub fn loss(
+    pub fn loss<M: CausalLm>(
         &self,
-        decoder: &Decoder,
+        decoder: &M,
         batch: &[&Example],
-        teacher: Option<&Decoder>,
+        teacher: Option<&M>,
     ) -> Result<Tensor> {
         let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
         let (mut ids, mut labels) = (Vec::new(), Vec::new());
@@ -309,10 +318,10 @@ impl LoraTrainer {
         }
         let b = batch.len() as i64;
         let ids = Tensor::f_from_slice(&ids)?.f_view([b, len as i64])?;
-        let labels = Tensor::f_from_slice(&labels)?.f_to_device(decoder.device())?;
+        let labels = Tensor::f_from_slice(&labels)?.f_to_device(decoder.lm_device())?;
         // Right padding never affects earlier positions under a causal mask: no mask needed.
-        let mut cache = decoder.new_cache(b);
-        let logits = decoder.forward(&ids, None, &mut cache, Logits::All)?; // [b, len, vocab]
+        let mut cache = decoder.new_lm_cache(b);
+        let logits = decoder.forward_lm(&ids, None, &mut cache, Logits::All)?; // [b, len, vocab]
         let vocab = logits.size()[2];
         let logits = logits.f_view([-1, vocab])?; // [b·len, vocab]
         let ce =
@@ -324,8 +333,8 @@ impl LoraTrainer {
         // The response positions only: [n, vocab] for student and teacher.
         let rows = labels.f_ne(-100)?.f_nonzero()?.f_view([-1])?;
         let t_logits = tch::no_grad(|| -> Result<Tensor> {
-            let mut tc = teacher.new_cache(b);
-            let t = teacher.forward(&ids, None, &mut tc, Logits::All)?;
+            let mut tc = teacher.new_lm_cache(b);
+            let t = teacher.forward_lm(&ids, None, &mut tc, Logits::All)?;
             Ok(t.f_view([-1, vocab])?
                 .f_index_select(0, &rows.f_to_device(t.device())?)?
                 .f_to_device(logits.device())?)
@@ -345,11 +354,11 @@ impl LoraTrainer {
     }
 
     /// One optimiser step over `grad_accum` micro-batches; returns the mean loss.
-    pub fn train_step(
+    pub fn train_step<M: CausalLm>(
         &mut self,
-        decoder: &Decoder,
+        decoder: &M,
         data: &[Example],
-        teacher: Option<&Decoder>,
+        teacher: Option<&M>,
     ) -> Result<f64> {
         let mut total = 0.0;
         for _ in 0..self.cfg.grad_accum.max(1) {
@@ -429,13 +438,16 @@ impl LoraTrainer {
     }
 
     /// Resume from a directory written by [`LoraTrainer::save`].
-    pub fn resume(decoder: &mut Decoder, dir: &Path) -> Result<(Self, Vec<f64>)> {
+    pub fn resume<M: CausalLm + LoraTarget>(
+        decoder: &mut M,
+        dir: &Path,
+    ) -> Result<(Self, Vec<f64>)> {
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| TextError::io(&sp, e))?;
         let st: TrainState = serde_json::from_str(&text)
             .map_err(|e| TextError::checkpoint(&sp, format!("bad JSON: {e}")))?;
         let mut me = Self::new(decoder, st.config.clone())?;
-        let dev = decoder.device();
+        let dev = decoder.lm_device();
         let adapter = load_weights(&dir.join("adapter_model.safetensors"), dev, Kind::Float)?;
         let state = load_weights(&dir.join("optimizer.safetensors"), dev, Kind::Float)?;
         tch::no_grad(|| -> Result<()> {
@@ -486,16 +498,16 @@ pub fn distillation_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> 
 
 /// Train (or resume) and checkpoint into `out`. `progress(step, loss)` after each step.
 /// `teacher`: the model to distil from when `cfg.distill_weight > 0` (same vocabulary).
-pub fn train(
-    decoder: &mut Decoder,
+pub fn train<M: CausalLm + LoraTarget>(
+    decoder: &mut M,
     data: &[Example],
     cfg: LoraTrainConfig,
     out: &Path,
     resume: bool,
-    teacher: Option<&Decoder>,
+    teacher: Option<&M>,
     mut progress: impl FnMut(usize, f64),
 ) -> Result<(PathBuf, Vec<f64>)> {
-    if decoder.kind() != Kind::Float {
+    if decoder.lm_kind() != Kind::Float {
         return Err(TextError::InvalidArgument(
             "LoRA training needs the base model in fp32 (--dtype fp32)".into(),
         ));
@@ -519,10 +531,11 @@ pub fn train(
                 "distillation (distill_weight > 0) needs a teacher model".into(),
             ));
         };
-        if t.cfg.vocab_size != decoder.cfg.vocab_size {
+        if t.vocab_size() != decoder.vocab_size() {
             return Err(TextError::InvalidArgument(format!(
                 "the teacher's vocabulary ({}) differs from the student's ({})",
-                t.cfg.vocab_size, decoder.cfg.vocab_size
+                t.vocab_size(),
+                decoder.vocab_size()
             )));
         }
     }

@@ -43,13 +43,14 @@ pub struct TammLoraSpec {
     /// Both FFN input projections (gate and up).
     pub ffn_hidden: bool,
     pub ffn_outputs: bool,
+    /// The experts of MoE layers too (`adapt_moe`, tamm's default true); the router never.
+    pub moe: bool,
 }
 
 /// Fields of a `LoRAModelAdapter` that do not change an adapter's numbers at inference.
 const INERT_SPEC_FIELDS: &[&str] = &[
     "__tamm_type__",
     "dropout_p",
-    "adapt_moe",
     "layer_prefix",
     "pretrained",
     "device",
@@ -70,6 +71,7 @@ impl TammLoraSpec {
             outputs: true,
             ffn_hidden: true,
             ffn_outputs: true,
+            moe: true,
         }
     }
 
@@ -114,6 +116,7 @@ impl TammLoraSpec {
                 "adapt_attention_outputs" => s.outputs = flag()?,
                 "adapt_feed_forward_hidden_states" => s.ffn_hidden = flag()?,
                 "adapt_feed_forward_outputs" => s.ffn_outputs = flag()?,
+                "adapt_moe" => s.moe = flag()?,
                 "layer_pattern" | "pretrained_path" if val.is_null() => {}
                 "layer_pattern" | "pretrained_path" => {
                     return Err(format!("adapters.{id}.{k} = {val} is not supported"))
@@ -135,6 +138,23 @@ impl TammLoraSpec {
     /// The multiplier of the update, α/r.
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+
+    /// Whether it adapts our linear `name` (its suffix is a target; an expert's only with
+    /// `moe`).
+    pub fn adapts(&self, name: &str) -> bool {
+        self.targets().iter().any(|t| name.ends_with(t.as_str()))
+            && (self.moe || !name.contains(".experts."))
+    }
+
+    /// Substrings of module names it leaves alone although their suffix is a target
+    /// (`.experts.` without `moe`), for `train lora`'s exclusions.
+    pub fn excluded(&self) -> Vec<String> {
+        if self.moe {
+            Vec::new()
+        } else {
+            vec![".experts.".to_string()]
+        }
     }
 
     /// Our module-name suffixes it adapts (`q_proj`, …), for `train lora`'s targets.
@@ -166,6 +186,7 @@ impl TammLoraSpec {
             "adapt_attention_outputs": self.outputs,
             "adapt_feed_forward_hidden_states": self.ffn_hidden,
             "adapt_feed_forward_outputs": self.ffn_outputs,
+            "adapt_moe": self.moe,
         })
     }
 }
@@ -495,9 +516,34 @@ pub fn load_adapter(
     device: Device,
     kind: Kind,
 ) -> Result<LoraAdapter> {
+    let mut t = t.clone();
+    with_specs_beside(path, &mut t.adapters)?;
     load_adapter_with(path, t.active_adapter.as_deref(), |pt| {
-        read_adapters(pt, t, device, kind)
+        read_adapters(pt, &t, device, kind)
     })
+}
+
+/// Add to `specs` the `LoRAModelAdapter` specs of the `adapter-config.json` beside the adapter
+/// checkpoint `file` (what `afm-vl train lora` writes for a base whose config has none); a spec
+/// of the base config wins over one of the same id there.
+pub fn with_specs_beside(file: &Path, specs: &mut Vec<TammLoraSpec>) -> Result<()> {
+    let Some(path) = file.parent().map(|d| d.join(ADAPTER_SPEC_FILE)) else {
+        return Ok(());
+    };
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| TextError::io(&path, e))?;
+    let v: Json = serde_json::from_str(&text)
+        .map_err(|e| TextError::checkpoint(&path, format!("bad JSON: {e}")))?;
+    let (beside, _) =
+        parse_adapters(&v, &Json::Null).map_err(|m| TextError::checkpoint(&path, m))?;
+    for s in beside {
+        if !specs.iter().any(|x| x.id == s.id) {
+            specs.push(s);
+        }
+    }
+    Ok(())
 }
 
 /// [`load_adapter`] for any tamm model: `read` turns the file's adapter tensors into overlays
@@ -564,6 +610,18 @@ pub fn save_adapter(
     t: &TammConfig,
     spec: &TammLoraSpec,
 ) -> Result<()> {
+    save_adapter_of(dir, adapter, &adaptable_linears(t), spec)
+}
+
+/// [`save_adapter`] for any tamm model, given the layers it can adapt (`linears`): a vectorised
+/// layer's per-track (and per-expert) pairs are stacked into tamm's `[T, (E,) in, r]` /
+/// `[T, (E,) r, out]` tensors, so all of them must be adapted or none.
+pub fn save_adapter_of(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    linears: &[AdaptableLinear],
+    spec: &TammLoraSpec,
+) -> Result<()> {
     let file = dir.join(ADAPTER_FILE);
     let err = |m: String| TextError::checkpoint(&file, m);
     if adapter.rank != spec.rank {
@@ -572,45 +630,69 @@ pub fn save_adapter(
             adapter.rank, spec.rank, spec.id
         )));
     }
-    let targets = spec.targets();
     let ratio = adapter.scale / spec.scale();
     let mut tensors = Vec::new();
     let mut used = 0;
-    for l in adaptable_linears(t) {
-        // AFMTextV7's layers are plain linears: one module name each.
-        let ours = &l.ours[0];
-        let Some((a, b)) = adapter.module(ours) else {
+    for l in linears {
+        let pairs: Vec<Option<(&Tensor, &Tensor)>> =
+            l.ours.iter().map(|o| adapter.module(o)).collect();
+        let n = pairs.iter().filter(|p| p.is_some()).count();
+        if n == 0 {
             continue;
-        };
-        if !targets.iter().any(|s| ours.ends_with(s.as_str())) {
+        }
+        if n != pairs.len() {
+            return Err(err(format!(
+                "{} is adapted on {n} of its {} tracks/experts; tamm adapts all of them or none",
+                l.module,
+                pairs.len()
+            )));
+        }
+        let ours = &l.ours[0];
+        if !spec.adapts(ours) {
             return Err(err(format!(
                 "{ours} is adapted, but the tamm spec '{}' does not adapt {}",
                 spec.id,
-                ours.rsplit('.').next().unwrap_or("")
+                if ours.contains(".experts.") && !spec.moe {
+                    "the experts (adapt_moe is false)"
+                } else {
+                    ours.rsplit('.').next().unwrap_or("")
+                }
             )));
         }
-        used += 1;
-        let a_t = a
-            .f_detach()?
-            .f_to_kind(Kind::Float)?
-            .f_transpose(0, 1)?
-            .f_contiguous()?;
-        let mut b = b.f_detach()?.f_to_kind(Kind::Float)?;
-        if let Some(heads) = l.rope_heads {
-            b = halves_to_pairs(&b, heads)?;
+        used += n;
+        let (mut a_all, mut b_all) = (Vec::new(), Vec::new());
+        for (a, b) in pairs.into_iter().flatten() {
+            a_all.push(
+                a.f_detach()?
+                    .f_to_kind(Kind::Float)?
+                    .f_transpose(0, 1)?
+                    .f_contiguous()?,
+            );
+            let mut b = b.f_detach()?.f_to_kind(Kind::Float)?;
+            if let Some(heads) = l.rope_heads {
+                b = halves_to_pairs(&b, heads)?;
+            }
+            if ratio != 1.0 {
+                b = b.f_mul_scalar(ratio)?;
+            }
+            b_all.push(b.f_transpose(0, 1)?.f_contiguous()?);
         }
-        if ratio != 1.0 {
-            b = b.f_mul_scalar(ratio)?;
-        }
-        let b_t = b.f_transpose(0, 1)?.f_contiguous()?;
-        tensors.push((l.tensor_name(&spec.id, 'a'), a_t));
-        tensors.push((l.tensor_name(&spec.id, 'b'), b_t));
+        // A plain linear: [in, r] / [r, out]; a vectorised one: [vec..., in, r] / [vec..., r, out].
+        let stack = |v: Vec<Tensor>| -> Result<Tensor> {
+            if l.vec.is_empty() {
+                return Ok(v.into_iter().next().unwrap_or_else(Tensor::new));
+            }
+            let s = Tensor::f_stack(&v, 0)?;
+            let mut shape = l.vec.clone();
+            shape.extend(&s.size()[1..]);
+            Ok(s.f_reshape(shape.as_slice())?.f_contiguous()?)
+        };
+        tensors.push((l.tensor_name(&spec.id, 'a'), stack(a_all)?));
+        tensors.push((l.tensor_name(&spec.id, 'b'), stack(b_all)?));
     }
     if used != adapter.modules().count() {
-        let known: std::collections::HashSet<String> = adaptable_linears(t)
-            .into_iter()
-            .flat_map(|l| l.ours)
-            .collect();
+        let known: std::collections::HashSet<&String> =
+            linears.iter().flat_map(|l| &l.ours).collect();
         let odd = adapter
             .modules()
             .find(|m| !known.contains(*m))

@@ -63,11 +63,14 @@ impl PtMoeModel {
 
     /// Load a LoRA adapter for this model: a PEFT directory under our PT-MoE module names, or,
     /// for a tamm model, the toolkit's adapter checkpoint (a `.pt` of tamm adapter tensors, or a
-    /// folder holding `adapter.pt`; the base config's adapter spec gives its α). Not activated.
+    /// folder holding `adapter.pt`; the base config's adapter spec, or the `adapter-config.json`
+    /// beside the file, gives its α). Not activated.
     pub fn load_adapter(&self, path: &Path) -> Result<crate::lora::LoraAdapter> {
         let (device, kind) = (self.model.device(), self.dtype.kind());
         match (crate::tamm_adapter::toolkit_adapter_file(path), &self.tamm) {
             (Some(f), Some(t)) => {
+                let mut t = t.clone();
+                crate::tamm_adapter::with_specs_beside(&f, &mut t.adapters)?;
                 crate::tamm_adapter::load_adapter_with(&f, t.active_adapter.as_deref(), |pt| {
                     t.read_adapters(pt, device, kind)
                 })

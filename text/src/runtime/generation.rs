@@ -150,6 +150,10 @@ pub trait CausalLm {
     fn fork_cache(cache: &Self::Cache) -> Result<Self::Cache>;
     /// A batch-1 cache broadcast to `n` rows (a shared prefix for a batch of requests).
     fn repeat_cache(cache: &Self::Cache, n: i64) -> Result<Self::Cache>;
+    /// The device of its embedding and head (where inputs and logits live).
+    fn lm_device(&self) -> tch::Device;
+    /// The dtype of its weights.
+    fn lm_kind(&self) -> tch::Kind;
 }
 
 impl CausalLm for Decoder {
@@ -187,6 +191,12 @@ impl CausalLm for Decoder {
     fn repeat_cache(cache: &KvCache, n: i64) -> Result<KvCache> {
         cache.repeat_batch(n)
     }
+    fn lm_device(&self) -> tch::Device {
+        self.device()
+    }
+    fn lm_kind(&self) -> tch::Kind {
+        self.kind()
+    }
 }
 
 impl CausalLm for PtMoe {
@@ -220,6 +230,12 @@ impl CausalLm for PtMoe {
     }
     fn repeat_cache(cache: &PtMoeCache, n: i64) -> Result<PtMoeCache> {
         cache.repeat_batch(n)
+    }
+    fn lm_device(&self) -> tch::Device {
+        self.device()
+    }
+    fn lm_kind(&self) -> tch::Kind {
+        self.kind()
     }
 }
 

@@ -26,6 +26,11 @@ usage: tamm_ptmoe.py OUT_DIR
            MODEL_DIR (a folder this script wrote, with its tokenizer), one full forward per
            continuation or generated token: multiple choice log-likelihoods, greedy generations
            (stopping at EOS, <turn_end>, a stop string or max_new_tokens).
+       tamm_ptmoe.py check MODEL_DIR ADAPTER_DIR OUT.safetensors
+           tamm builds MODEL_DIR's model with the LoRA spec of ADAPTER_DIR/adapter-config.json
+           (what `afm-vl train lora` writes), loads the base weights and ADAPTER_DIR/adapter.pt
+           (strict=False: fails on an unexpected key or an adapter tensor left unloaded) and
+           writes its logits for PROMPTS (`ids_{k}`, `logits_{k}`).
 """
 
 import copy
@@ -187,9 +192,39 @@ def score(model_dir, requests, out):
     Path(out).write_text(json.dumps({"items": results}))
 
 
+def check(model_dir, adapter_dir, out):
+    """tamm's logits with a trained adapter, loaded the toolkit's way."""
+    d, a = Path(model_dir), Path(adapter_dir)
+    cfg = tamm_json.loads((d / "config.json").read_text())
+    cfg.adapters = tamm_json.loads((a / "adapter-config.json").read_text())
+    cfg.active_adapter = 0
+    model = cfg.create_model()
+    model.eval()
+    # The base weights under the adapted model's names (`….wrapped.…`).
+    base = torch.load(d / "model.pt")
+    want = model.state_dict()
+    sd = {k: base[k.replace(".wrapped.", ".")] for k in want if ".adapters." not in k}
+    res = model.load_state_dict(sd, strict=False)
+    if res.unexpected_keys or any(".adapters." not in k for k in res.missing_keys):
+        raise SystemExit(f"base weights do not fit: {res}")
+    res = model.load_state_dict(torch.load(a / "adapter.pt"), strict=False)
+    if res.unexpected_keys:
+        raise SystemExit(f"unexpected keys: {res.unexpected_keys[:5]}")
+    missing = [k for k in res.missing_keys if ".adapters." in k]
+    if missing:
+        raise SystemExit(f"adapter tensors not in adapter.pt: {missing[:5]}")
+    ref = {}
+    for k, ids in enumerate(PROMPTS):
+        ref[f"ids_{k}"] = torch.tensor(ids, dtype=torch.int64)
+        ref[f"logits_{k}"] = logits(model, ids).contiguous()
+    save_file(ref, out)
+
+
 def main():
     if sys.argv[1] == "score":
         return score(*sys.argv[2:5])
+    if sys.argv[1] == "check":
+        return check(*sys.argv[2:5])
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     scales = {}
