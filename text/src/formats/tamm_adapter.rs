@@ -680,7 +680,7 @@ pub fn save_adapter_of(
         // A plain linear: [in, r] / [r, out]; a vectorised one: [vec..., in, r] / [vec..., r, out].
         let stack = |v: Vec<Tensor>| -> Result<Tensor> {
             if l.vec.is_empty() {
-                return Ok(v.into_iter().next().unwrap_or_else(Tensor::new));
+                return Ok(v.into_iter().next().unwrap_or_default());
             }
             let s = Tensor::f_stack(&v, 0)?;
             let mut shape = l.vec.clone();
