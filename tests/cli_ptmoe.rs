@@ -668,3 +668,97 @@ fn train_lora_on_a_tamm_pt_moe_folder_writes_an_adapter_tamm_runs() {
         afm_text::lora::deactivate(&mut m.model).unwrap();
     }
 }
+
+/// A PT-MoE text model behind `describe`: a vision-language checkpoint (the demo architecture,
+/// random encoder/adapter/image-LoRA weights) whose `text_model` is a tamm PT-MoE folder.
+/// `describe --json` prints what the library describes, whose greedy tokens equal a fresh full
+/// forward over the spliced embeddings at every step (the visual tokens outnumber the window:
+/// the incremental rings wrap), and the image reaches the logits.
+#[test]
+fn describe_runs_a_pt_moe_text_model_behind_the_encoder() {
+    use afm_fusion::VisionLanguageModel;
+    use afm_text::generation::CausalLm;
+    use afm_text::ptmoe_model::PtMoeModel;
+    use afm_text::LanguageModel;
+    let tmp = tempfile::tempdir().unwrap();
+    let text_dir = tamm_models().join("cli");
+    let text = PtMoeModel::load(&text_dir, tch::Device::Cpu, afm_text::DType::F32).unwrap();
+    let hidden = text.model.cfg.hidden_size as i64;
+    let cfg = afm_fusion::train_demo::demo_config_for(hidden, 1.0, text_dir.to_str().unwrap());
+    let vlm_dir = tmp.path().join("vlm");
+    VisionLanguageModel::new(cfg, text, 5)
+        .unwrap()
+        .save(&vlm_dir)
+        .unwrap();
+    assert!(afm_fusion::model::has_ptmoe_text(&vlm_dir));
+    let image = repo().join("assets/images/landscape.jpg");
+    let o = afm(&[
+        "--device",
+        "cpu",
+        "describe",
+        "--model",
+        vlm_dir.to_str().unwrap(),
+        "--dtype",
+        "fp32",
+        "--max-tokens",
+        "8",
+        "--json",
+        image.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+
+    let m =
+        VisionLanguageModel::<PtMoeModel>::load(&vlm_dir, tch::Device::Cpu, afm_text::DType::F32)
+            .unwrap();
+    let tiled = m
+        .tiler(afm_vision::TileMode::Auto)
+        .unwrap()
+        .tile_path(&image)
+        .unwrap();
+    let opts = afm_text::GenerateOptions {
+        max_new_tokens: 8,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    let d = m.describe_tiled(&tiled, None, &opts, &mut |_| {}).unwrap();
+    assert_eq!(v["description"], d.text.as_str());
+    assert_eq!(v["visual_tokens"], d.visual_tokens);
+    assert!(d.visual_tokens > 4 * m.text.model.cfg.sliding_window);
+
+    // The reference: no cache reuse, one full forward over the spliced sequence per token.
+    let _g = tch::no_grad_guard();
+    let layout = m.assemble(None, tiled.num_tiles()).unwrap();
+    let ids = afm_text::generation::ids_tensor(&layout.ids).unwrap();
+    let visual = m.encode_image(&tiled).unwrap().unsqueeze(0);
+    let net = m.text.net();
+    let step_logits = |x: &tch::Tensor| {
+        net.forward_embeds_lm(x, None, &mut net.new_lm_cache(1), afm_text::Logits::Last)
+            .unwrap()
+    };
+    let mut x = m
+        .embed_with_image(&ids, &visual, layout.image_start as i64)
+        .unwrap();
+    let mut want = Vec::new();
+    for _ in 0..8 {
+        let next = step_logits(&x).argmax(-1, false).int64_value(&[0, 0]);
+        want.push(next as u32);
+        let e = net
+            .embed_ids(&tch::Tensor::from_slice(&[next]).view([1, 1]))
+            .unwrap();
+        x = tch::Tensor::cat(&[&x, &e], 1);
+    }
+    assert_eq!(d.generation.tokens, want);
+    // The image reaches the logits: the visual tokens zeroed move them.
+    let plain = m
+        .embed_with_image(&ids, &visual.zeros_like(), layout.image_start as i64)
+        .unwrap();
+    let with = m
+        .embed_with_image(&ids, &visual, layout.image_start as i64)
+        .unwrap();
+    let moved = (step_logits(&with) - step_logits(&plain))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(moved > 1e-3, "{moved}");
+}

@@ -2,16 +2,20 @@
 //! model's token embeddings → the text generator.
 //!
 //! The encoder and adapter share one `VarStore` (names `vision.*`, `adapter.*`, fp32, trainable);
-//! the text model is an ordinary [`TextModel`] (frozen, any dtype).
+//! the text model is an ordinary loaded text model (frozen, any dtype): the on-device decoder
+//! ([`TextModel`], the default) or the server model ([`afm_text::ptmoe_model::PtMoeModel`]);
+//! any [`LanguageModel`] whose network takes embeddings.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use afm_text::generation::{generate_from_logits, GenerateOptions, Generation};
-use afm_text::lora::LoraAdapter;
-use afm_text::{DType, Logits, TextModel};
+use afm_text::generation::{
+    generate_from_logits_lm, generate_lm, CausalLm, GenerateOptions, Generation,
+};
+use afm_text::lora::{LoraAdapter, LoraTarget};
+use afm_text::{DType, LanguageModel, Logits, TextModel};
 use afm_vision::{TileMode, TiledImage, Tiler, TilerConfig, VisionEncoder};
 
 use crate::adapter::Adapter;
@@ -19,13 +23,13 @@ use crate::config::{ImageLoraConfig, VlmConfig, CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{FusionError, Result};
 use crate::prompt::{assemble, splice, PromptLayout};
 
-pub struct VisionLanguageModel {
+pub struct VisionLanguageModel<L: LanguageModel = TextModel> {
     pub config: VlmConfig,
     /// Encoder + adapter parameters.
     pub vs: nn::VarStore,
     pub encoder: VisionEncoder,
     pub adapter: Adapter,
-    pub text: TextModel,
+    pub text: L,
     /// The image-conditioned LoRA (its tensors live in `vs`), when the config has one.
     pub image_lora: Option<LoraAdapter>,
     /// A user's LoRA adapter for the text model ([`Self::set_text_adapter`]), on for every
@@ -39,7 +43,7 @@ pub struct VisionLanguageModel {
     pub dir: Option<PathBuf>,
 }
 
-impl std::fmt::Debug for VisionLanguageModel {
+impl<L: LanguageModel> std::fmt::Debug for VisionLanguageModel<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VisionLanguageModel")
             .field("dir", &self.dir)
@@ -69,17 +73,17 @@ pub struct Description {
     pub timings: Timings,
 }
 
-impl VisionLanguageModel {
+impl<L: LanguageModel> VisionLanguageModel<L> {
     /// Fresh encoder + adapter (seeded) around a loaded text model.
-    pub fn new(config: VlmConfig, mut text: TextModel, seed: i64) -> Result<Self> {
-        let th = text.config().hidden_size as i64;
+    pub fn new(config: VlmConfig, mut text: L, seed: i64) -> Result<Self> {
+        let th = text.net().hidden_size() as i64;
         if config.adapter.text_hidden_size != th {
             return Err(FusionError::InvalidArgument(format!(
                 "adapter output width {} differs from the text model's hidden size {th}",
                 config.adapter.text_hidden_size
             )));
         }
-        let device = text.decoder.device();
+        let device = text.net().lm_device();
         let _lock = afm_text::weights::seed_global_rng(seed);
         let vs = nn::VarStore::new(device);
         let encoder = VisionEncoder::new(&(vs.root() / "vision"), &config.vision)?;
@@ -124,8 +128,8 @@ impl VisionLanguageModel {
             false => self.text_adapter.as_ref(),
         };
         match overlay {
-            Some(l) => l.activate(&mut self.text.decoder)?,
-            None => afm_text::lora::deactivate(&mut self.text.decoder)?,
+            Some(l) => l.activate(self.text.net_mut())?,
+            None => afm_text::lora::deactivate(self.text.net_mut())?,
         }
         Ok(())
     }
@@ -153,7 +157,19 @@ impl VisionLanguageModel {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         self.set_image_lora(false)?;
-        let out = self.text.generate_text(prompt, false, opts, on_text);
+        let out = self
+            .text
+            .tokenizer_or_err()
+            .and_then(|t| t.prompt_ids(prompt, false))
+            .and_then(|ids| {
+                generate_lm(
+                    self.text.net(),
+                    self.text.tokenizer_opt(),
+                    &ids,
+                    opts,
+                    on_text,
+                )
+            });
         self.set_image_lora(true)?;
         Ok(out?)
     }
@@ -178,7 +194,7 @@ impl VisionLanguageModel {
                 ),
             ));
         }
-        let text = TextModel::load(&text_dir, device, dtype)?;
+        let text = L::load_dir(&text_dir, device, dtype)?;
         let mut model = Self::new(config, text, 0)?;
         model.load_weights(&dir.join(WEIGHTS_FILE))?;
         model.dir = Some(dir.to_path_buf());
@@ -289,7 +305,7 @@ impl VisionLanguageModel {
 
     /// The prompt with `tiles` runs of placeholders.
     pub fn assemble(&self, prompt: Option<&str>, tiles: usize) -> Result<PromptLayout> {
-        let tok = self.text.tokenizer()?;
+        let tok = self.text.tokenizer_or_err()?;
         let prompt = prompt.unwrap_or(&self.config.default_prompt);
         assemble(
             tok,
@@ -304,9 +320,8 @@ impl VisionLanguageModel {
     pub fn embed_with_image(&self, ids: &Tensor, visual: &Tensor, start: i64) -> Result<Tensor> {
         let emb = self
             .text
-            .decoder
-            .embed
-            .forward(&ids.f_to_device(self.device())?)?;
+            .net()
+            .embed_ids(&ids.f_to_device(self.device())?)?;
         splice(&emb, visual, start)
     }
 
@@ -323,7 +338,7 @@ impl VisionLanguageModel {
         let visual = self.encode_image(tiled)?; // [N, H]
         let encode_s = t0.elapsed().as_secs_f64();
         let layout = self.assemble(prompt, tiled.num_tiles())?;
-        let ctx = self.text.config().max_position_embeddings;
+        let ctx = self.text.net().context_len();
         if layout.ids.len() >= ctx {
             return Err(afm_text::TextError::ContextOverflow {
                 tokens: layout.ids.len(),
@@ -335,13 +350,13 @@ impl VisionLanguageModel {
         let t1 = Instant::now();
         let ids = afm_text::generation::ids_tensor(&layout.ids)?;
         let x = self.embed_with_image(&ids, &visual.f_unsqueeze(0)?, layout.image_start as i64)?;
-        let decoder = &self.text.decoder;
-        let mut cache = decoder.new_cache(1);
-        let logits = decoder.forward_embeds(&x, None, &mut cache, Logits::Last)?;
+        let decoder = self.text.net();
+        let mut cache = decoder.new_lm_cache(1);
+        let logits = decoder.forward_embeds_lm(&x, None, &mut cache, Logits::Last)?;
         let prefill_s = t1.elapsed().as_secs_f64();
-        let mut generation = generate_from_logits(
+        let mut generation = generate_from_logits_lm(
             decoder,
-            self.text.tokenizer.as_ref(),
+            self.text.tokenizer_opt(),
             &mut cache,
             &logits,
             &layout.ids,
@@ -393,16 +408,25 @@ impl VisionLanguageModel {
 
     /// The text model's compute kind.
     pub fn text_kind(&self) -> Kind {
-        self.text.decoder.kind()
+        self.text.net().lm_kind()
     }
+}
+
+/// Whether the vision-language checkpoint in `dir` puts a PT-MoE model (ours or a tamm
+/// folder) behind its vision encoder; reads only the configs (a broken one reads as `false`,
+/// and loading reports it).
+pub fn has_ptmoe_text(dir: &Path) -> bool {
+    VlmConfig::from_file(&dir.join(CONFIG_FILE))
+        .map(|c| afm_text::ptmoe_model::is_ptmoe_dir(&c.text_dir(dir)))
+        .unwrap_or(false)
 }
 
 /// LoRA variables under `lora.{module}` in `vs` for every text linear matching a target (A
 /// small random, B zero: the text model starts unchanged), as an adapter sharing them.
-fn image_lora_vars(
+fn image_lora_vars<L: LanguageModel>(
     vs: &nn::VarStore,
     cfg: &ImageLoraConfig,
-    text: &mut TextModel,
+    text: &mut L,
 ) -> Result<LoraAdapter> {
     if cfg.rank < 1 {
         return Err(FusionError::InvalidArgument(format!(
@@ -411,7 +435,7 @@ fn image_lora_vars(
         )));
     }
     let mut modules = Vec::new();
-    for (name, lin) in text.decoder.linears_mut() {
+    for (name, lin) in text.net_mut().lora_linears() {
         if !cfg.targets.iter().any(|t| name.ends_with(t.as_str())) {
             continue;
         }

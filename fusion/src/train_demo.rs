@@ -49,6 +49,16 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
             .double_value(&[]),
         None => 1.0,
     };
+    Ok(demo_config_for(
+        text.config().hidden_size as i64,
+        emb_rms,
+        text_model,
+    ))
+}
+
+/// The demo architecture for a text model of width `text_hidden` whose token embeddings have
+/// RMS `emb_rms` (the adapter's output norm starts there), at `text_model`.
+pub fn demo_config_for(text_hidden: i64, emb_rms: f64, text_model: &str) -> VlmConfig {
     let vision = VitConfig {
         hidden_size: 128,
         num_hidden_layers: 4,
@@ -70,11 +80,11 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
         // nearly a local feature (a plain ViT learnt colours here but hardly any shapes).
         conv_stem: vec![32, 64, 96, 128],
     };
-    Ok(VlmConfig {
+    VlmConfig {
         model_type: "afm-vl".into(),
         vision,
         adapter: AdapterConfig {
-            text_hidden_size: text.config().hidden_size as i64,
+            text_hidden_size: text_hidden,
             pool: 3,
             keep_registers: true,
             output_norm: true,
@@ -107,7 +117,7 @@ pub fn demo_config(text: &TextModel, text_model: &str) -> Result<VlmConfig> {
                 and a few written words; it knows nothing else."
             .into(),
         demo: true,
-    })
+    }
 }
 
 /// What the stage-1 tile head reads from each tile's encoder output.

@@ -255,6 +255,21 @@ impl<M: CausalLm> CausalLm for Interruptible<'_, M> {
     fn lm_kind(&self) -> Kind {
         self.decoder.lm_kind()
     }
+    fn hidden_size(&self) -> usize {
+        self.decoder.hidden_size()
+    }
+    fn embed_ids(&self, ids: &Tensor) -> afm_text::Result<Tensor> {
+        self.decoder.embed_ids(ids)
+    }
+    fn forward_embeds_lm(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut M::Cache,
+        logits: Logits,
+    ) -> afm_text::Result<Tensor> {
+        self.decoder.forward_embeds_lm(x, mask, cache, logits)
+    }
 }
 
 /// Generate on `model` from `prompt`, streaming pieces to `stream` (Ctrl-C and an error the

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use afm_fusion::VisionLanguageModel;
-use afm_text::DType;
+use afm_text::generation::CausalLm as _;
+use afm_text::{DType, LanguageModel};
 use afm_vision::{TileMode, TiledImage};
 use anyhow::Context as _;
 use rayon::prelude::*;
@@ -131,7 +132,7 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// Say once, on stderr, that a demo checkpoint cannot describe real photos.
-pub fn notice_demo(model: &VisionLanguageModel, dir: &Path, quiet: bool) {
+pub fn notice_demo<L: LanguageModel>(model: &VisionLanguageModel<L>, dir: &Path, quiet: bool) {
     if !quiet && model.config.is_demo() {
         eprintln!(
             "note: {} is the demo checkpoint: it knows only generated scenes of coloured shapes \
@@ -142,16 +143,26 @@ pub fn notice_demo(model: &VisionLanguageModel, dir: &Path, quiet: bool) {
 }
 
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
-    let mode: TileMode = a.mode.parse()?;
-    let opts = a.sampling.options()?;
-    let device = ctx.device()?;
-    let dtype = DType::parse(&a.dtype, device)?;
     let dir = match &a.model {
         Some(d) => d.clone(),
         None => default_vlm_dir()?,
     };
+    // The server model (PT-MoE) behind the encoder, or the on-device decoder.
+    if afm_fusion::model::has_ptmoe_text(&dir) {
+        describe_all::<afm_text::ptmoe_model::PtMoeModel>(ctx, &a, &dir)
+    } else {
+        describe_all::<afm_text::TextModel>(ctx, &a, &dir)
+    }
+}
+
+fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow::Result<()> {
+    let mode: TileMode = a.mode.parse()?;
+    let opts = a.sampling.options()?;
+    let device = ctx.device()?;
+    let dtype = DType::parse(&a.dtype, device)?;
+    let dir = dir.to_path_buf();
     let t0 = Instant::now();
-    let mut model = VisionLanguageModel::load(&dir, device, dtype).with_context(|| {
+    let mut model = VisionLanguageModel::<L>::load(&dir, device, dtype).with_context(|| {
         if a.model.is_none() && !dir.exists() {
             format!(
                 "loading the demo checkpoint (run `make setup` to put it in {})",
@@ -273,7 +284,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
             super::generate::notice_stop(
                 ctx.quiet,
                 d.generation.stop_reason,
-                model.text.decoder.cfg.max_position_embeddings,
+                model.text.net().context_len(),
             );
             if a.sampling.stats {
                 bar.suspend(|| eprintln!(

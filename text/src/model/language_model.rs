@@ -11,7 +11,9 @@ use crate::model::ptmoe_model::PtMoeModel;
 use crate::model::{DType, TextModel};
 use crate::tokenizer::Tokenizer;
 
-pub trait LanguageModel {
+pub trait LanguageModel: Sized {
+    /// Load a model directory of this kind with its tokenizer.
+    fn load_dir(dir: &Path, device: tch::Device, dtype: DType) -> Result<Self>;
     /// The network: a causal LM whose linear layers take LoRA overlays.
     type Net: CausalLm + LoraTarget;
     fn net(&self) -> &Self::Net;
@@ -37,6 +39,9 @@ pub trait LanguageModel {
 
 impl LanguageModel for TextModel {
     type Net = crate::decoder::Decoder;
+    fn load_dir(dir: &Path, device: tch::Device, dtype: DType) -> Result<Self> {
+        TextModel::load(dir, device, dtype)
+    }
     fn net(&self) -> &Self::Net {
         &self.decoder
     }
@@ -59,6 +64,9 @@ impl LanguageModel for TextModel {
 
 impl LanguageModel for PtMoeModel {
     type Net = crate::ptmoe::PtMoe;
+    fn load_dir(dir: &Path, device: tch::Device, dtype: DType) -> Result<Self> {
+        PtMoeModel::load(dir, device, dtype)
+    }
     fn net(&self) -> &Self::Net {
         &self.model
     }

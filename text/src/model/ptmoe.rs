@@ -746,16 +746,59 @@ impl PtMoe {
         logits: Logits,
         blocks: usize,
     ) -> Result<(Tensor, Tensor)> {
+        let size = ids.size();
+        if size.len() != 2 {
+            return Err(TextError::InvalidArgument(format!(
+                "token ids must be [batch, seq], got {size:?}"
+            )));
+        }
+        let x = self.embed_ids(ids)?;
+        self.forward_embeds_blocks(&x, mask, cache, logits, blocks)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` of `ids` in the compute dtype.
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .embed
+            .forward(&ids.f_to_device(self.device)?)?
+            .f_to_kind(self.kind)?)
+    }
+
+    /// Run embeddings `x` (`[batch, seq, hidden]`: token embeddings with, e.g., visual tokens
+    /// spliced in), extending `cache`; fp32 logits.
+    pub fn forward_embeds(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        let x = x.f_to_device(self.device)?.f_to_kind(self.kind)?;
+        Ok(self
+            .forward_embeds_blocks(&x, mask, cache, logits, self.blocks.len())?
+            .0)
+    }
+
+    /// [`PtMoe::forward_blocks`] from embeddings `x` (`[batch, seq, hidden]`).
+    fn forward_embeds_blocks(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+        blocks: usize,
+    ) -> Result<(Tensor, Tensor)> {
         if blocks == 0 || blocks > self.blocks.len() {
             return Err(TextError::InvalidArgument(format!(
                 "a PT-MoE prefix needs 1 to {} track blocks, got {blocks}",
                 self.blocks.len()
             )));
         }
-        let size = ids.size();
-        if size.len() != 2 {
+        let size = x.size();
+        if size.len() != 3 || size[2] != self.cfg.hidden_size as i64 {
             return Err(TextError::InvalidArgument(format!(
-                "token ids must be [batch, seq], got {size:?}"
+                "embeddings must be [batch, seq, {}], got {size:?}",
+                self.cfg.hidden_size
             )));
         }
         let (b, s) = (size[0], size[1]);
@@ -781,10 +824,7 @@ impl PtMoe {
                 context: ctx as usize,
             });
         }
-        let mut x = self
-            .embed
-            .forward(&ids.f_to_device(self.device)?)?
-            .f_to_kind(self.kind)?;
+        let mut x = x.shallow_clone();
         let mut positions = None;
         for c in &mut cache.tracks {
             let p = c.begin_step(s, mask)?;

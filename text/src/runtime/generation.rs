@@ -154,6 +154,19 @@ pub trait CausalLm {
     fn lm_device(&self) -> tch::Device;
     /// The dtype of its weights.
     fn lm_kind(&self) -> tch::Kind;
+    /// The width of its token embeddings.
+    fn hidden_size(&self) -> usize;
+    /// Token embeddings `[batch, seq, hidden]` of `ids` (`[batch, seq]`).
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor>;
+    /// [`CausalLm::forward_lm`] from embeddings (token embeddings with, e.g., visual tokens
+    /// spliced in).
+    fn forward_embeds_lm(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Self::Cache,
+        logits: Logits,
+    ) -> Result<Tensor>;
 }
 
 impl CausalLm for Decoder {
@@ -197,6 +210,21 @@ impl CausalLm for Decoder {
     fn lm_kind(&self) -> tch::Kind {
         self.kind()
     }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed.forward(&ids.f_to_device(self.device())?)
+    }
+    fn forward_embeds_lm(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        self.forward_embeds(x, mask, cache, logits)
+    }
 }
 
 impl CausalLm for PtMoe {
@@ -236,6 +264,21 @@ impl CausalLm for PtMoe {
     }
     fn lm_kind(&self) -> tch::Kind {
         self.kind()
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        PtMoe::embed_ids(self, ids)
+    }
+    fn forward_embeds_lm(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut PtMoeCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        self.forward_embeds(x, mask, cache, logits)
     }
 }
 
