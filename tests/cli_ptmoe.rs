@@ -313,6 +313,20 @@ fn generate_on_a_tamm_pt_moe_folder_gives_tamms_greedy_text() {
     assert!(stderr(&o).contains("self:N"), "{}", stderr(&o));
 }
 
+/// fp32 logits `[seq, vocab]` of a full forward over the 1-D `ids`.
+fn full_logits(m: &afm_text::ptmoe_model::PtMoeModel, ids: &tch::Tensor) -> tch::Tensor {
+    use afm_text::generation::CausalLm;
+    m.model
+        .forward_lm(
+            &ids.view([1, -1]),
+            None,
+            &mut m.model.new_lm_cache(1),
+            afm_text::Logits::All,
+        )
+        .unwrap()
+        .squeeze_dim(0)
+}
+
 /// `eval --model` on a tamm PT-MoE folder: every item's log-likelihoods (few-shot MMLU with a
 /// shared prefix, MMMLU, JSONL multiple choice with multi-token continuations) within 1e-4 of
 /// tamm's and the JSONL generations identical, scored by tamm from the exact token ids eval
@@ -424,9 +438,8 @@ fn eval_on_a_tamm_pt_moe_folder_scores_as_tamm() {
 /// or a corrupt one, is a one-line error.
 #[test]
 fn toolkit_adapter_file_on_a_tamm_pt_moe_gives_tamms_adapted_logits() {
-    use afm_text::generation::CausalLm;
     use afm_text::ptmoe_model::PtMoeModel;
-    use afm_text::{DType, Logits};
+    use afm_text::DType;
     let models = tamm_models();
     let base = models.join("lora/toolkit");
     let adapter = base.join("adapter.pt");
@@ -439,21 +452,10 @@ fn toolkit_adapter_file_on_a_tamm_pt_moe_gives_tamms_adapted_logits() {
             .unwrap()
     };
     let mut m = PtMoeModel::load(&base, tch::Device::Cpu, DType::F32).unwrap();
-    let logits = |m: &PtMoeModel, ids: &tch::Tensor| {
-        m.model
-            .forward_lm(
-                &ids.view([1, -1]),
-                None,
-                &mut m.model.new_lm_cache(1),
-                Logits::All,
-            )
-            .unwrap()
-            .squeeze_dim(0)
-    };
     let a = m.load_adapter(&adapter).unwrap();
     for k in 0..3 {
         let ids = get(&adapted, &format!("ids_{k}"));
-        let d = (logits(&m, &ids) - get(&plain, &format!("base_{k}")))
+        let d = (full_logits(&m, &ids) - get(&plain, &format!("base_{k}")))
             .abs()
             .max()
             .double_value(&[]);
@@ -462,7 +464,7 @@ fn toolkit_adapter_file_on_a_tamm_pt_moe_gives_tamms_adapted_logits() {
     a.activate(&mut m.model).unwrap();
     for k in 0..3 {
         let ids = get(&adapted, &format!("ids_{k}"));
-        let d = (logits(&m, &ids) - get(&adapted, &format!("logits_{k}")))
+        let d = (full_logits(&m, &ids) - get(&adapted, &format!("logits_{k}")))
             .abs()
             .max()
             .double_value(&[]);
@@ -571,7 +573,6 @@ fn eval_backend_batches_pt_moe_rows_as_full_forwards() {
 /// unexpected or missing) with tamm's adapted logits = ours from either file ≤ 1e-4.
 #[test]
 fn train_lora_on_a_tamm_pt_moe_folder_writes_an_adapter_tamm_runs() {
-    use afm_text::generation::CausalLm;
     use afm_text::ptmoe_model::PtMoeModel;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tamm_models().join("cli");
@@ -636,26 +637,15 @@ fn train_lora_on_a_tamm_pt_moe_folder_writes_an_adapter_tamm_runs() {
             .into_iter()
             .collect();
     let mut m = PtMoeModel::load(&dir, tch::Device::Cpu, afm_text::DType::F32).unwrap();
-    let logits = |m: &PtMoeModel, ids: &tch::Tensor| {
-        m.model
-            .forward_lm(
-                &ids.view([1, -1]),
-                None,
-                &mut m.model.new_lm_cache(1),
-                afm_text::Logits::All,
-            )
-            .unwrap()
-            .squeeze_dim(0)
-    };
     let base: Vec<tch::Tensor> = (0..3)
-        .map(|k| logits(&m, &r[&format!("ids_{k}")]))
+        .map(|k| full_logits(&m, &r[&format!("ids_{k}")]))
         .collect();
     for file in [out.clone(), out.join("adapter.pt")] {
         let a = m.load_adapter(&file).unwrap();
         assert!(a.modules().all(|n| !n.contains(".experts.")));
         a.activate(&mut m.model).unwrap();
         for (k, b) in base.iter().enumerate() {
-            let got = logits(&m, &r[&format!("ids_{k}")]);
+            let got = full_logits(&m, &r[&format!("ids_{k}")]);
             let want = &r[&format!("logits_{k}")];
             let d = (&got - want).abs().max().double_value(&[]);
             let moved = (&got - b).abs().max().double_value(&[]);

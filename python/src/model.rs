@@ -442,6 +442,14 @@ impl Model {
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype, device)?;
+        if afm_fusion::model::has_ptmoe_text(&path) {
+            return Err(PyValueError::new_err(format!(
+                "{}: its text model is a PT-MoE model; the wheel describes with an on-device \
+                 text model (run `afm-vl describe --model {}` for this checkpoint)",
+                path.display(),
+                path.display()
+            )));
+        }
         let vlm = py
             .allow_threads(|| VisionLanguageModel::load(&path, device, dtype))
             .map_err(|e| errors::fusion(e, Some(&format!("loading {}", path.display()))))?;

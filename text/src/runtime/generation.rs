@@ -169,116 +169,76 @@ pub trait CausalLm {
     ) -> Result<Tensor>;
 }
 
+/// The [`CausalLm`] items the on-device decoder and PT-MoE implement alike (same method
+/// names on the model, its config and its cache `$cache`).
+macro_rules! causal_lm_common {
+    ($cache:ty) => {
+        type Cache = $cache;
+        fn forward_lm(
+            &self,
+            ids: &Tensor,
+            mask: Option<&Tensor>,
+            cache: &mut $cache,
+            logits: Logits,
+        ) -> Result<Tensor> {
+            self.forward(ids, mask, cache, logits)
+        }
+        fn new_lm_cache(&self, batch: i64) -> $cache {
+            self.new_cache(batch)
+        }
+        fn cache_len(cache: &$cache) -> i64 {
+            cache.len()
+        }
+        fn eos_ids(&self) -> Vec<u32> {
+            self.cfg.eos_ids()
+        }
+        fn context_len(&self) -> usize {
+            self.cfg.max_position_embeddings
+        }
+        fn vocab_size(&self) -> usize {
+            self.cfg.vocab_size
+        }
+        fn fork_cache(cache: &$cache) -> Result<$cache> {
+            cache.fork()
+        }
+        fn repeat_cache(cache: &$cache, n: i64) -> Result<$cache> {
+            cache.repeat_batch(n)
+        }
+        fn lm_device(&self) -> tch::Device {
+            self.device()
+        }
+        fn lm_kind(&self) -> tch::Kind {
+            self.kind()
+        }
+        fn hidden_size(&self) -> usize {
+            self.cfg.hidden_size
+        }
+        fn forward_embeds_lm(
+            &self,
+            x: &Tensor,
+            mask: Option<&Tensor>,
+            cache: &mut $cache,
+            logits: Logits,
+        ) -> Result<Tensor> {
+            self.forward_embeds(x, mask, cache, logits)
+        }
+    };
+}
+
 impl CausalLm for Decoder {
-    type Cache = KvCache;
-    fn forward_lm(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        self.forward(ids, mask, cache, logits)
-    }
-    fn new_lm_cache(&self, batch: i64) -> KvCache {
-        self.new_cache(batch)
-    }
-    fn cache_len(cache: &KvCache) -> i64 {
-        cache.len()
-    }
+    causal_lm_common!(KvCache);
     fn set_first_token_pass(cache: &mut KvCache, on: bool) {
         cache.set_first_token_pass(on);
-    }
-    fn eos_ids(&self) -> Vec<u32> {
-        self.cfg.eos_ids()
-    }
-    fn context_len(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-    fn fork_cache(cache: &KvCache) -> Result<KvCache> {
-        cache.fork()
-    }
-    fn repeat_cache(cache: &KvCache, n: i64) -> Result<KvCache> {
-        cache.repeat_batch(n)
-    }
-    fn lm_device(&self) -> tch::Device {
-        self.device()
-    }
-    fn lm_kind(&self) -> tch::Kind {
-        self.kind()
-    }
-    fn hidden_size(&self) -> usize {
-        self.cfg.hidden_size
     }
     fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed.forward(&ids.f_to_device(self.device())?)
     }
-    fn forward_embeds_lm(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        self.forward_embeds(x, mask, cache, logits)
-    }
 }
 
 impl CausalLm for PtMoe {
-    type Cache = PtMoeCache;
-    fn forward_lm(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut PtMoeCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        self.forward(ids, mask, cache, logits)
-    }
-    fn new_lm_cache(&self, batch: i64) -> PtMoeCache {
-        self.new_cache(batch)
-    }
-    fn cache_len(cache: &PtMoeCache) -> i64 {
-        cache.len()
-    }
-    fn eos_ids(&self) -> Vec<u32> {
-        self.cfg.eos_ids()
-    }
-    fn context_len(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-    fn fork_cache(cache: &PtMoeCache) -> Result<PtMoeCache> {
-        cache.fork()
-    }
-    fn repeat_cache(cache: &PtMoeCache, n: i64) -> Result<PtMoeCache> {
-        cache.repeat_batch(n)
-    }
-    fn lm_device(&self) -> tch::Device {
-        self.device()
-    }
-    fn lm_kind(&self) -> tch::Kind {
-        self.kind()
-    }
-    fn hidden_size(&self) -> usize {
-        self.cfg.hidden_size
-    }
+    causal_lm_common!(PtMoeCache);
     fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         PtMoe::embed_ids(self, ids)
-    }
-    fn forward_embeds_lm(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut PtMoeCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        self.forward_embeds(x, mask, cache, logits)
     }
 }
 
