@@ -4,7 +4,8 @@
 //! random norm weights including the QK-norms, router logits of order 30–100 so the soft cap
 //! changes the routing weights, one model with every optional norm, another layer pattern,
 //! sum combine and unscaled QK-norm, one saved with a tamm LoRA adapter on every track's
-//! attention and dense FFN) load through `PtMoe::load` and give tamm's logits: full
+//! attention and dense FFN, one with the experts adapted too, whose reference is tamm with the
+//! expert LoRAs merged into the expert weights since tamm 0.2.0 cannot run them) load through `PtMoe::load` and give tamm's logits: full
 //! forward, incremental decoding through wrapped rings, a left-padded batch, concurrent tracks
 //! = sequential, identical greedy continuations, and `convert tamm` gives the same model in our
 //! safetensors layout. The default configuration's state-dict
@@ -167,7 +168,7 @@ fn check_case(name: &str, dir: &Path) {
         .forward(&ids(seq), None, &mut mc.new_cache(1), Logits::All)
         .unwrap();
     let d = max_abs_diff(&lc, &sequential);
-    if name == "lora" {
+    if name.starts_with("lora") {
         // The checkpoint's adapter merged into the weights: the same model up to rounding.
         assert!(d <= TOL, "{name}: converted model max |Δ| {d}");
     } else {
@@ -180,7 +181,7 @@ fn check_case(name: &str, dir: &Path) {
     let t = TammPtMoe::read(&cfg_path).unwrap();
     let w = t.load_weights(&pt, Device::Cpu, Kind::Float).unwrap();
     let want = &r["logits_0"];
-    if name == "lora" {
+    if name.starts_with("lora") {
         // The adapter matters: the base weights alone are not tamm's adapted model.
         let base = PtMoe::new(&t.cfg, &w, &[]).unwrap();
         let l = base
@@ -190,6 +191,16 @@ fn check_case(name: &str, dir: &Path) {
         let d = max_abs_diff(&l, want);
         eprintln!("{name}: without the adapter the logits move by {d:.2e}");
         assert!(d > 1e-2, "{name}: the adapter changes nothing ({d})");
+        let (_, a) = t
+            .load_weights_and_adapter(&pt, Device::Cpu, Kind::Float)
+            .unwrap();
+        let experts = a
+            .unwrap()
+            .modules()
+            .filter(|m| m.contains(".experts."))
+            .count();
+        // 2 tracks × 4 experts × 3 projections in each of the 2 MoE layers, or none.
+        assert_eq!(experts, if name == "lora_moe" { 48 } else { 0 }, "{name}");
     }
     for (what, cfg) in [
         ("no router cap", {
@@ -225,7 +236,7 @@ fn tamm_pt_moe_logits_batches_and_greedy_match() {
         .status()
         .unwrap();
     assert!(status.success(), "reference script failed");
-    for name in ["plain", "norms", "lora"] {
+    for name in ["plain", "norms", "lora", "lora_moe"] {
         check_case(name, &tmp.path().join(name));
     }
 

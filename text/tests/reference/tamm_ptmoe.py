@@ -10,6 +10,11 @@ and 12-token greedy continuations (full forward every step), and the logits of e
 of prompt + continuation, into `reference.safetensors`. `lora/` is a model saved with a tamm
 LoRA adapter (per track, on attention and the dense FFNs) in its config and state dict.
 
+`lora_moe/` adapts the experts too (`adapt_moe=True`). tamm 0.2.0 cannot run that model (its
+batched LoRA meets the dispatched expert inputs with mismatched shapes), so its reference is
+tamm's forward with each expert's LoRA merged into the expert weights (`W + α/r · A·B`, the
+same function) and the other adapters running as LoRAs.
+
 `lora/toolkit/` is the adapter toolkit's way of shipping the same adapter: the base checkpoint
 with the adapter spec in its config and the adapter's B at zero (`model.pt`), the trained adapter
 alone in `adapter.pt`; its `reference.safetensors` holds the base's logits (`base_{k}`).
@@ -41,6 +46,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tamm.models.afm_text.afm_pt_moe import AFMParallelTrackMoEConfig
+from tamm._adapters_v1.model_adapters.lora import LoRAModelAdapter
 from tamm.utils import json as tamm_json
 
 PROMPTS = [
@@ -98,8 +104,6 @@ def lora_case():
     adapted; the experts are not either (`adapt_moe=False`): tamm 0.2.0's own forward fails
     with expert LoRAs (its batched LoRA meets the dispatched expert inputs with mismatched
     shapes), so it cannot serve as their reference."""
-    from tamm._adapters_v1.model_adapters.lora import LoRAModelAdapter
-
     return dict(BASE, adapters={"tuned": LoRAModelAdapter(rank=2, alpha=4.0, adapt_moe=False)})
 
 
@@ -131,6 +135,43 @@ def greedy(model, ids, n):
     for _ in range(n):
         out.append(int(logits(model, out)[-1].argmax()))
     return out[len(ids):]
+
+
+def lora_moe(out):
+    """The expert-adapted model, saved as is, and its reference through merged experts."""
+    kw = dict(BASE, adapters={"tuned": LoRAModelAdapter(rank=2, alpha=4.0, adapt_moe=True)})
+    cfg, model = build(11, kw, 0.15)
+    d = out / "lora_moe"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(tamm_json.dumps(cfg, indent=2))
+    sd = model.state_dict()
+    torch.save(sd, d / "model.pt")
+    # tamm's model without expert adapters, the expert LoRAs merged into the expert weights.
+    ref_kw = dict(BASE, adapters={"tuned": LoRAModelAdapter(rank=2, alpha=4.0, adapt_moe=False)})
+    ref_model = AFMParallelTrackMoEConfig(**ref_kw).create_model()
+    ref_model.eval()
+    scale = 4.0 / 2
+    merged, n = {}, 0
+    for k in ref_model.state_dict():
+        merged[k] = sd[k]
+        # An expert weight (`….experts.<module>.wrapped.weight`, no adapter here) gets its LoRA.
+        base = k[: -len(".wrapped.weight")]
+        if ".experts." in k and k.endswith(".wrapped.weight") and f"{base}.adapters.tuned.a_transpose" in sd:
+            a = sd[f"{base}.adapters.tuned.a_transpose"]  # [T, E, in, r]
+            b = sd[f"{base}.adapters.tuned.b_transpose"]  # [T, E, r, out]
+            merged[k] = sd[k] + scale * torch.matmul(a, b)
+            n += 1
+    assert n > 0, "no expert LoRA merged"
+    ref_model.load_state_dict(merged, strict=True)
+    ref = {}
+    for k, ids in enumerate(PROMPTS):
+        ref[f"ids_{k}"] = torch.tensor(ids, dtype=torch.int64)
+        ref[f"logits_{k}"] = logits(ref_model, ids).contiguous()
+        gen = greedy(ref_model, ids, 12)
+        ref[f"gen_{k}"] = torch.tensor(gen, dtype=torch.int64)
+        ref[f"full_{k}"] = logits(ref_model, ids + gen).contiguous()
+    save_file(ref, str(d / "reference.safetensors"))
+    return max(float(ref[f"logits_{k}"].abs().max()) for k in range(len(PROMPTS)))
 
 
 def toolkit(model, cfg, d):
@@ -248,6 +289,7 @@ def main():
         if name == "lora":
             toolkit(model, cfg, d / "toolkit")
         scales[name] = max(float(ref[f"logits_{k}"].abs().max()) for k in range(len(PROMPTS)))
+    scales["lora_moe"] = lora_moe(out)
     # A model with tamm's AFM tokenizer beside it (the toolkit's layout) for the CLI and the
     # wheel: the text of a raw prompt's greedy continuation, stopping at EOS or <turn_end>.
     from tamm_afm import train_tokenizer
