@@ -698,9 +698,12 @@ fn describe_runs_a_pt_moe_text_model_behind_the_encoder() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
 
-    let m =
-        VisionLanguageModel::<PtMoeModel>::load(&vlm_dir, tch::Device::Cpu, afm_text::DType::F32)
-            .unwrap();
+    let m = VisionLanguageModel::<PtMoeModel>::load_any(
+        &vlm_dir,
+        tch::Device::Cpu,
+        afm_text::DType::F32,
+    )
+    .unwrap();
     let tiled = m
         .tiler(afm_vision::TileMode::Auto)
         .unwrap()

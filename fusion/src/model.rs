@@ -174,8 +174,9 @@ impl<L: LanguageModel> VisionLanguageModel<L> {
         Ok(out?)
     }
 
-    /// Load a checkpoint directory (see [`crate::config`]).
-    pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
+    /// Load a checkpoint directory (see [`crate::config`]) whose text model is an `L`
+    /// ([`has_ptmoe_text`] tells which); [`VisionLanguageModel::load`] for the on-device one.
+    pub fn load_any(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
         if !dir.is_dir() {
             return Err(FusionError::checkpoint(
                 dir,
@@ -409,6 +410,13 @@ impl<L: LanguageModel> VisionLanguageModel<L> {
     /// The text model's compute kind.
     pub fn text_kind(&self) -> Kind {
         self.text.net().lm_kind()
+    }
+}
+
+impl VisionLanguageModel<TextModel> {
+    /// Load a checkpoint directory (see [`crate::config`]) with an on-device text model.
+    pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
+        Self::load_any(dir, device, dtype)
     }
 }
 

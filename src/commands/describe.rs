@@ -162,7 +162,7 @@ fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow
     let dtype = DType::parse(&a.dtype, device)?;
     let dir = dir.to_path_buf();
     let t0 = Instant::now();
-    let mut model = VisionLanguageModel::<L>::load(&dir, device, dtype).with_context(|| {
+    let mut model = VisionLanguageModel::<L>::load_any(&dir, device, dtype).with_context(|| {
         if a.model.is_none() && !dir.exists() {
             format!(
                 "loading the demo checkpoint (run `make setup` to put it in {})",
