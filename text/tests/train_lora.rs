@@ -188,7 +188,11 @@ fn pt_moe_trains_resumes_and_reloads() {
         let shapes = afm_text::ptmoe::ptmoe_weight_shapes(&cfg_m);
         let w = afm_text::weights::WeightMap::random(&shapes, 7, 0.3, Device::Cpu, Kind::Float)
             .unwrap();
-        PtMoe::new(&cfg_m, &w, &[]).unwrap()
+        let mut m = PtMoe::new(&cfg_m, &w, &[]).unwrap();
+        // Bit-exact comparisons across runs: concurrent tracks split the intra-op threads
+        // between them as they start, which changes float summation order from run to run.
+        m.set_exec(afm_text::TrackExec::Sequential);
+        m
     };
     let lm_logits = |m: &PtMoe, ids: &[u32]| {
         m.forward_lm(
