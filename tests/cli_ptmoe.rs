@@ -531,7 +531,12 @@ fn eval_backend_batches_pt_moe_rows_as_full_forwards() {
     use afm_eval::text_backend::TextBackend;
     use afm_text::generation::CausalLm;
     let dir = tamm_models().join("cli");
-    let mut b = TextBackend::load_ptmoe(&dir, tch::Device::Cpu, afm_text::DType::F32).unwrap();
+    let mut b = TextBackend::<afm_text::ptmoe_model::PtMoeModel>::from_dir(
+        &dir,
+        tch::Device::Cpu,
+        afm_text::DType::F32,
+    )
+    .unwrap();
     let m = afm_text::ptmoe_model::PtMoeModel::load(&dir, tch::Device::Cpu, afm_text::DType::F32)
         .unwrap();
     let prefix: Vec<u32> = (0..20).map(|i| 40 + 7 * i).collect();

@@ -45,18 +45,7 @@ impl TextBackend<TextModel> {
     /// Load an on-device model folder (config.json, model.safetensors, tokenizer.json, or a
     /// tamm folder).
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
-        let model = TextModel::load(dir, device, dtype).map_err(be)?;
-        model.tokenizer().map_err(be)?;
-        Ok(Self::new(model, dir_name(dir)))
-    }
-}
-
-impl TextBackend<PtMoeModel> {
-    /// Load a PT-MoE folder (ours, or tamm's config + `.pt`) with its tokenizer.
-    pub fn load_ptmoe(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
-        let model = PtMoeModel::load(dir, device, dtype).map_err(be)?;
-        model.tokenizer().map_err(be)?;
-        Ok(Self::new(model, dir_name(dir)))
+        Self::from_dir(dir, device, dtype).map_err(be)
     }
 }
 
@@ -79,13 +68,22 @@ pub fn open_dir(
         }))
     }
     if is_ptmoe_dir(dir) {
-        with(TextBackend::load_ptmoe(dir, device, dtype)?, adapter)
+        let b = TextBackend::<PtMoeModel>::from_dir(dir, device, dtype).map_err(be)?;
+        with(b, adapter)
     } else {
         with(TextBackend::load(dir, device, dtype)?, adapter)
     }
 }
 
 impl<L: LanguageModel> TextBackend<L> {
+    /// Load a model folder of kind `L` (see [`open_dir`] for the choice); a folder without a
+    /// tokenizer is an error. The backend is named after the folder.
+    pub fn from_dir(dir: &Path, device: Device, dtype: DType) -> afm_text::Result<Self> {
+        let model = L::load_dir(dir, device, dtype)?;
+        model.tokenizer_or_err()?;
+        Ok(Self::new(model, dir_name(dir)))
+    }
+
     /// Put the LoRA adapter at `dir` (PEFT layout, or a toolkit `.pt` on a tamm model) on the
     /// model for every later request; the backend's name becomes `MODEL+ADAPTER`.
     pub fn with_adapter(mut self, dir: &Path) -> Result<Self> {

@@ -8,8 +8,10 @@ use afm_eval::item::Task;
 use afm_eval::prompt::PromptConfig;
 use afm_eval::runner::{self, RunConfig};
 use afm_eval::shard::Shard;
+use afm_eval::text_backend::TextBackend;
 use afm_eval::EvalBackend;
-use afm_text::{LanguageModel, TextModel};
+use afm_text::ptmoe_model::PtMoeModel;
+use afm_text::TextModel;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -53,28 +55,13 @@ fn open_backend(a: &EvalArgs) -> PyResult<Box<dyn EvalBackend>> {
                 .map_err(|e| errors::eval(e, None))?;
             let dir = &a.model;
             let context = format!("loading the model {}", dir.display());
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| dir.display().to_string());
             let err = |e| errors::text(e, Some(&context));
             // The server model for PT-MoE folders (ours or tamm's), else the decoder.
-            fn backend<L: LanguageModel + 'static>(
-                model: L,
-                name: String,
-            ) -> afm_text::Result<Box<dyn EvalBackend>> {
-                model.tokenizer_or_err()?;
-                Ok(Box::new(afm_eval::text_backend::TextBackend::new(
-                    model, name,
-                )))
-            }
-            if afm_text::ptmoe_model::is_ptmoe_dir(dir) {
-                let model =
-                    afm_text::ptmoe_model::PtMoeModel::load(dir, device, dtype).map_err(err)?;
-                backend(model, name).map_err(err)
+            Ok(if afm_text::ptmoe_model::is_ptmoe_dir(dir) {
+                Box::new(TextBackend::<PtMoeModel>::from_dir(dir, device, dtype).map_err(err)?)
             } else {
-                backend(TextModel::load(dir, device, dtype).map_err(err)?, name).map_err(err)
-            }
+                Box::new(TextBackend::<TextModel>::from_dir(dir, device, dtype).map_err(err)?)
+            })
         }
         other => Err(PyValueError::new_err(format!(
             "unknown backend {other:?} (model or hash)"

@@ -132,7 +132,8 @@ pub struct Model {
     dtype: DType,
     source: PathBuf,
     has_tokenizer: bool,
-    is_vlm: bool,
+    /// `decoder`, `ptmoe` or `vlm` (the engine's kind, fixed at load).
+    architecture: &'static str,
 }
 
 impl Model {
@@ -153,40 +154,27 @@ impl Model {
     }
 
     fn wrap(engine: Engine, device: Device) -> Self {
-        let (text, source): (&dyn Describe, _) = match &engine {
-            Engine::Text(t) => (&**t, t.source.clone()),
-            Engine::Server(m) => (&**m, m.source.clone()),
+        let (dtype, has_tokenizer, source, architecture) = match &engine {
+            Engine::Text(t) => (t.dtype, t.tokenizer.is_some(), t.source.clone(), "decoder"),
+            Engine::Server(m) => (m.dtype, m.tokenizer.is_some(), m.source.clone(), "ptmoe"),
             Engine::Vlm(v) => (
-                &v.text,
+                v.text.dtype,
+                v.text.tokenizer.is_some(),
                 v.dir.clone().unwrap_or_else(|| v.text.source.clone()),
+                "vlm",
             ),
         };
         Model {
             device,
-            dtype: text.dtype(),
+            dtype,
             source,
-            has_tokenizer: text.has_tokenizer(),
-            is_vlm: matches!(engine, Engine::Vlm(_)),
+            has_tokenizer,
+            architecture,
             inner: Mutex::new(Inner {
                 engine,
                 adapters: AdapterCache::default(),
             }),
         }
-    }
-}
-
-/// What `Model` reports of the text model it wraps.
-trait Describe {
-    fn dtype(&self) -> DType;
-    fn has_tokenizer(&self) -> bool;
-}
-
-impl<L: LanguageModel> Describe for L {
-    fn dtype(&self) -> DType {
-        LanguageModel::dtype(self)
-    }
-    fn has_tokenizer(&self) -> bool {
-        self.tokenizer_opt().is_some()
     }
 }
 
@@ -505,7 +493,7 @@ impl Model {
     /// `text` (a text decoder, on-device or PT-MoE) or `vlm` (a vision-language model).
     #[getter]
     fn kind(&self) -> &'static str {
-        if self.is_vlm {
+        if self.architecture == "vlm" {
             "vlm"
         } else {
             "text"
@@ -515,14 +503,8 @@ impl Model {
     /// `decoder` (the on-device two-segment decoder, SmolLM2 and the like), `ptmoe` (the
     /// server model) or `vlm`.
     #[getter]
-    fn architecture(&self, py: Python<'_>) -> PyResult<&'static str> {
-        self.with_inner(py, |inner| {
-            Ok(match &inner.engine {
-                Engine::Text(_) => "decoder",
-                Engine::Server(_) => "ptmoe",
-                Engine::Vlm(_) => "vlm",
-            })
-        })
+    fn architecture(&self) -> &'static str {
+        self.architecture
     }
 
     /// The checkpoint's tiler configuration as JSON (None for a text model: the default).
@@ -620,7 +602,7 @@ impl Model {
         path: PathBuf,
         name: Option<String>,
     ) -> PyResult<String> {
-        if self.is_vlm {
+        if self.architecture == "vlm" {
             return Err(PyValueError::new_err(VLM_ADAPTERS));
         }
         // A PEFT directory, or a tamm adapter checkpoint for a tamm model.

@@ -160,9 +160,8 @@ fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow
     let opts = a.sampling.options()?;
     let device = ctx.device()?;
     let dtype = DType::parse(&a.dtype, device)?;
-    let dir = dir.to_path_buf();
     let t0 = Instant::now();
-    let mut model = VisionLanguageModel::<L>::load_any(&dir, device, dtype).with_context(|| {
+    let mut model = VisionLanguageModel::<L>::load_any(dir, device, dtype).with_context(|| {
         if a.model.is_none() && !dir.exists() {
             format!(
                 "loading the demo checkpoint (run `make setup` to put it in {})",
@@ -186,7 +185,7 @@ fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow
         dir.display(),
         t0.elapsed().as_secs_f64()
     );
-    notice_demo(&model, &dir, ctx.quiet);
+    notice_demo(&model, dir, ctx.quiet);
     let tiler = model.tiler(mode)?;
 
     let inputs = expand_inputs(&a.images);

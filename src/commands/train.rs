@@ -262,7 +262,7 @@ fn train_on<L: LanguageModel>(
     if let (Some(t), Some(spec)) = (&tamm, &tamm_spec) {
         // The toolkit's format too, from the adapter just written.
         let adapter = model.load_adapter(&out)?;
-        afm_text::tamm_adapter::save_adapter_of(&out, &adapter, &t.linears, spec)
+        afm_text::tamm_adapter::save_adapter(&out, &adapter, &t.linears, spec)
             .with_context(|| format!("writing the tamm adapter into {}", out.display()))?;
         if !ctx.quiet {
             eprintln!(

@@ -516,17 +516,55 @@ pub fn load_adapter(
     device: Device,
     kind: Kind,
 ) -> Result<LoraAdapter> {
-    let mut t = t.clone();
-    with_specs_beside(path, &mut t.adapters)?;
-    load_adapter_with(path, t.active_adapter.as_deref(), |pt| {
-        read_adapters(pt, &t, device, kind)
-    })
+    load_adapter_of(
+        path,
+        &adaptable_linears(t),
+        &t.adapters,
+        t.active_adapter.as_deref(),
+        "AFMTextV7",
+        device,
+        kind,
+    )
+}
+
+/// [`load_adapter`] for any tamm model (see [`read_adapters_of`] for `linears`, `specs` and
+/// `model`); `active` is the base config's active adapter id. The specs of the
+/// `adapter-config.json` beside the file (what `afm-vl train lora` writes for a base whose
+/// config has none) count too; a spec of the base config wins over one of the same id there.
+pub fn load_adapter_of(
+    path: &Path,
+    linears: &[AdaptableLinear],
+    specs: &[TammLoraSpec],
+    active: Option<&str>,
+    model: &str,
+    device: Device,
+    kind: Kind,
+) -> Result<LoraAdapter> {
+    let mut specs = specs.to_vec();
+    with_specs_beside(path, &mut specs)?;
+    let pt = PtFile::open(path)?;
+    if let Some((name, _)) = pt.tensors.iter().find(|(n, _)| !is_adapter_tensor(n)) {
+        return Err(TextError::checkpoint(
+            path,
+            format!("'{name}' is not an adapter tensor (a toolkit adapter checkpoint holds only `….adapters.<id>.…`)"),
+        ));
+    }
+    let mut all = read_adapters_of(&pt, linears, &specs, model, device, kind)?;
+    if all.is_empty() {
+        return Err(TextError::checkpoint(
+            path,
+            "no adapter tensors in the file",
+        ));
+    }
+    let pick = active
+        .and_then(|id| all.iter().position(|a| a.name == id))
+        .unwrap_or(0);
+    Ok(all.swap_remove(pick))
 }
 
 /// Add to `specs` the `LoRAModelAdapter` specs of the `adapter-config.json` beside the adapter
-/// checkpoint `file` (what `afm-vl train lora` writes for a base whose config has none); a spec
-/// of the base config wins over one of the same id there.
-pub fn with_specs_beside(file: &Path, specs: &mut Vec<TammLoraSpec>) -> Result<()> {
+/// checkpoint `file` that `specs` has no id of.
+fn with_specs_beside(file: &Path, specs: &mut Vec<TammLoraSpec>) -> Result<()> {
     let Some(path) = file.parent().map(|d| d.join(ADAPTER_SPEC_FILE)) else {
         return Ok(());
     };
@@ -544,33 +582,6 @@ pub fn with_specs_beside(file: &Path, specs: &mut Vec<TammLoraSpec>) -> Result<(
         }
     }
     Ok(())
-}
-
-/// [`load_adapter`] for any tamm model: `read` turns the file's adapter tensors into overlays
-/// (see [`read_adapters_of`]); `active` is the base config's active adapter id.
-pub fn load_adapter_with(
-    path: &Path,
-    active: Option<&str>,
-    read: impl FnOnce(&PtFile) -> Result<Vec<LoraAdapter>>,
-) -> Result<LoraAdapter> {
-    let pt = PtFile::open(path)?;
-    if let Some((name, _)) = pt.tensors.iter().find(|(n, _)| !is_adapter_tensor(n)) {
-        return Err(TextError::checkpoint(
-            path,
-            format!("'{name}' is not an adapter tensor (a toolkit adapter checkpoint holds only `….adapters.<id>.…`)"),
-        ));
-    }
-    let mut all = read(&pt)?;
-    if all.is_empty() {
-        return Err(TextError::checkpoint(
-            path,
-            "no adapter tensors in the file",
-        ));
-    }
-    let pick = active
-        .and_then(|id| all.iter().position(|a| a.name == id))
-        .unwrap_or(0);
-    Ok(all.swap_remove(pick))
 }
 
 /// The toolkit adapter checkpoint `path` names, if it names one: a `.pt`/`.pth` file, or a
@@ -600,23 +611,15 @@ pub fn halves_to_pairs(w: &Tensor, heads: i64) -> Result<Tensor> {
         .f_reshape(size.as_slice())?)
 }
 
-/// Write `adapter` (ours, on a model loaded from `t`) as the toolkit's adapter checkpoint
+/// Write `adapter` (ours, on a tamm model whose adaptable layers are `linears`) as the toolkit's
+/// adapter checkpoint
 /// `dir/adapter.pt` (adapter id `spec.id`, tamm's names and layout, fp32) and `spec` as tamm
 /// JSON beside it. The update is kept exactly: when our scale differs from the spec's α/r, B
-/// carries the ratio. Every module of `adapter` must be one tamm's spec adapts.
+/// carries the ratio. Every module of `adapter` must be one tamm's spec adapts. `linears`:
+/// [`adaptable_linears`], or `TammPtMoe::adaptable_linears`; a vectorised layer's per-track (and
+/// per-expert) pairs are stacked into tamm's `[T, (E,) in, r]` / `[T, (E,) r, out]` tensors, so all of them must be
+/// adapted or none.
 pub fn save_adapter(
-    dir: &Path,
-    adapter: &LoraAdapter,
-    t: &TammConfig,
-    spec: &TammLoraSpec,
-) -> Result<()> {
-    save_adapter_of(dir, adapter, &adaptable_linears(t), spec)
-}
-
-/// [`save_adapter`] for any tamm model, given the layers it can adapt (`linears`): a vectorised
-/// layer's per-track (and per-expert) pairs are stacked into tamm's `[T, (E,) in, r]` /
-/// `[T, (E,) r, out]` tensors, so all of them must be adapted or none.
-pub fn save_adapter_of(
     dir: &Path,
     adapter: &LoraAdapter,
     linears: &[AdaptableLinear],

@@ -120,11 +120,12 @@ impl StepMask {
                 let pq = pos.f_narrow(1, past, q)?.f_unsqueeze(2)?; // [b, q, 1]
                 let pk = pos.f_index_select(1, &key_idx)?.f_unsqueeze(1)?; // [b, 1, keys]
                 let real = km.f_index_select(1, &key_idx)?.f_unsqueeze(1)?; // [b, 1, keys]
+                                                                            // [b, q, keys]
                 let band = pk
                     .f_gt_tensor(&pq.f_sub_scalar(window)?)?
                     .f_logical_and(&causal.f_unsqueeze(0)?)?
-                    .f_logical_and(&real)?; // [b, q, keys]
-                                            // A padded query would see no key at all (NaN); let every query see itself.
+                    .f_logical_and(&real)?;
+                // A padded query would see no key at all (NaN); let every query see itself.
                 let diag = kj.f_eq_tensor(&qi)?.f_unsqueeze(0)?;
                 band.f_logical_or(&diag)?.f_unsqueeze(1)? // [b, 1, q, keys]
             }

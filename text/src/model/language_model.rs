@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::error::{Result, TextError};
+use crate::error::Result;
 use crate::generation::CausalLm;
 use crate::lora::{LoraAdapter, LoraTarget};
 use crate::model::ptmoe_model::PtMoeModel;
@@ -20,21 +20,11 @@ pub trait LanguageModel: Sized {
     fn net_mut(&mut self) -> &mut Self::Net;
     /// The tokenizer, when the checkpoint has one.
     fn tokenizer_opt(&self) -> Option<&Tokenizer>;
-    fn dtype(&self) -> DType;
-    /// The directory (or `preset:NAME`) the model came from.
-    fn source(&self) -> &Path;
     /// A LoRA adapter for this model (PEFT directory, or a toolkit `.pt` on a tamm model), not
     /// activated.
     fn load_adapter(&self, path: &Path) -> Result<LoraAdapter>;
     /// The tokenizer, or an error naming the checkpoint.
-    fn tokenizer_or_err(&self) -> Result<&Tokenizer> {
-        self.tokenizer_opt().ok_or_else(|| {
-            TextError::InvalidArgument(format!(
-                "{} has no tokenizer (tokenizer.json, or tamm's tokenizer.model)",
-                self.source().display()
-            ))
-        })
-    }
+    fn tokenizer_or_err(&self) -> Result<&Tokenizer>;
 }
 
 impl LanguageModel for TextModel {
@@ -51,11 +41,8 @@ impl LanguageModel for TextModel {
     fn tokenizer_opt(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
     }
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-    fn source(&self) -> &Path {
-        &self.source
+    fn tokenizer_or_err(&self) -> Result<&Tokenizer> {
+        self.tokenizer()
     }
     fn load_adapter(&self, path: &Path) -> Result<LoraAdapter> {
         TextModel::load_adapter(self, path)
@@ -76,11 +63,8 @@ impl LanguageModel for PtMoeModel {
     fn tokenizer_opt(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
     }
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-    fn source(&self) -> &Path {
-        &self.source
+    fn tokenizer_or_err(&self) -> Result<&Tokenizer> {
+        self.tokenizer()
     }
     fn load_adapter(&self, path: &Path) -> Result<LoraAdapter> {
         PtMoeModel::load_adapter(self, path)

@@ -566,18 +566,7 @@ impl PtMoe {
     pub fn load(dir: &Path, device: Device, kind: Kind, track_devices: &[Device]) -> Result<Self> {
         if let Some((cfg_path, pt)) = crate::tamm_ptmoe::tamm_ptmoe_files(dir) {
             let t = crate::tamm_ptmoe::TammPtMoe::read(&cfg_path)?;
-            let (w, adapter) = t.load_weights_and_adapter(&pt, device, kind)?;
-            let mut m = Self::new(&t.cfg, &w, track_devices)?;
-            // A checkpoint saved with a trained adapter runs with it, as in tamm.
-            if let Some(a) = adapter {
-                tracing::info!(
-                    "{}: the checkpoint's adapter '{}' is active",
-                    dir.display(),
-                    a.name
-                );
-                a.activate(&mut m)?;
-            }
-            return Ok(m);
+            return Self::from_tamm(&t, &pt, device, kind, track_devices);
         }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| TextError::io(&path, e))?;
@@ -587,6 +576,28 @@ impl PtMoe {
         })?;
         let w = load_weights(dir, device, kind)?;
         Self::new(&cfg, &w, track_devices)
+    }
+
+    /// The model of a tamm config `t` with the weights of its `.pt` state dict; a checkpoint
+    /// saved with a trained adapter runs with it, as in tamm.
+    pub fn from_tamm(
+        t: &crate::tamm_ptmoe::TammPtMoe,
+        pt: &Path,
+        device: Device,
+        kind: Kind,
+        track_devices: &[Device],
+    ) -> Result<Self> {
+        let (w, adapter) = t.load_weights_and_adapter(pt, device, kind)?;
+        let mut m = Self::new(&t.cfg, &w, track_devices)?;
+        if let Some(a) = adapter {
+            tracing::info!(
+                "{}: the checkpoint's adapter '{}' is active",
+                pt.display(),
+                a.name
+            );
+            a.activate(&mut m)?;
+        }
+        Ok(m)
     }
 
     /// Random weights (N(0, 0.02²)), seeded.

@@ -39,10 +39,15 @@ impl PtMoeModel {
     /// Load a PT-MoE directory and its tokenizer (tamm's AFM tokenizer files, or
     /// tokenizer.json); with an AFM tokenizer generation stops at EOS and `<turn_end>`.
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
-        let mut model = PtMoe::load(dir, device, dtype.kind(), &[])?;
-        let tamm = match crate::tamm_ptmoe::tamm_ptmoe_files(dir) {
-            Some((cfg, _)) => Some(crate::tamm_ptmoe::TammPtMoe::read(&cfg)?),
-            None => None,
+        let (mut model, tamm) = match crate::tamm_ptmoe::tamm_ptmoe_files(dir) {
+            Some((cfg, pt)) => {
+                let t = crate::tamm_ptmoe::TammPtMoe::read(&cfg)?;
+                (
+                    PtMoe::from_tamm(&t, &pt, device, dtype.kind(), &[])?,
+                    Some(t),
+                )
+            }
+            None => (PtMoe::load(dir, device, dtype.kind(), &[])?, None),
         };
         let tokenizer =
             super::text_model::dir_tokenizer(dir, tamm.is_some(), model.cfg.vocab_size)?;
@@ -68,13 +73,15 @@ impl PtMoeModel {
     pub fn load_adapter(&self, path: &Path) -> Result<crate::lora::LoraAdapter> {
         let (device, kind) = (self.model.device(), self.dtype.kind());
         match (crate::tamm_adapter::toolkit_adapter_file(path), &self.tamm) {
-            (Some(f), Some(t)) => {
-                let mut t = t.clone();
-                crate::tamm_adapter::with_specs_beside(&f, &mut t.adapters)?;
-                crate::tamm_adapter::load_adapter_with(&f, t.active_adapter.as_deref(), |pt| {
-                    t.read_adapters(pt, device, kind)
-                })
-            }
+            (Some(f), Some(t)) => crate::tamm_adapter::load_adapter_of(
+                &f,
+                &t.adaptable_linears(),
+                &t.adapters,
+                t.active_adapter.as_deref(),
+                "AFMParallelTrackMoE",
+                device,
+                kind,
+            ),
             (Some(f), None) => Err(TextError::checkpoint(
                 &f,
                 "a tamm adapter checkpoint needs a tamm base model (a folder with tamm's config)",

@@ -238,14 +238,6 @@ impl TextModel {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         let ids = self.prompt_ids(prompt, raw)?;
-        let ctx = self.config().max_position_embeddings;
-        if ids.len() >= ctx {
-            return Err(TextError::ContextOverflow {
-                tokens: ids.len(),
-                requested: opts.max_new_tokens,
-                context: ctx,
-            });
-        }
         generate(&self.decoder, self.tokenizer.as_ref(), &ids, opts, on_text)
     }
 }
