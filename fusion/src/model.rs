@@ -65,7 +65,9 @@ pub struct Timings {
 #[derive(Debug, Clone)]
 pub struct Description {
     pub text: String,
-    pub mode: TileMode,
+    /// How the image was cut: the AFM tile mode (`high-res`, …) or SmolVLM's crop grid
+    /// (`2x3+global`, `single`).
+    pub mode: String,
     pub tiles: usize,
     pub visual_tokens: usize,
     pub prompt_tokens: usize,
@@ -368,7 +370,7 @@ impl<L: LanguageModel> VisionLanguageModel<L> {
         generation.stats.prefill_secs = prefill_s;
         Ok(Description {
             text: generation.text.trim().to_string(),
-            mode: tiled.mode,
+            mode: tiled.mode.to_string(),
             tiles: tiled.num_tiles(),
             visual_tokens: layout.image_len,
             prompt_tokens: layout.ids.len(),

@@ -78,3 +78,26 @@ pub fn splice(embeds: &Tensor, visual: &Tensor, start: i64) -> Result<Tensor> {
     let tail = embeds.f_narrow(1, start + n, s - start - n)?;
     Ok(Tensor::f_cat(&[head, visual, tail], 1)?)
 }
+
+/// SmolVLM's text for one image (HF `get_image_prompt_string`): per crop
+/// `<fake_token_around_image><row_r_col_c>` + the frame's image tokens, a newline after each
+/// row, then a blank line and `<fake_token_around_image><global-img>` + the global image's
+/// tokens + `<fake_token_around_image>`; an image that is not split is the global part alone
+/// (without the leading newline).
+pub fn smolvlm_image_text(rows: usize, cols: usize, t: &crate::smolvlm::ImageTokens) -> String {
+    let run = t.image.repeat(t.seq_len);
+    let global = format!("{}{}{run}{}", t.fake_around, t.global, t.fake_around);
+    if rows == 0 && cols == 0 {
+        return global;
+    }
+    let mut s = String::new();
+    for r in 1..=rows {
+        for c in 1..=cols {
+            s.push_str(&format!("{}<row_{r}_col_{c}>{run}", t.fake_around));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    s.push_str(&global);
+    s
+}

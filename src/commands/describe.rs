@@ -12,7 +12,7 @@ use std::time::Instant;
 use afm_fusion::VisionLanguageModel;
 use afm_text::generation::CausalLm as _;
 use afm_text::{DType, LanguageModel};
-use afm_vision::{TileMode, TiledImage};
+use afm_vision::TileMode;
 use anyhow::Context as _;
 use rayon::prelude::*;
 
@@ -33,8 +33,8 @@ pub struct Args {
     /// The instruction (default: the checkpoint's, "Describe the image.").
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Vision-language checkpoint directory (default: the demo checkpoint in assets/models/, or
-    /// $AFM_VL_VLM).
+    /// Vision-language checkpoint directory: an afm-vl checkpoint or a SmolVLM / Idefics3
+    /// directory in HF layout (default: the demo checkpoint in assets/models/, or $AFM_VL_VLM).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Text-model dtype: auto, fp32, bf16, fp16.
@@ -136,7 +136,9 @@ pub fn notice_demo<L: LanguageModel>(model: &VisionLanguageModel<L>, dir: &Path,
     if !quiet && model.config.is_demo() {
         eprintln!(
             "note: {} is the demo checkpoint: it knows only generated scenes of coloured shapes \
-             and describes real photos as such; pass --model DIR for a real vision-language checkpoint",
+             and describes real photos as such; to describe real photos pass --model with a SmolVLM \
+             directory (HF layout, e.g. SmolVLM-256M-Instruct: config.json, model.safetensors, \
+             tokenizer.json, preprocessor_config.json)",
             dir.display()
         );
     }
@@ -147,8 +149,10 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => default_vlm_dir()?,
     };
-    // The server model (PT-MoE) behind the encoder, or the on-device decoder.
-    if afm_fusion::model::has_ptmoe_text(&dir) {
+    if afm_fusion::smolvlm::is_smolvlm_dir(&dir) {
+        describe_smolvlm(ctx, &a, &dir)
+    } else if afm_fusion::model::has_ptmoe_text(&dir) {
+        // The server model (PT-MoE) behind the encoder, or the on-device decoder.
         describe_all::<afm_text::ptmoe_model::PtMoeModel>(ctx, &a, &dir)
     } else {
         describe_all::<afm_text::TextModel>(ctx, &a, &dir)
@@ -187,18 +191,76 @@ fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow
     );
     notice_demo(&model, dir, ctx.quiet);
     let tiler = model.tiler(mode)?;
+    let prompt = a.prompt.as_deref();
+    describe_loop(
+        ctx,
+        a,
+        &|path| tiler.tile_path(path).map_err(|e| e.to_string()),
+        &mut |ti, on_text| model.describe_tiled(ti, prompt, &opts, on_text),
+        model.text.net().context_len(),
+    )
+}
 
+/// A SmolVLM checkpoint (HF layout): its own processor splits the images.
+fn describe_smolvlm(ctx: &Context, a: &Args, dir: &Path) -> anyhow::Result<()> {
+    if a.mode != "auto" {
+        anyhow::bail!(
+            "--mode {} applies to AFM checkpoints; {} is a SmolVLM checkpoint, whose \
+             preprocessor_config.json decides how images are split",
+            a.mode,
+            dir.display()
+        );
+    }
+    if a.adapter.is_some() {
+        anyhow::bail!(
+            "--adapter is not supported with SmolVLM checkpoints ({})",
+            dir.display()
+        );
+    }
+    let opts = a.sampling.options()?;
+    let device = ctx.device()?;
+    let dtype = DType::parse(&a.dtype, device)?;
+    let t0 = Instant::now();
+    let model = afm_fusion::SmolVlm::load(dir, device, dtype)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    tracing::info!(
+        "loaded {} in {:.2}s",
+        dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    let prompt = a.prompt.as_deref();
+    // The processor alone crosses threads (tensors are not `Sync`); the crop grid is checked
+    // against the tokenizer when the image is described.
+    let processor = model.processor.clone();
+    describe_loop(
+        ctx,
+        a,
+        &|path| processor.process_path(path).map_err(|e| e.to_string()),
+        &mut |img, on_text| model.describe_processed(img, prompt, &opts, on_text),
+        model.text.decoder.context_len(),
+    )
+}
+
+/// Prepare every image in parallel (decode + tile or process, timed), then describe them one
+/// by one, streaming or as JSON lines; a failed image is an `error:` line and exit 1 at the end.
+fn describe_loop<I: Send>(
+    ctx: &Context,
+    a: &Args,
+    prepare: &(dyn Fn(&Path) -> Result<I, String> + Sync),
+    describe: &mut dyn FnMut(
+        &I,
+        &mut dyn FnMut(&str),
+    ) -> afm_fusion::Result<afm_fusion::Description>,
+    context_len: usize,
+) -> anyhow::Result<()> {
     let inputs = expand_inputs(&a.images);
     // Decode and tile every image in parallel, timing each.
-    let tiled: Vec<Result<(PathBuf, TiledImage, f64), String>> = inputs
+    let tiled: Vec<Result<(PathBuf, I, f64), String>> = inputs
         .into_par_iter()
         .map(|r| {
             let path = r?;
             let t = Instant::now();
-            tiler
-                .tile_path(&path)
-                .map(|ti| (path, ti, t.elapsed().as_secs_f64()))
-                .map_err(|e| e.to_string())
+            prepare(&path).map(|ti| (path, ti, t.elapsed().as_secs_f64()))
         })
         .collect();
 
@@ -228,7 +290,7 @@ fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow
         // before any text leaves no dangling prefix on stdout.
         let mut sink = super::output::StreamSink::default();
         let mut started = false;
-        let result = model.describe_tiled(&ti, a.prompt.as_deref(), &opts, &mut |piece| {
+        let result = describe(&ti, &mut |piece| {
             if stream {
                 if !started {
                     started = true;
@@ -260,7 +322,7 @@ fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow
             obj.extend(
                 serde_json::json!({
                     "description": d.text,
-                    "mode": d.mode.as_str(),
+                    "mode": d.mode,
                     "tiles": d.tiles,
                     "visual_tokens": d.visual_tokens,
                     "prompt_tokens": d.prompt_tokens,
@@ -280,11 +342,7 @@ fn describe_all<L: LanguageModel>(ctx: &Context, a: &Args, dir: &Path) -> anyhow
             } else {
                 outln!("{}: {}", path.display(), d.text)?;
             }
-            super::generate::notice_stop(
-                ctx.quiet,
-                d.generation.stop_reason,
-                model.text.net().context_len(),
-            );
+            super::generate::notice_stop(ctx.quiet, d.generation.stop_reason, context_len);
             if a.sampling.stats {
                 bar.suspend(|| eprintln!(
                     "  [{} mode, {} tiles, {} visual tokens] tile {:.1} ms, encode {:.1} ms, prefill {:.1} ms ({} tokens), decode {:.1} ms ({} tokens, {:.1} tok/s)",

@@ -2,6 +2,8 @@
 //!
 //! - [`image_io`]: decode JPEG/PNG/WebP/GIF/BMP/TIFF to RGB8 with limits and EXIF orientation.
 //! - [`tiler`]: rapid / balanced / high-res / auto tiles as `[tiles, 3, S, S]` f32.
+//! - [`idefics3`], [`siglip`]: SmolVLM's image processor (Pillow-exact resampling through
+//!   [`pil_resample`]) and SigLIP encoder.
 //! - [`vit`]: ViT encoders (ViTDet-style window attention, global blocks, register-window
 //!   tokens), built from [`vit_config::VitConfig`] or a [`presets`] name, weights from
 //!   safetensors through [`weights`].
@@ -10,14 +12,17 @@ pub mod attention;
 pub mod bench;
 pub mod block;
 pub mod error;
+pub mod idefics3;
 pub mod image_io;
 pub mod jpeg_draft;
 pub mod jpeg_scan;
 pub mod mlp;
 pub mod patch_embed;
+pub mod pil_resample;
 pub mod position;
 pub mod presets;
 pub mod register_window;
+pub mod siglip;
 pub mod synth;
 pub mod tiler;
 pub mod vit;

@@ -102,10 +102,20 @@ impl Tokenizer {
         Ok(Self {
             backend: Backend::Hf(Box::new(inner)),
             chat_format: ChatFormat::Template,
-            chat_template: cfg
-                .get("chat_template")
-                .and_then(|c| c.as_str())
-                .map(str::to_string),
+            // transformers ≥ 4.50 saves the template beside the config.
+            chat_template: match cfg.get("chat_template").and_then(|c| c.as_str()) {
+                Some(t) => Some(t.to_string()),
+                None => {
+                    let jinja = dir.join("chat_template.jinja");
+                    match jinja.is_file() {
+                        true => Some(
+                            std::fs::read_to_string(&jinja)
+                                .map_err(|e| TextError::io(&jinja, e))?,
+                        ),
+                        false => None,
+                    }
+                }
+            },
             bos_token: token_string(cfg.get("bos_token")),
             eos_token: token_string(cfg.get("eos_token")),
             source: path,
@@ -341,6 +351,49 @@ impl Tokenizer {
             }
             return Ok(s);
         };
+        let mut messages = messages.to_vec();
+        if self.chat_format == ChatFormat::AfmV6 && !messages.iter().any(|m| m.role == "system") {
+            messages.insert(0, ChatMessage::new("system", AFM_DEFAULT_SYSTEM));
+        }
+        self.render(
+            template,
+            minijinja::Value::from_serialize(&messages),
+            add_generation_prompt,
+        )
+    }
+
+    /// Render the chat template over messages given as JSON (HF's structured content, e.g.
+    /// `[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "…"}]}]`, as
+    /// vision-language templates expect). A tokenizer without a template is an error.
+    pub fn apply_chat_template_json(
+        &self,
+        messages: &Json,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            TextError::Tokenizer(format!(
+                "{}: no chat template (tokenizer_config.json, chat_template.jinja or chat_template.json)",
+                self.source.display()
+            ))
+        })?;
+        self.render(
+            template,
+            minijinja::Value::from_serialize(messages),
+            add_generation_prompt,
+        )
+    }
+
+    /// Replace the chat template (a processor's own, e.g. `chat_template.json` of a VLM).
+    pub fn set_chat_template(&mut self, template: String) {
+        self.chat_template = Some(template);
+    }
+
+    fn render(
+        &self,
+        template: &str,
+        messages: minijinja::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -357,10 +410,6 @@ impl Tokenizer {
         let tmpl = env
             .get_template("chat")
             .map_err(|e| TextError::Tokenizer(format!("chat template: {e}")))?;
-        let mut messages = messages.to_vec();
-        if self.chat_format == ChatFormat::AfmV6 && !messages.iter().any(|m| m.role == "system") {
-            messages.insert(0, ChatMessage::new("system", AFM_DEFAULT_SYSTEM));
-        }
         tmpl.render(minijinja::context! {
             messages => messages,
             target_role => "assistant",
