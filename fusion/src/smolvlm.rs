@@ -79,6 +79,7 @@ const IGNORED_TOP: &[&str] = &[
     "pruned_heads",
     "tokenizer_class",
     "_attn_implementation_autoset",
+    "_pad_token_id",
 ];
 
 impl SmolVlmConfig {
@@ -219,53 +220,63 @@ impl SmolVlm {
             return Err(FusionError::checkpoint(dir, "model directory not found"));
         }
         let config = SmolVlmConfig::from_file(&dir.join("config.json"))?;
-        let processor =
-            Idefics3Processor::new(match read_json(&dir.join("preprocessor_config.json"))? {
-                Some(v) => {
-                    Idefics3ProcessorConfig::from_json(&v).map_err(|msg| FusionError::Config {
-                        path: dir.join("preprocessor_config.json"),
-                        msg,
-                    })?
-                }
+        // transformers ≥ 5 keeps the image processor's settings in processor_config.json
+        // ("image_processor"); earlier versions in preprocessor_config.json.
+        let pre_path = dir.join("preprocessor_config.json");
+        let proc_path = dir.join("processor_config.json");
+        let processor_json = read_json(&proc_path)?;
+        let (image_cfg, image_cfg_path) = match read_json(&pre_path)? {
+            Some(v) => (v, pre_path),
+            None => match processor_json
+                .as_ref()
+                .and_then(|v| v.get("image_processor"))
+            {
+                Some(v) => (v.clone(), proc_path.clone()),
                 None => {
                     return Err(FusionError::checkpoint(
                         dir,
-                        "no preprocessor_config.json (the image processor's settings)",
+                        "no image processor settings (preprocessor_config.json, or \
+                         processor_config.json with \"image_processor\")",
                     ))
                 }
-            });
-        let per_frame = config.tokens_per_frame();
-        let seq_len = match read_json(&dir.join("processor_config.json"))? {
-            Some(v) => match v.get("image_seq_len") {
-                None => per_frame,
-                Some(n) => n
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| FusionError::Config {
-                        path: dir.join("processor_config.json"),
-                        msg: format!("image_seq_len must be an integer, got {n}"),
-                    })?,
             },
+        };
+        let cfg_err = |path: &Path, msg: String| FusionError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let processor = Idefics3Processor::new(
+            Idefics3ProcessorConfig::from_json(&image_cfg)
+                .map_err(|m| cfg_err(&image_cfg_path, m))?,
+        );
+        let per_frame = config.tokens_per_frame();
+        let seq_len = match processor_json.as_ref().and_then(|v| v.get("image_seq_len")) {
             None => per_frame,
+            Some(n) => n.as_u64().map(|n| n as usize).ok_or_else(|| {
+                cfg_err(
+                    &proc_path,
+                    format!("image_seq_len must be an integer, got {n}"),
+                )
+            })?,
         };
         if seq_len != per_frame {
-            return Err(FusionError::Config {
-                path: dir.join("processor_config.json"),
-                msg: format!(
+            return Err(cfg_err(
+                &proc_path,
+                format!(
                     "image_seq_len {seq_len} differs from the {per_frame} tokens a frame gives \
                      (({} / {})² / {}²)",
                     config.vision.image_size, config.vision.patch_size, config.scale_factor
                 ),
-            });
+            ));
         }
         if processor.config.max_image_size != config.vision.image_size as usize {
-            return Err(FusionError::Config {
-                path: dir.join("preprocessor_config.json"),
-                msg: format!(
+            return Err(cfg_err(
+                &image_cfg_path,
+                format!(
                     "max_image_size {} differs from the encoder's image_size {}",
                     processor.config.max_image_size, config.vision.image_size
                 ),
-            });
+            ));
         }
 
         let vision_kind = if device == Device::Cpu {
@@ -287,8 +298,10 @@ impl SmolVlm {
                 vision_names += 1;
                 None
             };
-            if let (Some(ours), Some((t, _))) = (ours, weights.remove(name)) {
-                text_w.insert(ours, t, file);
+            if let Some(ours) = ours {
+                if let Some((t, _)) = weights.remove(name) {
+                    text_w.insert(ours, t, file);
+                }
             }
         }
         if vision_names == 0 {

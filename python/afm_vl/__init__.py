@@ -85,7 +85,10 @@ def _is_vlm_dir(path: pathlib.Path) -> bool:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(cfg, dict) and "vision" in cfg and "adapter" in cfg
+    if not isinstance(cfg, dict):
+        return False
+    smolvlm = cfg.get("model_type") in ("smolvlm", "idefics3")
+    return smolvlm or ("vision" in cfg and "adapter" in cfg)
 
 
 def init_vlm(
@@ -118,7 +121,9 @@ def load(
     tokenizer.json), a tamm model folder (Apple's adapter toolkit ``assets/``:
     base-model-config.json, base-model.pt, tokenizer.model), a PT-MoE server model (ours, or a
     tamm folder: config.json with ``AFMParallelTrackMoEConfig`` + a ``.pt``), a vision-language checkpoint directory (config.json with a ``vision``
-    section, vision_adapter.safetensors; ``describe`` and ``encode_image`` need one), the name of a folder of ``assets/models/``, ``"preset:NAME"`` for a
+    section, vision_adapter.safetensors; ``describe`` and ``encode_image`` need one), a
+    SmolVLM / Idefics3 checkpoint in HF layout (``model_type`` ``smolvlm``: config.json,
+    model.safetensors, tokenizer.json, processor config; real photo descriptions), the name of a folder of ``assets/models/``, ``"preset:NAME"`` for a
     preset with random weights (seeded by ``seed``), or None for the default model
     (``$AFM_VL_MODEL`` or the converted SmolLM2-135M-Instruct).
     ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
@@ -298,7 +303,8 @@ class Model:
     @property
     def architecture(self) -> str:
         """``decoder`` (the on-device two-segment decoder, SmolLM2 and the like), ``ptmoe``
-        (the server model: ours, or a tamm ``AFMParallelTrackMoEConfig`` folder) or ``vlm``."""
+        (the server model: ours, or a tamm ``AFMParallelTrackMoEConfig`` folder), ``vlm`` (an
+        afm-vl checkpoint) or ``smolvlm`` (a HF SmolVLM checkpoint)."""
         return self._m.architecture
 
     @property

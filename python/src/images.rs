@@ -133,3 +133,27 @@ fn rename_path(e: afm_vision::VisionError, tmp: &Path) -> PyErr {
     let tmp = tmp.display().to_string();
     errors::vision_with(e, |m| m.replace(&tmp, "<bytes>"))
 }
+
+/// Run a SmolVLM checkpoint's image processor on one image (no GIL needed).
+pub fn smolvlm_process(
+    processor: &afm_vision::idefics3::Idefics3Processor,
+    image: &ImageInput,
+) -> PyResult<afm_vision::idefics3::ProcessedImage> {
+    match image {
+        ImageInput::Path(p) => processor.process_path(p).map_err(errors::vision),
+        ImageInput::Bytes(b) => {
+            let img = afm_vision::load_image_from_bytes(b, Path::new("<bytes>"), &processor.limits)
+                .map_err(errors::vision)?;
+            processor
+                .process_rgb(img.as_raw(), img.width(), img.height())
+                .map_err(errors::vision)
+        }
+        ImageInput::Rgb {
+            data,
+            width,
+            height,
+        } => processor
+            .process_rgb(data, *width, *height)
+            .map_err(errors::vision),
+    }
+}

@@ -58,6 +58,8 @@ enum Engine {
     Text(Box<TextModel>),
     Server(Box<PtMoeModel>),
     Vlm(Box<VisionLanguageModel>),
+    /// A SmolVLM checkpoint (HF layout).
+    SmolVlm(Box<afm_fusion::SmolVlm>),
 }
 
 impl Engine {
@@ -69,7 +71,7 @@ impl Engine {
         match self {
             Engine::Text(t) => f(&mut t.decoder),
             Engine::Server(m) => f(&mut m.model),
-            Engine::Vlm(_) => return Err(PyValueError::new_err(VLM_ADAPTERS)),
+            Engine::Vlm(_) | Engine::SmolVlm(_) => return Err(PyValueError::new_err(VLM_ADAPTERS)),
         }
         .map_err(|e| errors::text(e, None))
     }
@@ -88,7 +90,7 @@ impl Inner {
         match &self.engine {
             Engine::Text(t) => t.load_adapter(path),
             Engine::Server(m) => m.load_adapter(path),
-            Engine::Vlm(_) => return Err(PyValueError::new_err(VLM_ADAPTERS)),
+            Engine::Vlm(_) | Engine::SmolVlm(_) => return Err(PyValueError::new_err(VLM_ADAPTERS)),
         }
         .map_err(|e| errors::text(e, Some(&ctx)))
     }
@@ -98,6 +100,7 @@ impl Inner {
             Engine::Vlm(v) => Ok(v),
             Engine::Text(t) => Err(not_a_vlm(&t.source)),
             Engine::Server(m) => Err(not_a_vlm(&m.source)),
+            Engine::SmolVlm(_) => Err(PyValueError::new_err("not an afm-vl checkpoint")),
         }
     }
 
@@ -112,6 +115,7 @@ impl Inner {
         match &mut self.engine {
             Engine::Text(t) => f(t),
             Engine::Server(m) => g(m),
+            Engine::SmolVlm(s) => f(&s.text),
             Engine::Vlm(v) => {
                 v.set_image_lora(false)
                     .map_err(|e| errors::fusion(e, None))?;
@@ -163,6 +167,7 @@ impl Model {
                 v.dir.clone().unwrap_or_else(|| v.text.source.clone()),
                 "vlm",
             ),
+            Engine::SmolVlm(s) => (s.text.dtype, true, s.dir.clone(), "smolvlm"),
         };
         Model {
             device,
@@ -430,6 +435,12 @@ impl Model {
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype, device)?;
+        if afm_fusion::smolvlm::is_smolvlm_dir(&path) {
+            let m = py
+                .allow_threads(|| afm_fusion::SmolVlm::load(&path, device, dtype))
+                .map_err(|e| errors::fusion(e, Some(&format!("loading {}", path.display()))))?;
+            return Ok(Model::wrap(Engine::SmolVlm(Box::new(m)), device));
+        }
         if afm_fusion::model::has_ptmoe_text(&path) {
             return Err(PyValueError::new_err(format!(
                 "{}: its text model is a PT-MoE model; the wheel describes with an on-device \
@@ -493,7 +504,7 @@ impl Model {
     /// `text` (a text decoder, on-device or PT-MoE) or `vlm` (a vision-language model).
     #[getter]
     fn kind(&self) -> &'static str {
-        if self.architecture == "vlm" {
+        if self.architecture == "vlm" || self.architecture == "smolvlm" {
             "vlm"
         } else {
             "text"
@@ -501,7 +512,7 @@ impl Model {
     }
 
     /// `decoder` (the on-device two-segment decoder, SmolLM2 and the like), `ptmoe` (the
-    /// server model) or `vlm`.
+    /// server model), `vlm` (an afm-vl checkpoint) or `smolvlm` (a HF SmolVLM checkpoint).
     #[getter]
     fn architecture(&self) -> &'static str {
         self.architecture
@@ -510,7 +521,7 @@ impl Model {
     /// The checkpoint's tiler configuration as JSON (None for a text model: the default).
     fn tiler_config_json(&self, py: Python<'_>) -> PyResult<Option<String>> {
         self.with_inner(py, |inner| match &inner.engine {
-            Engine::Text(_) | Engine::Server(_) => Ok(None),
+            Engine::Text(_) | Engine::Server(_) | Engine::SmolVlm(_) => Ok(None),
             Engine::Vlm(v) => serde_json::to_string(&v.config.tiler)
                 .map(Some)
                 .map_err(|e| PyRuntimeError::new_err(e.to_string())),
@@ -525,6 +536,7 @@ impl Model {
                 Engine::Text(t) => serde_json::to_string(t.config()),
                 Engine::Server(m) => serde_json::to_string(&m.model.cfg),
                 Engine::Vlm(v) => serde_json::to_string(v.text.config()),
+                Engine::SmolVlm(s) => serde_json::to_string(s.text.config()),
             }
             .map_err(|e| PyRuntimeError::new_err(e.to_string()))
         })
@@ -656,6 +668,11 @@ impl Model {
     ) -> PyResult<PyObject> {
         let image = ImageInput::from_parts(kind, payload, width, height)?;
         let out = self.with_inner(py, |inner| {
+            if let Engine::SmolVlm(s) = &inner.engine {
+                check_auto(mode)?;
+                let img = images::smolvlm_process(&s.processor, &image)?;
+                return s.encode(&img).map_err(|e| errors::fusion(e, None));
+            }
             let vlm = inner.vlm()?;
             let tiled = tile_for(vlm, &image, mode)?;
             vlm.encode_image(&tiled)
@@ -702,10 +719,7 @@ impl Model {
             false,
         )?;
         let d = self.with_inner(py, |inner| {
-            let vlm = inner.vlm()?;
             let t0 = std::time::Instant::now();
-            let tiled = tile_for(vlm, &image, mode)?;
-            let tile_s = t0.elapsed().as_secs_f64();
             let mut error: Option<PyErr> = None;
             let mut on_text = |piece: &str| {
                 if let (Some(cb), None) = (&stream, &error) {
@@ -714,7 +728,20 @@ impl Model {
                     }
                 }
             };
-            let out = vlm.describe_tiled(&tiled, prompt, &opts, &mut on_text);
+            let (out, tile_s) = match &inner.engine {
+                Engine::SmolVlm(s) => {
+                    check_auto(mode)?;
+                    let img = images::smolvlm_process(&s.processor, &image)?;
+                    let tile_s = t0.elapsed().as_secs_f64();
+                    (s.describe_processed(&img, prompt, &opts, &mut on_text), tile_s)
+                }
+                _ => {
+                    let vlm = inner.vlm()?;
+                    let tiled = tile_for(vlm, &image, mode)?;
+                    let tile_s = t0.elapsed().as_secs_f64();
+                    (vlm.describe_tiled(&tiled, prompt, &opts, &mut on_text), tile_s)
+                }
+            };
             if let Some(e) = error {
                 return Err(e);
             }
@@ -747,6 +774,17 @@ impl Model {
             device_name(self.device),
             self.dtype.name()
         )
+    }
+}
+
+/// SmolVLM's processor decides how an image is split: only `mode="auto"` applies.
+fn check_auto(mode: &str) -> PyResult<()> {
+    match mode {
+        "auto" => Ok(()),
+        m => Err(PyValueError::new_err(format!(
+            "mode={m:?} applies to afm-vl checkpoints; a SmolVLM checkpoint splits images as its \
+             processor config says (use mode=\"auto\")"
+        ))),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{bench_kernels, bench_lora, bench_text, bench_tiler, Context};
+use super::{bench_kernels, bench_lora, bench_smolvlm, bench_text, bench_tiler, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -21,6 +21,9 @@ pub enum Which {
     /// Packed-weight matrix-vector kernels per instruction set vs the portable ones and
     /// libtorch's dense fp32 product.
     Kernels(bench_kernels::Args),
+    /// A SmolVLM checkpoint: seconds per image (preprocess, encode, prefill, decode) beside HF
+    /// transformers on the same checkpoint and images.
+    Smolvlm(bench_smolvlm::Args),
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
@@ -29,5 +32,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         Which::Tiler(a) => bench_tiler::run(ctx, a),
         Which::Adapters(a) => bench_lora::run(ctx, a),
         Which::Kernels(a) => bench_kernels::run(ctx, a),
+        Which::Smolvlm(a) => bench_smolvlm::run(ctx, a),
     }
 }

@@ -241,16 +241,17 @@ fn describe_smolvlm(ctx: &Context, a: &Args, dir: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// Describe one prepared image, streaming text pieces to the callback.
+type DescribeFn<'a, I> =
+    dyn FnMut(&I, &mut dyn FnMut(&str)) -> afm_fusion::Result<afm_fusion::Description> + 'a;
+
 /// Prepare every image in parallel (decode + tile or process, timed), then describe them one
 /// by one, streaming or as JSON lines; a failed image is an `error:` line and exit 1 at the end.
 fn describe_loop<I: Send>(
     ctx: &Context,
     a: &Args,
     prepare: &(dyn Fn(&Path) -> Result<I, String> + Sync),
-    describe: &mut dyn FnMut(
-        &I,
-        &mut dyn FnMut(&str),
-    ) -> afm_fusion::Result<afm_fusion::Description>,
+    describe: &mut DescribeFn<'_, I>,
     context_len: usize,
 ) -> anyhow::Result<()> {
     let inputs = expand_inputs(&a.images);

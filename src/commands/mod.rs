@@ -9,6 +9,7 @@ pub mod bench_kernels;
 pub mod bench_llama;
 pub mod bench_lora;
 pub mod bench_ptmoe;
+pub mod bench_smolvlm;
 pub mod bench_text;
 pub mod bench_tiler;
 pub mod convert;

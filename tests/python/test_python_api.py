@@ -526,3 +526,40 @@ def test_tamm_pt_moe_logits_greedy_adapter_and_eval(tamm_ptmoe, tmp_path):
                               out=tmp_path / "py")
         for key in ("model", "config", "data", "tasks", "items"):
             assert got[key] == want[key], key
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory):
+    """A random SmolVLM (the second geometry of fusion/tests/reference/smolvlm_ref.py) saved by
+    transformers in HF layout, with transformers' outputs for the poster image."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("num2words")
+    import sys
+
+    d = tmp_path_factory.mktemp("smolvlm")
+    script = ROOT / "fusion/tests/reference/smolvlm_ref.py"
+    subprocess.run([sys.executable, script, "build", d / "model", "alt"], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, script, "run", d / "model", d / "ref", "Describe this image.",
+                    ROOT / "assets/images/poster.png"], check=True, capture_output=True)
+    return d
+
+
+def test_smolvlm_describe_and_encode_match_transformers(smolvlm):
+    safetensors = pytest.importorskip("safetensors.torch")
+    m = afm_vl.load(smolvlm / "model", device="cpu", dtype="fp32")
+    assert (m.kind, m.architecture) == ("vlm", "smolvlm")
+    ref = safetensors.load_file(smolvlm / "ref/ref_0.safetensors")
+    meta = json.loads((smolvlm / "ref/ref.json").read_text())[0]
+    poster = ROOT / "assets/images/poster.png"
+    # A path, a PIL image and a numpy array give transformers' image features.
+    for image in (poster, Image.open(poster), np.asarray(Image.open(poster).convert("RGB"))):
+        feats = m.encode_image(image)
+        assert (feats - ref["image_features"]).abs().max().item() <= 1e-4
+    d = m.describe(poster, prompt="Describe this image.", max_tokens=24, return_details=True)
+    assert d["tokens"] == ref["greedy"].tolist()
+    assert d["text"] == meta["greedy_text"].strip()
+    assert d["mode"] == f"{meta['rows']}x{meta['cols']}+global"
+    assert d["prompt_tokens"] == ref["input_ids"].numel()
+    with pytest.raises(ValueError, match="mode"):
+        m.describe(poster, mode="rapid")

@@ -18,7 +18,9 @@ Geometries:
         4 heads / 2 KV heads, vocab = len(tokenizer), untied lm_head; longest edge 1134 (3 x 378).
 
 After HF's initialisation every LayerNorm / RMSNorm weight is re-drawn as 1 + 0.1 * randn and
-every bias as 0.02 * randn, so norms and biases are not trivially 1 / 0.
+every bias as 0.02 * randn, so norms and biases are not trivially 1 / 0, and the decoder gets
+unit-scale embeddings and fan-in-scaled projections (its greedy continuations then vary instead of
+repeating one token).
 
 usage: smolvlm_ref.py build OUT_DIR GEOMETRY
            GEOMETRY is `256m` or `alt`. Writes the model in HF's layout (config.json,
@@ -42,6 +44,7 @@ usage: smolvlm_ref.py build OUT_DIR GEOMETRY
 """
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -74,7 +77,9 @@ from transformers.video_processing_utils import VideoProcessorMixin
 if not hasattr(processing_utils.transformers_module, "VideoProcessorMixin"):
     processing_utils.transformers_module.VideoProcessorMixin = VideoProcessorMixin
 
-torch.set_num_threads(2)
+# Two threads (the test machines' cores) unless OMP_NUM_THREADS says otherwise (`bench smolvlm` passes
+# its own count).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 REPO = Path(__file__).resolve().parents[3]
 TOKENIZER_DIR = REPO / "assets/models/smollm2-135m-instruct-fp32"
@@ -176,6 +181,17 @@ def randomise_norms_and_biases(model):
             p.data = 0.02 * torch.randn_like(p)
 
 
+def enliven_text_model(model):
+    """HF's initialisation (std 0.02 everywhere) makes a random decoder repeat one token; with
+    unit-scale embeddings and fan-in-scaled projections its greedy continuations vary, so
+    comparing them tests decoding with the cache."""
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight"):
+            p.data = torch.randn_like(p)
+        elif (".text_model." in name or name.startswith("lm_head")) and name.endswith("weight") and p.dim() == 2:
+            p.data = torch.randn_like(p) / p.shape[1] ** 0.5
+
+
 def build(out_dir, geometry):
     g = GEOMETRIES[geometry]
     torch.manual_seed(0)
@@ -210,6 +226,7 @@ def build(out_dir, geometry):
     )
     model = SmolVLMForConditionalGeneration(config).to(torch.float32)
     randomise_norms_and_biases(model)
+    enliven_text_model(model)
     if g["tie"]:
         assert model.lm_head.weight is model.model.text_model.embed_tokens.weight
     model.generation_config = GenerationConfig(**token_ids)

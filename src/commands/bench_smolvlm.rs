@@ -1,0 +1,153 @@
+//! `afm-vl bench smolvlm --model DIR IMAGE...`: time per image of a SmolVLM checkpoint
+//! (decode + preprocess + encode + prefill + N new tokens, greedy, exactly N), afm-vl beside HF
+//! transformers (`fusion/tests/reference/smolvlm_ref.py bench`: PIL, the PIL image processor,
+//! `generate`) on the same checkpoint and images, in one run; medians over the rounds.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use afm_fusion::SmolVlm;
+use afm_text::{DType, GenerateOptions};
+use anyhow::Context as _;
+
+use super::Context;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// SmolVLM checkpoint directory (HF layout).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Images to describe (each round describes every one).
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// New tokens per image (exactly: EOS does not stop the timed runs).
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// Timed rounds over all images, after one warm-up image (the median is reported).
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+    /// Text-model dtype of the afm-vl rows: fp32 (as transformers) or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// The instruction.
+    #[arg(long, default_value = afm_fusion::smolvlm::DEFAULT_PROMPT)]
+    pub prompt: String,
+    /// Skip the transformers row.
+    #[arg(long)]
+    pub no_hf: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
+    if a.repeats == 0 || a.tokens == 0 {
+        anyhow::bail!("--repeats and --tokens must be at least 1");
+    }
+    let device = ctx.device()?;
+    let dtype = DType::parse(&a.dtype, device)?;
+    let model = SmolVlm::load(&a.model, device, dtype)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.tokens,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    let describe = |path: &PathBuf| -> anyhow::Result<[f64; 5]> {
+        let t0 = Instant::now();
+        let img = model.process_path(path)?;
+        let pre = t0.elapsed().as_secs_f64();
+        let d = model.describe_processed(&img, Some(&a.prompt), &opts, &mut |_| {})?;
+        anyhow::ensure!(
+            d.generation.tokens.len() == a.tokens,
+            "generation stopped early"
+        );
+        let total = t0.elapsed().as_secs_f64();
+        Ok([
+            total,
+            pre,
+            d.timings.encode_s,
+            d.timings.prefill_s,
+            d.timings.decode_s,
+        ])
+    };
+    describe(&a.images[0])?; // warm-up
+    let mut rows: Vec<[f64; 5]> = Vec::new();
+    let bar = super::progress::bar((a.repeats * a.images.len()) as u64, "images", ctx.quiet);
+    for _ in 0..a.repeats {
+        for p in &a.images {
+            rows.push(describe(p).with_context(|| p.display().to_string())?);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let ours: Vec<f64> = (0..5)
+        .map(|i| median(rows.iter().map(|r| r[i]).collect()))
+        .collect();
+
+    let hf = if a.no_hf {
+        None
+    } else {
+        Some(hf_reference(&a, tch::get_num_threads())?)
+    };
+    println!(
+        "SmolVLM {}: {} images × {} rounds, {} new tokens, {} threads, per image (median)",
+        a.model.display(),
+        a.images.len(),
+        a.repeats,
+        a.tokens,
+        tch::get_num_threads()
+    );
+    println!();
+    println!("| runtime | s / image | preprocess | encode | prefill | decode | vs transformers |");
+    println!("|---|---|---|---|---|---|---|");
+    let hf_s = hf.as_ref().and_then(|h| h["seconds_per_image"].as_f64());
+    if let Some(h) = &hf {
+        println!(
+            "| transformers fp32 | {:.2} | {:.3} | – | – | – | 1.00× |",
+            hf_s.unwrap_or(f64::NAN),
+            h["preprocess_s"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "| afm-vl ({} text, fp32 vision) | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {} |",
+        dtype.name(),
+        ours[0],
+        ours[1],
+        ours[2],
+        ours[3],
+        ours[4],
+        hf_s.map_or("–".to_string(), |h| format!("{:.2}×", h / ours[0]))
+    );
+    Ok(())
+}
+
+fn hf_reference(a: &Args, threads: i32) -> anyhow::Result<serde_json::Value> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let py = root.join(".venv/bin/python");
+    let script = root.join("fusion/tests/reference/smolvlm_ref.py");
+    anyhow::ensure!(py.exists(), "{} not found (run `make setup`)", py.display());
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg("bench")
+        .arg(&a.model)
+        .arg(&a.prompt)
+        .arg(a.tokens.to_string())
+        .arg(a.repeats.to_string())
+        .args(&a.images)
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "transformers reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(text.lines().last().unwrap_or("{}"))?)
+}
