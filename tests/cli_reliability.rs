@@ -548,6 +548,8 @@ fn d09_demo_checkpoint_notice() {
     let err = stderr(&o);
     assert_eq!(err.matches("demo checkpoint").count(), 1, "{err}");
     assert!(err.contains("--model"), "{err}");
+    // It names the way to real descriptions: a SmolVLM checkpoint.
+    assert!(err.contains("SmolVLM"), "{err}");
     let mut quiet = vec!["-q"];
     quiet.extend(args);
     let o = afm(&quiet);

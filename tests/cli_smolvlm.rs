@@ -259,9 +259,8 @@ fn describe_cli_on_a_smolvlm_directory() {
 /// A change to a JSON file.
 type Edit = dyn Fn(&mut serde_json::Value);
 
-/// A copy of the `alt` model whose `file` is replaced by `edit` of it (the weights and
-/// tokenizer are links to the original).
-fn broken_copy(file: &str, edit: &Edit) -> tempfile::TempDir {
+/// A copy of the `alt` model made of links to its files.
+fn linked_copy() -> tempfile::TempDir {
     let src = reference("alt", 2);
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(&src).unwrap() {
@@ -270,9 +269,16 @@ fn broken_copy(file: &str, edit: &Edit) -> tempfile::TempDir {
             std::os::unix::fs::symlink(&p, dir.path().join(p.file_name().unwrap())).unwrap();
         }
     }
+    dir
+}
+
+/// A copy of the `alt` model whose `file` is replaced by `edit` of it (the other files are
+/// links to the original).
+fn broken_copy(file: &str, edit: &Edit) -> tempfile::TempDir {
+    let dir = linked_copy();
     let path = dir.path().join(file);
     let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join(file)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::remove_file(&path).unwrap();
     std::fs::write(&path, v.to_string()).unwrap();
@@ -340,8 +346,7 @@ fn bad_smolvlm_inputs_are_one_line_errors() {
         assert!(err.contains(want), "{want}: {err}");
         assert!(err.contains(file) || err.contains("tensor"), "{err}");
     }
-    // An image that splits into more crops than the tokenizer has row/column tokens for: its
-    // own error line; the other images are still described.
+    // An image that splits into more crops than the tokenizer has row/column tokens for.
     let dir = broken_copy("processor_config.json", &|v| {
         v["image_processor"]["size"]["longest_edge"] = 4096.into()
     });
@@ -359,14 +364,8 @@ fn bad_smolvlm_inputs_are_one_line_errors() {
     );
     assert!(!err.contains("panicked"), "{err}");
     // A truncated weights file.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = linked_copy();
     let src = reference("alt", 2);
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::os::unix::fs::symlink(&p, dir.path().join(p.file_name().unwrap())).unwrap();
-        }
-    }
     let weights = dir.path().join("model.safetensors");
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     std::fs::remove_file(&weights).unwrap();
@@ -376,9 +375,28 @@ fn bad_smolvlm_inputs_are_one_line_errors() {
         err.contains("model.safetensors") && err.contains("truncated or corrupt"),
         "{err}"
     );
-    // A corrupt image among good ones.
+    // A corrupt image among good ones: its error line (and JSON error object), the good one
+    // is still described, exit 1.
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"\x89PNG\r\n\x1a\nnot really").unwrap();
-    let err = describe_err(&src, &junk);
-    assert!(err.contains("junk.png"), "{err}");
+    let o = Command::new(bin())
+        .args(["describe", "-q", "--json", "--max-tokens", "2", "--model"])
+        .arg(&src)
+        .arg(&junk)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("junk.png") && !err.contains("panicked"),
+        "{err}"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0]["error"].as_str().unwrap().contains("junk.png"));
+    assert_eq!(lines[1]["generated_tokens"], 2);
 }

@@ -75,6 +75,33 @@ pub struct Description {
     pub timings: Timings,
 }
 
+impl Description {
+    /// A finished generation as a description (`stats.prompt_tokens` and `prefill_secs` set by
+    /// the caller; `tile_s` is filled in by whoever decoded the image).
+    pub(crate) fn new(
+        generation: Generation,
+        mode: String,
+        tiles: usize,
+        visual_tokens: usize,
+        encode_s: f64,
+    ) -> Self {
+        Self {
+            text: generation.text.trim().to_string(),
+            mode,
+            tiles,
+            visual_tokens,
+            prompt_tokens: generation.stats.prompt_tokens,
+            timings: Timings {
+                tile_s: 0.0,
+                encode_s,
+                prefill_s: generation.stats.prefill_secs,
+                decode_s: generation.stats.decode_secs,
+            },
+            generation,
+        }
+    }
+}
+
 impl<L: LanguageModel> VisionLanguageModel<L> {
     /// Fresh encoder + adapter (seeded) around a loaded text model.
     pub fn new(config: VlmConfig, mut text: L, seed: i64) -> Result<Self> {
@@ -368,20 +395,13 @@ impl<L: LanguageModel> VisionLanguageModel<L> {
         )?;
         generation.stats.prompt_tokens = layout.ids.len();
         generation.stats.prefill_secs = prefill_s;
-        Ok(Description {
-            text: generation.text.trim().to_string(),
-            mode: tiled.mode.to_string(),
-            tiles: tiled.num_tiles(),
-            visual_tokens: layout.image_len,
-            prompt_tokens: layout.ids.len(),
-            timings: Timings {
-                tile_s: 0.0,
-                encode_s,
-                prefill_s,
-                decode_s: generation.stats.decode_secs,
-            },
+        Ok(Description::new(
             generation,
-        })
+            tiled.mode.to_string(),
+            tiled.num_tiles(),
+            layout.image_len,
+            encode_s,
+        ))
     }
 
     /// Describe an image file in `mode`.

@@ -25,7 +25,7 @@ use afm_vision::siglip::{SiglipConfig, SiglipEncoder};
 
 use crate::connector::Connector;
 use crate::error::{FusionError, Result};
-use crate::model::{Description, Timings};
+use crate::model::Description;
 use crate::prompt::smolvlm_image_text;
 
 /// The instruction when the user gives none.
@@ -557,24 +557,18 @@ impl SmolVlm {
         generation.stats.prompt_tokens = ids.len();
         generation.stats.prefill_secs = prefill_s;
         let visual_tokens = visual.size()[0] as usize;
-        Ok(Description {
-            text: generation.text.trim().to_string(),
-            mode: if img.rows == 0 {
-                "single".to_string()
-            } else {
-                format!("{}x{}+global", img.rows, img.cols)
-            },
-            tiles: img.frames,
-            visual_tokens,
-            prompt_tokens: ids.len(),
-            timings: Timings {
-                tile_s: 0.0,
-                encode_s,
-                prefill_s,
-                decode_s: generation.stats.decode_secs,
-            },
+        let mode = if img.rows == 0 {
+            "single".to_string()
+        } else {
+            format!("{}x{}+global", img.rows, img.cols)
+        };
+        Ok(Description::new(
             generation,
-        })
+            mode,
+            img.frames,
+            visual_tokens,
+            encode_s,
+        ))
     }
 
     /// Describe an image file.
