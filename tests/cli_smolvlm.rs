@@ -400,3 +400,52 @@ fn bad_smolvlm_inputs_are_one_line_errors() {
     assert!(lines[0]["error"].as_str().unwrap().contains("junk.png"));
     assert_eq!(lines[1]["generated_tokens"], 2);
 }
+
+/// `quantize` on a SmolVLM directory packs the text model's projections and embedding (GGUF
+/// q8_0 blocks, read by the block kernels) and leaves the vision encoder and connector dense:
+/// the image features stay transformers' exactly, the logits move by the weights' rounding.
+#[test]
+fn quantized_text_model_of_a_smolvlm() {
+    let dir = reference("alt", 2);
+    let out = tempfile::tempdir().unwrap();
+    let q = out.path().join("q8");
+    let o = Command::new(bin())
+        .args(["quantize", "--bits", "8", "--method", "q8_0"])
+        .arg(&dir)
+        .arg(&q)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = SmolVlm::load(&q, Device::Cpu, DType::F32).unwrap();
+    assert!(model.text.decoder.lm_head.is_quantized());
+    let r: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(ref_dir(&dir).join("ref_0.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let img = model.process_path(&images()[0]).unwrap();
+    assert_eq!(
+        max_abs(&model.encode(&img).unwrap(), &r["image_features"]),
+        0.0
+    );
+    let logits = model.prompt_logits(Some(PROMPT), &img).unwrap();
+    let scale = r["logits"].abs().max().double_value(&[]);
+    let d = max_abs(&logits, &r["logits"]);
+    let agree = logits
+        .argmax(-1, false)
+        .eq_tensor(&r["logits"].argmax(-1, false))
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    eprintln!("q8_0 text model: logits max |Δ| {d:.4} (logits up to {scale:.1}), argmax agreement {agree:.3}");
+    assert!(d <= 0.05 * scale, "{d} vs {scale}");
+    assert!(agree >= 0.95, "{agree}");
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let d = model
+        .describe_processed(&img, Some(PROMPT), &opts, &mut |_| {})
+        .unwrap();
+    assert_eq!(d.generation.tokens.len(), 8);
+}

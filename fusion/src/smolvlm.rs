@@ -80,6 +80,8 @@ const IGNORED_TOP: &[&str] = &[
     "tokenizer_class",
     "_attn_implementation_autoset",
     "_pad_token_id",
+    // `afm-vl quantize` records its plan here; the tensors say how they are stored.
+    "quantization",
 ];
 
 impl SmolVlmConfig {
@@ -292,7 +294,7 @@ impl SmolVlm {
         for name in &names {
             let ours = if let Some(rest) = name.strip_prefix("model.text_model.") {
                 Some(format!("model.{rest}"))
-            } else if name == "lm_head.weight" {
+            } else if name.starts_with("lm_head.") {
                 Some(name.clone())
             } else {
                 vision_names += 1;

@@ -100,7 +100,9 @@ impl Decoder {
             .map(|l| DecoderLayer::new(cfg, w, l))
             .collect::<Result<Vec<_>>>()?;
         // Checkpoints may carry an lm_head even when tied (and some tie by omission).
-        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
+        // The head as stored: dense, packed codes or GGUF blocks (`lm_head.weight.<format>`).
+        let has_head = w.names().any(|n| n.starts_with("lm_head.weight"));
+        let lm_head = if !cfg.tie_word_embeddings && has_head {
             Linear::new(w, "lm_head", h, vocab, false)?
         } else if !cfg.tie_word_embeddings {
             return Err(TextError::checkpoint(

@@ -71,7 +71,28 @@ pub struct QuantizeReport {
 /// A tensor to quantize: name, rows, cols, and (bits, weight, relative error) per width tried.
 type Candidate = (String, i64, i64, Vec<(u8, QuantizedWeight, f64)>);
 
+/// The decoder's name of a checkpoint tensor: a vision-language checkpoint's text model
+/// (SmolVLM / Idefics3: `model.text_model.*`) reads as the decoder's `model.*`; its vision
+/// encoder and connector (`model.vision_model.*`, `model.connector.*`) are not the decoder's and
+/// stay dense.
+fn decoder_name(name: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some(rest) = name.strip_prefix("model.text_model.") {
+        return Some(format!("model.{rest}").into());
+    }
+    if name.starts_with("model.vision_model.") || name.starts_with("model.connector.") {
+        return None;
+    }
+    Some(name.into())
+}
+
+fn is_embedding(name: &str) -> bool {
+    decoder_name(name).is_some_and(|n| n == "model.embed_tokens.weight")
+}
+
 fn is_candidate(name: &str, shape: &[i64]) -> bool {
+    let Some(name) = decoder_name(name) else {
+        return false;
+    };
     shape.len() == 2
         && (name.ends_with("_proj.weight")
             || name == "lm_head.weight"
@@ -204,7 +225,7 @@ pub fn quantize_dir(
             dense.push((name.clone(), t));
             continue;
         }
-        let embed = name == "model.embed_tokens.weight";
+        let embed = is_embedding(name);
         let widths: Vec<u8> = match (embed, opts.plan) {
             (true, _) => vec![embed_bits],
             (false, BitPlan::Fixed(b)) => vec![b],
@@ -325,11 +346,7 @@ pub fn quantize_dir_blocks(
             out.push((name.clone(), t));
             continue;
         }
-        let bty = if name == "model.embed_tokens.weight" {
-            embed_ty
-        } else {
-            ty
-        };
+        let bty = if is_embedding(name) { embed_ty } else { ty };
         let (rows, cols) = (shape[0], shape[1]);
         let v = Vec::<f32>::try_from(t.f_flatten(0, -1)?.f_to_kind(Kind::Float)?)?;
         let g = GgmlWeight::quantize(bty, &v, rows, cols)?;
