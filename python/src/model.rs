@@ -733,13 +733,19 @@ impl Model {
                     check_auto(mode)?;
                     let img = images::smolvlm_process(&s.processor, &image)?;
                     let tile_s = t0.elapsed().as_secs_f64();
-                    (s.describe_processed(&img, prompt, &opts, &mut on_text), tile_s)
+                    (
+                        s.describe_processed(&img, prompt, &opts, &mut on_text),
+                        tile_s,
+                    )
                 }
                 _ => {
                     let vlm = inner.vlm()?;
                     let tiled = tile_for(vlm, &image, mode)?;
                     let tile_s = t0.elapsed().as_secs_f64();
-                    (vlm.describe_tiled(&tiled, prompt, &opts, &mut on_text), tile_s)
+                    (
+                        vlm.describe_tiled(&tiled, prompt, &opts, &mut on_text),
+                        tile_s,
+                    )
                 }
             };
             if let Some(e) = error {
