@@ -214,6 +214,170 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         })
 }
 
+/// The image processor of a checkpoint and its tokens per frame, checked against the model:
+/// transformers ≥ 5 keeps the processor's settings in processor_config.json
+/// (`"image_processor"`), earlier versions in preprocessor_config.json.
+fn read_processor(dir: &Path, config: &SmolVlmConfig) -> Result<(Idefics3Processor, usize)> {
+    let pre_path = dir.join("preprocessor_config.json");
+    let proc_path = dir.join("processor_config.json");
+    let processor_json = read_json(&proc_path)?;
+    let (image_cfg, image_cfg_path) = match read_json(&pre_path)? {
+        Some(v) => (v, pre_path),
+        None => match processor_json
+            .as_ref()
+            .and_then(|v| v.get("image_processor"))
+        {
+            Some(v) => (v.clone(), proc_path.clone()),
+            None => {
+                return Err(FusionError::checkpoint(
+                    dir,
+                    "no image processor settings (preprocessor_config.json, or \
+                     processor_config.json with \"image_processor\")",
+                ))
+            }
+        },
+    };
+    let cfg_err = |path: &Path, msg: String| FusionError::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let processor = Idefics3Processor::new(
+        Idefics3ProcessorConfig::from_json(&image_cfg).map_err(|m| cfg_err(&image_cfg_path, m))?,
+    );
+    let per_frame = config.tokens_per_frame();
+    let seq_len = match processor_json.as_ref().and_then(|v| v.get("image_seq_len")) {
+        None => per_frame,
+        Some(n) => n.as_u64().map(|n| n as usize).ok_or_else(|| {
+            cfg_err(
+                &proc_path,
+                format!("image_seq_len must be an integer, got {n}"),
+            )
+        })?,
+    };
+    if seq_len != per_frame {
+        return Err(cfg_err(
+            &proc_path,
+            format!(
+                "image_seq_len {seq_len} differs from the {per_frame} tokens a frame gives \
+                 (({} / {})² / {}²)",
+                config.vision.image_size, config.vision.patch_size, config.scale_factor
+            ),
+        ));
+    }
+    if processor.config.max_image_size != config.vision.image_size as usize {
+        return Err(cfg_err(
+            &image_cfg_path,
+            format!(
+                "max_image_size {} differs from the encoder's image_size {}",
+                processor.config.max_image_size, config.vision.image_size
+            ),
+        ));
+    }
+    Ok((processor, seq_len))
+}
+
+/// The checkpoint's tensors split by owner: `(vision + connector under their HF names, the
+/// text model under the decoder's names)` (`model.text_model.X` → `model.X`, `lm_head.*` as
+/// is, in whatever encoding they are stored).
+fn split_weights(dir: &Path, device: Device, dtype: DType) -> Result<(WeightMap, WeightMap)> {
+    let mut weights = afm_text::checkpoint::load_weights(dir, device, dtype.kind())?;
+    let names: Vec<String> = weights.names().cloned().collect();
+    let mut text = WeightMap::new(device, dtype.kind());
+    let file = text.add_file(&weights.file_of(names.first().map_or("", String::as_str)));
+    for name in &names {
+        let ours = match name.strip_prefix("model.text_model.") {
+            Some(rest) => format!("model.{rest}"),
+            None if name.starts_with("lm_head.") => name.clone(),
+            None => continue,
+        };
+        if let Some((t, _)) = weights.remove(name) {
+            text.insert(ours, t, file);
+        }
+    }
+    if weights.is_empty() {
+        return Err(FusionError::checkpoint(
+            dir,
+            "no model.vision_model.* tensors: not a SmolVLM checkpoint",
+        ));
+    }
+    Ok((weights, text))
+}
+
+/// The checkpoint's tokenizer with its chat template: the processor's (chat_template.json)
+/// wins over the tokenizer's own.
+fn read_tokenizer(dir: &Path) -> Result<afm_text::tokenizer::Tokenizer> {
+    let mut tokenizer = afm_text::tokenizer::Tokenizer::from_dir(dir)?;
+    if let Some(t) = read_json(&dir.join("chat_template.json"))?.and_then(|v| {
+        v.get("chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }) {
+        tokenizer.set_chat_template(t);
+    }
+    if tokenizer.chat_template().is_none() {
+        return Err(FusionError::checkpoint(
+            dir,
+            "no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)",
+        ));
+    }
+    Ok(tokenizer)
+}
+
+/// The prompt's image tokens, all present in the tokenizer, `<image>` the config's id.
+fn image_tokens(
+    dir: &Path,
+    tokenizer: &afm_text::tokenizer::Tokenizer,
+    config: &SmolVlmConfig,
+    seq_len: usize,
+) -> Result<ImageTokens> {
+    let token = |s: &str| -> Result<u32> {
+        tokenizer.token_to_id(s).ok_or_else(|| {
+            FusionError::checkpoint(dir.join("tokenizer.json"), format!("no {s} token"))
+        })
+    };
+    let tokens = ImageTokens {
+        image_id: token("<image>")?,
+        image: "<image>".into(),
+        fake_around: "<fake_token_around_image>".into(),
+        global: "<global-img>".into(),
+        seq_len,
+    };
+    token(&tokens.fake_around)?;
+    token(&tokens.global)?;
+    if tokens.image_id != config.image_token_id {
+        return Err(FusionError::Config {
+            path: dir.join("config.json"),
+            msg: format!(
+                "image_token_id {} is not the tokenizer's <image> ({})",
+                config.image_token_id, tokens.image_id
+            ),
+        });
+    }
+    Ok(tokens)
+}
+
+/// Where generation stops: the text config's EOS, generation_config.json's EOS ids and the
+/// end of the turn (`<end_of_utterance>`).
+fn stop_ids(
+    dir: &Path,
+    text: &TextConfig,
+    tokenizer: &afm_text::tokenizer::Tokenizer,
+) -> Result<TokenIds> {
+    let mut stops = text.eos_ids();
+    if let Some(g) = read_json(&dir.join("generation_config.json"))? {
+        if let Some(ids) = g
+            .get("eos_token_id")
+            .and_then(|e| serde_json::from_value::<TokenIds>(e.clone()).ok())
+        {
+            stops.extend(ids.to_vec());
+        }
+    }
+    stops.extend(tokenizer.token_to_id("<end_of_utterance>"));
+    stops.sort_unstable();
+    stops.dedup();
+    Ok(TokenIds::Many(stops))
+}
+
 impl SmolVlm {
     /// Load a HF SmolVLM directory. The encoder runs in fp32 on the CPU (bf16 has no fast
     /// path on most CPUs) and in `dtype` on an accelerator; the text model in `dtype`.
@@ -222,102 +386,19 @@ impl SmolVlm {
             return Err(FusionError::checkpoint(dir, "model directory not found"));
         }
         let config = SmolVlmConfig::from_file(&dir.join("config.json"))?;
-        // transformers ≥ 5 keeps the image processor's settings in processor_config.json
-        // ("image_processor"); earlier versions in preprocessor_config.json.
-        let pre_path = dir.join("preprocessor_config.json");
-        let proc_path = dir.join("processor_config.json");
-        let processor_json = read_json(&proc_path)?;
-        let (image_cfg, image_cfg_path) = match read_json(&pre_path)? {
-            Some(v) => (v, pre_path),
-            None => match processor_json
-                .as_ref()
-                .and_then(|v| v.get("image_processor"))
-            {
-                Some(v) => (v.clone(), proc_path.clone()),
-                None => {
-                    return Err(FusionError::checkpoint(
-                        dir,
-                        "no image processor settings (preprocessor_config.json, or \
-                         processor_config.json with \"image_processor\")",
-                    ))
-                }
-            },
-        };
-        let cfg_err = |path: &Path, msg: String| FusionError::Config {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let processor = Idefics3Processor::new(
-            Idefics3ProcessorConfig::from_json(&image_cfg)
-                .map_err(|m| cfg_err(&image_cfg_path, m))?,
-        );
-        let per_frame = config.tokens_per_frame();
-        let seq_len = match processor_json.as_ref().and_then(|v| v.get("image_seq_len")) {
-            None => per_frame,
-            Some(n) => n.as_u64().map(|n| n as usize).ok_or_else(|| {
-                cfg_err(
-                    &proc_path,
-                    format!("image_seq_len must be an integer, got {n}"),
-                )
-            })?,
-        };
-        if seq_len != per_frame {
-            return Err(cfg_err(
-                &proc_path,
-                format!(
-                    "image_seq_len {seq_len} differs from the {per_frame} tokens a frame gives \
-                     (({} / {})² / {}²)",
-                    config.vision.image_size, config.vision.patch_size, config.scale_factor
-                ),
-            ));
-        }
-        if processor.config.max_image_size != config.vision.image_size as usize {
-            return Err(cfg_err(
-                &image_cfg_path,
-                format!(
-                    "max_image_size {} differs from the encoder's image_size {}",
-                    processor.config.max_image_size, config.vision.image_size
-                ),
-            ));
-        }
-
+        let (processor, seq_len) = read_processor(dir, &config)?;
+        let (vision_w, text_w) = split_weights(dir, device, dtype)?;
         let vision_kind = if device == Device::Cpu {
             Kind::Float
         } else {
             dtype.kind()
         };
-        let mut weights = afm_text::checkpoint::load_weights(dir, device, dtype.kind())?;
-        let names: Vec<String> = weights.names().cloned().collect();
-        let mut text_w = WeightMap::new(device, dtype.kind());
-        let file = text_w.add_file(&weights.file_of(names.first().map_or("", String::as_str)));
-        let mut vision_names = 0usize;
-        for name in &names {
-            let ours = if let Some(rest) = name.strip_prefix("model.text_model.") {
-                Some(format!("model.{rest}"))
-            } else if name.starts_with("lm_head.") {
-                Some(name.clone())
-            } else {
-                vision_names += 1;
-                None
-            };
-            if let Some(ours) = ours {
-                if let Some((t, _)) = weights.remove(name) {
-                    text_w.insert(ours, t, file);
-                }
-            }
-        }
-        if vision_names == 0 {
-            return Err(FusionError::checkpoint(
-                dir,
-                "no model.vision_model.* tensors: not a SmolVLM checkpoint",
-            ));
-        }
         let name_err = |e: afm_text::TextError| match e {
             afm_text::TextError::Checkpoint { msg, .. } => FusionError::checkpoint(dir, msg),
             e => e.into(),
         };
         let encoder = SiglipEncoder::from_tensors(&config.vision, &mut |name, shape| {
-            weights
+            vision_w
                 .get_kind(&format!("model.vision_model.{name}"), shape, vision_kind)
                 .map_err(|e| match e {
                     afm_text::TextError::Checkpoint { msg, .. } => {
@@ -330,7 +411,7 @@ impl SmolVlm {
                 })
         })?;
         let vw = config.vision.hidden_size * config.scale_factor * config.scale_factor;
-        let proj = weights
+        let proj = vision_w
             .get_kind(
                 "model.connector.modality_projection.proj.weight",
                 &[config.text.hidden_size as i64, vw],
@@ -340,59 +421,9 @@ impl SmolVlm {
         let connector = Connector::new(config.scale_factor, proj);
         let mut decoder =
             afm_text::decoder::Decoder::new(&config.text, &text_w).map_err(name_err)?;
-
-        let mut tokenizer = afm_text::tokenizer::Tokenizer::from_dir(dir)?;
-        // The processor's template (chat_template.json) wins over the tokenizer's.
-        if let Some(t) = read_json(&dir.join("chat_template.json"))?.and_then(|v| {
-            v.get("chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        }) {
-            tokenizer.set_chat_template(t);
-        }
-        if tokenizer.chat_template().is_none() {
-            return Err(FusionError::checkpoint(
-                dir,
-                "no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)",
-            ));
-        }
-        let token = |s: &str| -> Result<u32> {
-            tokenizer.token_to_id(s).ok_or_else(|| {
-                FusionError::checkpoint(dir.join("tokenizer.json"), format!("no {s} token"))
-            })
-        };
-        let tokens = ImageTokens {
-            image_id: token("<image>")?,
-            image: "<image>".into(),
-            fake_around: "<fake_token_around_image>".into(),
-            global: "<global-img>".into(),
-            seq_len,
-        };
-        token(&tokens.fake_around)?;
-        token(&tokens.global)?;
-        if tokens.image_id != config.image_token_id {
-            return Err(FusionError::Config {
-                path: dir.join("config.json"),
-                msg: format!(
-                    "image_token_id {} is not the tokenizer's <image> ({})",
-                    config.image_token_id, tokens.image_id
-                ),
-            });
-        }
-        // Generation stops at EOS, at generation_config's EOS ids and at the end of the turn.
-        let mut stops = decoder.cfg.eos_ids();
-        if let Some(g) = read_json(&dir.join("generation_config.json"))? {
-            if let Some(ids) = g
-                .get("eos_token_id")
-                .and_then(|e| serde_json::from_value::<TokenIds>(e.clone()).ok())
-            {
-                stops.extend(ids.to_vec());
-            }
-        }
-        stops.extend(tokenizer.token_to_id("<end_of_utterance>"));
-        stops.sort_unstable();
-        stops.dedup();
-        decoder.cfg.eos_token_id = Some(TokenIds::Many(stops));
+        let tokenizer = read_tokenizer(dir)?;
+        let tokens = image_tokens(dir, &tokenizer, &config, seq_len)?;
+        decoder.cfg.eos_token_id = Some(stop_ids(dir, &decoder.cfg, &tokenizer)?);
         let text = TextModel {
             decoder,
             tokenizer: Some(tokenizer),
