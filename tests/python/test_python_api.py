@@ -231,10 +231,14 @@ def test_default_model_is_the_native_blocks_and_equals_cli(model, monkeypatch):
     monkeypatch.delenv("AFM_VL_MODEL", raising=False)
     monkeypatch.chdir(ROOT)
     assert afm_vl.default_model_dir().resolve() == (ROOT / afm_vl.DEFAULT_MODEL).resolve()
-    native = afm_vl.load(device="cpu")
-    a, b = native.logits(PROMPT_IDS), model.logits(PROMPT_IDS)
+    # fp32 for the logits (the default dtype is bf16 on CPUs with native bf16).
+    native32 = afm_vl.load(device="cpu", dtype="fp32")
+    assert native32.source.resolve() == (ROOT / afm_vl.DEFAULT_MODEL).resolve()
+    a, b = native32.logits(PROMPT_IDS), model.logits(PROMPT_IDS)
     assert a.shape == b.shape
     assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+    # The defaults (device, dtype) of the wheel and of the CLI give the same text.
+    native = afm_vl.load(device="cpu")
     prompt = "What is the capital of France?"
     text = native.generate(prompt, max_tokens=12)
     assert "Paris" in text
