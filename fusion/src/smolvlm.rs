@@ -612,7 +612,8 @@ impl SmolVlm {
         opts: &GenerateOptions,
     ) -> Result<Description> {
         let t0 = Instant::now();
-        let img = self.process_path(path)?;
+        // describe_processed checks the crop grid against the tokenizer.
+        let img = self.processor.process_path(path)?;
         let tile_s = t0.elapsed().as_secs_f64();
         let mut d = self.describe_processed(&img, prompt, opts, &mut |_| {})?;
         d.timings.tile_s = tile_s;

@@ -10,6 +10,7 @@ use afm_fusion::SmolVlm;
 use afm_text::{DType, GenerateOptions};
 use anyhow::Context as _;
 
+use super::bench_text::{median, reference_json};
 use super::Context;
 
 #[derive(clap::Args, Debug)]
@@ -35,11 +36,6 @@ pub struct Args {
     /// Skip the transformers row.
     #[arg(long)]
     pub no_hf: bool,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
@@ -125,29 +121,17 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
 }
 
 fn hf_reference(a: &Args, threads: i32) -> anyhow::Result<serde_json::Value> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let py = root.join(".venv/bin/python");
-    let script = root.join("fusion/tests/reference/smolvlm_ref.py");
-    anyhow::ensure!(py.exists(), "{} not found (run `make setup`)", py.display());
-    let out = std::process::Command::new(&py)
-        .arg(&script)
-        .arg("bench")
-        .arg(&a.model)
-        .arg(&a.prompt)
-        .arg(a.tokens.to_string())
-        .arg(a.repeats.to_string())
-        .args(&a.images)
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "transformers reference failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(serde_json::from_str(text.lines().last().unwrap_or("{}"))?)
+    reference_json(
+        "fusion/tests/reference/smolvlm_ref.py",
+        "transformers reference",
+        |c| {
+            c.arg("bench")
+                .arg(&a.model)
+                .arg(&a.prompt)
+                .arg(a.tokens.to_string())
+                .arg(a.repeats.to_string())
+                .args(&a.images)
+                .env("OMP_NUM_THREADS", threads.to_string());
+        },
+    )
 }

@@ -129,32 +129,46 @@ fn hf_reference(
     ids: &[u32],
     tokens: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let py = root.join(".venv/bin/python");
-    let script = root.join("text/bench/hf_generate.py");
-    anyhow::ensure!(py.exists(), "{} not found (run `make setup`)", py.display());
     let tmp = std::env::temp_dir().join(format!("afm-bench-ids-{}.json", std::process::id()));
     std::fs::write(&tmp, serde_json::to_string(ids)?)?;
-    let out = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(dir)
-        .arg(&tmp)
-        .arg(tokens.to_string())
-        .arg(tch::get_num_threads().to_string())
+    let out = reference_json("text/bench/hf_generate.py", "HF reference", |c| {
+        c.arg(dir)
+            .arg(&tmp)
+            .arg(tokens.to_string())
+            .arg(tch::get_num_threads().to_string());
+    });
+    let _ = std::fs::remove_file(&tmp);
+    out
+}
+
+/// Run a reference script of the repository (`script`, relative to its root) with the venv's
+/// Python, `args` adding its arguments and environment; its last stdout line is JSON. A failure
+/// is one line: `what`, then the script's last stderr line.
+pub(super) fn reference_json(
+    script: &str,
+    what: &str,
+    args: impl FnOnce(&mut std::process::Command),
+) -> anyhow::Result<serde_json::Value> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let py = root.join(".venv/bin/python");
+    let script = root.join(script);
+    anyhow::ensure!(py.exists(), "{} not found (run `make setup`)", py.display());
+    let mut cmd = std::process::Command::new(&py);
+    cmd.arg(&script);
+    args(&mut cmd);
+    let out = cmd
         .output()
         .with_context(|| format!("running {}", script.display()))?;
-    let _ = std::fs::remove_file(&tmp);
     anyhow::ensure!(
         out.status.success(),
-        "HF reference failed: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
             .lines()
             .last()
             .unwrap_or("")
     );
-    let line = String::from_utf8_lossy(&out.stdout);
-    let last = line.lines().last().unwrap_or("{}");
-    Ok(serde_json::from_str(last)?)
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(text.lines().last().unwrap_or("{}"))?)
 }
 
 /// Self-speculation with the target's first N layers as the draft, for each N asked: table
