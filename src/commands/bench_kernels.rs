@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use afm_text::gguf::GgmlType;
 use afm_text::quant::ggml;
 use afm_text::quant::packed::{gemv_isa, pack, Isa, Table};
 use afm_text::sampling::Rng;
@@ -152,8 +153,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// GGUF's blocks read natively (activations quantised to int8 inside each call, as a decode
-/// step does once per input), per instruction set.
+/// GGUF's blocks read natively, per instruction set and activation precision (quantised
+/// inside each call, as a decode step does once per input: Q4_0 / Q4_1 / Q8_0 in int8, int16
+/// and fp32, the K-quants in int8).
 fn bench_ggml(
     a: &Args,
     isas: &[Isa],
@@ -167,6 +169,29 @@ fn bench_ggml(
         if !cols.is_multiple_of(ty.block().0) {
             continue;
         }
+        let modes: &[ggml::Acts] = match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+                &[ggml::Acts::Int8, ggml::Acts::Int16, ggml::Acts::F32]
+            }
+            _ => &[ggml::Acts::Int8],
+        };
+        for &mode in modes {
+            bench_ggml_mode(a, isas, (rows, cols), ty, mode, x, (w, xt));
+        }
+    }
+}
+
+/// One block type in one activation precision (a table row per instruction set).
+fn bench_ggml_mode(
+    a: &Args,
+    isas: &[Isa],
+    (rows, cols): (usize, usize),
+    ty: GgmlType,
+    mode: ggml::Acts,
+    x: &[f32],
+    (w, xt): (&Tensor, &Tensor),
+) {
+    {
         let data = ggml::random_blocks(ty, rows, cols, rows as u64 * 31 + cols as u64);
         let mut acts = ggml::Q8Acts::default();
         let mut y = vec![0f32; rows];
@@ -175,7 +200,7 @@ fn bench_ggml(
             for (i, &isa) in isas.iter().enumerate() {
                 let t0 = Instant::now();
                 for _ in 0..a.calls {
-                    acts.quantize(x);
+                    acts.prepare(x, mode);
                     ggml::gemv(isa, ty, &data, cols, &acts, &mut y);
                 }
                 times[i].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
@@ -191,8 +216,9 @@ fn bench_ggml(
         let dense = med[isas.len()];
         for (i, isa) in isas.iter().enumerate() {
             println!(
-                "| {rows}×{cols} | GGUF {} | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
+                "| {rows}×{cols} | GGUF {} ({} acts) | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
                 ty.name(),
+                mode.name(),
                 isa.name(),
                 med[i],
                 data.len() as f64 / (med[i] * 1e3),

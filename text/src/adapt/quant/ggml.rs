@@ -20,8 +20,9 @@
 //! | Q5_K    | as Q4_K, 5-bit `q`       | as Q4_K                                           |
 //! | Q6_K    | `d·sⱼ·(q − 32)` (16s)    | `Σⱼ d·sⱼ·dₓ·(Σ q·qₓ − 32·Σqₓ)` over 16-value groups |
 //!
-//! [`row_dot_scalar`] is the portable reference; the AVX2 kernels compute the same integer
-//! sums (exactly) and differ only in the order the float block terms are added.
+//! [`row_dot_scalar`] is the portable reference; the AVX2, AVX-512 (`ggml_avx512.rs`) and NEON
+//! (`ggml_neon.rs`) kernels compute the same integer sums (exactly) and differ only in the
+//! order the float block terms are added.
 //!
 //! # Activation precision ([`Acts`])
 //!
@@ -46,6 +47,10 @@ pub const QK: usize = 32;
 #[cfg(target_arch = "aarch64")]
 #[path = "ggml_neon.rs"]
 mod neon;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "ggml_avx512.rs"]
+mod avx512;
 
 /// The GGUF block types the kernels read (F32/F16/BF16 tensors are loaded dense instead).
 pub fn is_block_type(ty: GgmlType) -> bool {
@@ -408,7 +413,8 @@ pub fn row_dot_f32_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
 }
 
 /// `N` rows of Q4_0 / Q4_1 / Q8_0 blocks with `isa`'s SIMD kernels, in `a`'s activation
-/// precision: AVX2 (+ FMA + F16C) for all three precisions, NEON for int8 and int16. `None`
+/// precision: AVX-512 (F/BW/VL/VNNI, `Isa::Avx512`; CPUs without VNNI run the AVX2 ones) and
+/// AVX2 (+ FMA + F16C) for all three precisions, NEON for int8 and int16. `None`
 /// where `isa` has no such kernel (the portable set, the K-quants, fp32 activations on NEON).
 fn simd_rows<const N: usize>(
     isa: Isa,
@@ -418,6 +424,25 @@ fn simd_rows<const N: usize>(
 ) -> Option<[f32; N]> {
     if !has_float_kernel(ty) {
         return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && avx512::available() {
+        use avx512::{T_Q4_0, T_Q4_1, T_Q8_0};
+        // SAFETY: AVX-512 F/BW/VL/VNNI and F16C were detected at run time; the rows hold
+        // whole blocks and the activations cover them (the kernels take the shorter of the two).
+        return Some(unsafe {
+            match (ty, a.mode) {
+                (GgmlType::Q4_0, Acts::Int8) => avx512::rows32::<T_Q4_0, N>(rows, a),
+                (GgmlType::Q4_1, Acts::Int8) => avx512::rows32::<T_Q4_1, N>(rows, a),
+                (_, Acts::Int8) => avx512::rows32::<T_Q8_0, N>(rows, a),
+                (GgmlType::Q4_0, Acts::Int16) => avx512::rows32_i16::<T_Q4_0, N>(rows, a),
+                (GgmlType::Q4_1, Acts::Int16) => avx512::rows32_i16::<T_Q4_1, N>(rows, a),
+                (_, Acts::Int16) => avx512::rows32_i16::<T_Q8_0, N>(rows, a),
+                (GgmlType::Q4_0, Acts::F32) => avx512::rows32_f32::<T_Q4_0, N>(rows, a),
+                (GgmlType::Q4_1, Acts::F32) => avx512::rows32_f32::<T_Q4_1, N>(rows, a),
+                (_, Acts::F32) => avx512::rows32_f32::<T_Q8_0, N>(rows, a),
+            }
+        });
     }
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512) && std::arch::is_x86_feature_detected!("f16c") {
@@ -476,6 +501,16 @@ pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
             Acts::Int16 => return row_dot_i16_scalar(ty, row, a),
             Acts::F32 => return row_dot_f32_scalar(ty, row, a),
             Acts::Int8 => {}
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && avx512::available() {
+        // SAFETY: as in simd_rows (AVX-512 F/BW/VL/VNNI detected).
+        match ty {
+            GgmlType::Q4K => return unsafe { avx512::q45_k::<false>(row, a) },
+            GgmlType::Q5K => return unsafe { avx512::q45_k::<true>(row, a) },
+            GgmlType::Q6K => return unsafe { avx512::q6_k(row, a) },
+            _ => {}
         }
     }
     #[cfg(target_arch = "x86_64")]
