@@ -184,6 +184,50 @@ fn smolvlm_second_geometry_matches_transformers() {
     parity("alt", 2);
 }
 
+/// Loaded in bf16, the encoder runs in bf16 where the CPU has native bf16 arithmetic (else fp32)
+/// and its image features follow transformers' fp32 ones to bf16 precision.
+#[test]
+fn bf16_encoder_follows_fp32_features() {
+    let dir = reference("alt", 2);
+    let model = SmolVlm::load(&dir, Device::Cpu, DType::BF16).unwrap();
+    let want = if afm_text::model::cpu_has_bf16() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    for (k, img_path) in images()[..2].iter().enumerate() {
+        let r: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(ref_dir(&dir).join(format!("ref_{k}.safetensors")))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let img = model.process_path(img_path).unwrap();
+        let f = model.encode(&img).unwrap();
+        assert_eq!(f.kind(), want, "image {k}: encoder dtype");
+        let scale = r["image_features"].abs().max().double_value(&[]);
+        let err = max_abs(&f, &r["image_features"]);
+        // Mean error, not only the worst element: a wrong operation moves all of them.
+        let mean = (f.to_kind(Kind::Double) - r["image_features"].to_kind(Kind::Double))
+            .abs()
+            .mean(Kind::Double)
+            .double_value(&[]);
+        let mean_ref = r["image_features"]
+            .abs()
+            .mean(Kind::Double)
+            .double_value(&[]);
+        eprintln!(
+            "bf16 encoder, image {k}: features max |Δ| {err:.4} (max |f| {scale:.3}), mean |Δ| \
+             {mean:.5} (mean |f| {mean_ref:.4})"
+        );
+        if want == Kind::Float {
+            assert!(err <= 1e-4, "{err}");
+        } else {
+            assert!(err <= 0.03 * scale, "{err} vs max |f| {scale}");
+            assert!(mean <= 0.015 * mean_ref, "{mean} vs mean |f| {mean_ref}");
+        }
+    }
+}
+
 /// `describe --model` on a SmolVLM directory: a folder of images with `--prompt`, `--json` and
 /// `--stats` gives transformers' greedy text for every image; a glob pattern the same.
 #[test]

@@ -1,7 +1,8 @@
 //! `afm-vl bench smolvlm --model DIR IMAGE...`: time per image of a SmolVLM checkpoint
 //! (decode + preprocess + encode + prefill + N new tokens, greedy, exactly N), afm-vl beside HF
 //! transformers (`fusion/tests/reference/smolvlm_ref.py bench`: PIL, the PIL image processor,
-//! `generate`) on the same checkpoint and images, in one run; medians over the rounds.
+//! `generate`) on the same checkpoint and images, in one run, per dtype (`--dtypes`); medians
+//! over the rounds.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,9 +28,11 @@ pub struct Args {
     /// Timed rounds over all images, after one warm-up image (the median is reported).
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
-    /// Text-model dtype of the afm-vl rows: fp32 (as transformers) or bf16.
-    #[arg(long, default_value = "fp32")]
-    pub dtype: String,
+    /// Dtypes to compare, comma-separated: each runs afm-vl and transformers with the whole
+    /// model in it (afm-vl's encoder stays fp32 on a CPU without native bf16). `auto` is
+    /// afm-vl's default here (bf16 on accelerators and CPUs with AVX512-BF16 / AMX, else fp32).
+    #[arg(long, default_value = "fp32,auto", value_name = "LIST")]
+    pub dtypes: String,
     /// The instruction.
     #[arg(long, default_value = afm_fusion::smolvlm::DEFAULT_PROMPT)]
     pub prompt: String,
@@ -43,7 +46,84 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         anyhow::bail!("--repeats and --tokens must be at least 1");
     }
     let device = ctx.device()?;
-    let dtype = DType::parse(&a.dtype, device)?;
+    let mut dtypes: Vec<DType> = Vec::new();
+    for d in a.dtypes.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let d = DType::parse(d, device)?;
+        anyhow::ensure!(
+            d != DType::F16,
+            "--dtypes: fp16 is not compared (transformers' CPU fp16 is not a fast path)"
+        );
+        if !dtypes.contains(&d) {
+            dtypes.push(d);
+        }
+    }
+    anyhow::ensure!(!dtypes.is_empty(), "--dtypes is empty");
+    let threads = tch::get_num_threads();
+    // (dtype, afm-vl medians [total, preprocess, encode, prefill, decode], transformers' JSON).
+    let mut results = Vec::new();
+    for &dtype in &dtypes {
+        let ours = time_ours(ctx, &a, device, dtype)?;
+        let hf = if a.no_hf {
+            None
+        } else {
+            Some(hf_reference(&a, dtype, threads)?)
+        };
+        results.push((dtype, ours, hf));
+    }
+    println!(
+        "SmolVLM {}: {} images × {} rounds, {} new tokens, {} threads, per image (median)",
+        a.model.display(),
+        a.images.len(),
+        a.repeats,
+        a.tokens,
+        threads
+    );
+    println!();
+    println!(
+        "| runtime | dtype (vision / text) | s / image | preprocess | encode | prefill | decode | vs transformers, same dtype | vs transformers fp32 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let secs =
+        |h: &Option<serde_json::Value>| h.as_ref().and_then(|h| h["seconds_per_image"].as_f64());
+    let hf_fp32 = results
+        .iter()
+        .find(|r| r.0 == DType::F32)
+        .and_then(|r| secs(&r.2));
+    let ratio = |h: Option<f64>, t: f64| h.map_or("–".to_string(), |h| format!("{:.2}×", h / t));
+    for (dtype, ours, hf) in &results {
+        if let Some(h) = hf {
+            let t = secs(hf).unwrap_or(f64::NAN);
+            println!(
+                "| transformers | {0} / {0} | {1:.2} | {2:.3} | – | – | – | 1.00× | {3} |",
+                dtype.name(),
+                t,
+                h["preprocess_s"].as_f64().unwrap_or(f64::NAN),
+                ratio(hf_fp32, t)
+            );
+        }
+        println!(
+            "| afm-vl | {} / {} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            afm_fusion::smolvlm::vision_dtype(device, *dtype).name(),
+            dtype.name(),
+            ours[0],
+            ours[1],
+            ours[2],
+            ours[3],
+            ours[4],
+            ratio(secs(hf), ours[0]),
+            ratio(hf_fp32, ours[0])
+        );
+    }
+    Ok(())
+}
+
+/// afm-vl's medians per image in `dtype`: [total, preprocess, encode, prefill, decode].
+fn time_ours(
+    ctx: &Context,
+    a: &Args,
+    device: tch::Device,
+    dtype: DType,
+) -> anyhow::Result<Vec<f64>> {
     let model = SmolVlm::load(&a.model, device, dtype)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let opts = GenerateOptions {
@@ -71,7 +151,11 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     };
     describe(&a.images[0])?; // warm-up
     let mut rows: Vec<[f64; 5]> = Vec::new();
-    let bar = super::progress::bar((a.repeats * a.images.len()) as u64, "images", ctx.quiet);
+    let bar = super::progress::bar(
+        (a.repeats * a.images.len()) as u64,
+        &format!("images ({})", dtype.name()),
+        ctx.quiet,
+    );
     for _ in 0..a.repeats {
         for p in &a.images {
             rows.push(describe(p).with_context(|| p.display().to_string())?);
@@ -79,54 +163,19 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    let ours: Vec<f64> = (0..5)
+    Ok((0..5)
         .map(|i| median(rows.iter().map(|r| r[i]).collect()))
-        .collect();
-
-    let hf = if a.no_hf {
-        None
-    } else {
-        Some(hf_reference(&a, tch::get_num_threads())?)
-    };
-    println!(
-        "SmolVLM {}: {} images × {} rounds, {} new tokens, {} threads, per image (median)",
-        a.model.display(),
-        a.images.len(),
-        a.repeats,
-        a.tokens,
-        tch::get_num_threads()
-    );
-    println!();
-    println!("| runtime | s / image | preprocess | encode | prefill | decode | vs transformers |");
-    println!("|---|---|---|---|---|---|---|");
-    let hf_s = hf.as_ref().and_then(|h| h["seconds_per_image"].as_f64());
-    if let Some(h) = &hf {
-        println!(
-            "| transformers fp32 | {:.2} | {:.3} | – | – | – | 1.00× |",
-            hf_s.unwrap_or(f64::NAN),
-            h["preprocess_s"].as_f64().unwrap_or(f64::NAN)
-        );
-    }
-    println!(
-        "| afm-vl ({} text, fp32 vision) | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {} |",
-        dtype.name(),
-        ours[0],
-        ours[1],
-        ours[2],
-        ours[3],
-        ours[4],
-        hf_s.map_or("–".to_string(), |h| format!("{:.2}×", h / ours[0]))
-    );
-    Ok(())
+        .collect())
 }
 
-fn hf_reference(a: &Args, threads: i32) -> anyhow::Result<serde_json::Value> {
+fn hf_reference(a: &Args, dtype: DType, threads: i32) -> anyhow::Result<serde_json::Value> {
     reference_json(
         "fusion/tests/reference/smolvlm_ref.py",
         "transformers reference",
         |c| {
             c.arg("bench")
                 .arg(&a.model)
+                .arg(dtype.name())
                 .arg(&a.prompt)
                 .arg(a.tokens.to_string())
                 .arg(a.repeats.to_string())

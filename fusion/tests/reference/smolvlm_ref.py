@@ -36,8 +36,8 @@ usage: smolvlm_ref.py build OUT_DIR GEOMETRY
            `logits` [L,V] f32 of one forward over the prompt, `greedy` [n] int64 (generate,
            24 new tokens at most, greedy, stopping at EOS; new tokens only), and OUT_DIR/ref.json:
            per image {image, rows, cols, prompt_text, expanded_text, greedy_text, ...}.
-       smolvlm_ref.py bench MODEL_DIR PROMPT NEW_TOKENS REPEATS IMAGE [IMAGE ...]
-           Times transformers end to end per image (PIL open, chat template, preprocessing,
+       smolvlm_ref.py bench MODEL_DIR DTYPE PROMPT NEW_TOKENS REPEATS IMAGE [IMAGE ...]
+           Times transformers in DTYPE (fp32 or bf16, the whole model) end to end per image (PIL open, chat template, preprocessing,
            generate of exactly NEW_TOKENS greedy tokens) after one warm-up generate, over REPEATS
            rounds of all images; prints one JSON line: {"seconds_per_image", "preprocess_s"
            (medians), "images", "new_tokens", "threads"}.
@@ -290,9 +290,9 @@ def build(out_dir, geometry):
     }, indent=1))
 
 
-def load(model_dir):
+def load(model_dir, dtype=torch.float32):
     model = SmolVLMForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        model_dir, dtype=dtype, attn_implementation="sdpa"
     )
     model.eval()
     # SmolVLMProcessor.from_pretrained loads the video processor through AutoVideoProcessor, which
@@ -394,9 +394,9 @@ def run(model_dir, out_dir, prompt, images):
     (out / "ref.json").write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
 
 
-def bench(model_dir, prompt, new_tokens, repeats, images):
+def bench(model_dir, dtype, prompt, new_tokens, repeats, images):
     torch.manual_seed(0)
-    model, processor = load(model_dir)
+    model, processor = load(model_dir, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 
     def preprocess(path):
         img = Image.open(path).convert("RGB")
@@ -436,8 +436,8 @@ def main(argv):
         build(argv[1], argv[2])
     elif len(argv) >= 5 and argv[0] == "run":
         run(argv[1], argv[2], argv[3], argv[4:])
-    elif len(argv) >= 6 and argv[0] == "bench":
-        bench(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5:])
+    elif len(argv) >= 7 and argv[0] == "bench":
+        bench(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), argv[6:])
     else:
         sys.exit(__doc__)
 
