@@ -243,7 +243,7 @@ fn describe_cli_on_a_smolvlm_directory() {
     let o = Command::new(bin())
         .args(["describe", "--model"])
         .arg(&dir)
-        // fp32 as the reference (`auto` is bf16 on CPUs with native bf16).
+        // fp32 as the reference (`auto` runs the encoder in bf16 on CPUs with native bf16).
         .args([
             "--dtype",
             "fp32",

@@ -387,19 +387,40 @@ pub fn vision_dtype(device: Device, dtype: DType) -> DType {
     }
 }
 
+/// The text and encoder dtypes a `--dtype` names: `auto` is the decode default for the text
+/// model ([`DType::auto_decode`]: fp32 on a CPU) and [`DType::auto`] for the encoder (bf16
+/// where the CPU/GPU does bf16 natively: its matrix products are the bulk of the work); an
+/// explicit dtype applies to both, as [`vision_dtype`] allows.
+pub fn parse_dtypes(s: &str, device: Device) -> afm_text::Result<(DType, DType)> {
+    if s.eq_ignore_ascii_case("auto") {
+        let vision = vision_dtype(device, DType::auto(device));
+        Ok((DType::auto_decode(device), vision))
+    } else {
+        let d = DType::parse(s, device)?;
+        Ok((d, vision_dtype(device, d)))
+    }
+}
+
 impl SmolVlm {
     /// Load a HF SmolVLM directory, the text model in `dtype`. The encoder and connector run
     /// in `dtype` on an accelerator and on a CPU with native bf16 arithmetic (AVX512-BF16 /
     /// AMX: there a bf16 matrix product is ~3× an fp32 one), else in fp32 (bf16 is emulated,
     /// and slower, on other CPUs).
     pub fn load(dir: &Path, device: Device, dtype: DType) -> Result<Self> {
+        Self::load_with(dir, device, dtype, vision_dtype(device, dtype))
+    }
+
+    /// Load with the text model in `text` and the encoder and connector in `vision` (see
+    /// [`parse_dtypes`]).
+    pub fn load_with(dir: &Path, device: Device, text: DType, vision: DType) -> Result<Self> {
+        let dtype = text;
         if !dir.is_dir() {
             return Err(FusionError::checkpoint(dir, "model directory not found"));
         }
         let config = SmolVlmConfig::from_file(&dir.join("config.json"))?;
         let (processor, seq_len) = read_processor(dir, &config)?;
         let (vision_w, text_w) = split_weights(dir, device, dtype)?;
-        let vision_kind = vision_dtype(device, dtype).kind();
+        let vision_kind = vision.kind();
         let name_err = |e: afm_text::TextError| match e {
             afm_text::TextError::Checkpoint { msg, .. } => FusionError::checkpoint(dir, msg),
             e => e.into(),
@@ -625,5 +646,43 @@ impl SmolVlm {
         let mut d = self.describe_processed(&img, prompt, opts, &mut |_| {})?;
         d.timings.tile_s = tile_s;
         Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_decodes_in_fp32_on_a_cpu_and_encodes_in_native_bf16() {
+        let native = afm_text::model::cpu_has_bf16();
+        let bf16_if_native = if native { DType::BF16 } else { DType::F32 };
+        assert_eq!(
+            parse_dtypes("auto", Device::Cpu).unwrap(),
+            (DType::F32, bf16_if_native)
+        );
+        assert_eq!(
+            parse_dtypes("AUTO", Device::Cuda(0)).unwrap(),
+            (DType::BF16, DType::BF16)
+        );
+        assert_eq!(
+            parse_dtypes("fp32", Device::Cpu).unwrap(),
+            (DType::F32, DType::F32)
+        );
+        // An explicit bf16 keeps the encoder in fp32 where bf16 would be emulated.
+        assert_eq!(
+            parse_dtypes("bf16", Device::Cpu).unwrap(),
+            (DType::BF16, bf16_if_native)
+        );
+        assert!(parse_dtypes("fp8", Device::Cpu).is_err());
+        // The text-only default agrees.
+        assert_eq!(
+            DType::parse_decode("auto", Device::Cpu).unwrap(),
+            DType::F32
+        );
+        assert_eq!(
+            DType::parse_decode("bf16", Device::Cpu).unwrap(),
+            DType::BF16
+        );
     }
 }

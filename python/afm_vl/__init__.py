@@ -127,8 +127,9 @@ def load(
     preset with random weights (seeded by ``seed``), or None for the default model
     (``$AFM_VL_MODEL`` or the converted SmolLM2-135M-Instruct).
     ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-    ``dtype``: None/``auto`` (bf16 where the hardware does bf16 natively, else fp32),
-    ``fp32``, ``bf16``, ``fp16``.
+    ``dtype``: None/``auto``, ``fp32``, ``bf16``, ``fp16``. ``auto``: fp32 on a CPU (the fused
+    decode step reads fp32 and quantized weights), bf16 on a GPU; a PT-MoE model or a SmolVLM
+    encoder: bf16 where the hardware does bf16 natively, else fp32.
 
     Raises FileNotFoundError when the directory does not exist, ValueError for a bad
     checkpoint, device or dtype.

@@ -33,6 +33,11 @@ pub fn parse_dtype(dtype: Option<&str>, device: Device) -> PyResult<DType> {
     DType::parse(dtype.unwrap_or("auto"), device).map_err(|e| errors::text(e, None))
 }
 
+/// As the CLI's `generate`: `auto` is fp32 on a CPU (the fused decode step), bf16 on a GPU.
+pub fn parse_decode_dtype(dtype: Option<&str>, device: Device) -> PyResult<DType> {
+    DType::parse_decode(dtype.unwrap_or("auto"), device).map_err(|e| errors::text(e, None))
+}
+
 pub fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
@@ -410,13 +415,14 @@ impl Model {
     #[pyo3(signature = (path, device = "auto", dtype = None))]
     fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
         let device = parse_device(device)?;
-        let dtype = parse_dtype(dtype, device)?;
         if is_ptmoe_dir(&path) {
+            let dtype = parse_dtype(dtype, device)?;
             let m = py
                 .allow_threads(|| PtMoeModel::load(&path, device, dtype))
                 .map_err(|e| errors::text(e, Some(&format!("loading model {}", path.display()))))?;
             return Ok(Model::wrap(Engine::Server(Box::new(m)), device));
         }
+        let dtype = parse_decode_dtype(dtype, device)?;
         let text = py
             .allow_threads(|| TextModel::load(&path, device, dtype))
             .map_err(|e| errors::text(e, Some(&format!("loading model {}", path.display()))))?;
@@ -434,10 +440,12 @@ impl Model {
         dtype: Option<&str>,
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
-        let dtype = parse_dtype(dtype, device)?;
         if afm_fusion::smolvlm::is_smolvlm_dir(&path) {
+            let (text, vision) =
+                afm_fusion::smolvlm::parse_dtypes(dtype.unwrap_or("auto"), device)
+                    .map_err(|e| errors::text(e, None))?;
             let m = py
-                .allow_threads(|| afm_fusion::SmolVlm::load(&path, device, dtype))
+                .allow_threads(|| afm_fusion::SmolVlm::load_with(&path, device, text, vision))
                 .map_err(|e| errors::fusion(e, Some(&format!("loading {}", path.display()))))?;
             return Ok(Model::wrap(Engine::SmolVlm(Box::new(m)), device));
         }
@@ -449,6 +457,7 @@ impl Model {
                 path.display()
             )));
         }
+        let dtype = parse_decode_dtype(dtype, device)?;
         let vlm = py
             .allow_threads(|| VisionLanguageModel::load(&path, device, dtype))
             .map_err(|e| errors::fusion(e, Some(&format!("loading {}", path.display()))))?;
@@ -466,13 +475,14 @@ impl Model {
         dtype: Option<&str>,
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
-        let dtype = parse_dtype(dtype, device)?;
         if afm_text::ptmoe_config::is_ptmoe_preset(name) {
+            let dtype = parse_dtype(dtype, device)?;
             let m = py
                 .allow_threads(|| PtMoeModel::from_preset(name, seed, device, dtype))
                 .map_err(|e| errors::text(e, None))?;
             return Ok(Model::wrap(Engine::Server(Box::new(m)), device));
         }
+        let dtype = parse_decode_dtype(dtype, device)?;
         let text = py
             .allow_threads(|| TextModel::from_preset(name, seed, device, dtype))
             .map_err(|e| errors::text(e, None))?;

@@ -28,10 +28,10 @@ pub struct Args {
     /// Timed rounds over all images, after one warm-up image (the median is reported).
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
-    /// Dtypes to compare, comma-separated: each runs afm-vl and transformers with the whole
-    /// model in it (afm-vl's encoder stays fp32 on a CPU without native bf16). `auto` is
-    /// afm-vl's default here (bf16 on accelerators and CPUs with AVX512-BF16 / AMX, else fp32).
-    #[arg(long, default_value = "fp32,auto", value_name = "LIST")]
+    /// afm-vl's `--dtype`s to compare, comma-separated (as `describe --dtype`: `auto` is the
+    /// default, the text model in fp32 on a CPU and the encoder in bf16 where bf16 is native).
+    /// transformers runs with the whole model in fp32, and in bf16 too when a row uses it.
+    #[arg(long, default_value = "fp32,bf16,auto", value_name = "LIST")]
     pub dtypes: String,
     /// The instruction.
     #[arg(long, default_value = afm_fusion::smolvlm::DEFAULT_PROMPT)]
@@ -46,29 +46,40 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         anyhow::bail!("--repeats and --tokens must be at least 1");
     }
     let device = ctx.device()?;
-    let mut dtypes: Vec<DType> = Vec::new();
+    // afm-vl's (text, vision) dtypes per entry, and the dtypes transformers runs in.
+    let mut configs: Vec<(String, DType, DType)> = Vec::new();
+    let mut hf_dtypes = vec![DType::F32];
     for d in a.dtypes.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let d = DType::parse(d, device)?;
+        let (text, vision) = afm_fusion::smolvlm::parse_dtypes(d, device)?;
         anyhow::ensure!(
-            d != DType::F16,
+            text != DType::F16 && vision != DType::F16,
             "--dtypes: fp16 is not compared (transformers' CPU fp16 is not a fast path)"
         );
-        if !dtypes.contains(&d) {
-            dtypes.push(d);
+        if !configs.iter().any(|c| (c.1, c.2) == (text, vision)) {
+            configs.push((d.to_ascii_lowercase(), text, vision));
+        }
+        for x in [text, vision] {
+            if !hf_dtypes.contains(&x) {
+                hf_dtypes.push(x);
+            }
         }
     }
-    anyhow::ensure!(!dtypes.is_empty(), "--dtypes is empty");
+    anyhow::ensure!(!configs.is_empty(), "--dtypes is empty");
     let threads = tch::get_num_threads();
-    // (dtype, afm-vl medians [total, preprocess, encode, prefill, decode], transformers' JSON).
-    let mut results = Vec::new();
-    for &dtype in &dtypes {
-        let ours = time_ours(ctx, &a, device, dtype)?;
-        let hf = if a.no_hf {
-            None
-        } else {
-            Some(hf_reference(&a, dtype, threads)?)
-        };
-        results.push((dtype, ours, hf));
+    let mut ours = Vec::new();
+    for (_, text, vision) in &configs {
+        ours.push(time_ours(ctx, &a, device, *text, *vision)?);
+    }
+    let mut hf: Vec<(DType, f64, f64)> = Vec::new();
+    if !a.no_hf {
+        for &d in &hf_dtypes {
+            let h = hf_reference(&a, d, threads)?;
+            hf.push((
+                d,
+                h["seconds_per_image"].as_f64().unwrap_or(f64::NAN),
+                h["preprocess_s"].as_f64().unwrap_or(f64::NAN),
+            ));
+        }
     }
     println!(
         "SmolVLM {}: {} images × {} rounds, {} new tokens, {} threads, per image (median)",
@@ -79,52 +90,58 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         threads
     );
     println!();
-    println!(
-        "| runtime | dtype (vision / text) | s / image | preprocess | encode | prefill | decode | vs transformers, same dtype | vs transformers fp32 |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let secs =
-        |h: &Option<serde_json::Value>| h.as_ref().and_then(|h| h["seconds_per_image"].as_f64());
-    let hf_fp32 = results
+    let vs: Vec<String> = hf
         .iter()
-        .find(|r| r.0 == DType::F32)
-        .and_then(|r| secs(&r.2));
-    let ratio = |h: Option<f64>, t: f64| h.map_or("–".to_string(), |h| format!("{:.2}×", h / t));
-    for (dtype, ours, hf) in &results {
-        if let Some(h) = hf {
-            let t = secs(hf).unwrap_or(f64::NAN);
-            println!(
-                "| transformers | {0} / {0} | {1:.2} | {2:.3} | – | – | – | 1.00× | {3} |",
-                dtype.name(),
-                t,
-                h["preprocess_s"].as_f64().unwrap_or(f64::NAN),
-                ratio(hf_fp32, t)
-            );
-        }
+        .map(|h| format!(" vs transformers {} |", h.0.name()))
+        .collect();
+    println!(
+        "| runtime | --dtype | vision / text | s / image | preprocess | encode | prefill | decode |{}",
+        vs.concat()
+    );
+    println!(
+        "|---|---|---|---|---|---|---|---|{}",
+        "---|".repeat(hf.len())
+    );
+    let ratios = |t: f64| -> String {
+        hf.iter()
+            .map(|h| format!(" {:.2}× |", h.1 / t))
+            .collect::<String>()
+    };
+    for h in &hf {
         println!(
-            "| afm-vl | {} / {} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {} | {} |",
-            afm_fusion::smolvlm::vision_dtype(device, *dtype).name(),
-            dtype.name(),
-            ours[0],
-            ours[1],
-            ours[2],
-            ours[3],
-            ours[4],
-            ratio(secs(hf), ours[0]),
-            ratio(hf_fp32, ours[0])
+            "| transformers | {0} | {0} / {0} | {1:.2} | {2:.3} | – | – | – |{3}",
+            h.0.name(),
+            h.1,
+            h.2,
+            ratios(h.1)
+        );
+    }
+    for ((name, text, vision), o) in configs.iter().zip(&ours) {
+        println!(
+            "| afm-vl | {name} | {} / {} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} |{}",
+            vision.name(),
+            text.name(),
+            o[0],
+            o[1],
+            o[2],
+            o[3],
+            o[4],
+            ratios(o[0])
         );
     }
     Ok(())
 }
 
-/// afm-vl's medians per image in `dtype`: [total, preprocess, encode, prefill, decode].
+/// afm-vl's medians per image with the text model in `text` and the encoder in `vision`:
+/// [total, preprocess, encode, prefill, decode].
 fn time_ours(
     ctx: &Context,
     a: &Args,
     device: tch::Device,
-    dtype: DType,
+    text: DType,
+    vision: DType,
 ) -> anyhow::Result<Vec<f64>> {
-    let model = SmolVlm::load(&a.model, device, dtype)
+    let model = SmolVlm::load_with(&a.model, device, text, vision)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let opts = GenerateOptions {
         max_new_tokens: a.tokens,
@@ -153,7 +170,7 @@ fn time_ours(
     let mut rows: Vec<[f64; 5]> = Vec::new();
     let bar = super::progress::bar(
         (a.repeats * a.images.len()) as u64,
-        &format!("images ({})", dtype.name()),
+        &format!("images ({} / {})", vision.name(), text.name()),
         ctx.quiet,
     );
     for _ in 0..a.repeats {

@@ -37,7 +37,10 @@ pub struct Args {
     /// directory in HF layout (default: the demo checkpoint in assets/models/, or $AFM_VL_VLM).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Text-model dtype: auto, fp32, bf16, fp16.
+    /// Dtype: auto, fp32, bf16, fp16. auto: the text model in fp32 on a CPU (the fused decode
+    /// step) and bf16 on a GPU; a SmolVLM encoder in bf16 where the CPU/GPU does bf16
+    /// natively, else fp32. An explicit dtype applies to both (a SmolVLM encoder stays fp32 on a
+    /// CPU without native bf16).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// A LoRA adapter of the text model (PEFT layout: adapter_config.json +
@@ -219,9 +222,9 @@ fn describe_smolvlm(ctx: &Context, a: &Args, dir: &Path) -> anyhow::Result<()> {
     }
     let opts = a.sampling.options()?;
     let device = ctx.device()?;
-    let dtype = DType::parse(&a.dtype, device)?;
+    let (text, vision) = afm_fusion::smolvlm::parse_dtypes(&a.dtype, device)?;
     let t0 = Instant::now();
-    let model = afm_fusion::SmolVlm::load(dir, device, dtype)
+    let model = afm_fusion::SmolVlm::load_with(dir, device, text, vision)
         .with_context(|| format!("loading {}", dir.display()))?;
     tracing::info!(
         "loaded {} in {:.2}s",

@@ -141,7 +141,9 @@ pub struct ModelArgs {
     /// A named preset with random weights instead of a checkpoint (see `inspect --list-presets`).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
-    /// Inference dtype: auto (bf16 where the CPU/GPU does bf16 natively, else fp32), fp32, bf16, fp16.
+    /// Inference dtype: auto, fp32, bf16, fp16. auto: fp32 on a CPU (the fused decode step
+    /// reads fp32 weights and quantized blocks; bf16 decodes through libtorch, slower) and bf16
+    /// on a GPU; a PT-MoE model: bf16 where the CPU/GPU does bf16 natively, else fp32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// KV-cache bits: 16 (the compute dtype) or 8 (int8 with a scale per head and token).
@@ -187,7 +189,7 @@ impl ModelArgs {
 
     pub fn load(&self, ctx: &Context) -> anyhow::Result<TextModel> {
         let device = ctx.device()?;
-        let dtype = DType::parse(&self.dtype, device)?;
+        let dtype = DType::parse_decode(&self.dtype, device)?;
         afm_text::kv_cache::set_default_kv_bits(self.kv_bits)?;
         if let Some(p) = &self.preset {
             return Ok(TextModel::from_preset(p, 0, device, dtype)?);

@@ -57,6 +57,28 @@ impl DType {
         }
     }
 
+    /// The default for generating with the on-device decoder: bf16 on GPUs; fp32 on every CPU.
+    /// A CPU decode step is bound by the bytes it reads, and the fused step
+    /// (`runtime/cpu_decode.rs`) reads fp32, GGUF blocks and our packed codes; a bf16 model
+    /// decodes through libtorch instead (2.4× slower on an AVX512-BF16 CPU: 36 vs 87 tok/s for
+    /// the default model). [`DType::auto`] stays the default where matrix products dominate
+    /// (scoring, vision encoders, the PT-MoE model).
+    pub fn auto_decode(device: Device) -> Self {
+        match device {
+            Device::Cpu => DType::F32,
+            _ => DType::BF16,
+        }
+    }
+
+    /// [`DType::parse`] with `auto` meaning [`DType::auto_decode`].
+    pub fn parse_decode(s: &str, device: Device) -> Result<Self> {
+        if s.eq_ignore_ascii_case("auto") {
+            Ok(Self::auto_decode(device))
+        } else {
+            Self::parse(s, device)
+        }
+    }
+
     /// `auto`, `fp32`/`f32`, `bf16`, `fp16`/`f16`.
     pub fn parse(s: &str, device: Device) -> Result<Self> {
         Ok(match s.to_ascii_lowercase().as_str() {
