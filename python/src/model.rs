@@ -441,9 +441,8 @@ impl Model {
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
         if afm_fusion::smolvlm::is_smolvlm_dir(&path) {
-            let (text, vision) =
-                afm_fusion::smolvlm::parse_dtypes(dtype.unwrap_or("auto"), device)
-                    .map_err(|e| errors::text(e, None))?;
+            let (text, vision) = afm_fusion::smolvlm::parse_dtypes(dtype.unwrap_or("auto"), device)
+                .map_err(|e| errors::text(e, None))?;
             let m = py
                 .allow_threads(|| afm_fusion::SmolVlm::load_with(&path, device, text, vision))
                 .map_err(|e| errors::fusion(e, Some(&format!("loading {}", path.display()))))?;

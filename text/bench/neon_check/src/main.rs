@@ -1,8 +1,8 @@
-//! Checks the NEON Q4_0 / Q4_1 / Q8_0 kernels against a float reference (the dequantised
-//! weights times the dequantised activations, in f64), on random blocks with ragged row and
-//! block counts, int8 activations (plain NEON, and the dotprod kernel when the CPU has it: run
-//! under `qemu-aarch64 -cpu max`) and int16 activations, 1 and 4 rows at once. Exits 1 on a
-//! mismatch.
+//! Checks the NEON Q4_0 / Q4_1 / Q8_0 and Q4_K / Q5_K / Q6_K kernels against a float reference
+//! (the dequantised weights times the dequantised activations, in f64, dequantised here from
+//! the GGUF block layouts), on random blocks with ragged row and block counts, int8 activations
+//! (plain NEON, and the dotprod kernels when the CPU has it: run under `qemu-aarch64 -cpu max`)
+//! and int16 activations (Q4_0 / Q4_1 / Q8_0), 1 and 4 rows at once. Exits 1 on a mismatch.
 
 #[cfg(target_arch = "aarch64")]
 #[path = "../../../src/adapt/quant/ggml_neon.rs"]
@@ -21,6 +21,20 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
             + (man as f32) * 2f32.powi(-24) * if sign != 0 { -1.0 } else { 1.0 };
     }
     f32::from_bits(sign | ((exp + 112) << 23) | (man << 13))
+}
+
+/// The 6-bit scale and min of sub-block `j` in a K-quant's packed `scales[12]` (GGUF's
+/// `get_scale_min_k4`).
+#[allow(dead_code)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
 }
 
 struct Rng(u64);
@@ -70,6 +84,101 @@ fn dequant(ty: u8, b: &[u8]) -> Vec<f64> {
                 .collect()
         }
     }
+}
+
+/// Bytes of one Q4_K (3), Q5_K (4) or Q6_K (5) super-block of 256 values.
+fn k_bytes(ty: u8) -> usize {
+    [144, 176, 210][ty as usize - 3]
+}
+
+/// One K-quant super-block with random codes and scales and fp16 `d` (and `dmin`) in
+/// 0.0005–0.006.
+fn k_block(ty: u8, rng: &mut Rng) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..k_bytes(ty)).map(|_| rng.next() as u8).collect();
+    let half = |rng: &mut Rng| (0x1000 + (rng.next() % 0x0A00) as u16).to_le_bytes();
+    if ty == 5 {
+        let h = half(rng);
+        b[208..210].copy_from_slice(&h);
+    } else {
+        let (h0, h1) = (half(rng), half(rng));
+        b[0..2].copy_from_slice(&h0);
+        b[2..4].copy_from_slice(&h1);
+    }
+    b
+}
+
+/// A K-quant super-block's 256 weights, from the layouts of ggml's `dequantize_row_q{4,5,6}_K`.
+fn k_dequant(ty: u8, w: &[u8]) -> Vec<f64> {
+    let mut out = vec![0f64; 256];
+    if ty == 5 {
+        let d = f16_at(w, 208) as f64;
+        let (ql, qh, sc) = (&w[0..128], &w[128..192], &w[192..208]);
+        for h in 0..2 {
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[64 * h + l] & 0xF) | ((qh[32 * h + l] & 3) << 4)) as i32 - 32;
+                let q2 =
+                    ((ql[64 * h + l + 32] & 0xF) | (((qh[32 * h + l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[64 * h + l] >> 4) | (((qh[32 * h + l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 =
+                    ((ql[64 * h + l + 32] >> 4) | (((qh[32 * h + l] >> 6) & 3) << 4)) as i32 - 32;
+                let s = |k: usize| sc[8 * h + is + 2 * k] as i8 as f64;
+                out[128 * h + l] = d * s(0) * q1 as f64;
+                out[128 * h + l + 32] = d * s(1) * q2 as f64;
+                out[128 * h + l + 64] = d * s(2) * q3 as f64;
+                out[128 * h + l + 96] = d * s(3) * q4 as f64;
+            }
+        }
+        return out;
+    }
+    let (d, dmin) = (f16_at(w, 0) as f64, f16_at(w, 2) as f64);
+    let five = ty == 4;
+    let (qh, ql) = if five {
+        (&w[16..48], &w[48..176])
+    } else {
+        (&w[0..0], &w[16..144])
+    };
+    for i in 0..4 {
+        for (j, shift) in [(2 * i, 0), (2 * i + 1, 4)] {
+            let (sc, m) = scale_min_k4(j, &w[4..16]);
+            for l in 0..32 {
+                let mut q = ((ql[32 * i + l] >> shift) & 0xF) as f64;
+                if five && qh[l] & (1 << j) != 0 {
+                    q += 16.0;
+                }
+                out[32 * j + l] = d * sc as f64 * q - dmin * m as f64;
+            }
+        }
+    }
+    out
+}
+
+/// The NEON K-quant kernel of `ty` on each row.
+#[cfg(target_arch = "aarch64")]
+fn run_k(ty: u8, rows: &[&[u8]], xq: &[i8], xd: &[f32], dot: bool) -> Vec<f32> {
+    let sum32: Vec<i32> = xq
+        .chunks(32)
+        .map(|c| c.iter().map(|&v| v as i32).sum())
+        .collect();
+    let sum16: Vec<i32> = xq
+        .chunks(16)
+        .map(|c| c.iter().map(|&v| v as i32).sum())
+        .collect();
+    rows.iter()
+        .map(|row| {
+            // SAFETY: NEON is part of aarch64; dotprod checked by the caller.
+            unsafe {
+                match (ty, dot) {
+                    (3, false) => neon::q45_k::<false>(row, xq, xd, &sum32),
+                    (4, false) => neon::q45_k::<true>(row, xq, xd, &sum32),
+                    (_, false) => neon::q6_k(row, xq, xd, &sum16),
+                    (3, true) => neon::q45_k_dot::<false>(row, xq, xd, &sum32),
+                    (4, true) => neon::q45_k_dot::<true>(row, xq, xd, &sum32),
+                    (_, true) => neon::q6_k_dot(row, xq, xd, &sum16),
+                }
+            }
+        })
+        .collect()
 }
 
 /// Which kernel a case runs.
@@ -180,8 +289,51 @@ fn main() {
             }
         }
     }
+    for ty in 3..6u8 {
+        for nb in [1usize, 2, 3, 5] {
+            for nrows in [1usize, 3, 4] {
+                for with_dot in [false, true] {
+                    if with_dot && !dot {
+                        continue;
+                    }
+                    let rows: Vec<Vec<u8>> = (0..nrows)
+                        .map(|_| (0..nb).flat_map(|_| k_block(ty, &mut rng)).collect())
+                        .collect();
+                    let xq: Vec<i8> = (0..nb * 256)
+                        .map(|_| ((rng.next() % 255) as i32 - 127) as i8)
+                        .collect();
+                    let xd: Vec<f32> = (0..nb * 8)
+                        .map(|_| 1e-3 * (1 + rng.next() % 50) as f32)
+                        .collect();
+                    let refs: Vec<&[u8]> = rows.iter().map(|r| r.as_slice()).collect();
+                    let got = run_k(ty, &refs, &xq, &xd, with_dot);
+                    for (r, g) in got.iter().enumerate() {
+                        let (mut want, mut scale) = (0f64, 0f64);
+                        for b in 0..nb {
+                            let w = k_dequant(ty, &rows[r][b * k_bytes(ty)..]);
+                            for (j, wj) in w.iter().enumerate() {
+                                let n = 256 * b + j;
+                                let x = xd[n / QK] as f64 * xq[n] as f64;
+                                want += wj * x;
+                                scale += (wj * x).abs();
+                            }
+                        }
+                        let err = (*g as f64 - want).abs() / scale.max(1e-30);
+                        worst = worst.max(err);
+                        checked += 1;
+                        if err > 1e-5 {
+                            eprintln!(
+                                "MISMATCH K-quant ty {ty} blocks {nb} rows {nrows} dot {with_dot} row {r}: {g} vs {want} (rel. {err:.2e})"
+                            );
+                            std::process::exit(1);
+                        }
+                    }
+                }
+            }
+        }
+    }
     println!(
-        "NEON Q4_0/Q4_1/Q8_0 kernels ({}): {checked} rows = float reference, worst {worst:.2e} of Σ|w·x|",
+        "NEON Q4_0/Q4_1/Q8_0 and Q4_K/Q5_K/Q6_K kernels ({}): {checked} rows = float reference, worst {worst:.2e} of Σ|w·x|",
         if dot {
             "int8, int8 with dotprod's sdot, int16 activations"
         } else {

@@ -503,6 +503,22 @@ pub fn row_dot(isa: Isa, ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
             Acts::Int8 => {}
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) {
+        let (q, d) = (a.q.as_slice(), a.d.as_slice());
+        // SAFETY: NEON was detected (Isa::Neon requires it), dotprod where its kernels run;
+        // the kernels take the shorter of the row and the activations.
+        return unsafe {
+            match (ty, std::arch::is_aarch64_feature_detected!("dotprod")) {
+                (GgmlType::Q4K, true) => neon::q45_k_dot::<false>(row, q, d, &a.sum32),
+                (GgmlType::Q5K, true) => neon::q45_k_dot::<true>(row, q, d, &a.sum32),
+                (_, true) => neon::q6_k_dot(row, q, d, &a.sum16),
+                (GgmlType::Q4K, false) => neon::q45_k::<false>(row, q, d, &a.sum32),
+                (GgmlType::Q5K, false) => neon::q45_k::<true>(row, q, d, &a.sum32),
+                (_, false) => neon::q6_k(row, q, d, &a.sum16),
+            }
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && avx512::available() {
         // SAFETY: as in simd_rows (AVX-512 F/BW/VL/VNNI detected).
