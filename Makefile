@@ -87,7 +87,7 @@ bench: setup build
 	$(BIN) bench text --vs-llama-cpp
 	$(BIN) bench text
 
-## The NEON block kernels built alone for aarch64 and run under emulation against a float
+## The NEON kernels (GGUF blocks and our packed codes) built alone for aarch64 and run under emulation against a float
 ## reference, on a CPU with dotprod (-cpu max) and one without (Cortex-A72) (not part of `make test`: it needs the aarch64 target, a cross gcc and qemu-user,
 ## e.g. `apt-get install gcc-aarch64-linux-gnu qemu-user`).
 AARCH64 := aarch64-unknown-linux-gnu

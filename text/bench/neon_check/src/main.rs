@@ -8,6 +8,10 @@
 #[path = "../../../src/adapt/quant/ggml_neon.rs"]
 mod neon;
 
+#[cfg(target_arch = "aarch64")]
+#[path = "../../../src/adapt/quant/packed_neon.rs"]
+mod packed_neon;
+
 #[allow(dead_code)]
 const QK: usize = 32;
 
@@ -332,6 +336,10 @@ fn main() {
             }
         }
     }
+    let (packed_checked, packed_worst) = check_packed(&mut rng);
+    println!(
+        "NEON packed LUT (2-, 4-bit) and 8-bit code kernels: {packed_checked} rows = float reference, worst {packed_worst:.2e} of Σ|w·x|"
+    );
     println!(
         "NEON Q4_0/Q4_1/Q8_0 and Q4_K/Q5_K/Q6_K kernels ({}): {checked} rows = float reference, worst {worst:.2e} of Σ|w·x|",
         if dot {
@@ -340,6 +348,95 @@ fn main() {
             "int8 and int16 activations; this CPU has no dotprod"
         }
     );
+}
+
+/// Our packed codes (`packed.rs`'s layout: in each 16-byte block, byte `j` holds code
+/// `j + 16·t` in bits `bits·t..`): the NEON LUT kernel (1 and 4 rows at once) and the 8-bit
+/// kernel against `Σ lut[code]·x` / `Σ code·x` in f64. Returns (rows checked, worst error).
+#[cfg(target_arch = "aarch64")]
+fn check_packed(rng: &mut Rng) -> (usize, f64) {
+    let (mut checked, mut worst) = (0usize, 0f64);
+    for bits in [2u8, 4, 8] {
+        let per = 8 / bits as usize;
+        for nblk in [1usize, 2, 5, 12] {
+            let cols = 16 * per * nblk;
+            for nrows in [1usize, 4, 6] {
+                let codes: Vec<Vec<u8>> = (0..nrows)
+                    .map(|_| {
+                        (0..cols)
+                            .map(|_| (rng.next() % (1 << bits)) as u8)
+                            .collect()
+                    })
+                    .collect();
+                let packed: Vec<Vec<u8>> = codes
+                    .iter()
+                    .map(|c| {
+                        let mut p = vec![0u8; cols * bits as usize / 8];
+                        for (i, &code) in c.iter().enumerate() {
+                            let (blk, r) = (i / (16 * per), i % (16 * per));
+                            p[16 * blk + r % 16] |= code << (bits as usize * (r / 16));
+                        }
+                        p
+                    })
+                    .collect();
+                let x: Vec<f32> = (0..cols)
+                    .map(|_| (rng.next() % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
+                let luts: Vec<[f32; 16]> = (0..nrows)
+                    .map(|_| {
+                        let mut l = [0f32; 16];
+                        for v in l.iter_mut().take(1 << bits.min(4)) {
+                            *v = (rng.next() % 4001) as f32 / 1000.0 - 2.0;
+                        }
+                        l
+                    })
+                    .collect();
+                // SAFETY: NEON is part of aarch64; rows and x hold whole blocks.
+                let got: Vec<f32> = unsafe {
+                    if bits == 8 {
+                        packed.iter().map(|p| packed_neon::row_u8(p, &x)).collect()
+                    } else if nrows % 4 == 0 {
+                        (0..nrows / 4)
+                            .flat_map(|g| {
+                                let rows: [&[u8]; 4] =
+                                    core::array::from_fn(|j| packed[4 * g + j].as_slice());
+                                let l: [[f32; 16]; 4] = core::array::from_fn(|j| luts[4 * g + j]);
+                                packed_neon::rows_lut::<4>(rows, &l, bits, &x)
+                            })
+                            .collect()
+                    } else {
+                        (0..nrows)
+                            .map(|r| {
+                                packed_neon::rows_lut::<1>([&packed[r]], &[luts[r]], bits, &x)[0]
+                            })
+                            .collect()
+                    }
+                };
+                for (r, g) in got.iter().enumerate() {
+                    let (mut want, mut scale) = (0f64, 0f64);
+                    for (c, xv) in codes[r].iter().zip(&x) {
+                        let w = if bits == 8 {
+                            *c as f64
+                        } else {
+                            luts[r][*c as usize] as f64
+                        };
+                        want += w * *xv as f64;
+                        scale += (w * *xv as f64).abs();
+                    }
+                    let err = (*g as f64 - want).abs() / scale.max(1e-30);
+                    worst = worst.max(err);
+                    checked += 1;
+                    if err > 1e-5 {
+                        eprintln!(
+                            "MISMATCH packed {bits}-bit blocks {nblk} rows {nrows} row {r}: {g} vs {want} (rel. {err:.2e})"
+                        );
+                        std::process::exit(1);
+                    }
+                }
+            }
+        }
+    }
+    (checked, worst)
 }
 
 #[cfg(not(target_arch = "aarch64"))]

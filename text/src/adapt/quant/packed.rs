@@ -334,6 +334,11 @@ fn rows4_lut(isa: Isa, rows: [&[u8]; 4], luts: &[[f32; 16]; 4], bits: u8, x: &[f
         Isa::Avx2 => return unsafe { avx2::rows_lut::<4>(rows, luts, bits, x) },
         Isa::Scalar | Isa::Neon => {}
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        // SAFETY: NEON was detected (Isa::available); the rows and x hold whole blocks.
+        return unsafe { neon::rows_lut::<4>(rows, luts, bits, x) };
+    }
     let _ = isa;
     std::array::from_fn(|j| row_lut(rows[j], &luts[j], bits, x, Isa::Scalar))
 }
@@ -350,6 +355,11 @@ fn rows4_u8(isa: Isa, rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
         Isa::Avx2 => return std::array::from_fn(|j| unsafe { avx2::row_u8(rows[j], x) }),
         Isa::Scalar | Isa::Neon => {}
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        // SAFETY: as in rows4_lut.
+        return std::array::from_fn(|j| unsafe { neon::row_u8(rows[j], x) });
+    }
     let _ = isa;
     std::array::from_fn(|j| row_u8(rows[j], x, Isa::Scalar))
 }
@@ -361,6 +371,11 @@ fn row_lut(row: &[u8], lut: &[f32; 16], bits: u8, x: &[f32], isa: Isa) -> f32 {
         Isa::Avx512 => return unsafe { avx512::row_lut(row, lut, bits, x) },
         Isa::Avx2 => return unsafe { avx2::row_lut(row, lut, bits, x) },
         Isa::Scalar | Isa::Neon => {}
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        // SAFETY: NEON was detected; `row` and `x` hold whole blocks.
+        return unsafe { neon::rows_lut::<1>([row], &[*lut], bits, x)[0] };
     }
     let _ = isa;
     let per = 8 / bits as usize;
@@ -385,6 +400,11 @@ fn row_u8(row: &[u8], x: &[f32], isa: Isa) -> f32 {
         Isa::Avx2 => return unsafe { avx2::row_u8(row, x) },
         Isa::Scalar | Isa::Neon => {}
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        // SAFETY: NEON was detected; `row` and `x` hold whole blocks.
+        return unsafe { neon::row_u8(row, x) };
+    }
     let _ = isa;
     let mut acc = [0f32; 16];
     for (blk, xs) in row.chunks_exact(16).zip(x.chunks_exact(16)) {
@@ -394,6 +414,10 @@ fn row_u8(row: &[u8], x: &[f32], isa: Isa) -> f32 {
     }
     acc.iter().sum()
 }
+
+#[cfg(target_arch = "aarch64")]
+#[path = "packed_neon.rs"]
+mod neon;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
