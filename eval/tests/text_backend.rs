@@ -119,8 +119,21 @@ fn prefix_reuse_and_batching_do_not_change_scores() {
         .choice_loglikelihoods(&prefix, &[two], false)
         .unwrap()
         .remove(0);
-    assert!((ll[0] - single[0][0]).abs() < 2e-4);
-    assert!((ll[1] - ll_plain[1]).abs() < 2e-4 && ll[1] < single[0][1]);
+    assert!(
+        (ll[0] - single[0][0]).abs() < 2e-4,
+        "{ll:?} vs one by one {:?}",
+        single[0]
+    );
+    // The two-token continuation's second token is a one-token step without batching: there
+    // the native block kernels run (int16 activations, within ~1e-3 of the dequantised fp32
+    // forward: README, "GGUF blocks natively"), while the batched forward dequantises and runs
+    // libtorch; the gap was 1.7e-4 to 2.5e-4 here depending on the kernel set (AVX2, AVX-512,
+    // portable). A misplaced token or position moves it by more than 0.1.
+    assert!(
+        (ll[1] - ll_plain[1]).abs() < 1e-3 && ll[1] < single[0][1],
+        "reuse+batch {ll:?}, plain {ll_plain:?}, one-token {:?}",
+        single[0]
+    );
 }
 
 #[test]
