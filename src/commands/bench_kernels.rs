@@ -150,6 +150,56 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
         }
         bench_ggml(&a, &isas, rows, cols, &x, &w, &xt);
     }
+    bench_batch(&a)?;
+    Ok(())
+}
+
+/// Small batches through the GGUF-block linear layer (what a batched decode step or a
+/// speculative verification of a few tokens runs): `n` vectors in one forward (tile by tile,
+/// the weights read once) vs `n` one-vector forwards, on SmolLM2's FFN matrix (in cache) and
+/// its 49152-row head (from memory).
+fn bench_batch(a: &Args) -> anyhow::Result<()> {
+    use afm_text::quant::ggml::GgmlWeight;
+    println!();
+    println!("Small batches, GGUF blocks (the layer's forward, default activations, all threads):");
+    println!();
+    println!("| shape | weights | vectors | one forward µs | one-vector forwards µs | batched vs one by one |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    let _g = tch::no_grad_guard();
+    for (rows, cols, ty) in [
+        (1536usize, 576usize, GgmlType::Q4_1),
+        (49152, 576, GgmlType::Q8_0),
+    ] {
+        let data = ggml::random_blocks(ty, rows, cols, 7);
+        let w = GgmlWeight::from_bytes(ty, &data, rows as i64, cols as i64)?;
+        for n in [2i64, 4, 8] {
+            let x = Tensor::randn([n, cols as i64], (tch::Kind::Float, tch::Device::Cpu));
+            let singles: Vec<Tensor> = (0..n).map(|i| x.get(i).view([1, -1])).collect();
+            let calls = (a.calls / 10).max(3);
+            let (mut batched, mut single) = (Vec::new(), Vec::new());
+            for _ in 0..a.rounds {
+                let _ = w.forward(&x, None)?;
+                let t0 = Instant::now();
+                for _ in 0..calls {
+                    let _ = w.forward(&x, None)?;
+                }
+                batched.push(t0.elapsed().as_secs_f64() * 1e6 / calls as f64);
+                let t0 = Instant::now();
+                for _ in 0..calls {
+                    for s in &singles {
+                        let _ = w.forward(s, None)?;
+                    }
+                }
+                single.push(t0.elapsed().as_secs_f64() * 1e6 / calls as f64);
+            }
+            let (b, s) = (median(batched), median(single));
+            println!(
+                "| {rows}×{cols} | GGUF {} | {n} | {b:.1} | {s:.1} | {:.2}× |",
+                ty.name(),
+                s / b
+            );
+        }
+    }
     Ok(())
 }
 

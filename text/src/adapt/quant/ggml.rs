@@ -812,9 +812,10 @@ impl GgmlWeight {
         Ok(out.f_to_kind(kind)?)
     }
 
-    /// `x·Wᵀ (+ b)` for `x: [..., cols]`: a decode step (at most
-    /// [`crate::quant::GEMV_MAX_ROWS`] rows, CPU, no autograd) runs the block kernels with
-    /// int8 activations; longer inputs dequantise the matrix and run one matmul.
+    /// `x·Wᵀ (+ b)` for `x: [..., cols]`: a decode step or a small batch (at most
+    /// [`crate::quant::GEMV_MAX_ROWS`] rows, CPU, no autograd) runs the block kernels
+    /// (several rows: tile by tile, the weights read once for all, [`crate::quant::batched_rows`]);
+    /// longer inputs dequantise the matrix and run one matmul.
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let n = x.numel() as i64 / self.cols.max(1);
         if n > crate::quant::GEMV_MAX_ROWS || x.device() != Device::Cpu || x.requires_grad() {
@@ -834,11 +835,23 @@ impl GgmlWeight {
         let xs = Vec::<f32>::try_from(xf.f_flatten(0, -1)?)?;
         let (rows, cols) = (self.rows as usize, self.cols as usize);
         let mut y = vec![0f32; n as usize * rows];
-        let mut acts = Q8Acts::default();
         let isa = Isa::current();
-        for (xr, yr) in xs.chunks_exact(cols).zip(y.chunks_exact_mut(rows)) {
-            acts.prepare(xr, activations());
-            gemv(isa, self.ty, self.bytes(), cols, &acts, yr);
+        let acts: Vec<Q8Acts> = xs
+            .chunks_exact(cols)
+            .map(|xr| {
+                let mut a = Q8Acts::default();
+                a.prepare(xr, activations());
+                a
+            })
+            .collect();
+        if n == 1 {
+            gemv(isa, self.ty, self.bytes(), cols, &acts[0], &mut y);
+        } else {
+            // A small batch (several tokens or sequences): the weights are read once for all.
+            let (ty, bytes) = (self.ty, self.bytes());
+            crate::quant::batched_rows(n as usize, rows, &mut y, |i, r0, out| {
+                gemv_rows(isa, ty, bytes, cols, &acts[i], r0, out)
+            });
         }
         crate::quant::gemv_output(&y, shape, self.rows, bias, x.kind())
     }
@@ -1356,6 +1369,42 @@ mod tests {
         // An all-zero block quantises to zeros with a zero scale (no NaN).
         let z = Q8Acts::from_slice(&[0.0; 32]);
         assert_eq!((z.d[0], z.q.iter().all(|&q| q == 0)), (0.0, true));
+    }
+
+    /// A small batch (2..=GEMV_MAX_ROWS input rows) gives exactly the single-vector products,
+    /// for every block type, on a matrix of several row tiles with a ragged last one.
+    #[test]
+    fn batched_forward_equals_one_vector_at_a_time() {
+        let mut rng = Rng::new(21);
+        let (rows, cols) = (2 * crate::quant::BATCH_TILE_ROWS + 13, 256);
+        for ty in TYPES {
+            let w = GgmlWeight::from_bytes(
+                ty,
+                &random_blocks(ty, rows, cols, &mut rng),
+                rows as i64,
+                cols as i64,
+            )
+            .unwrap();
+            for n in [2usize, 3, crate::quant::GEMV_MAX_ROWS as usize] {
+                let xs: Vec<f32> = (0..n * cols).map(|_| uniform_pm1(&mut rng)).collect();
+                let x = Tensor::from_slice(&xs).view([1, n as i64, cols as i64]);
+                let got =
+                    Vec::<f32>::try_from(w.forward(&x, None).unwrap().flatten(0, -1)).unwrap();
+                assert_eq!(got.len(), n * rows);
+                for i in 0..n {
+                    let one = w
+                        .forward(&x.get(0).get(i as i64).view([1, -1]), None)
+                        .unwrap();
+                    let one = Vec::<f32>::try_from(one.flatten(0, -1)).unwrap();
+                    assert_eq!(
+                        &got[i * rows..(i + 1) * rows],
+                        &one[..],
+                        "{} n {n} row {i}",
+                        ty.name()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
