@@ -143,7 +143,8 @@ pub struct ModelArgs {
     pub preset: Option<String>,
     /// Inference dtype: auto, fp32, bf16, fp16. auto: fp32 on a CPU (the fused decode step
     /// reads fp32 weights and quantized blocks; bf16 decodes through libtorch, slower) and bf16
-    /// on a GPU; a PT-MoE model: bf16 where the CPU/GPU does bf16 natively, else fp32.
+    /// on a GPU; a PT-MoE model: bf16 on a GPU and where the CPU's bf16 matrix products
+    /// measure faster than fp32 ones, else fp32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// KV-cache bits: 16 (the compute dtype) or 8 (int8 with a scale per head and token).

@@ -19,4 +19,6 @@ pub mod ptmoe_model;
 pub mod rope;
 mod text_model;
 
-pub use text_model::{cpu_has_bf16, model_dir_tokenizer, DType, TextModel};
+pub use text_model::{
+    cpu_bf16_matmul_is_faster, cpu_has_bf16, model_dir_tokenizer, DType, TextModel,
+};
