@@ -88,6 +88,15 @@ fn ref_dir(model: &Path) -> PathBuf {
     model.join("reference")
 }
 
+/// transformers' tensors for image `k` of the model at `dir` (pixel values, ids, features,
+/// logits, greedy tokens).
+fn ref_tensors(dir: &Path, k: usize) -> std::collections::HashMap<String, Tensor> {
+    Tensor::read_safetensors(ref_dir(dir).join(format!("ref_{k}.safetensors")))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
     (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
@@ -113,11 +122,7 @@ fn parity(geometry: &'static str, n: usize) {
             .unwrap();
     let mut last_logits = Vec::new();
     for (k, img_path) in images()[..n].iter().enumerate() {
-        let r: std::collections::HashMap<String, Tensor> =
-            Tensor::read_safetensors(ref_dir(&dir).join(format!("ref_{k}.safetensors")))
-                .unwrap()
-                .into_iter()
-                .collect();
+        let r = ref_tensors(&dir, k);
         let img = model.process_path(img_path).unwrap();
         assert_eq!(
             (img.rows as u64, img.cols as u64),
@@ -196,11 +201,7 @@ fn bf16_encoder_follows_fp32_features() {
         Kind::Float
     };
     for (k, img_path) in images()[..2].iter().enumerate() {
-        let r: std::collections::HashMap<String, Tensor> =
-            Tensor::read_safetensors(ref_dir(&dir).join(format!("ref_{k}.safetensors")))
-                .unwrap()
-                .into_iter()
-                .collect();
+        let r = ref_tensors(&dir, k);
         let img = model.process_path(img_path).unwrap();
         let f = model.encode(&img).unwrap();
         assert_eq!(f.kind(), want, "image {k}: encoder dtype");

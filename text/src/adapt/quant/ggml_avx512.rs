@@ -48,6 +48,17 @@ unsafe fn f16(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }
 
+/// Block `wb`'s offset term with activations of sum `sx = dₓΣqₓ`: Q4_1's `m·sx`, Q4_0's
+/// `−8d·sx` (its codes are stored unsigned), none for Q8_0.
+#[inline(always)]
+unsafe fn offset<const TY: u8>(wb: *const u8, d: f32, sx: f32) -> f32 {
+    match TY {
+        T_Q4_1 => f16(wb.add(2)) * sx,
+        T_Q4_0 => -8.0 * d * sx,
+        _ => 0.0,
+    }
+}
+
 /// Lanes 0..8 = `a`, lanes 8..16 = `b`.
 #[inline(always)]
 unsafe fn halves(a: f32, b: f32) -> __m512 {
@@ -120,15 +131,9 @@ pub unsafe fn rows32<const TY: u8, const N: usize>(rows: [&[u8]; N], a: &Q8Acts)
                 }
             };
             acc[j] = _mm512_fmadd_ps(halves(d0 * dx0, d1 * dx1), _mm512_cvtepi32_ps(p), acc[j]);
-            match TY {
-                T_Q4_1 => {
-                    offs[j] += f16(w0.add(2)) * sx0;
-                    if two {
-                        offs[j] += f16(w1.add(2)) * sx1;
-                    }
-                }
-                T_Q4_0 => offs[j] -= 8.0 * (d0 * sx0 + d1 * sx1),
-                _ => {}
+            offs[j] += offset::<TY>(w0, d0, sx0);
+            if two {
+                offs[j] += offset::<TY>(w1, d1, sx1);
             }
         }
         b += 2;
@@ -164,11 +169,7 @@ pub unsafe fn rows32_i16<const TY: u8, const N: usize>(rows: [&[u8]; N], a: &Q8A
             };
             let p = _mm512_dpwssd_epi32(zero, q, x);
             acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(p), acc[j]);
-            match TY {
-                T_Q4_1 => offs[j] += f16(wb.add(2)) * sx,
-                T_Q4_0 => offs[j] -= 8.0 * d * sx,
-                _ => {}
-            }
+            offs[j] += offset::<TY>(wb, d, sx);
         }
     }
     std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]) + offs[j])
@@ -212,11 +213,7 @@ pub unsafe fn rows32_f32<const TY: u8, const N: usize>(rows: [&[u8]; N], a: &Q8A
                 _mm512_mul_ps(_mm512_cvtepi32_ps(lo), x0),
             );
             acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc[j]);
-            match TY {
-                T_Q4_1 => offs[j] += f16(wb.add(2)) * sx,
-                T_Q4_0 => offs[j] -= 8.0 * d * sx,
-                _ => {}
-            }
+            offs[j] += offset::<TY>(wb, d, sx);
         }
     }
     std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]) + offs[j])
