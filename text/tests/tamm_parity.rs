@@ -226,7 +226,16 @@ fn tamm_afm_text_v7_logits_and_greedy_match() {
             .collect();
         let d = max_abs_diff(&Tensor::cat(&rows, 0), want);
         eprintln!("KV-quantised prompt {i}: incremental max |Δ| {d:.2e}");
-        assert!(d <= TOL, "KV-quantised prompt {i}: incremental max |Δ| {d}");
+        // Incrementally each token's K/V come from a one-row product, whose last bits may differ
+        // from the whole prompt's product (MKL's one-row kernels; machine-dependent). A value on
+        // a rounding boundary of the int8 grid then lands one step away: up to ~1e-4 of the
+        // quantiser's own effect on the logits (3.5e-4 of 9.6 on a Zen 4 EPYC; within 1e-4 on
+        // earlier sessions' AVX2 EPYC and Xeon). A wrong scale or a missed quantisation moves them by ~the effect.
+        let tol = TOL.max(1e-4 * effect);
+        assert!(
+            d <= tol,
+            "KV-quantised prompt {i}: incremental max |Δ| {d} (bound {tol})"
+        );
     }
 
     // skip_quantize_for_first_token: a plain forward quantises everything (tamm without its
