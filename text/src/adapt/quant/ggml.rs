@@ -413,8 +413,8 @@ pub fn row_dot_f32_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
 }
 
 /// `N` rows of Q4_0 / Q4_1 / Q8_0 blocks with `isa`'s SIMD kernels, in `a`'s activation
-/// precision: AVX-512 (F/BW/VL/VNNI, `Isa::Avx512`; CPUs without VNNI run the AVX2 ones) and
-/// AVX2 (+ FMA + F16C) for all three precisions, NEON for int8 and int16. `None`
+/// precision: AVX-512 (F/BW/VL/VNNI, `Isa::Avx512`) for int8 and fp32 (int16, and CPUs
+/// without VNNI, run the AVX2 ones), AVX2 (+ FMA + F16C) for all three precisions, NEON for int8 and int16. `None`
 /// where `isa` has no such kernel (the portable set, the K-quants, fp32 activations on NEON).
 fn simd_rows<const N: usize>(
     isa: Isa,
@@ -426,21 +426,19 @@ fn simd_rows<const N: usize>(
         return None;
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && avx512::available() {
+    if isa == Isa::Avx512 && avx512::available() && a.mode != Acts::Int16 {
         use avx512::{T_Q4_0, T_Q4_1, T_Q8_0};
         // SAFETY: AVX-512 F/BW/VL/VNNI and F16C were detected at run time; the rows hold
         // whole blocks and the activations cover them (the kernels take the shorter of the two).
+        // int16 activations run the AVX2 kernels below (ggml_avx512.rs's module docs).
         return Some(unsafe {
             match (ty, a.mode) {
                 (GgmlType::Q4_0, Acts::Int8) => avx512::rows32::<T_Q4_0, N>(rows, a),
                 (GgmlType::Q4_1, Acts::Int8) => avx512::rows32::<T_Q4_1, N>(rows, a),
                 (_, Acts::Int8) => avx512::rows32::<T_Q8_0, N>(rows, a),
-                (GgmlType::Q4_0, Acts::Int16) => avx512::rows32_i16::<T_Q4_0, N>(rows, a),
-                (GgmlType::Q4_1, Acts::Int16) => avx512::rows32_i16::<T_Q4_1, N>(rows, a),
-                (_, Acts::Int16) => avx512::rows32_i16::<T_Q8_0, N>(rows, a),
-                (GgmlType::Q4_0, Acts::F32) => avx512::rows32_f32::<T_Q4_0, N>(rows, a),
-                (GgmlType::Q4_1, Acts::F32) => avx512::rows32_f32::<T_Q4_1, N>(rows, a),
-                (_, Acts::F32) => avx512::rows32_f32::<T_Q8_0, N>(rows, a),
+                (GgmlType::Q4_0, _) => avx512::rows32_f32::<T_Q4_0, N>(rows, a),
+                (GgmlType::Q4_1, _) => avx512::rows32_f32::<T_Q4_1, N>(rows, a),
+                _ => avx512::rows32_f32::<T_Q8_0, N>(rows, a),
             }
         });
     }

@@ -1,14 +1,15 @@
 //! AVX-512 kernels for GGUF blocks (x86-64 with AVX-512 F + BW + VL + VNNI: Intel Ice Lake and
-//! later, AMD Zen 4 and later). A 512-bit register holds one 32-value block of int16
-//! activations or two blocks of int8 ones, so each block term costs about half the
-//! instructions of the AVX2 kernels:
+//! later, AMD Zen 4 and later). A 512-bit register holds two 32-value blocks of int8
+//! activations or one of fp32 pairs, so each block term costs about half the instructions of
+//! the AVX2 kernels:
 //!
 //! - int8 activations: two blocks at a time, `vpdpbusd` (unsigned × signed bytes, summed in
 //!   fours into int32) — Q4 codes are unsigned nibbles; Q8_0's signed codes go in as `|q|`
 //!   with the activations carrying `q`'s sign; lanes 0..8 hold the first block's sums, 8..16
 //!   the second's, scaled by a two-valued vector.
-//! - int16 activations: one block per `vpdpwssd` (int16 × int16 pairs into int32) after one
-//!   widening of the 32 codes.
+//! - int16 activations run the AVX2 kernels: a one-block-per-`vpdpwssd` AVX-512 version
+//!   measured 3–7% slower than them on a Zen 4 EPYC (`bench kernels`, three shapes) and was
+//!   removed.
 //! - fp32 activations: the codes widen to fp32, two FMAs per block.
 //! - Q4_K / Q5_K: two 32-value sub-blocks per `vpdpbusd`; Q6_K: two sub-blocks per
 //!   `vpmaddubsw` + `vpmaddwd` with the 16-value scales.
@@ -137,40 +138,6 @@ pub unsafe fn rows32<const TY: u8, const N: usize>(rows: [&[u8]; N], a: &Q8Acts)
             }
         }
         b += 2;
-    }
-    std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]) + offs[j])
-}
-
-/// `N` rows of Q4_0 / Q4_1 / Q8_0 blocks with int16 activations (`a.q16`, `a.d16`, `a.s16`):
-/// one block per `vpdpwssd`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn rows32_i16<const TY: u8, const N: usize>(rows: [&[u8]; N], a: &Q8Acts) -> [f32; N] {
-    let bb = BLOCK[TY as usize];
-    let nb = a.d16.len().min(rows[0].len() / bb);
-    let (xq, xd, xs) = (a.q16.as_ptr(), a.d16.as_ptr(), a.s16.as_ptr());
-    let m4 = _mm256_set1_epi8(0x0F);
-    let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); N];
-    let mut offs = [0f32; N];
-    let next = rows[N - 1].as_ptr().wrapping_add(rows[N - 1].len());
-    for b in 0..nb {
-        prefetch(next.wrapping_add(b * N * bb), N * bb);
-        let x = _mm512_loadu_si512(xq.add(QK * b) as *const __m512i);
-        let (dx, sx) = (*xd.add(b), *xs.add(b));
-        for j in 0..N {
-            let wb = rows[j].as_ptr().add(bb * b);
-            let d = f16(wb);
-            let q = match TY {
-                T_Q8_0 => _mm512_cvtepi8_epi16(_mm256_loadu_si256(wb.add(2) as *const __m256i)),
-                _ => {
-                    let off = if TY == T_Q4_0 { 2 } else { 4 };
-                    _mm512_cvtepu8_epi16(_mm256_and_si256(nibbles(wb.add(off)), m4))
-                }
-            };
-            let p = _mm512_dpwssd_epi32(zero, q, x);
-            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(p), acc[j]);
-            offs[j] += offset::<TY>(wb, d, sx);
-        }
     }
     std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]) + offs[j])
 }
