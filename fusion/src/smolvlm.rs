@@ -414,13 +414,12 @@ impl SmolVlm {
     /// Load with the text model in `text` and the encoder and connector in `vision` (see
     /// [`parse_dtypes`]).
     pub fn load_with(dir: &Path, device: Device, text: DType, vision: DType) -> Result<Self> {
-        let dtype = text;
         if !dir.is_dir() {
             return Err(FusionError::checkpoint(dir, "model directory not found"));
         }
         let config = SmolVlmConfig::from_file(&dir.join("config.json"))?;
         let (processor, seq_len) = read_processor(dir, &config)?;
-        let (vision_w, text_w) = split_weights(dir, device, dtype)?;
+        let (vision_w, text_w) = split_weights(dir, device, text)?;
         let vision_kind = vision.kind();
         let name_err = |e: afm_text::TextError| match e {
             afm_text::TextError::Checkpoint { msg, .. } => FusionError::checkpoint(dir, msg),
@@ -456,7 +455,7 @@ impl SmolVlm {
         let text = TextModel {
             decoder,
             tokenizer: Some(tokenizer),
-            dtype,
+            dtype: text,
             source: dir.to_path_buf(),
             tamm: None,
         };
@@ -655,7 +654,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_decodes_in_fp32_on_a_cpu_and_encodes_in_native_bf16() {
+    fn auto_decodes_in_fp32_on_a_cpu_and_encodes_in_bf16_where_faster() {
         let native = afm_text::model::cpu_has_bf16();
         let bf16_if_native = if native { DType::BF16 } else { DType::F32 };
         let faster = afm_text::model::cpu_bf16_matmul_is_faster();

@@ -241,40 +241,38 @@ fn bench_ggml_mode(
     x: &[f32],
     (w, xt): (&Tensor, &Tensor),
 ) {
-    {
-        let data = ggml::random_blocks(ty, rows, cols, rows as u64 * 31 + cols as u64);
-        let mut acts = ggml::Q8Acts::default();
-        let mut y = vec![0f32; rows];
-        let mut times: Vec<Vec<f64>> = vec![Vec::new(); isas.len() + 1];
-        for _ in 0..a.rounds {
-            for (i, &isa) in isas.iter().enumerate() {
-                let t0 = Instant::now();
-                for _ in 0..a.calls {
-                    acts.prepare(x, mode);
-                    ggml::gemv(isa, ty, &data, cols, &acts, &mut y);
-                }
-                times[i].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
-            }
-            let _g = tch::no_grad_guard();
+    let data = ggml::random_blocks(ty, rows, cols, rows as u64 * 31 + cols as u64);
+    let mut acts = ggml::Q8Acts::default();
+    let mut y = vec![0f32; rows];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); isas.len() + 1];
+    for _ in 0..a.rounds {
+        for (i, &isa) in isas.iter().enumerate() {
             let t0 = Instant::now();
             for _ in 0..a.calls {
-                let _ = xt.matmul(&w.tr());
+                acts.prepare(x, mode);
+                ggml::gemv(isa, ty, &data, cols, &acts, &mut y);
             }
-            times[isas.len()].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
+            times[i].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
         }
-        let med: Vec<f64> = times.into_iter().map(median).collect();
-        let dense = med[isas.len()];
-        for (i, isa) in isas.iter().enumerate() {
-            println!(
-                "| {rows}×{cols} | GGUF {} ({} acts) | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
-                ty.name(),
-                mode.name(),
-                isa.name(),
-                med[i],
-                data.len() as f64 / (med[i] * 1e3),
-                med[0] / med[i],
-                dense / med[i]
-            );
+        let _g = tch::no_grad_guard();
+        let t0 = Instant::now();
+        for _ in 0..a.calls {
+            let _ = xt.matmul(&w.tr());
         }
+        times[isas.len()].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
+    }
+    let med: Vec<f64> = times.into_iter().map(median).collect();
+    let dense = med[isas.len()];
+    for (i, isa) in isas.iter().enumerate() {
+        println!(
+            "| {rows}×{cols} | GGUF {} ({} acts) | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
+            ty.name(),
+            mode.name(),
+            isa.name(),
+            med[i],
+            data.len() as f64 / (med[i] * 1e3),
+            med[0] / med[i],
+            dense / med[i]
+        );
     }
 }

@@ -39,8 +39,8 @@ pub struct Args {
     pub model: Option<PathBuf>,
     /// Dtype: auto, fp32, bf16, fp16. auto: the text model in fp32 on a CPU (the fused decode
     /// step) and bf16 on a GPU; a SmolVLM encoder in bf16 on a GPU and where the CPU's bf16
-    /// matrix products measure faster than fp32 ones, else fp32. An explicit dtype applies to both (a SmolVLM encoder stays fp32 on a
-    /// CPU without native bf16).
+    /// matrix products measure faster than fp32 ones, else fp32. An explicit dtype applies to
+    /// both (a SmolVLM encoder stays fp32 on a CPU without native bf16).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// A LoRA adapter of the text model (PEFT layout: adapter_config.json +

@@ -101,9 +101,13 @@ impl DType {
 pub fn cpu_has_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::fs::read_to_string("/proc/cpuinfo")
-            .map(|s| s.contains("avx512_bf16") || s.contains("amx_bf16"))
-            .unwrap_or(false)
+        // Read once: `auto` asks for every model it loads (and SmolVLM's twice).
+        static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAVE.get_or_init(|| {
+            std::fs::read_to_string("/proc/cpuinfo")
+                .map(|s| s.contains("avx512_bf16") || s.contains("amx_bf16"))
+                .unwrap_or(false)
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

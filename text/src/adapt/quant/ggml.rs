@@ -414,8 +414,9 @@ pub fn row_dot_f32_scalar(ty: GgmlType, row: &[u8], a: &Q8Acts) -> f32 {
 
 /// `N` rows of Q4_0 / Q4_1 / Q8_0 blocks with `isa`'s SIMD kernels, in `a`'s activation
 /// precision: AVX-512 (F/BW/VL/VNNI, `Isa::Avx512`) for int8 and fp32 (int16, and CPUs
-/// without VNNI, run the AVX2 ones), AVX2 (+ FMA + F16C) for all three precisions, NEON for int8 and int16. `None`
-/// where `isa` has no such kernel (the portable set, the K-quants, fp32 activations on NEON).
+/// without VNNI, run the AVX2 ones), AVX2 (+ FMA + F16C) for all three precisions, NEON for
+/// int8 and int16. `None` where `isa` has no such kernel (the portable set, the K-quants,
+/// fp32 activations on NEON).
 fn simd_rows<const N: usize>(
     isa: Isa,
     ty: GgmlType,
@@ -904,8 +905,9 @@ mod avx2 {
 
     use super::{Q8Acts, QK};
 
+    /// The fp16 at `p` (a block's scale or min) as f32 (also the AVX-512 kernels').
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16(p: *const u8) -> f32 {
+    pub(super) unsafe fn f16(p: *const u8) -> f32 {
         let h = std::ptr::read_unaligned(p as *const u16);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
     }

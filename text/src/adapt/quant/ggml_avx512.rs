@@ -22,6 +22,7 @@ use std::arch::x86_64::*;
 
 use crate::runtime::cpu_kernels::avx2::prefetch;
 
+use super::avx2::f16;
 use super::{Q8Acts, QK};
 
 pub const T_Q4_0: u8 = 0;
@@ -41,12 +42,6 @@ pub fn available() -> bool {
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("f16c")
     })
-}
-
-#[inline(always)]
-unsafe fn f16(p: *const u8) -> f32 {
-    let h = std::ptr::read_unaligned(p as *const u16);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }
 
 /// Block `wb`'s offset term with activations of sum `sx = dₓΣqₓ`: Q4_1's `m·sx`, Q4_0's

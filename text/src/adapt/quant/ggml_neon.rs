@@ -1,6 +1,6 @@
 //! ARM NEON kernels for Q4_0 / Q4_1 / Q8_0 blocks and the K-quants Q4_K / Q5_K / Q6_K (every
-//! aarch64 CPU has NEON; Apple's M series and most ARM servers): int8 activations (`vmull_s8` / `vmlal_high_s8` pair products
-//! in int16, widened and summed in int32; with the ARMv8.2 dotprod extension — Apple M1 and
+//! aarch64 CPU has NEON; Apple's M series and most ARM servers): int8 activations
+//! (`vmull_s8` / `vmlal_high_s8` pair products in int16, widened and summed in int32; with the ARMv8.2 dotprod extension — Apple M1 and
 //! later, Graviton 2 and later — one `sdot` per 16 codes instead) and int16 activations
 //! (`vmull_s16` / `vmlal_high_s16` into int32). The integer block sums are exact, as in the AVX2 kernels; the float block terms
 //! are added in a different order than the portable reference.

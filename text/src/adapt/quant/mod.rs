@@ -453,7 +453,8 @@ pub(crate) fn batched_rows(
     use rayon::prelude::*;
     debug_assert_eq!(y.len(), n * rows);
     let tiles = rows.div_ceil(BATCH_TILE_ROWS);
-    let parts: Vec<Vec<f32>> = (0..tiles)
+    // Each tile's rows for every vector, vector after vector, then scattered into `y`.
+    let parts: Vec<(usize, usize, Vec<f32>)> = (0..tiles)
         .into_par_iter()
         .map(|t| {
             let r0 = t * BATCH_TILE_ROWS;
@@ -462,12 +463,11 @@ pub(crate) fn batched_rows(
             for (i, out) in buf.chunks_exact_mut(len).enumerate() {
                 rows_fn(i, r0, out);
             }
-            buf
+            (r0, len, buf)
         })
         .collect();
-    for (t, buf) in parts.iter().enumerate() {
-        let r0 = t * BATCH_TILE_ROWS;
-        let len = BATCH_TILE_ROWS.min(rows - r0);
+    for (r0, len, buf) in &parts {
+        let (r0, len) = (*r0, *len);
         for (i, part) in buf.chunks_exact(len).enumerate() {
             y[i * rows + r0..i * rows + r0 + len].copy_from_slice(part);
         }
