@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod bench;
 pub mod block;
+pub mod cpu_bf16;
 pub mod error;
 pub mod idefics3;
 pub mod image_io;

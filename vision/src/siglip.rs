@@ -10,6 +10,7 @@
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
+use crate::cpu_bf16;
 use crate::error::{Result, VisionError};
 
 /// The encoder's geometry (HF `vision_config`).
@@ -230,6 +231,9 @@ pub struct SiglipEncoder {
     positions: Tensor,
     layers: Vec<Layer>,
     post: Norm,
+    /// Run bf16 attention and GELU on [`crate::cpu_bf16`]'s kernels where they apply (the
+    /// default); off, libtorch's ops run them.
+    bf16_kernels: bool,
 }
 
 impl SiglipEncoder {
@@ -302,7 +306,14 @@ impl SiglipEncoder {
                 b: t("post_layernorm.bias")?,
                 eps,
             },
+            bf16_kernels: true,
         })
+    }
+
+    /// Whether bf16 attention and GELU run on [`crate::cpu_bf16`]'s kernels where the CPU has
+    /// AVX512-BF16 (`true`, the default) or on libtorch's ops.
+    pub fn set_bf16_kernels(&mut self, on: bool) {
+        self.bf16_kernels = on;
     }
 
     pub fn device(&self) -> Device {
@@ -377,34 +388,121 @@ impl SiglipEncoder {
         let heads = self.config.num_attention_heads;
         let hd = width / heads;
         let tokens = gh * gw;
+        let fused = match self.bf16_kernels {
+            true => Bf16Kernels::new(&x, b, tokens, heads, hd)?,
+            false => None,
+        };
         for layer in &self.layers {
             let h = layer.norm1.forward(&x)?;
-            let qkv = layer
-                .qkv
-                .forward(&h)?
-                .f_reshape([b, tokens, 3, heads, hd])?
-                .f_permute([2, 0, 3, 1, 4])?; // [3, B, heads, N, hd]
-            let a = Tensor::f_scaled_dot_product_attention(
-                &qkv.get(0),
-                &qkv.get(1),
-                &qkv.get(2),
-                None::<Tensor>,
-                0.0,
-                false,
-                None,
-                false,
-            )?
-            .f_transpose(1, 2)?
-            .f_reshape([b, tokens, width])?;
+            let qkv = layer.qkv.forward(&h)?; // [B, N, 3C]
+            let a = match &fused {
+                Some(f) => f.forward(&qkv)?,
+                None => {
+                    let qkv = qkv
+                        .f_reshape([b, tokens, 3, heads, hd])?
+                        .f_permute([2, 0, 3, 1, 4])?; // [3, B, heads, N, hd]
+                    Tensor::f_scaled_dot_product_attention(
+                        &qkv.get(0),
+                        &qkv.get(1),
+                        &qkv.get(2),
+                        None::<Tensor>,
+                        0.0,
+                        false,
+                        None,
+                        false,
+                    )?
+                    .f_transpose(1, 2)?
+                    .f_reshape([b, tokens, width])?
+                }
+            }; // [B, N, C]
             x = x.f_add(&layer.out.forward(&a)?)?;
             let h = layer.fc1.forward(&layer.norm2.forward(&x)?)?;
-            let h = h.f_gelu(if self.config.tanh_gelu {
-                "tanh"
-            } else {
-                "none"
-            })?;
+            let h = match &fused {
+                Some(f) if self.config.tanh_gelu => f.gelu_tanh(h)?,
+                _ => h.f_gelu(if self.config.tanh_gelu {
+                    "tanh"
+                } else {
+                    "none"
+                })?,
+            };
             x = x.f_add(&layer.fc2.forward(&h)?)?;
         }
         self.post.forward(&x)
+    }
+}
+
+/// The bf16 attention and GELU kernels ([`crate::cpu_bf16`]) where they apply: bf16
+/// activations on the CPU of a machine with AVX512-BF16, on a pool as wide as libtorch's.
+struct Bf16Kernels {
+    geometry: cpu_bf16::Geometry,
+    pool: rayon::ThreadPool,
+}
+
+impl Bf16Kernels {
+    fn new(x: &Tensor, b: i64, tokens: i64, heads: i64, hd: i64) -> Result<Option<Self>> {
+        let geometry = cpu_bf16::Geometry {
+            batch: b as usize,
+            tokens: tokens as usize,
+            heads: heads as usize,
+            head_dim: hd as usize,
+        };
+        if x.kind() != Kind::BFloat16
+            || x.device() != Device::Cpu
+            || !geometry.supported()
+            || !cpu_bf16::available()
+        {
+            return Ok(None);
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(tch::get_num_threads().max(1) as usize)
+            .build()
+            .map_err(|e| VisionError::Config(format!("cannot start attention threads: {e}")))?;
+        Ok(Some(Self { geometry, pool }))
+    }
+
+    /// `[B, N, 3C]` bf16 → `[B, N, C]` bf16.
+    fn forward(&self, qkv: &Tensor) -> Result<Tensor> {
+        let g = self.geometry;
+        let c = (g.heads * g.head_dim) as i64;
+        if qkv.kind() != Kind::BFloat16 || qkv.size() != [g.batch as i64, g.tokens as i64, 3 * c] {
+            return Err(VisionError::Shape(format!(
+                "fused attention takes [{}, {}, {}] bf16, got {:?} {:?}",
+                g.batch,
+                g.tokens,
+                3 * c,
+                qkv.size(),
+                qkv.kind()
+            )));
+        }
+        let qkv = qkv.f_contiguous()?;
+        let out = Tensor::f_empty(
+            [g.batch as i64, g.tokens as i64, c],
+            (Kind::BFloat16, Device::Cpu),
+        )?;
+        let (n_in, n_out) = (qkv.numel(), out.numel());
+        // SAFETY: both are contiguous bf16 CPU tensors of `n_in` / `n_out` elements that live
+        // across the call; `out` is fresh, so nothing else aliases it.
+        let (input, output) = unsafe {
+            (
+                std::slice::from_raw_parts(qkv.data_ptr() as *const u16, n_in),
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut u16, n_out),
+            )
+        };
+        self.pool.install(|| cpu_bf16::attend(input, output, g));
+        Ok(out)
+    }
+
+    /// The tanh GELU of a bf16 tensor, in place when it is contiguous.
+    fn gelu_tanh(&self, x: Tensor) -> Result<Tensor> {
+        if x.kind() != Kind::BFloat16 || x.device() != Device::Cpu {
+            return Ok(x.f_gelu("tanh")?);
+        }
+        let x = x.f_contiguous()?;
+        let n = x.numel();
+        // SAFETY: a contiguous bf16 CPU tensor of `n` elements that nothing else reads during
+        // the call.
+        let values = unsafe { std::slice::from_raw_parts_mut(x.data_ptr() as *mut u16, n) };
+        self.pool.install(|| cpu_bf16::gelu_tanh(values));
+        Ok(x)
     }
 }
