@@ -452,6 +452,9 @@ impl SmolVlm {
         let tokenizer = read_tokenizer(dir)?;
         let tokens = image_tokens(dir, &tokenizer, &config, seq_len)?;
         decoder.cfg.eos_token_id = Some(stop_ids(dir, &decoder.cfg, &tokenizer)?);
+        // A bf16 checkpoint's text weights widened to fp32 go back to bf16 storage: the same
+        // results (see `Linear::store_bf16`), half the bytes each decode step reads.
+        decoder.store_weights_bf16(true)?;
         let text = TextModel {
             decoder,
             tokenizer: Some(tokenizer),

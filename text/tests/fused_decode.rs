@@ -168,6 +168,52 @@ fn packed_and_ggml_weights_match_libtorch() {
     }
 }
 
+/// bf16-stored weights ([`LinearWeight::Bf16`], a bf16 checkpoint loaded in fp32): the same
+/// logits as the fp32 model, bit for bit, through libtorch's prefill and the fused step; the
+/// lossless conversion leaves weights that are not bf16 values alone.
+#[test]
+fn bf16_stored_weights_equal_the_fp32_model() {
+    let cfg = preset("tiny-dense").unwrap();
+    let mut cfg_b = cfg.clone();
+    cfg_b.attention_bias = true;
+    for cfg in [cfg, cfg_b] {
+        let round_one = |l: &mut afm_text::linear::Linear| {
+            let LinearWeight::Dense(w) = l.weight() else {
+                unreachable!()
+            };
+            let w = w.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+            l.set_weight(LinearWeight::Dense(w));
+        };
+        let round = |d: &mut Decoder| {
+            for (_, l) in d.linears_mut() {
+                round_one(l);
+            }
+            round_one(&mut d.lm_head);
+        };
+        // Full fp32 weights: nothing is lossless.
+        let mut full = scaled(&cfg, 6);
+        assert_eq!(full.store_weights_bf16(true).unwrap(), 0);
+        let mut fp32 = scaled(&cfg, 6);
+        round(&mut fp32);
+        let mut stored = scaled(&cfg, 6);
+        round(&mut stored);
+        let n = stored.store_weights_bf16(true).unwrap();
+        // Every projection and the head.
+        assert_eq!(n, 7 * cfg.num_hidden_layers + 1, "weights stored in bf16");
+        assert!(stored.decode_bytes_per_token() < fp32.decode_bytes_per_token());
+        for fused in [false, true] {
+            let (a, b) = (decode(&mut fp32, fused, 9), decode(&mut stored, fused, 9));
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    x.equal(y),
+                    "fused {fused}, step {i}: max |Δ| {}",
+                    f64::try_from(x.f_sub(y).unwrap().abs().max()).unwrap()
+                );
+            }
+        }
+    }
+}
+
 /// LoRA overlays (describe's adapter, `--adapter`) on every projection of the fused step, over
 /// dense and GGUF-block bases: the fused step adds `s·B·(A·x)` per row as libtorch does.
 #[test]

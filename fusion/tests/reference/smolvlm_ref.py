@@ -22,11 +22,12 @@ every bias as 0.02 * randn, so norms and biases are not trivially 1 / 0, and the
 unit-scale embeddings and fan-in-scaled projections (its greedy continuations then vary instead of
 repeating one token).
 
-usage: smolvlm_ref.py build OUT_DIR GEOMETRY
+usage: smolvlm_ref.py build OUT_DIR GEOMETRY [bf16]
            GEOMETRY is `256m` or `alt`. Writes the model in HF's layout (config.json,
            generation_config.json, model.safetensors) and the processor (tokenizer files,
            processor / preprocessor config, chat template) into OUT_DIR, and prints the
-           safetensors key prefixes.
+           safetensors key prefixes. With `bf16` the weights are saved in bf16, as the public
+           SmolVLM checkpoints are (the same random model rounded; for benchmarks).
        smolvlm_ref.py run MODEL_DIR OUT_DIR PROMPT IMAGE [IMAGE ...]
            For each image k, a one-turn user message (the image, then PROMPT) through the chat
            template with the generation prompt and the processor; writes
@@ -192,7 +193,7 @@ def enliven_text_model(model):
             p.data = torch.randn_like(p) / p.shape[1] ** 0.5
 
 
-def build(out_dir, geometry):
+def build(out_dir, geometry, dtype="fp32"):
     g = GEOMETRIES[geometry]
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
@@ -268,6 +269,8 @@ def build(out_dir, geometry):
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
 
@@ -432,8 +435,8 @@ def bench(model_dir, dtype, prompt, new_tokens, repeats, images):
 
 
 def main(argv):
-    if len(argv) == 3 and argv[0] == "build":
-        build(argv[1], argv[2])
+    if len(argv) in (3, 4) and argv[0] == "build" and argv[3:] in ([], ["bf16"]):
+        build(argv[1], argv[2], *argv[3:])
     elif len(argv) >= 5 and argv[0] == "run":
         run(argv[1], argv[2], argv[3], argv[4:])
     elif len(argv) >= 7 and argv[0] == "bench":

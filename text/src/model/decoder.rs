@@ -373,6 +373,22 @@ impl Decoder {
         out
     }
 
+    /// Store the projections' and the head's fp32 weights in bf16 ([`Linear::store_bf16`]):
+    /// decode steps read half the bytes. With `lossless_only`, only weights that are bf16
+    /// values already (a bf16 checkpoint loaded in fp32). Only on the CPU in fp32, where the
+    /// fused decode step reads them; returns how many weights were converted.
+    pub fn store_weights_bf16(&mut self, lossless_only: bool) -> Result<usize> {
+        if self.kind != Kind::Float || self.device != Device::Cpu {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for (_, l) in self.linears_mut() {
+            n += l.store_bf16(lossless_only)? as usize;
+        }
+        n += self.lm_head.store_bf16(lossless_only)? as usize;
+        Ok(n)
+    }
+
     /// Weight bytes a decode step reads: every layer's projections and the head (the bandwidth
     /// floor of decoding is this over the memory bandwidth).
     pub fn decode_bytes_per_token(&self) -> usize {

@@ -26,6 +26,12 @@ pub enum LinearWeight {
     /// GGUF's quantized blocks as the file stores them ([`crate::quant::ggml`]); the matmul
     /// reads them directly, activations quantised per 32 values (int16 by default).
     Ggml(Box<GgmlWeight>),
+    /// `[out, in]` stored in bf16 under fp32 activations (half the bytes a decode step reads;
+    /// see [`Linear::store_bf16`]): the fused decode step widens each weight exactly as it
+    /// reads it, libtorch's forward widens the whole matrix first (a copy per call: for
+    /// batch-1 decoding through the fused step, not for batched libtorch work). The results
+    /// are those of the widened fp32 weight.
+    Bf16(Tensor),
 }
 
 /// A low-rank update `s·B·A` applied on the fly.
@@ -156,7 +162,9 @@ impl Linear {
     /// Bytes the weights occupy.
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
-            LinearWeight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
+            LinearWeight::Dense(w) | LinearWeight::Bf16(w) => {
+                w.numel() * w.kind().elt_size_in_bytes()
+            }
             LinearWeight::Quantized(q) => q.stored_bytes(),
             LinearWeight::Ggml(g) => g.stored_bytes(),
             LinearWeight::FakeQuant(q) => {
@@ -176,7 +184,7 @@ impl Linear {
 
     pub fn device(&self) -> tch::Device {
         match &self.weight {
-            LinearWeight::Dense(w) => w.device(),
+            LinearWeight::Dense(w) | LinearWeight::Bf16(w) => w.device(),
             LinearWeight::Quantized(q) => q.device(),
             LinearWeight::Ggml(_) => tch::Device::Cpu,
             LinearWeight::FakeQuant(q) => q.w.device(),
@@ -194,6 +202,26 @@ impl Linear {
     /// Replace the weight (QAT swaps a dense weight for a fake-quantized one and back).
     pub fn set_weight(&mut self, weight: LinearWeight) -> LinearWeight {
         std::mem::replace(&mut self.weight, weight)
+    }
+
+    /// Store a dense fp32 CPU weight in bf16 ([`LinearWeight::Bf16`]), activations staying
+    /// fp32; anything else (quantized, trained, already bf16, another device) is left as it
+    /// is. With `lossless_only`, only a weight whose every value is a bf16 value (an fp32
+    /// model loaded from a bf16 checkpoint) is stored, so nothing changes but the bytes.
+    /// Returns whether the weight was converted.
+    pub fn store_bf16(&mut self, lossless_only: bool) -> Result<bool> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Ok(false);
+        };
+        if w.kind() != Kind::Float || w.device() != tch::Device::Cpu || w.requires_grad() {
+            return Ok(false);
+        }
+        let b = w.f_to_kind(Kind::BFloat16)?.f_contiguous()?;
+        if lossless_only && !b.f_to_kind(Kind::Float)?.f_equal(w)? {
+            return Ok(false);
+        }
+        self.weight = LinearWeight::Bf16(b);
+        Ok(true)
     }
 
     pub fn lora(&self) -> Option<&LoraOverlay> {
@@ -221,6 +249,7 @@ impl Linear {
 
     /// Fold the overlay into the dense weight (`W += s·B·A`) and drop it.
     pub fn merge_lora(&mut self) -> Result<()> {
+        self.widen_bf16()?;
         if self.lora.is_some() && !matches!(self.weight, LinearWeight::Dense(_)) {
             return Err(crate::error::TextError::InvalidArgument(
                 "cannot merge a LoRA adapter into a quantized layer (run it as an overlay)".into(),
@@ -238,6 +267,7 @@ impl Linear {
     /// Take a merged update back out of the dense weight (`W −= s·B·A`): the inverse of
     /// [`Linear::merge_lora`] up to rounding in the weight's dtype.
     pub fn unmerge_lora(&mut self, lora: &LoraOverlay) -> Result<()> {
+        self.widen_bf16()?;
         let LinearWeight::Dense(w) = &self.weight else {
             return Err(crate::error::TextError::InvalidArgument(
                 "cannot unmerge a LoRA adapter from a quantized layer".into(),
@@ -255,10 +285,20 @@ impl Linear {
         Ok(())
     }
 
+    /// A bf16-stored weight back to a dense one in the activations' dtype (a merged update must
+    /// not be rounded to bf16).
+    fn widen_bf16(&mut self) -> Result<()> {
+        if let LinearWeight::Bf16(w) = &self.weight {
+            self.weight = LinearWeight::Dense(w.f_to_kind(self.kind)?);
+        }
+        Ok(())
+    }
+
     // x: [..., in] → [..., out]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            LinearWeight::Bf16(w) => x.f_linear(&w.f_to_kind(x.kind())?, self.bias.as_ref())?,
             LinearWeight::Quantized(q) => q.forward(x, self.bias.as_ref())?,
             LinearWeight::Ggml(g) => g.forward(x, self.bias.as_ref())?,
             LinearWeight::FakeQuant(q) => {

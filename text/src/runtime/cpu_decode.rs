@@ -7,7 +7,8 @@
 //! range ([`attend`]) → O → residual → RMSNorm → gate and up in one job with SiLU(gate)·up
 //! applied per chunk → down → residual. Activations are quantised once per input when a
 //! projection holds GGUF blocks ([`crate::quant::ggml`]). Every other weight format runs its
-//! own kernel: dense fp32, our packed LUT / 8-bit codes ([`crate::quant::packed`]). A LoRA
+//! own kernel: dense fp32 or bf16-stored ([`crate::linear::LinearWeight::Bf16`]), our packed
+//! LUT / 8-bit codes ([`crate::quant::packed`]). A LoRA
 //! overlay adds `s·B·(A·x)` to its projection's rows (`A·x` once per input).
 //!
 //! [`Plan::new`] says whether a decoder can take this path (fp32 on the CPU, no KV
@@ -22,7 +23,7 @@ use crate::linear::{Linear, LinearWeight};
 use crate::norm::RmsNorm;
 use crate::quant::ggml::{self, Q8Acts};
 use crate::quant::packed::{self, is_cpu_contiguous, Isa, Table};
-use crate::runtime::cpu_kernels::{dense_rows, weighted_rows};
+use crate::runtime::cpu_kernels::{bf16_rows, dense_rows, weighted_rows};
 use crate::runtime::cpu_pool::{self, Pool};
 use tch::Kind;
 
@@ -37,6 +38,8 @@ fn chunk_rows(rows: usize, threads: usize) -> usize {
 /// A weight as the kernels read it.
 enum Mat<'a> {
     Dense(&'a [f32]),
+    /// bf16 bits, widened as they are read.
+    Bf16(&'a [u16]),
     Ggml(GgmlType, &'a [u8]),
     Packed {
         packed: &'a [u8],
@@ -96,6 +99,13 @@ impl<'a> Proj<'a> {
         };
         let mat = match l.weight() {
             LinearWeight::Dense(w) => Mat::Dense(f32_slice(w)?),
+            LinearWeight::Bf16(w) => {
+                // SAFETY: checked contiguous bf16 on the CPU; the slice borrows the tensor.
+                Mat::Bf16(
+                    is_cpu_contiguous(w, Kind::BFloat16)
+                        .then(|| unsafe { packed::cpu_slice::<u16>(w) })?,
+                )
+            }
             LinearWeight::Ggml(g) => Mat::Ggml(g.ty(), g.bytes()),
             LinearWeight::Quantized(q) => {
                 let (packed, table) = q.kernel_view()?;
@@ -142,6 +152,7 @@ impl<'a> Proj<'a> {
     fn rows_into(&self, isa: Isa, inp: &Input<'_>, ax: &[f32], r0: usize, y: &mut [f32]) {
         match &self.mat {
             Mat::Dense(w) => dense_rows(isa, w, self.cols, inp.x, r0, y),
+            Mat::Bf16(w) => bf16_rows(isa, w, self.cols, inp.x, r0, y),
             Mat::Ggml(ty, data) => ggml::gemv_rows(isa, *ty, data, self.cols, inp.q8, r0, y),
             Mat::Packed {
                 packed: p,

@@ -1,5 +1,6 @@
-//! Small fp32 CPU kernels of the fused decode step: dense matrix–vector rows, dot products and
-//! `y += a·x`, each with an AVX2 + FMA version chosen at run time and a portable one.
+//! Small fp32 CPU kernels of the fused decode step: dense matrix–vector rows (fp32 weights, or
+//! bf16 weights widened as they are read), dot products and `y += a·x`, each with an AVX2 + FMA
+//! version chosen at run time and a portable one.
 
 use crate::quant::packed::Isa;
 
@@ -32,6 +33,45 @@ pub fn dense_rows(isa: Isa, w: &[f32], cols: usize, x: &[f32], r0: usize, y: &mu
         let r = r0 + j;
         *yr = dot(isa, &w[r * cols..(r + 1) * cols], x);
     }
+}
+
+/// [`dense_rows`] of a bf16 matrix (bits, row-major `[rows, cols]`): each weight widened to fp32
+/// exactly, the same products summed in the same order, so the values equal [`dense_rows`] on
+/// the widened matrix bit for bit.
+pub fn bf16_rows(isa: Isa, w: &[u16], cols: usize, x: &[f32], r0: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd(isa) {
+        let mut i = 0;
+        while i + 4 <= y.len() {
+            let rows: [&[u16]; 4] =
+                std::array::from_fn(|j| &w[(r0 + i + j) * cols..(r0 + i + j + 1) * cols]);
+            // SAFETY: as in dense_rows.
+            let v = unsafe { avx2::dot4_bf16(rows, x) };
+            y[i..i + 4].copy_from_slice(&v);
+            i += 4;
+        }
+        for (j, yr) in y.iter_mut().enumerate().skip(i) {
+            let r = r0 + j;
+            // SAFETY: as in dense_rows.
+            *yr = unsafe { avx2::dot4_bf16([&w[r * cols..(r + 1) * cols]], x)[0] };
+        }
+        return;
+    }
+    let _ = isa;
+    for (j, yr) in y.iter_mut().enumerate() {
+        let r = r0 + j;
+        let mut acc = [0f32; 8];
+        for (i, (&wv, &xv)) in w[r * cols..(r + 1) * cols].iter().zip(x).enumerate() {
+            acc[i % 8] += bf16_to_f32(wv) * xv;
+        }
+        *yr = acc.iter().sum();
+    }
+}
+
+/// bf16 bits → f32 (exact: the bits are the upper half).
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
 }
 
 /// `Σ a·b`.
@@ -107,32 +147,58 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// The body of the `dot4` kernels: `N` dot products with one `x`, two accumulators per row,
+    /// `$load8(ptr)` reading 8 weights (of `$elt` bytes each) as fp32 and `$widen(w)` one.
+    macro_rules! dot_rows {
+        ($rows:ident, $x:ident, $elt:expr, $load8:expr, $widen:expr) => {{
+            let n = $x
+                .len()
+                .min($rows.iter().map(|r| r.len()).min().unwrap_or(0));
+            let mut acc = [[_mm256_setzero_ps(); 2]; N];
+            let xp = $x.as_ptr();
+            let last = $rows[N - 1];
+            let next = last.as_ptr().wrapping_add(last.len()) as *const u8;
+            let mut i = 0;
+            while i + 16 <= n {
+                prefetch(next.wrapping_add($elt * N * i), 16 * $elt * N);
+                let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+                for j in 0..N {
+                    let r = $rows[j].as_ptr();
+                    acc[j][0] = _mm256_fmadd_ps($load8(r.add(i)), x0, acc[j][0]);
+                    acc[j][1] = _mm256_fmadd_ps($load8(r.add(i + 8)), x1, acc[j][1]);
+                }
+                i += 16;
+            }
+            std::array::from_fn(|j| {
+                let mut s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+                for k in i..n {
+                    s += $widen($rows[j][k]) * $x[k];
+                }
+                s
+            })
+        }};
+    }
+
     /// `N` dot products with one `x`: two accumulators per row; the `N` rows after these
     /// (callers walk contiguous rows) are fetched meanwhile.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot4<const N: usize>(rows: [&[f32]; N], x: &[f32]) -> [f32; N] {
-        let n = x.len().min(rows.iter().map(|r| r.len()).min().unwrap_or(0));
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        let xp = x.as_ptr();
-        let next = rows[N - 1].as_ptr().wrapping_add(rows[N - 1].len()) as *const u8;
-        let mut i = 0;
-        while i + 16 <= n {
-            prefetch(next.wrapping_add(4 * N * i), 64 * N);
-            let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
-            for j in 0..N {
-                let r = rows[j].as_ptr();
-                acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(r.add(i)), x0, acc[j][0]);
-                acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(r.add(i + 8)), x1, acc[j][1]);
-            }
-            i += 16;
-        }
-        std::array::from_fn(|j| {
-            let mut s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
-            for k in i..n {
-                s += rows[j][k] * x[k];
-            }
-            s
-        })
+        dot_rows!(rows, x, 4, |p: *const f32| _mm256_loadu_ps(p), |w: f32| w)
+    }
+
+    /// [`dot4`] of bf16 rows, each 8 weights widened (zero-extended to 32 bits, shifted into the
+    /// upper half) before the same multiply-adds.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_bf16<const N: usize>(rows: [&[u16]; N], x: &[f32]) -> [f32; N] {
+        dot_rows!(
+            rows,
+            x,
+            2,
+            |p: *const u16| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p.cast())
+            ))),
+            super::bf16_to_f32
+        )
     }
 
     /// Columns in blocks of 64 (eight accumulators: a 64-wide head in one pass), rows
@@ -195,6 +261,18 @@ mod tests {
                 let x: Vec<f32> = (0..cols).map(|_| f()).collect();
                 let mut y = vec![0f32; rows - 2];
                 dense_rows(isa, &w, cols, &x, 2, &mut y);
+                // bf16 weights: the same values as fp32 rows of the widened weights, bit for bit.
+                let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let widened: Vec<f32> = wb.iter().map(|&b| bf16_to_f32(b)).collect();
+                let (mut yb, mut yw) = (vec![0f32; rows - 2], vec![0f32; rows - 2]);
+                bf16_rows(isa, &wb, cols, &x, 2, &mut yb);
+                dense_rows(isa, &widened, cols, &x, 2, &mut yw);
+                assert_eq!(
+                    yb.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    yw.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{} bf16 rows, {cols} columns",
+                    isa.name()
+                );
                 for (i, v) in y.iter().enumerate() {
                     let r = i + 2;
                     let want: f64 = (0..cols)
