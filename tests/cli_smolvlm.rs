@@ -57,7 +57,8 @@ fn images() -> &'static [PathBuf] {
 }
 
 /// A model of `geometry` built and run by transformers once per test binary: its directory and
-/// the reference outputs for the first `n_images` images.
+/// the reference outputs for the first `n_images` images. `GEOMETRY-bf16` saves the weights in
+/// bf16 (transformers runs them in fp32).
 fn reference(geometry: &'static str, n_images: usize) -> PathBuf {
     static DIRS: OnceLock<std::sync::Mutex<std::collections::HashMap<&'static str, PathBuf>>> =
         OnceLock::new();
@@ -69,7 +70,12 @@ fn reference(geometry: &'static str, n_images: usize) -> PathBuf {
                 .join("smolvlm")
                 .join(geometry);
             let _ = std::fs::remove_dir_all(&dir);
-            python(&["build".as_ref(), dir.as_os_str(), geometry.as_ref()]);
+            let mut build: Vec<&std::ffi::OsStr> = vec!["build".as_ref(), dir.as_os_str()];
+            match geometry.split_once('-') {
+                Some((g, dtype)) => build.extend([g, dtype].map(std::ffi::OsStr::new)),
+                None => build.push(geometry.as_ref()),
+            }
+            python(&build);
             let out = ref_dir(&dir);
             let mut args: Vec<&std::ffi::OsStr> = vec![
                 "run".as_ref(),
@@ -187,6 +193,30 @@ fn smolvlm_256m_geometry_matches_transformers() {
 #[test]
 fn smolvlm_second_geometry_matches_transformers() {
     parity("alt", 2);
+}
+
+/// A checkpoint saved in bf16 (as the public ones are), loaded in fp32: the text model keeps its
+/// weights in bf16 (half the bytes per decode step) and still matches transformers' fp32 run.
+#[test]
+fn bf16_checkpoint_in_fp32_matches_transformers() {
+    let dir = reference("alt-bf16", 1);
+    let model = SmolVlm::load(&dir, Device::Cpu, DType::F32).unwrap();
+    let stored = model
+        .text
+        .decoder
+        .layers
+        .iter()
+        .flat_map(|l| [&l.attn.q_proj, &l.mlp.gate, &l.mlp.up, &l.mlp.down])
+        .chain([&model.text.decoder.lm_head])
+        .filter(|l| matches!(l.weight(), afm_text::linear::LinearWeight::Bf16(_)))
+        .count();
+    assert_eq!(
+        stored,
+        4 * model.text.decoder.layers.len() + 1,
+        "bf16-stored weights"
+    );
+    drop(model);
+    parity("alt-bf16", 1);
 }
 
 /// Loaded in bf16, the encoder runs in bf16 where the CPU has native bf16 arithmetic (else fp32)
