@@ -279,6 +279,34 @@ mod avx512 {
         }
     }
 
+    /// The microkernel of both products: for rows `a[i]` (bf16) and a packed `b` whose step
+    /// `t` is `V` vectors of 16 bf16 pairs at `b + t·stride`, `acc[i][v] = Σ_t a[i][2t..2t+2] ·
+    /// b[t][v]` (each row's pair broadcast, `vdpbf16ps` into fp32 sums).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn pair_products<const R: usize, const V: usize>(
+        a: [*const u16; R],
+        b: *const u16,
+        stride: usize,
+        steps: usize,
+    ) -> [[__m512; V]; R] {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for t in 0..steps {
+            let base = b.add(t * stride);
+            let bv: [__m512bh; V] = std::array::from_fn(|v| {
+                std::mem::transmute(_mm512_loadu_si512(base.add(32 * v).cast()))
+            });
+            for i in 0..R {
+                let pair = a[i].add(2 * t).cast::<i32>().read_unaligned();
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                for v in 0..V {
+                    acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+                }
+            }
+        }
+        acc
+    }
+
     /// Scores of queries `r0..r0+R` against every (padded) key into `s` rows of `np`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -294,20 +322,8 @@ mod avx512 {
         let q: [*const u16; R] = std::array::from_fn(|i| q_ptr(r0 + i));
         let mut k0 = 0;
         while k0 < np {
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
-            for p in 0..d / 2 {
-                let base = kp.as_ptr().add(p * np + k0).cast::<u16>();
-                let kv: [__m512bh; V] = std::array::from_fn(|v| {
-                    std::mem::transmute(_mm512_loadu_si512(base.add(32 * v).cast()))
-                });
-                for i in 0..R {
-                    let pair = q[i].add(2 * p).cast::<i32>().read_unaligned();
-                    let qv: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                    for v in 0..V {
-                        acc[i][v] = _mm512_dpbf16_ps(acc[i][v], qv, kv[v]);
-                    }
-                }
-            }
+            let b = kp.as_ptr().add(k0).cast::<u16>();
+            let acc = pair_products::<R, V>(q, b, 2 * np, d / 2);
             for (i, a) in acc.iter().enumerate() {
                 let dst = s.add((r0 + i) * np + k0);
                 for (v, av) in a.iter().enumerate() {
@@ -434,20 +450,8 @@ mod avx512 {
         at: &impl Fn(usize) -> isize,
     ) {
         let p: [*const u16; R] = std::array::from_fn(|i| pr.as_ptr().add((r0 + i) * np));
-        let mut acc = [[_mm512_setzero_ps(); W]; R];
-        for j in 0..np / 2 {
-            let base = vp.as_ptr().add(j * d + d0).cast::<u16>();
-            let v: [__m512bh; W] = std::array::from_fn(|w| {
-                std::mem::transmute(_mm512_loadu_si512(base.add(32 * w).cast()))
-            });
-            for i in 0..R {
-                let pair = p[i].add(2 * j).cast::<i32>().read_unaligned();
-                let pv: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                for w in 0..W {
-                    acc[i][w] = _mm512_dpbf16_ps(acc[i][w], pv, v[w]);
-                }
-            }
-        }
+        let b = vp.as_ptr().add(d0).cast::<u16>();
+        let acc = pair_products::<R, W>(p, b, 2 * d, np / 2);
         for (i, a) in acc.iter().enumerate() {
             let s = _mm512_set1_ps(inv_sum[r0 + i]);
             let dst = out.offset(at(r0 + i)).add(d0);

@@ -9,30 +9,44 @@ fn simd(isa: Isa) -> bool {
     cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx2 | Isa::Avx512)
 }
 
+/// `y[i] = f(rows r0 + i)` four rows at a time through `four`, the rest through `one`.
+fn by_fours<T>(
+    w: &[T],
+    cols: usize,
+    r0: usize,
+    y: &mut [f32],
+    four: impl Fn([&[T]; 4]) -> [f32; 4],
+    one: impl Fn(&[T]) -> f32,
+) {
+    let row = |r: usize| &w[r * cols..(r + 1) * cols];
+    let mut i = 0;
+    while i + 4 <= y.len() {
+        let v = four(std::array::from_fn(|j| row(r0 + i + j)));
+        y[i..i + 4].copy_from_slice(&v);
+        i += 4;
+    }
+    for (j, yr) in y.iter_mut().enumerate().skip(i) {
+        *yr = one(row(r0 + j));
+    }
+}
+
 /// `y[i] = W[r0 + i]·x` for a row-major fp32 `[rows, cols]` matrix.
 pub fn dense_rows(isa: Isa, w: &[f32], cols: usize, x: &[f32], r0: usize, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd(isa) {
-        let mut i = 0;
-        while i + 4 <= y.len() {
-            let rows: [&[f32]; 4] =
-                std::array::from_fn(|j| &w[(r0 + i + j) * cols..(r0 + i + j + 1) * cols]);
-            // SAFETY: AVX2 + FMA detected at run time (Isa::available); rows and x have
-            // `cols` values.
-            let v = unsafe { avx2::dot4(rows, x) };
-            y[i..i + 4].copy_from_slice(&v);
-            i += 4;
-        }
-        for (j, yr) in y.iter_mut().enumerate().skip(i) {
-            let r = r0 + j;
-            *yr = dot(isa, &w[r * cols..(r + 1) * cols], x);
-        }
-        return;
+        // SAFETY: AVX2 + FMA detected at run time (Isa::available); rows and x have `cols`
+        // values.
+        let four = |rows: [&[f32]; 4]| unsafe { avx2::dot4(rows, x) };
+        return by_fours(w, cols, r0, y, four, |r: &[f32]| dot(isa, r, x));
     }
-    for (j, yr) in y.iter_mut().enumerate() {
-        let r = r0 + j;
-        *yr = dot(isa, &w[r * cols..(r + 1) * cols], x);
-    }
+    by_fours(
+        w,
+        cols,
+        r0,
+        y,
+        |rows| rows.map(|r| dot(isa, r, x)),
+        |r| dot(isa, r, x),
+    );
 }
 
 /// [`dense_rows`] of a bf16 matrix (bits, row-major `[rows, cols]`): each weight widened to fp32
@@ -41,31 +55,20 @@ pub fn dense_rows(isa: Isa, w: &[f32], cols: usize, x: &[f32], r0: usize, y: &mu
 pub fn bf16_rows(isa: Isa, w: &[u16], cols: usize, x: &[f32], r0: usize, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd(isa) {
-        let mut i = 0;
-        while i + 4 <= y.len() {
-            let rows: [&[u16]; 4] =
-                std::array::from_fn(|j| &w[(r0 + i + j) * cols..(r0 + i + j + 1) * cols]);
-            // SAFETY: as in dense_rows.
-            let v = unsafe { avx2::dot4_bf16(rows, x) };
-            y[i..i + 4].copy_from_slice(&v);
-            i += 4;
-        }
-        for (j, yr) in y.iter_mut().enumerate().skip(i) {
-            let r = r0 + j;
-            // SAFETY: as in dense_rows.
-            *yr = unsafe { avx2::dot4_bf16([&w[r * cols..(r + 1) * cols]], x)[0] };
-        }
-        return;
+        // SAFETY: as in dense_rows.
+        let four = |rows: [&[u16]; 4]| unsafe { avx2::dot4_bf16(rows, x) };
+        let one = |r: &[u16]| unsafe { avx2::dot4_bf16([r], x)[0] };
+        return by_fours(w, cols, r0, y, four, one);
     }
     let _ = isa;
-    for (j, yr) in y.iter_mut().enumerate() {
-        let r = r0 + j;
+    let one = |r: &[u16]| {
         let mut acc = [0f32; 8];
-        for (i, (&wv, &xv)) in w[r * cols..(r + 1) * cols].iter().zip(x).enumerate() {
+        for (i, (&wv, &xv)) in r.iter().zip(x).enumerate() {
             acc[i % 8] += bf16_to_f32(wv) * xv;
         }
-        *yr = acc.iter().sum();
-    }
+        acc.iter().sum()
+    };
+    by_fours(w, cols, r0, y, |rows| rows.map(one), one);
 }
 
 /// bf16 bits → f32 (exact: the bits are the upper half).
