@@ -55,6 +55,37 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median µs per call over `a.rounds` rounds of `a.calls` calls (after one untimed call) of
+/// `kernel` on each instruction set, and of `dense` (libtorch's fp32 product), interleaved
+/// round by round.
+fn time_kernels(
+    a: &Args,
+    isas: &[Isa],
+    mut kernel: impl FnMut(Isa),
+    mut dense: impl FnMut(),
+) -> (Vec<f64>, f64) {
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let t0 = Instant::now();
+        for _ in 0..a.calls {
+            f();
+        }
+        t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64
+    };
+    // kernel index → per-round µs/call; the last entry is libtorch dense fp32.
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); isas.len() + 1];
+    for _ in 0..a.rounds {
+        for (i, &isa) in isas.iter().enumerate() {
+            times[i].push(time(&mut || kernel(isa)));
+        }
+        let _g = tch::no_grad_guard();
+        times[isas.len()].push(time(&mut dense));
+    }
+    let mut med: Vec<f64> = times.into_iter().map(median).collect();
+    let dense = med.pop().unwrap_or(f64::NAN);
+    (med, dense)
+}
+
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
     if a.rounds == 0 || a.calls == 0 {
         anyhow::bail!("--rounds and --calls must be at least 1");
@@ -111,27 +142,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<()> {
                 }
             };
             let mut y = vec![0f32; rows];
-            // kernel index → per-round µs/call; the last entry is libtorch dense fp32.
-            let mut times: Vec<Vec<f64>> = vec![Vec::new(); isas.len() + 1];
-            for _ in 0..a.rounds {
-                for (i, &isa) in isas.iter().enumerate() {
-                    gemv_isa(isa, &packed, table, bits, cols, &x, &mut y);
-                    let t0 = Instant::now();
-                    for _ in 0..a.calls {
-                        gemv_isa(isa, &packed, table, bits, cols, &x, &mut y);
-                    }
-                    times[i].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
-                }
-                let _g = tch::no_grad_guard();
-                let _ = xt.matmul(&w.tr());
-                let t0 = Instant::now();
-                for _ in 0..a.calls {
+            let (med, dense) = time_kernels(
+                &a,
+                &isas,
+                |isa| gemv_isa(isa, &packed, table, bits, cols, &x, &mut y),
+                || {
                     let _ = xt.matmul(&w.tr());
-                }
-                times[isas.len()].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
-            }
-            let med: Vec<f64> = times.into_iter().map(median).collect();
-            let dense = med[isas.len()];
+                },
+            );
             let bytes = packed.len() as f64;
             for (i, isa) in isas.iter().enumerate() {
                 println!(
@@ -244,25 +262,17 @@ fn bench_ggml_mode(
     let data = ggml::random_blocks(ty, rows, cols, rows as u64 * 31 + cols as u64);
     let mut acts = ggml::Q8Acts::default();
     let mut y = vec![0f32; rows];
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); isas.len() + 1];
-    for _ in 0..a.rounds {
-        for (i, &isa) in isas.iter().enumerate() {
-            let t0 = Instant::now();
-            for _ in 0..a.calls {
-                acts.prepare(x, mode);
-                ggml::gemv(isa, ty, &data, cols, &acts, &mut y);
-            }
-            times[i].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
-        }
-        let _g = tch::no_grad_guard();
-        let t0 = Instant::now();
-        for _ in 0..a.calls {
+    let (med, dense) = time_kernels(
+        a,
+        isas,
+        |isa| {
+            acts.prepare(x, mode);
+            ggml::gemv(isa, ty, &data, cols, &acts, &mut y);
+        },
+        || {
             let _ = xt.matmul(&w.tr());
-        }
-        times[isas.len()].push(t0.elapsed().as_secs_f64() * 1e6 / a.calls as f64);
-    }
-    let med: Vec<f64> = times.into_iter().map(median).collect();
-    let dense = med[isas.len()];
+        },
+    );
     for (i, isa) in isas.iter().enumerate() {
         println!(
             "| {rows}×{cols} | GGUF {} ({} acts) | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |",

@@ -355,12 +355,7 @@ mod avx512 {
         let mut sum = _mm512_setzero_ps();
         let mut i = 0;
         while i < n {
-            let lanes = (n - i).min(16);
-            let mask: __mmask16 = if lanes == 16 {
-                0xffff
-            } else {
-                (1u16 << lanes) - 1
-            };
+            let mask = first_lanes(n - i);
             let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
             let e = _mm512_maskz_mov_ps(mask, exp(_mm512_mul_ps(_mm512_sub_ps(v, mv), sv)));
             sum = _mm512_add_ps(sum, e);
@@ -374,6 +369,16 @@ mod avx512 {
         _mm512_reduce_add_ps(sum)
     }
 
+    /// The mask of the first `min(n, 16)` lanes.
+    #[inline]
+    fn first_lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
     /// [`super::gelu_tanh`] of one chunk.
     ///
     /// # Safety
@@ -384,12 +389,7 @@ mod avx512 {
         let (c3, one) = (_mm512_set1_ps(0.044715), _mm512_set1_ps(1.0));
         let mut i = 0;
         while i < x.len() {
-            let lanes = (x.len() - i).min(16);
-            let mask: __mmask16 = if lanes == 16 {
-                0xffff
-            } else {
-                (1u16 << lanes) - 1
-            };
+            let mask = first_lanes(x.len() - i);
             let ptr = x.as_mut_ptr().add(i);
             let bits = _mm256_maskz_loadu_epi16(mask, ptr.cast());
             // bf16 → fp32: the bits in the upper half.

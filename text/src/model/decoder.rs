@@ -375,12 +375,9 @@ impl Decoder {
 
     /// Store the projections' and the head's fp32 weights in bf16 ([`Linear::store_bf16`]):
     /// decode steps read half the bytes. With `lossless_only`, only weights that are bf16
-    /// values already (a bf16 checkpoint loaded in fp32). Only on the CPU in fp32, where the
-    /// fused decode step reads them; returns how many weights were converted.
+    /// values already (a bf16 checkpoint loaded in fp32). Only fp32 CPU weights are stored
+    /// (where the fused decode step reads them); returns how many weights were converted.
     pub fn store_weights_bf16(&mut self, lossless_only: bool) -> Result<usize> {
-        if self.kind != Kind::Float || self.device != Device::Cpu {
-            return Ok(0);
-        }
         let mut n = 0;
         for (_, l) in self.linears_mut() {
             n += l.store_bf16(lossless_only)? as usize;

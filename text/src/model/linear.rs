@@ -216,6 +216,15 @@ impl Linear {
         if w.kind() != Kind::Float || w.device() != tch::Device::Cpu || w.requires_grad() {
             return Ok(false);
         }
+        let lossless = |w: &Tensor| -> Result<bool> {
+            Ok(w.f_to_kind(Kind::BFloat16)?
+                .f_to_kind(Kind::Float)?
+                .f_equal(w)?)
+        };
+        // The first row settles an fp32 checkpoint's weights without converting the matrix.
+        if lossless_only && w.size()[0] > 0 && !lossless(&w.f_narrow(0, 0, 1)?)? {
+            return Ok(false);
+        }
         let b = w.f_to_kind(Kind::BFloat16)?.f_contiguous()?;
         if lossless_only && !b.f_to_kind(Kind::Float)?.f_equal(w)? {
             return Ok(false);

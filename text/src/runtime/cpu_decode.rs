@@ -68,8 +68,13 @@ struct Lora<'a> {
 }
 
 fn f32_slice(t: &tch::Tensor) -> Option<&[f32]> {
-    // SAFETY: checked contiguous fp32 on the CPU; the slice borrows the tensor.
-    is_cpu_contiguous(t, Kind::Float).then(|| unsafe { packed::cpu_slice::<f32>(t) })
+    cpu_view(t, Kind::Float)
+}
+
+/// The elements of a contiguous CPU tensor of `kind` (`T` its element type), borrowed.
+fn cpu_view<T>(t: &tch::Tensor, kind: Kind) -> Option<&[T]> {
+    // SAFETY: checked contiguous `kind` on the CPU; the slice borrows the tensor.
+    is_cpu_contiguous(t, kind).then(|| unsafe { packed::cpu_slice::<T>(t) })
 }
 
 impl<'a> Proj<'a> {
@@ -99,13 +104,7 @@ impl<'a> Proj<'a> {
         };
         let mat = match l.weight() {
             LinearWeight::Dense(w) => Mat::Dense(f32_slice(w)?),
-            LinearWeight::Bf16(w) => {
-                // SAFETY: checked contiguous bf16 on the CPU; the slice borrows the tensor.
-                Mat::Bf16(
-                    is_cpu_contiguous(w, Kind::BFloat16)
-                        .then(|| unsafe { packed::cpu_slice::<u16>(w) })?,
-                )
-            }
+            LinearWeight::Bf16(w) => Mat::Bf16(cpu_view(w, Kind::BFloat16)?),
             LinearWeight::Ggml(g) => Mat::Ggml(g.ty(), g.bytes()),
             LinearWeight::Quantized(q) => {
                 let (packed, table) = q.kernel_view()?;
